@@ -1,0 +1,50 @@
+# Two commands for a fresh clone:  `make demo`  and  `make test`.
+# Both create .venv and install the tested dependency set (constraints.txt) when needed.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+# Project-local caches: the demo model/corpus and DeepSpeed's JIT-built ops are built once and reused.
+export P2D_RAY_CACHE ?= $(CURDIR)/.cache/p2d-ray
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo test lint format lock bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q "pip==26.3"
+	$(VENV)/bin/pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/p2d-ray demo
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check p2d_ray jobs tests benchmarks
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check p2d_ray jobs tests benchmarks
+	$(VENV)/bin/ruff format --check p2d_ray jobs tests benchmarks
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix p2d_ray jobs tests benchmarks
+	$(VENV)/bin/ruff format p2d_ray jobs tests benchmarks
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run_all
+
+# Regenerate constraints.txt from the current .venv (after a deliberate upgrade).
+lock: $(STAMP)
+	{ echo "# Tested dependency set (pip freeze of a working .venv, Python 3.11, CPU)."; \
+	  echo "# torch is pinned to the CPU build that pip finds locally; regenerate with: make lock"; \
+	  $(VENV)/bin/pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu/torch==\1/'; } > constraints.txt
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,244 @@
+"""Typed configuration for every P2D stage.
+
+One YAML file describes a run; ``key=value`` overrides (dotted paths, YAML-typed values) are applied on
+top. Unknown keys, wrong types and contradictory combinations are all reported together in a single
+:class:`ConfigError` before any work starts. The resolved config is written next to the outputs
+(``<run_dir>/config.yaml``) so every result says exactly what produced it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """Every problem found in a config, listed in one message."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class _Section(BaseModel):
+    # extra="forbid": a typo in a key is an error, never silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    # "p2d-demo" is the tiny Llama that p2d_ray.models.demo builds and caches offline.
+    name_or_path: str = "p2d-demo"
+    revision: str | None = None
+    trust_remote_code: bool = False  # secure default: never run code shipped with a checkpoint
+    use_safetensors: bool = True  # secure default: refuse pickle (.bin) weights
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 on CPU, bf16 on GPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+
+class DataConfig(_Section):
+    """Where the probe set and the corpus live, and how a row becomes tokens."""
+
+    probe_path: str | None = None  # ~100 task samples (Parquet or JSONL); None = demo probe set
+    corpus_path: str | None = None  # Parquet file, directory or glob, local or s3://; None = demo corpus
+    id_column: str = "id"
+    text_column: str = "text"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    # auto: prompt/response if both columns exist, else plain text.
+    format: Literal["auto", "plain", "prompt_response", "chat", "icl"] = "auto"
+    icl_k: int = Field(3, ge=0, le=32)  # demonstrations from the probe set for format=icl
+    icl_instruction: str = "Here are examples of the target task."
+    max_length: int = Field(256, ge=8)
+    overlong: Literal["truncate", "quarantine"] = "truncate"
+
+
+class LocalizeConfig(_Section):
+    method: Literal["gradient", "fisher", "alps"] = "gradient"
+    top_fraction: float = Field(0.10, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1)  # overrides top_fraction when set
+    batch_size: int = Field(8, ge=1)
+    max_probe_samples: int = Field(100, ge=1)
+    alps_steps: int = Field(20, ge=1)
+    alps_lr: float = Field(1e-2, gt=0)
+
+
+class ScoreConfig(_Section):
+    scorer: Literal["influence", "activation", "perplexity", "noop"] = "influence"
+    gate_mode: Literal["zero", "uniform"] = "zero"
+    batch_size: int = Field(16, ge=1)
+    # Actor pool: same shape drives 1 CPU actor on a laptop and 64 GPU actors on a fleet.
+    min_actors: int = Field(1, ge=1)
+    max_actors: int = Field(2, ge=1)
+    num_cpus_per_actor: float = Field(0.5, gt=0)  # fractional: two 1-CPU actors deadlock a 2-CPU node
+    num_gpus_per_actor: float = Field(0.0, ge=0)
+    torch_threads: int = Field(1, ge=1)
+    blocks_per_actor: int = Field(4, ge=1)  # repartition so every actor gets work
+    loss_chunk_tokens: int = Field(1024, ge=16)  # never materialise [B, T, V] log-probs at once
+
+    @model_validator(mode="after")
+    def _pool(self) -> ScoreConfig:
+        if self.min_actors > self.max_actors:
+            raise ValueError(f"min_actors ({self.min_actors}) > max_actors ({self.max_actors})")
+        return self
+
+
+class SelectConfig(_Section):
+    fraction: float | None = Field(0.10, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1)  # overrides fraction when set
+    stratify_by: str | None = None
+    ascending: bool = False  # False: highest score first
+
+
+class TrainConfig(_Section):
+    adaptation: Literal["heads", "lora", "full"] = "heads"
+    train_o_proj: bool = True
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: float = Field(32.0, gt=0)
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(8, ge=1)  # per worker micro-batch
+    grad_accum: int = Field(1, ge=1)
+    zero_stage: int = Field(2, ge=0, le=3)
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    checkpoint_every: int = Field(50, ge=1)
+    storage_path: str | None = None  # local, NFS or s3://; None = <run_dir>/train
+    max_failures: int = Field(0, ge=-1)
+    export_merged: bool = False
+    seed: int = 0
+
+
+class EvalConfig(_Section):
+    heldout_path: str | None = None  # None = demo held-out set
+    n_samples: int = Field(64, ge=1)
+    max_new_tokens: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1)
+
+
+class P2DConfig(_Section):
+    run_dir: str = "runs/demo"
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    localize: LocalizeConfig = Field(default_factory=LocalizeConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    select: SelectConfig = Field(default_factory=SelectConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> P2DConfig:
+        problems = []
+        if self.data.format == "icl" and self.data.icl_k == 0:
+            problems.append("data.format=icl needs data.icl_k >= 1")
+        if self.train.use_gpu is False and self.score.num_gpus_per_actor > 0 and self.model.device == "cpu":
+            problems.append("score.num_gpus_per_actor > 0 contradicts model.device=cpu")
+        if self.train.zero_stage == 3 and self.train.adaptation == "heads":
+            # ZeRO-3 partitions parameters; our head deltas index rows of frozen weights directly.
+            problems.append("train.zero_stage=3 is not supported with train.adaptation=heads (use 0, 1 or 2)")
+        if self.select.fraction is None and self.select.top_k is None:
+            problems.append("select needs fraction or top_k")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def fingerprint(self, *sections: str) -> str:
+        """Stable hash of the named sections (all when none): detects changed configs on resume."""
+        data = self.model_dump(mode="json")
+        if sections:
+            data = {k: data[k] for k in sections}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
+        return path
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError([f"override {dotted!r}: {key!r} is not a section"])
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["score.batch_size=32", "model.name_or_path=Qwen/Qwen2.5-0.5B"]`` -> nested dict.
+
+    Values are parsed as YAML scalars so ``32`` is an int, ``true`` a bool, ``null`` None.
+    """
+    tree: dict = {}
+    problems = []
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"override {item!r} is not key=value")
+            continue
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    if problems:
+        raise ConfigError(problems)
+    return tree
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _format_errors(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        value = e.get("input")
+        shown = "" if isinstance(value, dict) or e["type"] == "missing" else f" (got {value!r})"
+        problems.append(f"{loc}: {msg}{shown}")
+    return problems
+
+
+def build_config(data: dict | None = None, overrides: list[str] | None = None) -> P2DConfig:
+    """Validate a config dict plus overrides; raises :class:`ConfigError` listing every problem."""
+    merged = _merge(data or {}, parse_overrides(overrides or []))
+    try:
+        return P2DConfig.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> P2DConfig:
+    """Load a YAML config (or defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError([f"config file not found: {path}"])
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError([f"{path}: top level must be a mapping, got {type(loaded).__name__}"])
+        data = loaded or {}
+    return build_config(data, overrides)

@@ -1,0 +1,123 @@
+"""Rows -> token ids with a loss mask: plain text, prompt/response, chat template, and P2D's ICL prompt.
+
+A row is encoded as ``prefix`` tokens (never scored: prompt, chat scaffolding, ICL demonstrations) followed
+by ``target`` tokens (scored: the response, or the whole text for plain rows). ``loss_mask[t] = 1`` when
+token ``t`` is a target token, i.e. its prediction from position ``t-1`` counts in the loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from p2d_ray.config import DataConfig
+
+FORMATS = ("plain", "prompt_response", "chat", "icl")
+
+
+def resolve_format(cfg: DataConfig, columns: Sequence[str]) -> str:
+    """``auto`` -> prompt_response if both prompt/response columns exist, else plain. Checks columns."""
+    cols = set(columns)
+    has_pr = cfg.prompt_column in cols and cfg.response_column in cols
+    fmt = cfg.format
+    if fmt == "auto":
+        fmt = "prompt_response" if has_pr else "plain"
+    if fmt in ("prompt_response", "chat") and not has_pr:
+        raise ValueError(
+            f"data.format={fmt} needs columns {cfg.prompt_column!r} and {cfg.response_column!r}; "
+            f"found {sorted(cols)}"
+        )
+    if fmt in ("plain", "icl") and not has_pr and cfg.text_column not in cols:
+        raise ValueError(
+            f"data.format={fmt} needs column {cfg.text_column!r} (or {cfg.prompt_column!r}+"
+            f"{cfg.response_column!r}); found {sorted(cols)}"
+        )
+    return fmt
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    loss_mask: list[int]
+    truncated: bool = False
+
+    @property
+    def n_target(self) -> int:
+        # Position 0 is never predicted, so it never counts.
+        return int(sum(self.loss_mask[1:]))
+
+
+def row_parts(row: dict, cfg: DataConfig) -> tuple[str, str]:
+    """(prompt, target) text of a row; plain rows have an empty prompt. Raises ValueError on bad values."""
+    if cfg.prompt_column in row and cfg.response_column in row:
+        prompt, response = row[cfg.prompt_column], row[cfg.response_column]
+        if not isinstance(prompt, str) or not isinstance(response, str):
+            raise ValueError("non_string")
+        if not response.strip():
+            raise ValueError("empty")
+        return prompt, response
+    text = row.get(cfg.text_column)
+    if text is None:
+        raise ValueError("null")
+    if not isinstance(text, str):
+        raise ValueError("non_string")
+    if not text.strip():
+        raise ValueError("empty")
+    return "", text
+
+
+def icl_prefix(demos: Sequence[dict], cfg: DataConfig) -> str:
+    """P2D's parameter-guided selection prompt: an instruction plus k probe-set demonstrations."""
+    blocks = [cfg.icl_instruction]
+    for d in demos:
+        p, t = row_parts(d, cfg)
+        blocks.append(f"{p}{t}" if p else t)
+    return "\n\n".join(blocks) + "\n\n"
+
+
+def encode_row(
+    row: dict, tokenizer, cfg: DataConfig, fmt: str, demos: Sequence[dict] = ()
+) -> Encoded:
+    """Encode one row. Raises ValueError(reason) for rows that belong in quarantine
+    (``null``, ``empty``, ``non_string``, ``too_long``, ``no_target_tokens``)."""
+    prompt, target = row_parts(row, cfg)
+    if fmt == "chat":
+        prefix = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    elif fmt == "icl":
+        prefix = icl_prefix(demos, cfg) + prompt
+    else:
+        prefix = prompt
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    prefix_ids = bos + (tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else [])
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + eos
+    ids = prefix_ids + target_ids
+    mask = [0] * len(prefix_ids) + [1] * len(target_ids)
+    truncated = False
+    if len(ids) > cfg.max_length:
+        if cfg.overlong == "quarantine":
+            raise ValueError("too_long")
+        ids, mask, truncated = ids[: cfg.max_length], mask[: cfg.max_length], True
+    enc = Encoded(ids, mask, truncated)
+    if enc.n_target == 0:
+        raise ValueError("no_target_tokens")
+    return enc
+
+
+def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row. Returns input_ids / attention_mask / loss_mask, all ``[B, T]``."""
+    T = max(len(e.input_ids) for e in batch)
+    B = len(batch)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(B, T, dtype=torch.long)
+    loss_mask = torch.zeros(B, T, dtype=torch.long)
+    for i, e in enumerate(batch):
+        n = len(e.input_ids)
+        input_ids[i, :n] = torch.tensor(e.input_ids)
+        attention_mask[i, :n] = 1
+        loss_mask[i, :n] = torch.tensor(e.loss_mask)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}

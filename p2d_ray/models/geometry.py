@@ -1,0 +1,210 @@
+"""Attention geometry per model family: where the heads live and which weight slices belong to each.
+
+Every supported family computes, per layer, an attention output ``attn [B, T, H*D]`` (heads concatenated
+in order) and then applies an output projection ``o_proj: H*D -> hidden``. That input is where head gates
+act (p2d_ray.heads.gates) and where a head's columns of ``o_proj`` are found (p2d_ray.training).
+
+Query/key/value projections differ by family:
+- llama / mistral / qwen2 / qwen3: separate ``q_proj`` (H*D rows), ``k_proj`` / ``v_proj`` (KV*D rows; GQA).
+- gpt_neox: fused ``query_key_value`` Linear whose output is viewed as ``[B, T, H, 3*D]`` and chunked into
+  q, k, v, so head h's q rows are ``[3Dh, 3Dh+D)``, k rows ``[3Dh+D, 3Dh+2D)``, v rows ``[3Dh+2D, 3Dh+3D)``.
+- gpt2: fused ``c_attn`` Conv1D (weight ``[in, 3*H*D]``, so the output axis is dim 1) split into q | k | v.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt_neox", "gpt2")
+_LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass(frozen=True)
+class WeightSlice:
+    """Rows or columns ``[start, stop)`` along ``dim`` of ``module.weight`` (and of ``bias`` when dim is
+    the output axis)."""
+
+    module: nn.Module
+    dim: int
+    start: int
+    stop: int
+    is_output_axis: bool  # True: the slice indexes the module's outputs (bias slice applies too)
+
+
+@dataclass(frozen=True)
+class HeadParams:
+    """The weight slices that make up one query head's operator."""
+
+    q: WeightSlice
+    k: WeightSlice
+    v: WeightSlice
+    o: WeightSlice
+
+
+@dataclass(frozen=True)
+class AttentionGeometry:
+    family: str
+    n_layers: int
+    n_heads: int  # query heads per layer
+    n_kv_heads: int  # key/value heads per layer (== n_heads without GQA)
+    head_dim: int
+    hidden_size: int
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head."""
+        return self.n_heads // self.n_kv_heads
+
+    def kv_group(self, head: int) -> int:
+        """GQA: query head h reads key/value head h // (H / KV) (transformers' repeat_kv order)."""
+        return head // self.group_size
+
+    @property
+    def total_heads(self) -> int:
+        return self.n_layers * self.n_heads
+
+    def to_dict(self) -> dict:
+        return {
+            "family": self.family,
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "n_kv_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_size": self.hidden_size,
+        }
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def model_family(model_or_config) -> str:
+    config = getattr(model_or_config, "config", model_or_config)
+    family = getattr(config, "model_type", None)
+    if family not in SUPPORTED_FAMILIES:
+        raise UnsupportedModelError(
+            f"model family {family!r} is not supported; supported: {', '.join(SUPPORTED_FAMILIES)}"
+        )
+    return family
+
+
+def geometry_from_config(config) -> AttentionGeometry:
+    family = model_family(config)
+    if family == "gpt2":
+        n_layers, n_heads, hidden = config.n_layer, config.n_head, config.n_embd
+        n_kv = n_heads
+        head_dim = hidden // n_heads
+    else:
+        n_layers, n_heads, hidden = config.num_hidden_layers, config.num_attention_heads, config.hidden_size
+        n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+        head_dim = getattr(config, "head_dim", None) or hidden // n_heads
+    if n_heads % n_kv != 0:
+        raise UnsupportedModelError(f"{family}: {n_heads} query heads not divisible by {n_kv} kv heads")
+    return AttentionGeometry(family, n_layers, n_heads, n_kv, head_dim, hidden)
+
+
+def attention_geometry(model: nn.Module) -> AttentionGeometry:
+    """Geometry of a loaded model; also checks that the modules we hook really have those shapes."""
+    geo = geometry_from_config(model.config)
+    o_projs = output_projections(model)
+    if len(o_projs) != geo.n_layers:
+        raise UnsupportedModelError(f"{geo.family}: found {len(o_projs)} layers, config says {geo.n_layers}")
+    in_features = _in_features(o_projs[0])
+    if in_features != geo.n_heads * geo.head_dim:
+        raise UnsupportedModelError(
+            f"{geo.family}: o_proj takes {in_features} inputs, expected heads*head_dim = "
+            f"{geo.n_heads}*{geo.head_dim}"
+        )
+    return geo
+
+
+def _in_features(module: nn.Module) -> int:
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    return module.weight.shape[0]  # transformers' Conv1D: weight [in, out]
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    family = model_family(model)
+    base = getattr(model, "base_model", model)
+    if family in _LLAMA_LIKE:
+        return list(base.layers)
+    if family == "gpt_neox":
+        return list(base.layers)
+    return list(base.h)  # gpt2
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    family = model_family(model)
+    layers = decoder_layers(model)
+    if family in _LLAMA_LIKE:
+        return [layer.self_attn for layer in layers]
+    if family == "gpt_neox":
+        return [layer.attention for layer in layers]
+    return [layer.attn for layer in layers]
+
+
+def output_projections(model: nn.Module) -> list[nn.Module]:
+    """Per layer, the module whose input is the concatenated head outputs ``[B, T, H*D]``."""
+    family = model_family(model)
+    attns = attention_modules(model)
+    if family in _LLAMA_LIKE:
+        return [a.o_proj for a in attns]
+    if family == "gpt_neox":
+        return [a.dense for a in attns]
+    return [a.c_proj for a in attns]
+
+
+def value_projection(model: nn.Module, layer: int) -> tuple[nn.Module, slice | None, str]:
+    """The module producing values for ``layer``, and how to cut V out of its output.
+
+    Returns ``(module, sl, layout)``: layout ``"separate"`` (output is V ``[B, T, KV*D]``), ``"neox"``
+    (output ``[B, T, H, 3D]``, V is ``[..., 2D:3D]``) or ``"gpt2"`` (output ``[B, T, 3*H*D]``, V is ``sl``).
+    """
+    family = model_family(model)
+    attn = attention_modules(model)[layer]
+    if family in _LLAMA_LIKE:
+        return attn.v_proj, None, "separate"
+    if family == "gpt_neox":
+        return attn.query_key_value, None, "neox"
+    hidden = model.config.n_embd
+    return attn.c_attn, slice(2 * hidden, 3 * hidden), "gpt2"
+
+
+def head_params(model: nn.Module, geo: AttentionGeometry, layer: int, head: int) -> HeadParams:
+    """Weight slices of query head ``head`` in ``layer``; k/v are its GQA group's slices."""
+    attn = attention_modules(model)[layer]
+    d = geo.head_dim
+    g = geo.kv_group(head)
+    if geo.family in _LLAMA_LIKE:
+        return HeadParams(
+            q=WeightSlice(attn.q_proj, 0, head * d, (head + 1) * d, True),
+            k=WeightSlice(attn.k_proj, 0, g * d, (g + 1) * d, True),
+            v=WeightSlice(attn.v_proj, 0, g * d, (g + 1) * d, True),
+            o=WeightSlice(attn.o_proj, 1, head * d, (head + 1) * d, False),
+        )
+    if geo.family == "gpt_neox":
+        qkv, base = attn.query_key_value, 3 * d * head
+        return HeadParams(
+            q=WeightSlice(qkv, 0, base, base + d, True),
+            k=WeightSlice(qkv, 0, base + d, base + 2 * d, True),
+            v=WeightSlice(qkv, 0, base + 2 * d, base + 3 * d, True),
+            o=WeightSlice(attn.dense, 1, head * d, (head + 1) * d, False),
+        )
+    # gpt2 Conv1D: weight [in, out] -> output axis is dim 1; c_proj input axis is dim 0.
+    hidden = geo.hidden_size
+    return HeadParams(
+        q=WeightSlice(attn.c_attn, 1, head * d, (head + 1) * d, True),
+        k=WeightSlice(attn.c_attn, 1, hidden + head * d, hidden + (head + 1) * d, True),
+        v=WeightSlice(attn.c_attn, 1, 2 * hidden + head * d, 2 * hidden + (head + 1) * d, True),
+        o=WeightSlice(attn.c_proj, 0, head * d, (head + 1) * d, False),
+    )
+
+
+def slice_weight(ws: WeightSlice, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The sub-tensor of ``weight`` (default: the module's current weight) that ``ws`` names."""
+    w = ws.module.weight if weight is None else weight
+    return w.narrow(ws.dim, ws.start, ws.stop - ws.start)

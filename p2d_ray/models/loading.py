@@ -1,0 +1,103 @@
+"""Load Hugging Face causal LMs safely, and resolve device and dtype in one place."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from p2d_ray.config import ModelConfig
+from p2d_ray.models.geometry import attention_geometry, geometry_from_config
+
+DEMO_MODEL = "p2d-demo"
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("model.device=cuda but no CUDA device is visible to this process")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """auto: fp32 on CPU (bf16 matmuls are slow and imprecise there), bf16 on GPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def resolve_path(cfg: ModelConfig) -> str:
+    """The hub name or local path to load; builds the offline demo model on first use."""
+    if cfg.name_or_path == DEMO_MODEL:
+        from p2d_ray.models.demo import ensure_demo_model
+
+        return str(ensure_demo_model())
+    return cfg.name_or_path
+
+
+def load_config_checked(cfg: ModelConfig):
+    """The HF config, with the family checked before any weights are read."""
+    path = resolve_path(cfg)
+    hf_config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    geometry_from_config(hf_config)  # raises UnsupportedModelError naming the family
+    return hf_config
+
+
+def load_tokenizer(cfg: ModelConfig):
+    tok = AutoTokenizer.from_pretrained(
+        resolve_path(cfg), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+    )
+    if tok.pad_token is None:
+        # Causal LMs often ship without a pad token; padding positions are masked out of every loss.
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def load_model(cfg: ModelConfig, device: torch.device | None = None) -> PreTrainedModel:
+    """Load a causal LM for inference (eval mode, no grad on weights unless the caller enables it)."""
+    device = device or resolve_device(cfg.device)
+    load_config_checked(cfg)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            resolve_path(cfg),
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+            use_safetensors=cfg.use_safetensors,
+            dtype=resolve_dtype(cfg.dtype, device),
+            attn_implementation=cfg.attn_implementation,
+        )
+    except OSError as err:
+        if cfg.use_safetensors and "safetensors" in str(err).lower():
+            raise RuntimeError(
+                f"{cfg.name_or_path}: no safetensors weights found; pickle weights can run arbitrary code. "
+                "Convert the checkpoint, or set model.use_safetensors=false if you trust it."
+            ) from err
+        raise
+    model.to(device).eval()
+    attention_geometry(model)  # the modules we hook must match the config
+    return model
+
+
+def model_fingerprint(cfg: ModelConfig) -> str:
+    """Identifies the weights: hub name + revision, or a hash of a local directory's weight files."""
+    path = resolve_path(cfg)
+    h = hashlib.sha256()
+    p = Path(path)
+    if p.is_dir():
+        for f in sorted(p.glob("*.safetensors")) + sorted(p.glob("*.json")):
+            st = os.stat(f)
+            h.update(f"{f.name}:{st.st_size}".encode())
+            if f.suffix == ".json":
+                h.update(f.read_bytes())
+        if (p / "model.safetensors").is_file():
+            with open(p / "model.safetensors", "rb") as fh:
+                h.update(fh.read(1 << 20))
+    else:
+        h.update(json.dumps([path, cfg.revision]).encode())
+    return h.hexdigest()[:16]
