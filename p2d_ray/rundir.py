@@ -79,3 +79,27 @@ class RunDir:
             if rec is not None:
                 out[stage] = rec["seconds"]
         return out
+
+
+# Config sections each stage depends on, cumulatively: a change upstream invalidates everything below.
+_STAGE_SECTIONS = {
+    "localize": ("model", "localize", "seed"),
+    "score": ("data", "score"),
+    "select": ("select",),
+    "train": ("train",),
+    "evaluate": ("evaluate",),
+}
+
+
+def stage_fingerprint(cfg, stage: str) -> str:
+    """Fingerprint of everything ``stage``'s output depends on (its sections and all upstream ones).
+
+    ``data`` sits with score (not localize) except for the probe path, which localize needs.
+    """
+    sections: list[str] = []
+    for name in STAGES:
+        sections.extend(_STAGE_SECTIONS[name])
+        if name == stage:
+            break
+    extra = cfg.data.probe_path or ""
+    return cfg.fingerprint(*sections) + ":" + extra
