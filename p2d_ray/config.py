@@ -80,6 +80,14 @@ class ScoreConfig(_Section):
     torch_threads: int = Field(1, ge=1)
     blocks_per_actor: int = Field(4, ge=1)  # repartition so every actor gets work
     loss_chunk_tokens: int = Field(1024, ge=16)  # never materialise [B, T, V] log-probs at once
+    # Length bucketing: each actor call takes batch_size * bucket_batches rows, sorts them by length and
+    # scores them in micro-batches of batch_size, so padding stays small.
+    bucket_batches: int = Field(8, ge=1)
+    max_rows_per_block: int = Field(4096, ge=1)  # upper bound on rows per block (load balance, memory)
+    num_cpus_per_tokenize_task: float = Field(1.0, gt=0)
+    # influence: full and gated passes in ONE forward of the batch stacked twice with per-sample gates
+    # [2B, L, H] (see BENCHMARKS.md for the measured effect), or two forwards.
+    influence_fused: bool = True
 
     @model_validator(mode="after")
     def _pool(self) -> ScoreConfig:
@@ -88,40 +96,95 @@ class ScoreConfig(_Section):
         return self
 
 
+# ScoreConfig fields that change how fast scores are computed, not what they are: a resumed run may
+# change them (e.g. a smaller batch after an OOM, more actors) and still add to the same scores.
+SCORE_RESOURCE_FIELDS = (
+    "batch_size",
+    "min_actors",
+    "max_actors",
+    "num_cpus_per_actor",
+    "num_gpus_per_actor",
+    "torch_threads",
+    "blocks_per_actor",
+    "loss_chunk_tokens",
+    "bucket_batches",
+    "max_rows_per_block",
+    "num_cpus_per_tokenize_task",
+    "influence_fused",
+)
+
+
 class SelectConfig(_Section):
     fraction: float | None = Field(0.10, gt=0, le=1)
     top_k: int | None = Field(None, ge=1)  # overrides fraction when set
-    stratify_by: str | None = None
+    stratify_by: str | None = None  # a corpus column: fraction / top_k is allocated per stratum
+    # Which scores column ranks the rows: "score" (the run's scorer), or e.g. "loss_full" with
+    # ascending=true for perplexity selection from the same scores file.
+    score_column: Literal["score", "loss_full", "loss_gated", "n_tokens"] = "score"
     ascending: bool = False  # False: highest score first
 
 
 class TrainConfig(_Section):
+    """Stage 3 (p2d_ray.training): which parameters learn, the optimizer, and the Ray Train shape."""
+
+    # heads: only the selected heads' q/k/v rows and o_proj columns (P2D); lora: PEFT LoRA on the
+    # attention projections; full: every weight. All three run through the same trainer.
     adaptation: Literal["heads", "lora", "full"] = "heads"
     train_o_proj: bool = True
     lora_r: int = Field(16, ge=1)
     lora_alpha: float = Field(32.0, gt=0)
     epochs: int = Field(1, ge=1)
-    max_steps: int | None = Field(None, ge=1)
+    max_steps: int | None = Field(None, ge=1)  # caps optimizer steps (epochs x ceil(rows / global batch))
     lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)  # only ever applied to trained parameters
+    grad_clip: float = Field(1.0, ge=0)  # 0 = off
     batch_size: int = Field(8, ge=1)  # per worker micro-batch
     grad_accum: int = Field(1, ge=1)
     zero_stage: int = Field(2, ge=0, le=3)
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
-    checkpoint_every: int = Field(50, ge=1)
+    # Extra custom resources per worker, e.g. {"accelerator_type:H100": 0.001}; CPU/GPU come from above.
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    torch_threads: int | None = Field(None, ge=1)  # None: int(cpus_per_worker)
+    checkpoint_every: int = Field(50, ge=1)  # optimizer steps between checkpoints (and one at the end)
+    checkpoints_to_keep: int = Field(2, ge=1)
     storage_path: str | None = None  # local, NFS or s3://; None = <run_dir>/train
-    max_failures: int = Field(0, ge=-1)
+    max_failures: int = Field(0, ge=-1)  # worker-group restarts from the latest checkpoint; -1 = forever
     export_merged: bool = False
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _resources(self) -> TrainConfig:
+        clash = {"CPU", "GPU"} & set(self.resources_per_worker)
+        if clash:
+            raise ValueError(
+                f"resources_per_worker must not set {sorted(clash)}: use cpus_per_worker / use_gpu"
+            )
+        return self
+
 
 class EvalConfig(_Section):
+    """Held-out evaluation (``p2d-ray evaluate``): base vs adapted model on a Ray Data actor pool."""
+
     heldout_path: str | None = None  # None = demo held-out set
-    n_samples: int = Field(64, ge=1)
-    max_new_tokens: int = Field(16, ge=1)
+    n_samples: int = Field(64, ge=1)  # the first n rows of the held-out set
+    max_new_tokens: int = Field(48, ge=1)  # greedy answer length cap (a worked `#### n` solution)
     batch_size: int = Field(16, ge=1)
+    num_actors: int = Field(1, ge=1)
+    num_cpus_per_actor: float = Field(0.5, gt=0)  # fractional, as for scoring
+    num_gpus_per_actor: float = Field(0.0, ge=0)
+    torch_threads: int = Field(1, ge=1)
+
+
+class ReportConfig(_Section):
+    """The report step: AER and the quality-vs-AER plot."""
+
+    # True: measure the AER denominator by full fine-tuning on the whole corpus (expensive; also evaluated);
+    # False: estimate it from timed full fine-tuning steps, labelled "estimated".
+    full_baseline: bool = False
+    timing_steps: int = Field(5, ge=1)  # full fine-tuning steps timed for the estimate
+    variants: list[str] = Field(default_factory=list)  # more run dirs / report.json files to plot
 
 
 class P2DConfig(_Section):
@@ -134,6 +197,7 @@ class P2DConfig(_Section):
     select: SelectConfig = Field(default_factory=SelectConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> P2DConfig:
@@ -211,8 +275,12 @@ def _merge(base: dict, top: dict) -> dict:
 def _format_errors(err: ValidationError) -> list[str]:
     problems = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
+        if not loc:
+            # Cross-section checks (P2DConfig._cross_checks) join their problems with "; ": one line each.
+            problems.extend(msg.split("; "))
+            continue
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         value = e.get("input")

@@ -60,6 +60,18 @@ class HeadSet:
         """(layer, kv group) pairs touched by the task heads; a group shared by several heads counts once."""
         return {(layer, self.geometry.kv_group(head)) for layer, head in self.heads}
 
+    def random_like(self, seed: int) -> HeadSet:
+        """The falsification control: random heads with the same count *per layer* (same layer spread),
+        avoiding the task heads where the layer has enough others."""
+        gen = torch.Generator().manual_seed(seed)
+        picked = []
+        for layer, heads in sorted(self.by_layer().items()):
+            others = [h for h in range(self.geometry.n_heads) if h not in heads]
+            pool = others if len(others) >= len(heads) else list(range(self.geometry.n_heads))
+            order = torch.randperm(len(pool), generator=gen).tolist()
+            picked += [(layer, pool[i]) for i in order[: len(heads)]]
+        return HeadSet(tuple(picked), self.geometry, {"method": "random", "seed": seed, "control_for": self.fingerprint()})
+
     def fingerprint(self) -> str:
         payload = json.dumps({"heads": self.heads, "geometry": self.geometry.to_dict()}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]

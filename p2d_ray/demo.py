@@ -1,0 +1,125 @@
+"""``p2d-ray demo`` (what ``make demo`` runs): the whole P2D pipeline on the offline demo assets, on local Ray.
+
+Builds (once, cached) the synthetic 20k-row corpus and the tiny pre-trained Llama, then runs localise ->
+score -> select -> train -> evaluate -> report into ``runs/demo`` with demo-sized knobs, and prints the heads
+found, how clean the selected 10% is (vs the corpus base rate and vs perplexity selection), the held-out
+quality before/after training, and the AER. Everything is also written to the run directory
+(``demo_summary.json`` holds the wall times). A rerun resumes: finished stages are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from p2d_ray.config import P2DConfig, _merge
+
+# Demo-sized knobs. Anything set on the command line (`p2d-ray demo train.epochs=2`) wins over these.
+DEMO_KNOBS: dict = {
+    "run_dir": "runs/demo",
+    "select": {"fraction": 0.10},
+    # Two actors of half a CPU each leave room for the read/format tasks on 2 cores (MEASURED.md).
+    "score": {"min_actors": 2, "max_actors": 2, "num_cpus_per_actor": 0.5, "batch_size": 32},
+    "train": {"epochs": 1, "num_workers": 2, "cpus_per_worker": 0.5, "batch_size": 16, "lr": 1e-3},
+    "evaluate": {"n_samples": 100, "num_actors": 2, "batch_size": 25},
+    "report": {"timing_steps": 5},
+}
+DEMO_RAY_CPUS = 4  # logical CPUs on a 2-core box: fractional actors + read tasks never starve each other
+
+
+def demo_config(cfg: P2DConfig) -> P2DConfig:
+    """The demo knobs under whatever the user set explicitly (``exclude_unset`` keeps only those)."""
+    return P2DConfig.model_validate(_merge(DEMO_KNOBS, cfg.model_dump(mode="json", exclude_unset=True)))
+
+
+def _start_ray(num_cpus: int) -> bool:
+    """Start a local Ray unless one is running; returns whether we started it (and must shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "P2D_RAY_CACHE", "TORCH_EXTENSIONS_DIR",
+                                      "TOKENIZERS_PARALLELISM") if k in os.environ}
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+    return True
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def summary_lines(report: dict, times: dict) -> list[str]:
+    """The human-readable demo summary, from report.json and the demo's wall times."""
+    lines = ["", "=" * 72, "P2D demo: summary", "=" * 72]
+    heads = report.get("heads") or []
+    lines.append(f"task heads ({len(heads)}): " + ", ".join(f"L{layer}.H{h}" for layer, h in heads))
+    sp = report.get("selection_precision")
+    if sp:
+        lines.append(f"selection precision (clean on-task rows among the selected {sp['k']} of {sp['n_corpus']}):")
+        lines.append(f"  P2D ({report['scorer']})      {_pct(sp['selected'])}")
+        lines.append(f"  perplexity selection  {_pct(sp.get('perplexity'))}")
+        lines.append(f"  base rate (random)    {_pct(sp['base_rate'])}")
+    ev = report.get("eval") or {}
+    if ev:
+        lines.append(f"held-out evaluation ({ev['n_samples']} samples, response tokens):")
+        for name in ("base", "adapted"):
+            if name in ev:
+                v = ev[name]
+                em = f"  exact match {_pct(v['exact_match'])}" if "exact_match" in v else ""
+                lines.append(f"  {name:<8} loss {v['loss']:.4f}  perplexity {v['perplexity']:.3f}{em}")
+    a = report["aer"]
+    lines.append(f"AER ({a['label']}): {a['aer']:.3f} = P2D {a['p2d_seconds']:.1f} s / full fine-tuning "
+                 f"{a['full_train_seconds']:.1f} s ({a['full_train_steps']} steps on {a['n_full_rows']} rows)")
+    stages = "  ".join(f"{k} {v:.1f}s" for k, v in report["stage_seconds"].items())
+    lines.append(f"stage seconds: {stages}")
+    lines.append("wall seconds: " + "  ".join(f"{k} {v:.1f}s" for k, v in times.items()))
+    lines.append(f"outputs: {report['run_dir']}/ (report.json, aer.png, heads.png, eval.json, subset/, adapter/)")
+    return lines
+
+
+def run_demo(cfg: P2DConfig) -> dict:
+    """Run the demo end to end; prints a summary and returns the report (plus wall times)."""
+    from p2d_ray.data.synthetic import demo_assets
+    from p2d_ray.models.demo import ensure_demo_model
+    from p2d_ray.pipeline import run_pipeline
+
+    cfg = demo_config(cfg)
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    print(f"p2d-ray demo: run dir {cfg.run_dir}", flush=True)
+    print("building (or reusing) the demo corpus and the tiny pre-trained Llama ...", flush=True)
+    t = time.perf_counter()
+    assets = demo_assets()
+    times["assets"] = time.perf_counter() - t
+    t = time.perf_counter()
+    model_dir = ensure_demo_model()
+    times["demo_model"] = time.perf_counter() - t
+    print(f"  corpus {assets.corpus_dir}\n  model  {model_dir}", flush=True)
+
+    t = time.perf_counter()
+    started = _start_ray(DEMO_RAY_CPUS)
+    times["ray_init"] = time.perf_counter() - t
+    try:
+        t = time.perf_counter()
+        results = run_pipeline(cfg)
+        times["pipeline"] = time.perf_counter() - t
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    times["total"] = time.perf_counter() - t0
+    report = results["report"]
+    if report.get("skipped"):
+        report = json.loads(Path(cfg.run_dir, "report.json").read_text())
+    skipped = [s for s, r in results.items() if isinstance(r, dict) and r.get("skipped")]
+    if skipped:
+        print(f"(resumed: skipped finished stages {skipped}; delete {cfg.run_dir} to start over)")
+    print("\n".join(summary_lines(report, times)), flush=True)
+    Path(cfg.run_dir, "demo_summary.json").write_text(
+        json.dumps({"wall_seconds": times, "skipped": skipped, "report": str(Path(cfg.run_dir, "report.json"))},
+                   indent=1)
+    )
+    return {**report, "wall_seconds": times}

@@ -1,0 +1,42 @@
+"""Heatmap of head scores (layers x heads) with the selected task heads outlined: ``heads.png``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+
+def save_heatmap(
+    scores: torch.Tensor, heads: Iterable[tuple[int, int]], path: str | Path, title: str = ""
+) -> Path:
+    """Write ``scores [L, H]`` as an image (layer rows, head columns); ``heads`` are outlined in red."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and in CI
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    scores = torch.as_tensor(scores, dtype=torch.float32).cpu()
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be [layers, heads], got shape {tuple(scores.shape)}")
+    L, H = scores.shape
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(min(2 + 0.45 * H, 16), min(1.5 + 0.35 * L, 14)))
+    try:
+        im = ax.imshow(scores.numpy(), aspect="auto", cmap="viridis", origin="lower", interpolation="nearest")
+        for layer, head in heads:
+            ax.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_xticks(range(0, H, max(1, H // 16)))
+        ax.set_yticks(range(0, L, max(1, L // 16)))
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(im, ax=ax, label="score")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+    return path

@@ -1,0 +1,308 @@
+"""Stage 1: localise the task-sensitive attention heads on a small probe set (``p2d-ray localize``).
+
+Each method gives every query head a score ``[L, H]``; the top fraction globally becomes the ``HeadSet``.
+
+- ``gradient``: mean over probe samples of ``|dL_i / dg_h|`` (Michel et al. 2019, "Are sixteen heads really
+  better than one?"), with ``g`` the head gates (all ones) of p2d_ray.heads.gates.
+- ``fisher``: mean of ``(dL_i / dg_h)^2``, the empirical Fisher information of the gates.
+- ``alps``: a short proxy fine-tune of the attention projections (q/k/v/o) on the probe set, then per head
+  the Wasserstein-1 distance between the base and tuned weight entries of its operator (ALPS, ACL
+  Findings 2025). Under GQA a query head's operator includes its key/value group's k/v slices.
+
+Per-sample gradients cost one backward pass: the gates are per sample ``[B, L, H]``, and sample ``i``'s loss
+depends only on ``gates[i]``, so ``d(sum_i L_i)/d gates[i] = dL_i/d gates[i]``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from p2d_ray.config import DataConfig, P2DConfig
+from p2d_ray.data.formatting import Encoded, collate, encode_row, resolve_format
+from p2d_ray.heads.gates import HeadGates
+from p2d_ray.heads.headset import HeadSet
+from p2d_ray.models.geometry import attention_geometry, head_params, slice_weight
+
+METHODS = ("gradient", "fisher", "alps")
+
+
+# -- loss ------------------------------------------------------------------------------------------
+def per_sample_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token NLL over each sample's target tokens: ``[B]``.
+
+    The LM head is applied only at target positions, so a 150k vocabulary never materialises
+    ``[B, T, V]`` logits (and their gradient) for the whole padded batch.
+    """
+    ids, attn, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+    B = ids.shape[0]
+    hidden = model.base_model(input_ids=ids, attention_mask=attn).last_hidden_state  # [B, T, Hd]
+    target = loss_mask[:, 1:].bool()  # [B, T-1]: position t predicts token t+1
+    logits = model.get_output_embeddings()(hidden[:, :-1][target]).float()  # [N, V]
+    nll = F.cross_entropy(logits, ids[:, 1:][target], reduction="none")  # [N]
+    sample = torch.arange(B, device=ids.device)[:, None].expand_as(target)[target]  # [N]
+    counts = target.sum(dim=1)  # [B]
+    assert bool((counts > 0).all()), "every probe sample needs at least one target token"
+    return torch.zeros(B, device=ids.device).index_add_(0, sample, nll) / counts
+
+
+@contextmanager
+def _frozen(model: nn.Module, trainable: Sequence[nn.Parameter] = ()):
+    """Eval mode (no dropout) with every weight frozen except ``trainable``; restores both on exit."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    keep = {id(p) for p in trainable}
+    for p, _ in flags:
+        p.requires_grad_(id(p) in keep)
+    model.eval()
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+# -- gradient / fisher -----------------------------------------------------------------------------
+def gate_gradients(model: nn.Module, batches: Iterable[dict]) -> torch.Tensor:
+    """Per-sample gradients of the loss w.r.t. all-ones head gates: ``[N, L, H]`` over all batches."""
+    geo = attention_geometry(model)
+    device = next(model.parameters()).device
+    grads = []
+    with _frozen(model):
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            B = batch["input_ids"].shape[0]
+            gates = torch.ones(B, geo.n_layers, geo.n_heads, device=device, requires_grad=True)
+            with HeadGates(model, gates, mode="zero"):
+                loss = per_sample_loss(model, batch)  # [B]
+            (grad,) = torch.autograd.grad(loss.sum(), gates)  # [B, L, H]; row i = dL_i / d gates[i]
+            grads.append(grad.float().cpu())
+    return torch.cat(grads)
+
+
+# -- alps ------------------------------------------------------------------------------------------
+def attention_projections(model: nn.Module) -> list[nn.Module]:
+    """Every module holding q/k/v/o weights (fused ones once), in layer order."""
+    geo = attention_geometry(model)
+    out: dict[int, nn.Module] = {}
+    for layer in range(geo.n_layers):
+        hp = head_params(model, geo, layer, 0)
+        for ws in (hp.q, hp.k, hp.v, hp.o):
+            out.setdefault(id(ws.module), ws.module)
+    return list(out.values())
+
+
+def wasserstein1(a: torch.Tensor, b: torch.Tensor) -> float:
+    """W1 between the empirical distributions of two equal-size samples: ``mean |sort(a) - sort(b)|``."""
+    assert a.numel() == b.numel(), f"W1 needs equal-size samples, got {a.numel()} and {b.numel()}"
+    return float((a.flatten().float().sort().values - b.flatten().float().sort().values).abs().mean())
+
+
+def head_operator(model: nn.Module, geo, layer: int, head: int, weights: dict | None = None) -> torch.Tensor:
+    """Flat weight entries of query head ``head``'s operator: its q rows, its GQA group's k/v rows and its
+    o columns. ``weights`` maps module -> a stored weight (e.g. the base snapshot); default: current."""
+    hp = head_params(model, geo, layer, head)
+    parts = []
+    for ws in (hp.q, hp.k, hp.v, hp.o):
+        w = None if weights is None else weights[ws.module]
+        parts.append(slice_weight(ws, w).detach().flatten())
+    return torch.cat(parts)
+
+
+def alps_distances(model: nn.Module, base_weights: dict[nn.Module, torch.Tensor]) -> torch.Tensor:
+    """Per head W1 between the base (``base_weights``) and the model's current operator: ``[L, H]``."""
+    geo = attention_geometry(model)
+    scores = torch.zeros(geo.n_layers, geo.n_heads)
+    for layer in range(geo.n_layers):
+        for head in range(geo.n_heads):
+            scores[layer, head] = wasserstein1(
+                head_operator(model, geo, layer, head, base_weights), head_operator(model, geo, layer, head)
+            )
+    return scores
+
+
+def alps_scores(model: nn.Module, batches: Sequence[dict], steps: int, lr: float) -> torch.Tensor:
+    """Proxy fine-tune q/k/v/o weights for ``steps`` minibatches, score heads by W1, restore the weights.
+
+    Optimiser: plain SGD, deliberately. Adam divides each step by a running RMS of the gradient, so every
+    parameter with a consistent gradient sign moves ~lr per step whatever its loss sensitivity: after a
+    short run all heads move alike and W1 measures noise. With SGD a weight moves in proportion to
+    dL/dw accumulated over the probe set, so a head's movement reflects how much the task loss depends on it.
+    """
+    modules = attention_projections(model)
+    params = [m.weight for m in modules]
+    base = {m: m.weight.detach().clone() for m in modules}  # the caller's weights, restored below
+    device = params[0].device
+    try:
+        with _frozen(model, trainable=params):
+            opt = torch.optim.SGD(params, lr=lr)
+            for step in range(steps):
+                batch = {k: v.to(device) for k, v in batches[step % len(batches)].items()}
+                loss = per_sample_loss(model, batch).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            for p in params:
+                p.grad = None
+            return alps_distances(model, base)
+    finally:
+        with torch.no_grad():
+            for m, w in base.items():
+                m.weight.copy_(w)
+
+
+def head_importance(
+    model: nn.Module, batches: Sequence[dict], method: str, *, alps_steps: int = 20, alps_lr: float = 1e-2
+) -> torch.Tensor:
+    """Score every query head: ``[L, H]`` float32 on CPU, higher = more task-sensitive.
+
+    ``batches``: dicts of ``input_ids`` / ``attention_mask`` / ``loss_mask`` ``[B, T]`` (``collate``).
+    The model's weights and ``requires_grad`` flags are left exactly as they were.
+    """
+    if method not in METHODS:
+        raise ValueError(f"localize.method={method!r} is not one of {', '.join(METHODS)}")
+    if method == "alps":
+        scores = alps_scores(model, batches, alps_steps, alps_lr)
+    else:
+        grads = gate_gradients(model, batches)  # [N, L, H]
+        scores = grads.abs().mean(0) if method == "gradient" else grads.pow(2).mean(0)
+    if not bool(torch.isfinite(scores).all()):
+        raise RuntimeError(f"{method} head scores are not finite (the probe loss diverged?)")
+    return scores.float().cpu()
+
+
+# -- selection -------------------------------------------------------------------------------------
+def n_selected(total: int, top_fraction: float, top_k: int | None = None) -> int:
+    """How many heads to keep: ``top_k`` if set, else round(top_fraction * total); at least 1."""
+    if top_k is not None:
+        if top_k > total:
+            raise ValueError(f"localize.top_k={top_k} exceeds the model's {total} heads (allowed 1..{total})")
+        return top_k
+    return max(1, math.floor(top_fraction * total + 0.5))
+
+
+def top_heads(scores: torch.Tensor, count: int) -> list[tuple[int, int]]:
+    """The ``count`` highest-scoring (layer, head) pairs; ties go to the lower (layer, head)."""
+    L, H = scores.shape
+    flat = scores.flatten().tolist()
+    order = sorted(range(L * H), key=lambda i: (-flat[i], i))
+    return [(i // H, i % H) for i in order[:count]]
+
+
+# -- probe set -------------------------------------------------------------------------------------
+def encode_probe(rows: Sequence[dict], tokenizer, data: DataConfig) -> list[Encoded]:
+    """Encode the probe rows, loss on target tokens only. A bad probe row is an error, never dropped."""
+    if not rows:
+        raise ValueError("the probe set is empty")
+    fmt = resolve_format(data, list(rows[0].keys()))
+    if fmt == "icl":
+        # ICL demonstrations are drawn *from* the probe set to score the corpus; the probe rows themselves
+        # are encoded as plain task samples.
+        fmt = "prompt_response" if data.prompt_column in rows[0] and data.response_column in rows[0] else "plain"
+    encoded, bad = [], []
+    for i, row in enumerate(rows):
+        try:
+            encoded.append(encode_row(row, tokenizer, data, fmt))
+        except ValueError as err:
+            bad.append(f"row {i}: {err}")
+    if bad:
+        shown = "; ".join(bad[:5]) + (f"; ... ({len(bad)} in all)" if len(bad) > 5 else "")
+        raise ValueError(f"probe set has rows that cannot be used: {shown}")
+    return encoded
+
+
+def probe_batches(encoded: Sequence[Encoded], batch_size: int, pad_id: int) -> list[dict]:
+    """Length-sorted (less padding), deterministic batches of ``[B, T]`` tensors."""
+    order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i].input_ids), i))
+    return [
+        collate([encoded[i] for i in order[s : s + batch_size]], pad_id)
+        for s in range(0, len(order), batch_size)
+    ]
+
+
+def localize_heads(model: nn.Module, probe_rows: Sequence[dict], tokenizer, cfg: P2DConfig) -> HeadSet:
+    """Score all heads with ``cfg.localize.method`` on ``probe_rows`` and keep the top ones globally."""
+    from p2d_ray.data.io import rows_hash
+    from p2d_ray.models.loading import model_fingerprint
+
+    loc = cfg.localize
+    t0 = time.perf_counter()
+    geo = attention_geometry(model)
+    count = n_selected(geo.total_heads, loc.top_fraction, loc.top_k)
+    encoded = encode_probe(probe_rows, tokenizer, cfg.data)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batches = probe_batches(encoded, loc.batch_size, pad_id)
+    torch.manual_seed(cfg.seed)
+    scores = head_importance(model, batches, loc.method, alps_steps=loc.alps_steps, alps_lr=loc.alps_lr)
+    meta = {
+        "method": loc.method,
+        "scores": scores.tolist(),  # [L][H]
+        "model": cfg.model.name_or_path,
+        "model_fingerprint": model_fingerprint(cfg.model),
+        "rows_hash": rows_hash(list(probe_rows)),
+        "n_probe": len(probe_rows),
+        "top_fraction": loc.top_fraction,
+        "top_k": loc.top_k,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    return HeadSet(tuple(top_heads(scores, count)), geo, meta)
+
+
+# -- stage -----------------------------------------------------------------------------------------
+def _available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def run_localize(cfg: P2DConfig) -> dict:
+    """``p2d-ray localize``: write ``<run_dir>/heads.json`` and ``heads.png``; returns a summary."""
+    from p2d_ray.data.io import read_rows, read_table
+    from p2d_ray.data.paths import probe_path
+    from p2d_ray.heads.heatmap import save_heatmap
+    from p2d_ray.models.loading import load_model, load_tokenizer
+    from p2d_ray.rundir import RunDir, stage_fingerprint
+
+    run = RunDir(cfg.run_dir)
+    path = probe_path(cfg)
+    resolve_format(cfg.data, read_table(path).column_names)  # bad columns fail before any model loads
+    cfg.save(run.path("config.yaml"))
+    # The driver may inherit OMP_NUM_THREADS=1 from Ray; Stage 1 runs in one process, so use every core
+    # this process may run on, and give the previous setting back to whatever runs next in this process.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(_available_cpus())
+    try:
+        with run.timed("localize", stage_fingerprint(cfg, "localize")):
+            rows = read_rows(path, limit=cfg.localize.max_probe_samples)
+            tokenizer = load_tokenizer(cfg.model)
+            model = load_model(cfg.model)
+            heads = localize_heads(model, rows, tokenizer, cfg)
+            heads.meta["probe_path"] = path
+            heads.save(run.heads_json)
+            png = save_heatmap(
+                torch.tensor(heads.meta["scores"]),
+                heads.heads,
+                run.path("heads.png"),
+                f"{cfg.localize.method} head importance ({len(heads)} of {heads.geometry.total_heads} kept)",
+            )
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        "method": cfg.localize.method,
+        "heads": [list(h) for h in heads.heads],
+        "n_heads": len(heads),
+        "total_heads": heads.geometry.total_heads,
+        "n_probe": heads.meta["n_probe"],
+        "seconds": heads.meta["seconds"],
+        "heads_json": str(run.heads_json),
+        "heatmap": str(png),
+    }

@@ -1,0 +1,92 @@
+"""``ScorerActor``: the Ray Data callable class that holds the frozen model and the task-head gates.
+
+``__init__`` runs once per actor (load the model, set torch threads deliberately: Ray sets
+``OMP_NUM_THREADS`` from the actor's CPU share, 1 for a fractional CPU); ``__call__`` scores one batch
+of tokenised rows. A call receives ``batch_size * bucket_batches`` rows, sorts them by length and scores
+them in micro-batches of ``batch_size`` (length bucketing: padding stays small without a global sort).
+Rows that arrive with a quarantine ``reason`` pass through unscored.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from p2d_ray.config import ModelConfig, ScoreConfig
+from p2d_ray.data.formatting import Encoded, collate
+from p2d_ray.scoring.scorers import build_scorer
+
+SCORE_TIME_COL = "_t_score"  # per-row share of its micro-batch's model seconds (for stats)
+ACTOR_COL = "_actor"  # pid of the actor that scored the row (actor count in stats)
+PAD_COL = "_padded"  # padded length of the row's micro-batch (padding overhead in stats)
+
+
+class ScorerActor:
+    def __init__(self, model_json: str, score_json: str, heads_json: dict | None, id_column: str = "id"):
+        from p2d_ray.heads.headset import HeadSet
+        from p2d_ray.models.loading import load_model, load_tokenizer
+
+        self.cfg = ScoreConfig.model_validate_json(score_json)
+        torch.set_num_threads(self.cfg.torch_threads)
+        model_cfg = ModelConfig.model_validate_json(model_json)
+        tok = load_tokenizer(model_cfg)
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.id_column = id_column
+        self.model = None if self.cfg.scorer == "noop" else load_model(model_cfg)
+        heads = HeadSet.from_json(heads_json) if heads_json is not None else None
+        self.device = next(self.model.parameters()).device if self.model is not None else torch.device("cpu")
+        self.score = build_scorer(
+            self.cfg.scorer, self.model, heads, self.cfg.gate_mode, self.cfg.loss_chunk_tokens,
+            self.cfg.influence_fused,
+        )
+        self.pid = os.getpid()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        score = np.full(n, np.nan)
+        loss_full = np.full(n, np.nan)
+        loss_gated = np.full(n, np.nan)
+        n_tokens = np.zeros(n, dtype=np.int64)
+        seconds = np.zeros(n, dtype=np.float32)
+        padded = np.zeros(n, dtype=np.int32)
+        has_full = has_gated = False
+        ok = np.flatnonzero(batch.column("reason").is_null().to_numpy(zero_copy_only=False))
+        lengths = batch.column("length").to_numpy()
+        # Longest first: the first micro-batch shows an OOM at once rather than at the end of a run.
+        order = ok[np.argsort(-lengths[ok], kind="stable")]
+        input_ids = batch.column("input_ids")
+        loss_mask = batch.column("loss_mask")
+        for start in range(0, len(order), self.cfg.batch_size):
+            idx = order[start : start + self.cfg.batch_size]
+            t0 = time.perf_counter()
+            encoded = [Encoded(input_ids[int(i)].as_py(), loss_mask[int(i)].as_py()) for i in idx]
+            tensors = {k: v.to(self.device) for k, v in collate(encoded, self.pad_id).items()}
+            out = self.score(tensors)
+            score[idx] = out.score.float().cpu().numpy()
+            n_tokens[idx] = out.n_tokens.cpu().numpy()
+            if out.loss_full is not None:
+                loss_full[idx], has_full = out.loss_full.float().cpu().numpy(), True
+            if out.loss_gated is not None:
+                loss_gated[idx], has_gated = out.loss_gated.float().cpu().numpy(), True
+            seconds[idx] = (time.perf_counter() - t0) / len(idx)
+            padded[idx] = tensors["input_ids"].shape[1]
+        valid = np.zeros(n, dtype=bool)
+        valid[ok] = True
+        cols = {
+            "score": pa.array(score, mask=~valid),
+            "loss_full": pa.array(loss_full, mask=~(valid & has_full)),
+            "loss_gated": pa.array(loss_gated, mask=~(valid & has_gated)),
+            "n_tokens": pa.array(n_tokens),
+            SCORE_TIME_COL: pa.array(seconds),
+            ACTOR_COL: pa.array(np.full(n, self.pid, dtype=np.int64)),
+            PAD_COL: pa.array(padded),
+        }
+        keep = [c for c in batch.column_names if c not in ("input_ids", "loss_mask")]
+        out_table = batch.select(keep)
+        for name, arr in cols.items():
+            out_table = out_table.append_column(name, arr)
+        return out_table

@@ -1,0 +1,140 @@
+"""Scorers: pure torch on one collated batch (no Ray), chosen by name in ``score.scorer``.
+
+A batch is ``formatting.collate``'s dict: ``input_ids``, ``attention_mask``, ``loss_mask``, all ``[B, T]``.
+Every scorer returns :class:`ScoreOutput` with per-sample ``[B]`` tensors; ``loss_full`` / ``loss_gated``
+are None where a scorer does not compute them.
+
+- ``influence`` (P2D's default; AttentionInfluence's score restricted to the task heads):
+  ``(L_gated - L_full) / L_full`` where ``L_gated`` is the loss with the task heads gated off
+  (``HeadSet.gates_off()``, mode ``zero`` or ``uniform``). High = the sample needs the task heads.
+- ``activation``: how strongly the task heads fire: mean L2 norm of their outputs ``[D]`` over the
+  positions that predict scored tokens, averaged over task heads. One forward pass.
+- ``perplexity``: the ungated per-sample loss (the classic baseline; rank ascending to keep low loss).
+- ``noop``: zeros, no model call: measures the pipeline's ceiling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from p2d_ray.heads.gates import GateMode, HeadGates
+from p2d_ray.heads.headset import HeadSet
+from p2d_ray.scoring.losses import hidden_states, loss_from_hidden, sample_loss
+
+SCORERS = ("influence", "activation", "perplexity", "noop")
+USES_HEADS = {"influence": True, "activation": True, "perplexity": False, "noop": False}
+EPS = 1e-8
+
+
+@dataclass
+class ScoreOutput:
+    score: torch.Tensor  # [B] fp32
+    n_tokens: torch.Tensor  # [B] long: scored (target) tokens
+    loss_full: torch.Tensor | None = None  # [B] mean loss, all heads on
+    loss_gated: torch.Tensor | None = None  # [B] mean loss, task heads gated off
+
+
+def relative_increase(loss_gated: torch.Tensor, loss_full: torch.Tensor) -> torch.Tensor:
+    """``(L_gated - L_full) / L_full`` per sample; ``L_full`` is clamped away from 0."""
+    return (loss_gated - loss_full) / loss_full.clamp(min=EPS)
+
+
+def influence_score(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    heads: HeadSet,
+    mode: GateMode = "zero",
+    chunk_tokens: int = 1024,
+    fused: bool = True,
+) -> ScoreOutput:
+    """Relative loss increase when the task heads are gated off.
+
+    ``fused=True`` runs both passes in ONE forward: the batch is stacked twice ``[2B, T]`` with
+    per-sample gates ``[2B, L, H]`` (ones for the first B rows, ``gates_off`` for the last B); otherwise two
+    forwards of ``[B, T]``. Both give the same numbers (tested); which is faster depends on the hardware.
+    """
+    ids, am, lm = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+    B = ids.shape[0]
+    off = heads.gates_off().to(ids.device)  # [L, H]
+    if fused:
+        gates = torch.cat([torch.ones_like(off).expand(B, -1, -1), off.expand(B, -1, -1)])  # [2B, L, H]
+        with HeadGates(model, gates, mode) as hg:
+            hg.attention_mask = torch.cat([am, am])
+            both = sample_loss(model, torch.cat([ids, ids]), hg.attention_mask, torch.cat([lm, lm]), chunk_tokens)
+        loss_full, loss_gated = both.mean[:B], both.mean[B:]
+        n_tokens = both.n_tokens[:B]
+    else:
+        full = sample_loss(model, ids, am, lm, chunk_tokens)
+        with HeadGates(model, off, mode) as hg:
+            hg.attention_mask = am
+            gated = sample_loss(model, ids, am, lm, chunk_tokens)
+        loss_full, loss_gated, n_tokens = full.mean, gated.mean, full.n_tokens
+    return ScoreOutput(relative_increase(loss_gated, loss_full), n_tokens, loss_full, loss_gated)
+
+
+def activation_score(
+    model: nn.Module, batch: dict[str, torch.Tensor], heads: HeadSet, chunk_tokens: int = 1024
+) -> ScoreOutput:
+    """Mean L2 norm of the task heads' outputs over the positions that predict scored tokens.
+
+    Position ``t`` predicts token ``t+1``, so the positions are ``loss_mask[:, 1:]`` placed at ``[:, :-1]``.
+    The same forward also gives ``loss_full`` (the LM head on scored positions only).
+    """
+    ids, am, lm = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+    with HeadGates(model, None, capture=True) as hg:
+        hidden = hidden_states(model, ids, am)  # [B, T, E]
+        pred = torch.zeros_like(lm, dtype=torch.float32)
+        pred[:, :-1] = lm[:, 1:].float()  # [B, T]: 1 where the position predicts a scored token
+        total = torch.zeros(ids.shape[0], dtype=torch.float32, device=ids.device)
+        for layer, hs in heads.by_layer().items():
+            out = hg.captured[layer][:, :, hs, :].float()  # [B, T, h, D] pre-gate outputs of task heads
+            total += (out.norm(dim=-1) * pred[:, :, None]).sum(dim=(1, 2))  # [B]
+    loss = loss_from_hidden(model, hidden, ids, lm, chunk_tokens)
+    n = loss.n_tokens
+    score = total / (n.clamp(min=1) * len(heads)).float()
+    return ScoreOutput(score, n, loss_full=loss.mean)
+
+
+def perplexity_score(model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int = 1024) -> ScoreOutput:
+    """The ungated model's mean loss over scored tokens (log-perplexity)."""
+    loss = sample_loss(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], chunk_tokens)
+    return ScoreOutput(loss.mean, loss.n_tokens, loss_full=loss.mean)
+
+
+def noop_score(batch: dict[str, torch.Tensor]) -> ScoreOutput:
+    """No model call: the scorer for the pipeline-ceiling benchmark."""
+    n = batch["loss_mask"][:, 1:].sum(dim=1)
+    return ScoreOutput(torch.zeros(n.shape[0]), n)
+
+
+def build_scorer(
+    name: str,
+    model: nn.Module | None,
+    heads: HeadSet | None = None,
+    gate_mode: GateMode = "zero",
+    chunk_tokens: int = 1024,
+    fused: bool = True,
+) -> Callable[[dict[str, torch.Tensor]], ScoreOutput]:
+    """A function ``batch -> ScoreOutput`` for scorer ``name`` running under ``torch.inference_mode``."""
+    if name not in SCORERS:
+        raise ValueError(f"score.scorer={name!r} is not one of {SCORERS}")
+    if USES_HEADS[name] and heads is None:
+        raise ValueError(f"scorer {name!r} needs the task heads (heads.json)")
+    if name == "influence":
+        fn = lambda b: influence_score(model, b, heads, gate_mode, chunk_tokens, fused)  # noqa: E731
+    elif name == "activation":
+        fn = lambda b: activation_score(model, b, heads, chunk_tokens)  # noqa: E731
+    elif name == "perplexity":
+        fn = lambda b: perplexity_score(model, b, chunk_tokens)  # noqa: E731
+    else:
+        fn = noop_score
+
+    def run(batch: dict[str, torch.Tensor]) -> ScoreOutput:
+        with torch.inference_mode():
+            return fn(batch)
+
+    return run

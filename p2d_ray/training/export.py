@@ -1,0 +1,223 @@
+"""Export a trained update: head deltas (safetensors + heads.json), the same update as a standard PEFT LoRA
+adapter, and optionally a merged full model.
+
+Why a head delta IS a LoRA adapter: PEFT's LoRA computes ``y = base(x) + B(A(x)) * alpha / r`` with
+``A [r, in]`` and ``B [out, r]``. With ``alpha = r`` (scale 1) and a one-hot selection matrix ``S``:
+
+    rows Δ [r, in]  (output features idx):  A = Δ,      B = S [out, r], S[idx[j], j] = 1
+    cols Δ [out, r] (input features idx):   A = Sᵀ [r, in], Sᵀ[j, idx[j]] = 1,   B = Δ
+
+Every module gets its own rank ``r = len(idx)`` (``rank_pattern`` / ``alpha_pattern``), so anything that
+serves PEFT LoRA adapters serves a P2D head update, and ``PeftModel.from_pretrained(base, path)``
+reproduces the trained model's logits.
+
+Layout under ``<run_dir>/adapter/``::
+
+    manifest.json                   {"adaptation": heads|lora|full, "base_model": ..., ...}
+    heads/head_deltas.safetensors   one Δ per projection module; specs in the safetensors metadata
+    heads/heads.json                the HeadSet that was trained
+    peft/adapter_config.json, adapter_model.safetensors    (heads and lora adaptations)
+``<run_dir>/merged/`` holds the merged model (``save_pretrained``) for ``full``, or when
+``train.export_merged`` is set.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from p2d_ray.config import P2DConfig
+from p2d_ray.heads.headset import HeadSet
+from p2d_ray.training.deltas import DeltaSpec, attach_from_specs, load_delta_values, merge_head_deltas
+
+HEADS_FILE = "head_deltas.safetensors"
+MANIFEST = "manifest.json"
+
+
+# -- (a) head deltas -------------------------------------------------------------------------------
+def save_head_deltas(
+    specs: list[DeltaSpec], values: dict[str, torch.Tensor], heads: HeadSet, out_dir: str | Path
+) -> Path:
+    """Write ``Δ`` per module (``<module>.delta``) with the specs as safetensors metadata, plus heads.json."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {f"{s.module_name}.delta": values[s.module_name].contiguous() for s in specs}
+    meta = {"format": "p2d-head-deltas/1", "specs": json.dumps([s.to_json() for s in specs])}
+    save_file(tensors, str(out / HEADS_FILE), metadata=meta)
+    heads.save(out / "heads.json")
+    return out
+
+
+def load_head_deltas(adapter_dir: str | Path) -> tuple[list[DeltaSpec], dict[str, torch.Tensor], HeadSet]:
+    """Read what :func:`save_head_deltas` wrote: (specs, ``{module_name: Δ}``, heads)."""
+    d = Path(adapter_dir)
+    path = d / HEADS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no head deltas at {path} (run `p2d-ray train` with train.adaptation=heads)")
+    with safe_open(str(path), framework="pt") as f:
+        specs = [DeltaSpec.from_json(s) for s in json.loads(f.metadata()["specs"])]
+        values = {s.module_name: f.get_tensor(f"{s.module_name}.delta") for s in specs}
+    return specs, values, HeadSet.load(d / "heads.json")
+
+
+# -- (b) the same update as a PEFT LoRA adapter ----------------------------------------------------
+def head_deltas_to_lora(
+    specs: list[DeltaSpec], values: dict[str, torch.Tensor]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{module_name: (A [r, in], B [out, r])}`` with ``B @ A == scatter(Δ)`` (see module docstring)."""
+    out = {}
+    for s in specs:
+        delta = values[s.module_name].float()
+        r = len(s.index)
+        idx = torch.tensor(s.index, dtype=torch.long)
+        if s.axis == "rows":
+            a = delta  # [r, in]
+            b = torch.zeros(s.out_features, r)
+            b[idx, torch.arange(r)] = 1.0  # S [out, r]
+        else:
+            a = torch.zeros(r, s.in_features)
+            a[torch.arange(r), idx] = 1.0  # Sᵀ [r, in]
+            b = delta  # [out, r]
+        out[s.module_name] = (a.contiguous(), b.contiguous())
+    return out
+
+
+def save_peft_from_deltas(
+    specs: list[DeltaSpec],
+    values: dict[str, torch.Tensor],
+    out_dir: str | Path,
+    base_model_name_or_path: str,
+    fan_in_fan_out: bool = False,
+) -> Path:
+    """Write a standard PEFT LoRA adapter (per-module rank, alpha = rank so the scale is 1).
+
+    ``fan_in_fan_out`` must be True for gpt2 (Conv1D weights ``[in, out]``); A and B are the same.
+    """
+    from peft import LoraConfig
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    factors = head_deltas_to_lora(specs, values)
+    ranks = {name: a.shape[0] for name, (a, _) in factors.items()}
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model_name_or_path,
+        target_modules=sorted(factors),
+        r=max(ranks.values()),
+        lora_alpha=max(ranks.values()),
+        rank_pattern=dict(ranks),
+        alpha_pattern={k: float(v) for k, v in ranks.items()},
+        lora_dropout=0.0,
+        bias="none",
+        fan_in_fan_out=fan_in_fan_out,
+        inference_mode=True,
+    )
+    config.save_pretrained(str(out))
+    # PEFT's on-disk key convention: base_model.model.<module>.lora_{A,B}.weight (no adapter name).
+    tensors = {}
+    for name, (a, b) in factors.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+# -- manifest and whole-run export -----------------------------------------------------------------
+def write_manifest(adapter_dir: str | Path, **fields) -> Path:
+    p = Path(adapter_dir) / MANIFEST
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(fields, indent=1))
+    return p
+
+
+def read_manifest(adapter_dir: str | Path) -> dict:
+    p = Path(adapter_dir) / MANIFEST
+    if not p.is_file():
+        raise FileNotFoundError(f"no trained adapter at {p.parent} (run `p2d-ray train` first)")
+    return json.loads(p.read_text())
+
+
+def dir_size_bytes(path: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def export_from_checkpoint(cfg: P2DConfig, export_dir: str | Path) -> dict:
+    """Turn the ``export/`` folder of the final training checkpoint into ``<run_dir>/adapter`` (and
+    ``<run_dir>/merged``). Returns the manifest."""
+    from p2d_ray.models.geometry import model_family
+    from p2d_ray.models.loading import load_config_checked, resolve_path
+
+    run_dir = Path(cfg.run_dir)
+    src = Path(export_dir)
+    adapter = run_dir / "adapter"
+    if adapter.exists():
+        shutil.rmtree(adapter)
+    adapter.mkdir(parents=True)
+    adaptation = cfg.train.adaptation
+    base = resolve_path(cfg.model)
+    manifest: dict = {"adaptation": adaptation, "base_model": cfg.model.name_or_path, "base_path": base}
+    if adaptation == "heads":
+        shutil.copytree(src / "heads", adapter / "heads")
+        specs, values, _ = load_head_deltas(adapter / "heads")
+        family = model_family(load_config_checked(cfg.model))
+        save_peft_from_deltas(specs, values, adapter / "peft", base, fan_in_fan_out=family == "gpt2")
+        manifest["heads_bytes"] = dir_size_bytes(adapter / "heads")
+        manifest["peft_bytes"] = dir_size_bytes(adapter / "peft")
+        manifest["trainable_params"] = sum(v.numel() for v in values.values())
+    elif adaptation == "lora":
+        shutil.copytree(src / "peft", adapter / "peft")
+        manifest["peft_bytes"] = dir_size_bytes(adapter / "peft")
+    else:  # full: the update is the whole model
+        manifest["merged_dir"] = str((run_dir / "merged").resolve())
+    write_manifest(adapter, **manifest)
+    if adaptation == "full":
+        merged = run_dir / "merged"
+        if merged.exists():
+            shutil.rmtree(merged)
+        shutil.copytree(src / "model", merged)
+        manifest["merged_bytes"] = dir_size_bytes(merged)
+    elif cfg.train.export_merged:
+        model = load_adapted_model(cfg)
+        save_merged(model, cfg, run_dir / "merged")
+        manifest["merged_dir"] = str((run_dir / "merged").resolve())
+    write_manifest(adapter, **manifest)
+    return manifest
+
+
+def save_merged(model, cfg: P2DConfig, out_dir: str | Path) -> Path:
+    """``save_pretrained`` of a plain (merged) model plus the base tokenizer."""
+    from p2d_ray.models.loading import load_tokenizer
+
+    out = Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    model.save_pretrained(str(out), safe_serialization=True)
+    load_tokenizer(cfg.model).save_pretrained(str(out))
+    return out
+
+
+def load_adapted_model(cfg: P2DConfig, device: torch.device | None = None):
+    """The base model with the trained update of ``<run_dir>/adapter`` applied, as a plain model in eval
+    mode (head deltas / LoRA merged into the weights; ``full`` loads ``<run_dir>/merged``)."""
+    from p2d_ray.models.loading import load_model
+
+    adapter = Path(cfg.run_dir) / "adapter"
+    manifest = read_manifest(adapter)
+    adaptation = manifest["adaptation"]
+    if adaptation == "full":
+        return load_model(cfg.model.model_copy(update={"name_or_path": manifest["merged_dir"]}), device)
+    model = load_model(cfg.model, device)
+    if adaptation == "heads":
+        specs, values, heads = load_head_deltas(adapter / "heads")
+        attach_from_specs(model, specs)
+        load_delta_values(model, values)
+        return merge_head_deltas(model).eval()
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(model, str(adapter / "peft"))
+    return peft_model.merge_and_unload().eval()

@@ -1,0 +1,284 @@
+"""``p2d-ray train``: Stage 3 on Ray Train + DeepSpeed, then export the trained update.
+
+    run_train(cfg)  ->  TorchTrainer(train_func, datasets={"train": read_parquet(<run_dir>/subset)},
+                                     ScalingConfig(...), RunConfig(storage_path, FailureConfig, ...))
+                    ->  <run_dir>/adapter (head deltas + PEFT LoRA | PEFT LoRA | -), <run_dir>/merged,
+                        <run_dir>/train_summary.json, stage timing for the AER
+
+Resume: the Ray Train run is named after what its weights depend on (model, adaptation, heads, data,
+optimizer settings; not the step budget), under ``train.storage_path`` (default ``<run_dir>/train``).
+A restarted worker group (``FailureConfig(max_failures)``) or a rerun of the same command continues
+from that run's latest checkpoint; raising ``train.max_steps`` or ``train.epochs`` extends a finished run.
+
+Also here, for evaluation and the AER report: :func:`load_adapted_model` (the base model with the
+exported update applied) and :func:`time_train_steps` (seconds per optimizer step of an adaptation,
+timed in-process on a sample of batches).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import torch
+
+from p2d_ray.config import P2DConfig
+from p2d_ray.heads.headset import HeadSet
+from p2d_ray.models.geometry import geometry_from_config
+from p2d_ray.rundir import RunDir, stage_fingerprint
+from p2d_ray.training.export import export_from_checkpoint, load_adapted_model
+from p2d_ray.training.loop import (
+    encode_rows,
+    forward_loss,
+    global_batch,
+    peak_memory_bytes,
+    step_stats,
+    torch_threads,
+    total_steps,
+    train_format,
+)
+from p2d_ray.training.worker import EXPORT_DIR, STATE_FILE, train_func
+
+__all__ = ["run_train", "fit", "time_train_steps", "load_adapted_model", "TrainInputs"]
+
+# Environment the workers need before importing DeepSpeed, forwarded from the driver when set.
+_FORWARDED_ENV = ("TORCH_EXTENSIONS_DIR", "P2D_RAY_CACHE", "HF_HUB_OFFLINE", "HF_HOME", "TOKENIZERS_PARALLELISM")
+
+
+class TrainInputs:
+    """Everything a training run reads, checked before Ray starts: data rows and format, heads, storage."""
+
+    def __init__(self, cfg: P2DConfig, data_path: str | None = None):
+        from p2d_ray.models.loading import load_config_checked
+
+        run = RunDir(cfg.run_dir)
+        self.data_path = str(data_path or run.subset)
+        if "://" not in self.data_path and not Path(self.data_path).exists():
+            raise FileNotFoundError(f"training data not found: {self.data_path} (run `p2d-ray select` first)")
+        try:
+            dataset = pads.dataset(self.data_path, format="parquet")
+            self.n_rows = dataset.count_rows()
+            columns = dataset.schema.names
+        except Exception as err:  # pyarrow raises several types for unreadable data
+            raise ValueError(f"cannot read training data {self.data_path}: {err}") from None
+        t = cfg.train
+        if self.n_rows < t.num_workers:
+            raise ValueError(
+                f"training data {self.data_path} has {self.n_rows} rows, fewer than train.num_workers="
+                f"{t.num_workers}"
+            )
+        self.fmt = train_format(cfg.data, columns)
+        geometry = geometry_from_config(load_config_checked(cfg.model))
+        self.heads = None
+        if t.adaptation == "heads":
+            self.heads = HeadSet.load(run.heads_json)
+            self.heads.check_fits(geometry)
+            if len(self.heads) == 0:
+                raise ValueError(f"{run.heads_json} selects no heads: nothing to train with adaptation=heads")
+        self.storage_path = t.storage_path or str(run.path("train").resolve())
+        self.n_steps = total_steps(self.n_rows, t)
+
+    def run_name(self, cfg: P2DConfig) -> str:
+        """Stable name of the Ray Train run: what the trained weights depend on, minus the step budget
+        (so a rerun, or a longer run, resumes from the latest checkpoint)."""
+        from p2d_ray.models.loading import model_fingerprint
+
+        train = cfg.train.model_dump(
+            mode="json",
+            exclude={"epochs", "max_steps", "max_failures", "checkpoint_every", "checkpoints_to_keep",
+                     "export_merged", "storage_path"},
+        )
+        payload = [
+            model_fingerprint(cfg.model), cfg.model.model_dump(mode="json"), cfg.data.model_dump(mode="json"),
+            train, self.heads.fingerprint() if self.heads else None, os.path.abspath(self.data_path)
+            if "://" not in self.data_path else self.data_path,
+        ]
+        key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+        return f"{cfg.train.adaptation}-{key}"
+
+
+def _ensure_ray(cfg: P2DConfig) -> None:
+    """Join the cluster named by RAY_ADDRESS, else start a local Ray with enough logical CPUs for the
+    workers plus Ray Data's read tasks (two 1-CPU workers on a 2-CPU node would starve the reads)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    t = cfg.train
+    need = int(t.num_workers * t.cpus_per_worker) + 2
+    ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, log_to_driver=False)
+
+
+def fit(cfg: P2DConfig, data_path: str | None = None, *, fail_at_step: int | None = None):
+    """Run the Ray Train job and return ``(ray.train.Result, TrainInputs)``.
+
+    Args:
+        data_path: Parquet to train on (default ``<run_dir>/subset``; the AER's full baseline passes the corpus).
+        fail_at_step: tests only: every worker raises once at this step, to exercise FailureConfig + resume.
+    Raises:
+        ValueError / FileNotFoundError: bad inputs, found before Ray starts.
+    """
+    import ray
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    inputs = TrainInputs(cfg, data_path)
+    _ensure_ray(cfg)
+    t = cfg.train
+    env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json"),
+            "fmt": inputs.fmt,
+            "n_rows": inputs.n_rows,
+            "heads": inputs.heads.to_json() if inputs.heads else None,
+            "env": env,
+            "fail_at_step": fail_at_step,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers,
+            use_gpu=t.use_gpu,
+            resources_per_worker={"CPU": t.cpus_per_worker, **t.resources_per_worker},
+        ),
+        run_config=RunConfig(
+            name=inputs.run_name(cfg),
+            storage_path=inputs.storage_path,
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.checkpoints_to_keep),
+        ),
+        datasets={"train": ray.data.read_parquet(inputs.data_path)},
+    )
+    return trainer.fit(), inputs
+
+
+def run_train(cfg: P2DConfig, data_path: str | None = None) -> dict:
+    """Stage 3: train (Ray Train + DeepSpeed), export to ``<run_dir>/adapter``, write
+    ``<run_dir>/train_summary.json``; timed for the AER. Returns the summary."""
+    run = RunDir(cfg.run_dir)
+    cfg.save(run.path("config.yaml"))
+    with run.timed("train", stage_fingerprint(cfg, "train")):
+        t0 = time.perf_counter()
+        result, inputs = fit(cfg, data_path)
+        fit_seconds = time.perf_counter() - t0
+        with result.checkpoint.as_directory() as ckpt:
+            state = json.loads(Path(ckpt, STATE_FILE).read_text())
+            manifest = export_from_checkpoint(cfg, Path(ckpt) / EXPORT_DIR)
+        final = state.get("final", {})
+        summary = {
+            "adaptation": cfg.train.adaptation,
+            "data_path": inputs.data_path,
+            "rows": inputs.n_rows,
+            "format": inputs.fmt,
+            "steps": state["step"],
+            "total_steps": inputs.n_steps,
+            "rows_per_step": global_batch(cfg.train),
+            "rows_seen": state["rows_seen"],
+            "skipped_rows": state["skipped"],
+            "loss_curve": state["loss_curve"],
+            "step_seconds": state["step_seconds"],
+            "step_time": step_stats(state["step_seconds"]),
+            "fit_seconds": fit_seconds,  # includes Ray Train worker start-up and DeepSpeed init
+            "heads": [list(h) for h in inputs.heads] if inputs.heads else None,
+            "checkpoint": result.checkpoint.path,
+            "storage_path": inputs.storage_path,
+            "run_name": inputs.run_name(cfg),
+            "adapter": manifest,
+            **{k: v for k, v in final.items() if k != "step_time"},
+        }
+        run.path("train_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def time_train_steps(cfg: P2DConfig, adaptation: str, n_steps: int, data_path: str | None = None) -> dict:
+    """Seconds per optimizer step of ``adaptation`` ("heads" | "lora" | "full"), timed in this process.
+
+    Same model, micro-batch, gradient accumulation, loss and trainable parameters as the trainer, on the
+    first ``n_steps`` optimizer steps' rows of ``data_path`` (default: the whole corpus, which is what full
+    fine-tuning would train on), with torch AdamW and no Ray/DeepSpeed: the per-step compute, without
+    start-up. The first step is a warm-up and not counted. Used to estimate full fine-tuning time on all
+    data when the full baseline was not run.
+
+    Returns:
+        ``step_seconds`` (median of timed steps), ``step_times``, ``rows_per_step`` (one process),
+        ``tokens_per_step`` (mean), ``trainable_params``, ``state_bytes`` (trained params + grads + AdamW
+        moments), ``peak_memory_bytes`` (process peak; CPU: max RSS so far), ``n_steps``, ``mode``.
+    Raises:
+        ValueError: unknown adaptation, n_steps < 1, or no trainable rows.
+    """
+    from p2d_ray.data.paths import corpus_path
+    from p2d_ray.models.loading import load_model, load_tokenizer
+    from p2d_ray.training.adaptation import ADAPTATIONS, prepare_model
+    from p2d_ray.training.deltas import count_trainable, trainable_parameters
+
+    if adaptation not in ADAPTATIONS:
+        raise ValueError(f"adaptation={adaptation!r}; allowed: {', '.join(ADAPTATIONS)}")
+    if n_steps < 1:
+        raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+    t = cfg.train.model_copy(update={"adaptation": adaptation})
+    path = data_path or corpus_path(cfg)
+    per_step = t.batch_size * t.grad_accum
+    dataset = pads.dataset(path, format="parquet")
+    rows = dataset.head((n_steps + 1) * per_step).to_pylist()
+    if not rows:
+        raise ValueError(f"time_train_steps: no rows in {path}")
+    fmt = train_format(cfg.data, dataset.schema.names)
+    heads = HeadSet.load(RunDir(cfg.run_dir).heads_json) if adaptation == "heads" else None
+
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(torch_threads(cfg))
+    try:
+        torch.manual_seed(t.seed)
+        model = prepare_model(load_model(cfg.model), t, heads)
+        model.train()
+        device = next(model.parameters()).device
+        params = trainable_parameters(model)
+        opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        tok = load_tokenizer(cfg.model)
+        skipped: Counter = Counter()
+        times, tokens = [], []
+        for step in range(n_steps + 1):
+            chunk = [rows[(i % len(rows))] for i in range(step * per_step, (step + 1) * per_step)]
+            t0 = time.perf_counter()
+            n_tok = 0
+            for m in range(t.grad_accum):
+                batch = encode_rows(chunk[m * t.batch_size : (m + 1) * t.batch_size], tok, cfg.data, fmt, skipped)
+                if batch is None:
+                    raise ValueError(f"time_train_steps: a batch had no trainable row ({dict(skipped)})")
+                batch = {k: v.to(device) for k, v in batch.items()}
+                (forward_loss(model, batch) / t.grad_accum).backward()
+                n_tok += int(batch["attention_mask"].sum())
+            if t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if step > 0:  # step 0 warms up allocator and kernels
+                times.append(time.perf_counter() - t0)
+                tokens.append(n_tok)
+        n_train = count_trainable(model)
+        elem = params[0].element_size()
+        return {
+            "adaptation": adaptation,
+            "step_seconds": step_stats(times)["median"],
+            "step_times": times,
+            "rows_per_step": per_step,
+            "tokens_per_step": sum(tokens) / len(tokens),
+            "trainable_params": n_train,
+            # param + grad in the model dtype, two fp32 AdamW moments
+            "state_bytes": n_train * (2 * elem + 8),
+            "peak_memory_bytes": peak_memory_bytes(device),
+            "n_steps": n_steps,
+            "skipped_rows": dict(skipped),
+            "mode": "in_process",
+        }
+    finally:
+        torch.set_num_threads(prev_threads)

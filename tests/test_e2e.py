@@ -1,0 +1,104 @@
+"""``p2d-ray run`` through the CLI on a tiny model and corpus: every stage and the report; a rerun skips
+every stage; a changed select fraction reruns select and everything after it, nothing before."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from p2d_ray.cli import main
+from p2d_ray.rundir import STAGES, RunDir
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def _arith(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(1, 30), rng.randint(1, 30)
+    return f"{a} plus {b}?\n", f"{a} + {b} = {a + b}. #### {a + b}"
+
+
+def _rows(n: int, start: int, seed: int, noisy: bool) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        clean = not noisy or i % 2 == 0
+        prompt, response = _arith(rng) if clean else ("zq xw?\n", "".join(rng.choice("abc#!") for _ in range(12)))
+        rows.append({"id": start + i, "prompt": prompt, "response": response, "is_clean_on_task": clean})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_llama):
+    root = tmp_path_factory.mktemp("e2e")
+    (root / "corpus").mkdir()
+    corpus = _rows(96, 0, 0, noisy=True)
+    for i in range(2):  # two files of two row groups: four shards
+        pq.write_table(pa.Table.from_pylist(corpus[i * 48 : (i + 1) * 48]), root / "corpus" / f"part-{i}.parquet",
+                       row_group_size=24)
+    pq.write_table(pa.Table.from_pylist(_rows(8, 1000, 1, noisy=False)), root / "probe.parquet")
+    pq.write_table(pa.Table.from_pylist(_rows(8, 2000, 2, noisy=False)), root / "heldout.parquet")
+    config = {
+        "run_dir": str(root / "run"),
+        "model": {"name_or_path": tiny_llama},
+        "data": {"probe_path": str(root / "probe.parquet"), "corpus_path": str(root / "corpus"), "max_length": 64},
+        "localize": {"top_k": 2, "max_probe_samples": 8},
+        "score": {"batch_size": 16, "min_actors": 1, "max_actors": 1},
+        "select": {"fraction": 0.25},
+        "train": {"num_workers": 2, "batch_size": 4, "max_steps": 2, "checkpoint_every": 100},
+        "evaluate": {"heldout_path": str(root / "heldout.parquet"), "n_samples": 8, "max_new_tokens": 4},
+        "report": {"timing_steps": 1},
+    }
+    (root / "p2d.yaml").write_text(yaml.safe_dump(config))
+    return root
+
+
+def _run(capsys, *args) -> dict:
+    rc = main(["run", *args])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    return json.loads(out)
+
+
+def _records(run: RunDir) -> dict:
+    return {s: run.stage_record(s) for s in (*STAGES, "report")}
+
+
+def test_run_resume_and_partial_rerun(ray_local, project, capsys):
+    cfg_path = str(project / "p2d.yaml")
+    run = RunDir(project / "run")
+
+    first = _run(capsys, "--config", cfg_path)
+    assert list(first) == [*STAGES, "report"]
+    assert not any(r.get("skipped") for r in first.values())
+    for p in ("heads.json", "heads.png", "scores", "subset", "adapter/manifest.json", "eval.json",
+              "eval_samples.parquet", "report.json", "aer.png", "config.yaml"):
+        assert run.path(p).exists(), p
+    report = json.loads(run.path("report.json").read_text())
+    assert set(report["stage_seconds"]) == set(STAGES)
+    assert report["aer"]["label"] == "estimated" and report["aer"]["aer"] > 0
+    assert report["aer"]["n_full_rows"] == 96 and report["aer"]["n_subset_rows"] == 24
+    assert report["eval"]["variants"] == ["base", "adapted"] and report["eval"]["exact_match"] is True
+    assert 0 <= report["selection_precision"]["selected"] <= 1
+    assert report["selection_precision"]["base_rate"] == pytest.approx(0.5)
+    before = _records(run)
+
+    # Same config: every stage and the report are skipped, nothing is re-recorded.
+    again = _run(capsys, "--config", cfg_path)
+    assert all(again[s]["skipped"] for s in (*STAGES, "report"))
+    assert _records(run) == before
+
+    # A changed select fraction: localize and score are kept, select onwards rerun.
+    changed = _run(capsys, "--config", cfg_path, "select.fraction=0.5")
+    assert changed["localize"]["skipped"] and changed["score"]["skipped"]
+    assert not any(changed[s].get("skipped") for s in ("select", "train", "evaluate", "report"))
+    after = _records(run)
+    assert after["localize"] == before["localize"] and after["score"] == before["score"]
+    for s in ("select", "train", "evaluate", "report"):
+        assert after[s]["fingerprint"] != before[s]["fingerprint"], s
+    report = json.loads(run.path("report.json").read_text())
+    assert report["aer"]["n_subset_rows"] == 48

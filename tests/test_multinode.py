@@ -1,0 +1,317 @@
+"""A real two-node Ray cluster on this machine, driven only through the ``ray`` CLI, as users drive theirs.
+
+``ray start --head`` on 127.0.0.1 and a second ``ray start --address`` node, each with its own ports
+(all picked free), its own ``--temp-dir`` and 2 logical CPUs; token authentication on with a token of
+our own (``RAY_AUTH_TOKEN_PATH``, so ``~/.ray/auth_token`` and everyone else's Ray are untouched). Then
+``ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- python jobs/run_pipeline.py
+--config jobs/configs/local_tiny.yaml ...`` with a tiny random Llama and a few hundred rows, waited for
+with ``ray job logs --follow`` under a deadline, and checked: outputs in the run directory, scoring actors
+placed on both nodes (Ray's state API), ``ray job status`` / ``ray job logs`` readable, the job API
+refusing a wrong token. Teardown stops exactly the processes this module started (never ``ray stop``,
+which would stop every Ray on the machine): SIGTERM to our two ``ray start --block`` processes, then
+anything left among their descendants or carrying our temp dir.
+
+The nodes run this repository's virtualenv (``.venv/bin`` first on their PATH), so the job's
+``python`` is the same interpreter as the tests'.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import save_tiny_model
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+RAY_BIN = str(VENV_BIN / "ray")
+JOB_ID = "p2d-multinode"
+NODE_START_TIMEOUT_S = 120
+JOB_TIMEOUT_S = 420
+N_CORPUS = 400
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _free_range(width: int) -> int:
+    """Start of ``width`` consecutive free ports (Ray workers bind inside [start, start + width))."""
+    for _ in range(50):
+        start = _free_port()
+        if start + width > 65000:
+            continue
+        try:
+            for port in range(start, start + width):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+            return start
+        except OSError:
+            continue
+    raise RuntimeError(f"no {width} consecutive free ports")
+
+
+class LocalRayCluster:
+    """Ray nodes started with ``ray start --block`` in their own sessions, torn down by process."""
+
+    def __init__(self, root: Path, extra_env: dict[str, str]):
+        self.root = root
+        self.token_path = root / "auth_token"
+        self.token_path.write_text(secrets.token_hex(32))
+        # Nothing of the caller's Ray leaks in (RAY_ADDRESS would point the CLI elsewhere).
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        env.update(extra_env)
+        env.update(
+            PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN_PATH=str(self.token_path),
+            RAY_USAGE_STATS_ENABLED="0",
+            RAY_ENABLE_UV_RUN_RUNTIME_ENV="0",
+        )
+        self.env = env
+        self.gcs_port = _free_port()
+        self.dashboard_port = _free_port()
+        self.address = f"http://127.0.0.1:{self.dashboard_port}"
+        self.procs: list[subprocess.Popen] = []
+        self._logs = []
+
+    def _start(self, name: str, args: list[str], num_cpus: int) -> None:
+        workers = _free_range(64)
+        cmd = [
+            RAY_BIN, "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
+            f"--temp-dir={self.root / name}", "--object-store-memory=150000000", "--disable-usage-stats",
+            f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
+            f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+            f"--min-worker-port={workers}", f"--max-worker-port={workers + 63}", *args,
+        ]
+        log = open(self.root / f"{name}.log", "w")  # noqa: SIM115 - closed in stop()
+        self._logs.append(log)
+        # Own session: its daemons share its process group, apart from everything else on the machine.
+        self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                           start_new_session=True))
+
+    def start_head(self, num_cpus: int) -> None:
+        self._start("head", [
+            "--head", f"--port={self.gcs_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={_free_port()}",
+        ], num_cpus)
+
+    def add_node(self, num_cpus: int) -> None:
+        self._start("worker", [f"--address=127.0.0.1:{self.gcs_port}"], num_cpus)
+
+    def ray(self, *args: str, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
+        """The ``ray`` CLI against this cluster (``--address`` is the job/state API on the dashboard)."""
+        return subprocess.run([RAY_BIN, *args], env=env or self.env, cwd=REPO, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def state(self, kind: str) -> list[dict]:
+        r = self.ray("list", kind, "--address", self.address, "--format", "json", "--detail", "--limit", "10000")
+        if r.returncode != 0:
+            raise RuntimeError(f"ray list {kind}: {r.stderr[-500:]}")
+        out = r.stdout.strip()
+        return json.loads(out) if out.startswith("[") else []  # "No resource in the cluster" when empty
+
+    def wait_for_nodes(self, n: int, deadline: float) -> list[dict]:
+        """Poll the state API (each poll is one CLI call, ~1-2 s) until ``n`` nodes are alive."""
+        last = ""
+        while time.monotonic() < deadline:
+            for p in self.procs:
+                if p.poll() is not None:
+                    raise RuntimeError(f"ray start exited with {p.returncode}; see {self.root}/*.log")
+            try:
+                alive = [x for x in self.state("nodes") if x["state"] == "ALIVE"]
+            except RuntimeError as err:  # dashboard not up yet
+                last = str(err)
+                continue
+            if len(alive) >= n:
+                return alive
+        raise TimeoutError(f"{n} Ray nodes not alive within {NODE_START_TIMEOUT_S} s: {last}")
+
+    def ours(self) -> list[psutil.Process]:
+        """Live processes this cluster started: descendants of our ``ray start`` processes (job drivers
+        run in sessions of their own but stay in the tree) and anything naming or running in our temp dir."""
+        found: dict[int, psutil.Process] = {}
+        for p in self.procs:
+            try:
+                parent = psutil.Process(p.pid)
+                found[parent.pid] = parent
+                found.update((c.pid, c) for c in parent.children(recursive=True))
+            except psutil.NoSuchProcess:
+                pass
+        marker = str(self.root)
+        for proc in psutil.process_iter(["cmdline", "cwd", "uids"]):
+            try:
+                if proc.info["uids"] is None or proc.info["uids"].real != os.getuid():
+                    continue
+                if marker in " ".join(proc.info["cmdline"] or []) or (proc.info["cwd"] or "").startswith(marker):
+                    found[proc.pid] = proc
+            except psutil.Error:
+                continue
+        found.pop(os.getpid(), None)
+        return [p for p in found.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+    def stop(self) -> list[str]:
+        """Stop our nodes only; returns descriptions of processes that needed SIGKILL."""
+        victims = self.ours()
+        for p in reversed(self.procs):  # worker first, then head: `ray start --block` shuts its node down
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in reversed(self.procs):
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        _, alive = psutil.wait_procs(victims, timeout=15)
+        alive += [p for p in self.ours() if p not in alive]
+        killed = []
+        for p in alive:
+            try:
+                killed.append(f"{p.pid} {' '.join(p.cmdline())[:120]}")
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(alive, timeout=10)
+        for log in self._logs:
+            log.close()
+        return killed
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # A short root: Ray's Unix sockets live under it and socket paths are limited to 107 bytes.
+    root = Path(tempfile.mkdtemp(prefix="p2dmn-", dir="/tmp"))
+    cache = os.environ.get("P2D_RAY_CACHE") or str(REPO / ".cache" / "p2d-ray")
+    ext = os.environ.get("TORCH_EXTENSIONS_DIR") or str(REPO / ".cache" / "torch_extensions")
+    c = LocalRayCluster(root, {
+        "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "P2D_RAY_CACHE": cache,
+        "TORCH_EXTENSIONS_DIR": ext, "DS_ACCELERATOR": "cpu",
+    })
+    deadline = time.monotonic() + NODE_START_TIMEOUT_S
+    try:
+        c.start_head(num_cpus=2)
+        c.wait_for_nodes(1, deadline)
+        c.add_node(num_cpus=2)
+        c.nodes = c.wait_for_nodes(2, deadline)
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def job(cluster, tmp_path_factory):
+    """The whole pipeline submitted as a Ray job; waits for it under a deadline."""
+    from p2d_ray.data.synthetic import generate_corpus, generate_heldout, generate_probe
+
+    data = tmp_path_factory.mktemp("multinode_data")
+    corpus = generate_corpus(N_CORPUS, seed=0)
+    (data / "corpus").mkdir()
+    half = N_CORPUS // 2
+    for i in range(2):  # 2 files x 2 row groups: 4 shards to spread over the actors
+        pq.write_table(corpus.slice(i * half, half), data / "corpus" / f"part-{i}.parquet", row_group_size=100)
+    used = corpus.column("prompt").to_pylist()
+    probe = generate_probe(used, n_rows=32)
+    pq.write_table(probe, data / "probe.parquet")
+    pq.write_table(generate_heldout(used + probe.column("prompt").to_pylist(), n_rows=16), data / "heldout.parquet")
+    model = save_tiny_model(data / "model", "llama")
+    run_dir = data / "run"
+
+    submit = cluster.ray(
+        "job", "submit", "--address", cluster.address, "--submission-id", JOB_ID,
+        "--working-dir", ".", "--runtime-env", "jobs/runtime_env.yaml", "--no-wait", "--",
+        "python", "jobs/run_pipeline.py", "--config", "jobs/configs/local_tiny.yaml",
+        f"run_dir={run_dir}", f"model.name_or_path={model}", f"data.corpus_path={data / 'corpus'}",
+        f"data.probe_path={data / 'probe.parquet'}", f"evaluate.heldout_path={data / 'heldout.parquet'}",
+        timeout=120,
+    )
+    assert submit.returncode == 0, submit.stderr[-2000:]
+    try:
+        # Streams the driver's output and returns when the job reaches a terminal state.
+        follow = cluster.ray("job", "logs", "--address", cluster.address, "--follow", JOB_ID, timeout=JOB_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        cluster.ray("job", "stop", "--address", cluster.address, JOB_ID)
+        logs = cluster.ray("job", "logs", "--address", cluster.address, JOB_ID).stdout
+        pytest.fail(f"job did not finish within {JOB_TIMEOUT_S} s; last output:\n{logs[-3000:]}")
+    return {"run_dir": run_dir, "follow": follow, "submit": submit}
+
+
+def _job_status(cluster, env=None) -> subprocess.CompletedProcess:
+    return cluster.ray("job", "status", "--address", cluster.address, JOB_ID, env=env)
+
+
+def test_pipeline_job_succeeds_with_its_outputs(cluster, job):
+    status = _job_status(cluster)
+    text = status.stdout + status.stderr
+    assert status.returncode == 0, text[-1000:]
+    state = re.search(r"Status for job '" + JOB_ID + r"': (\w+)", text)
+    assert state and state.group(1) == "SUCCEEDED", job["follow"].stdout[-4000:]
+
+    run = job["run_dir"]
+    heads = json.loads((run / "heads.json").read_text())
+    assert heads["heads"] and heads["geometry"]["n_heads"] == 4
+    scores = pq.read_table(run / "scores")
+    summary = json.loads((run / "score_summary.json").read_text())
+    # Every corpus row is accounted for: scored or quarantined with a reason, none lost between nodes.
+    assert summary["rows_in"] == N_CORPUS == summary["rows_scored"] + summary["rows_quarantined"]
+    assert scores.num_rows == summary["rows_scored"] and len(set(scores.column("id").to_pylist())) == scores.num_rows
+    for stage in ("localize", "score", "select", "train", "evaluate"):
+        assert json.loads((run / "stages" / f"{stage}.json").read_text())["seconds"] > 0, stage
+    assert pq.read_table(run / "subset").num_rows > 0
+    assert (run / "adapter").is_dir() and any((run / "adapter").iterdir())
+    assert "adapted" in (run / "eval.json").read_text()
+    assert (run / "report.json").is_file()
+
+
+def test_scoring_actors_ran_on_both_nodes(cluster, job):
+    node_ids = {n["node_id"] for n in cluster.nodes}
+    assert len(node_ids) == 2
+    actors = cluster.state("actors")
+    scorers = [a for a in actors if a["class_name"] == "_MapWorker" and "ScorerActor" in (a.get("repr_name") or "")]
+    assert len(scorers) >= 2, [(a["class_name"], a.get("repr_name")) for a in actors]
+    assert {a["node_id"] for a in scorers} == node_ids, "scoring actors did not spread over both nodes"
+
+
+def test_job_status_and_logs_are_readable(cluster, job):
+    logs = cluster.ray("job", "logs", "--address", cluster.address, JOB_ID)
+    assert logs.returncode == 0
+    # The driver printed the pipeline's result dict (one key per stage) into the job's log.
+    for stage in ('"localize"', '"score"', '"train"', '"evaluate"'):
+        assert stage in logs.stdout
+    listed = cluster.ray("job", "list", "--address", cluster.address)
+    assert JOB_ID in listed.stdout
+
+
+def test_job_api_refuses_a_wrong_token(cluster, job):
+    wrong = cluster.root / "wrong_token"
+    wrong.write_text(secrets.token_hex(32))
+    r = _job_status(cluster, env={**cluster.env, "RAY_AUTH_TOKEN_PATH": str(wrong)})
+    assert r.returncode != 0
+    assert "Status for job" not in r.stdout
+
+
+def test_teardown_stops_only_our_nodes(cluster, job):
+    """Last test of the module: stop the cluster here and check nothing of it survives (the fixture's own
+    stop() is then a no-op). Other Ray instances on the machine are not looked at, let alone touched."""
+    ours = cluster.ours()
+    assert len(ours) >= 4, "expected at least gcs, raylets and dashboard processes"
+    cluster.stop()
+    assert cluster.ours() == []
+    assert all(p.poll() is not None for p in cluster.procs)
