@@ -66,6 +66,7 @@ class LocalizeConfig(_Section):
     max_probe_samples: int = Field(100, ge=1)
     alps_steps: int = Field(20, ge=1)
     alps_lr: float = Field(1e-2, gt=0)
+    torch_threads: int | None = Field(None, ge=1)  # None: every CPU this process may use
 
 
 class ScoreConfig(_Section):

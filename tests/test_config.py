@@ -14,9 +14,19 @@ def _write(path, data) -> str:
 
 
 def test_yaml_plus_overrides_typed(tmp_path):
-    path = _write(tmp_path / "c.yaml", {"run_dir": "runs/x", "score": {"batch_size": 8}, "localize": {"top_k": 3}})
-    cfg = load_config(path, ["score.batch_size=32", "model.name_or_path=Qwen/Qwen2.5-0.5B", "train.use_gpu=true",
-                             "localize.top_k=null", "localize.alps_lr=0.5"])
+    path = _write(
+        tmp_path / "c.yaml", {"run_dir": "runs/x", "score": {"batch_size": 8}, "localize": {"top_k": 3}}
+    )
+    cfg = load_config(
+        path,
+        [
+            "score.batch_size=32",
+            "model.name_or_path=Qwen/Qwen2.5-0.5B",
+            "train.use_gpu=true",
+            "localize.top_k=null",
+            "localize.alps_lr=0.5",
+        ],
+    )
     assert cfg.run_dir == "runs/x"  # from YAML
     assert cfg.score.batch_size == 32 and isinstance(cfg.score.batch_size, int)  # override wins, typed
     assert cfg.model.name_or_path == "Qwen/Qwen2.5-0.5B"
@@ -64,7 +74,12 @@ def test_every_problem_in_one_error(tmp_path):
     problems = err.value.problems
     assert len(problems) == 4, problems
     joined = str(err.value)
-    for needle in ("model.nme: unknown key", "train.lr:", "localize.top_fraction:", "min_actors (3) > max_actors (2)"):
+    for needle in (
+        "model.nme: unknown key",
+        "train.lr:",
+        "localize.top_fraction:",
+        "min_actors (3) > max_actors (2)",
+    ):
         assert needle in joined
 
 
@@ -82,7 +97,9 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
 
 
 def test_resolved_config_round_trips(tmp_path):
-    cfg = build_config({}, ["score.batch_size=3", "localize.method=alps", "select.top_k=7", "data.probe_path=p.jsonl"])
+    cfg = build_config(
+        {}, ["score.batch_size=3", "localize.method=alps", "select.top_k=7", "data.probe_path=p.jsonl"]
+    )
     saved = cfg.save(tmp_path / "run" / "config.yaml")
     again = load_config(saved)
     assert again == cfg

@@ -7,6 +7,7 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import save_tiny_model
 
 from p2d_ray.config import DataConfig
 from p2d_ray.heads.headset import HeadSet
@@ -19,7 +20,6 @@ from p2d_ray.training.deltas import (
     trainable_parameters,
 )
 from p2d_ray.training.loop import encode_rows, forward_loss
-from conftest import save_tiny_model
 
 
 def _load(path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -61,7 +62,10 @@ def _run(capsys, *args) -> dict:
     rc = main(["run", *args])
     out = capsys.readouterr().out
     assert rc == 0, out
-    return json.loads(out)
+    # The CLI prints the result as indented JSON; Ray may print its own warnings around it.
+    start = re.search(r"^\{$", out, re.M)
+    assert start, out
+    return json.JSONDecoder().raw_decode(out[start.start() :])[0]
 
 
 def _records(run: RunDir) -> dict:

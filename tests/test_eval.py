@@ -4,6 +4,7 @@ direct full-logits computation, and base vs adapted side by side through the Ray
 from __future__ import annotations
 
 import json
+import math
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -14,7 +15,16 @@ import torch.nn.functional as F
 from p2d_ray.config import build_config
 from p2d_ray.data.formatting import collate, encode_row
 from p2d_ray.eval.answers import cut_at_stop, exact_match, is_answer_format, parse_answer
-from p2d_ray.eval.evaluate import greedy_generate, prompt_ids, read_heldout, run_evaluate
+from p2d_ray.eval.evaluate import (
+    HeldoutEvaluator,
+    eval_variants,
+    greedy_generate,
+    prompt_ids,
+    read_heldout,
+    run_evaluate,
+    summarize,
+)
+from p2d_ray.models.loading import load_tokenizer
 
 QUESTIONS = ["What is 3 plus 4?\n", "Add 5 and 2.\n", "Total?\n", "How many apples are there in all?\n",
              "Sum 1 and 7.\n", "Eight?\n"]
@@ -104,7 +114,7 @@ def _cfg(model_path, heldout_path, run_dir, **extra):
 
 
 def test_greedy_generate_left_pads_and_stops_at_newline(answering_models, heldout):
-    from p2d_ray.models.loading import load_model, load_tokenizer
+    from p2d_ray.models.loading import load_model
 
     cfg = _cfg(answering_models[0], heldout[0], "unused")
     tok, model = load_tokenizer(cfg.model), load_model(cfg.model)
@@ -116,7 +126,7 @@ def test_greedy_generate_left_pads_and_stops_at_newline(answering_models, heldou
 
 
 def test_evaluate_base_vs_adapted_on_ray(ray_local, answering_models, heldout, tmp_path):
-    from p2d_ray.models.loading import load_model, load_tokenizer
+    from p2d_ray.models.loading import load_model
     from p2d_ray.training.export import write_manifest
 
     says7, says8 = answering_models
@@ -158,14 +168,24 @@ def test_evaluate_base_vs_adapted_on_ray(ray_local, answering_models, heldout, t
     assert rec["seconds"] > 0
 
 
-def test_evaluate_without_adapter_and_without_answers(ray_local, tiny_llama, tmp_path):
+def test_plain_text_without_adapter_in_process(tiny_llama, tmp_path):
+    """The callable class needs no Ray: plain-text rows give a loss over every token and no exact match."""
     rows = [{"id": i, "text": f"plain text number {i}"} for i in range(5)]
     path = tmp_path / "plain.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
-    result = run_evaluate(_cfg(tiny_llama, path, tmp_path / "run"))
-    assert result["variants"] == ["base"] and "adapted" not in result
-    assert result["exact_match"] is False and "exact_match" not in result["base"]
-    assert result["n_samples"] == 5 and result["base"]["loss"] > 0
+    cfg = _cfg(tiny_llama, path, tmp_path / "run")
+    table, fmt, answers = read_heldout(cfg)
+    variants = eval_variants(cfg)
+    assert (fmt, answers, variants) == ("plain", False, {"base": None})
+    out = HeldoutEvaluator(cfg.model_dump(mode="json"), variants, fmt, answers)(table)
+    assert out.column_names == ["id", "n_tokens", "nll_sum_base"]
+    summary = summarize(out, variants, answers)
+    assert set(summary) == {"base"} and "exact_match" not in summary["base"]
+    # plain rows: every token after bos is scored (eos included)
+    tok = load_tokenizer(cfg.model)
+    assert out.column("n_tokens").to_pylist() == [len(tok(r["text"], add_special_tokens=False)["input_ids"]) + 1
+                                                  for r in rows]
+    assert summary["base"]["perplexity"] == pytest.approx(math.exp(summary["base"]["loss"]))
 
 
 def test_bad_heldout_fails_before_work(tiny_llama, tmp_path):

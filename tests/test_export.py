@@ -49,7 +49,9 @@ def test_peft_adapter_reproduces_head_delta_logits(tmp_path, family):
         assert torch.equal(b @ a, dense)
 
     heads_dir = save_head_deltas(specs, values, heads, tmp_path / "adapter" / "heads")
-    peft_dir = save_peft_from_deltas(specs, values, tmp_path / "adapter" / "peft", path, fan_in_fan_out=family == "gpt2")
+    peft_dir = save_peft_from_deltas(
+        specs, values, tmp_path / "adapter" / "peft", path, fan_in_fan_out=family == "gpt2"
+    )
     cfg = json.loads((peft_dir / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and set(cfg["rank_pattern"]) == {s.module_name for s in specs}
     assert all(cfg["alpha_pattern"][k] == v for k, v in cfg["rank_pattern"].items())  # scale 1
@@ -60,7 +62,9 @@ def test_peft_adapter_reproduces_head_delta_logits(tmp_path, family):
         base_logits = _load(path)(input_ids=x).logits
         peft_model = PeftModel.from_pretrained(_load(path), str(peft_dir)).eval()
         theirs = peft_model(input_ids=x).logits
-    assert (ours - base_logits).abs().max() > 1e-2, "the update must matter for the comparison to mean anything"
+    assert (ours - base_logits).abs().max() > 1e-2, (
+        "the update must matter for the comparison to mean anything"
+    )
     assert (ours - theirs).abs().max().item() <= 1e-4
 
     # The head-delta files round-trip into a fresh model and are tiny.

@@ -16,6 +16,16 @@ from p2d_ray.models.loading import load_model
 FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models gain nothing from a second thread, and on a busy 2-core machine two OpenMP threads
+    spinning for each other made the planted-model training ~20x slower (measured: 3-5 s vs 45-90 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("gate_families")
@@ -116,7 +126,9 @@ def _patch_uniform_reference(monkeypatch, family: str, uniform: dict[int, list[i
     original = mod.eager_attention_forward
 
     def patched(module, query, key, value, attention_mask, *args, **kwargs):
-        out, weights = original(module, query, key, value, attention_mask, *args, **kwargs)  # out [B, T, H, D]
+        out, weights = original(
+            module, query, key, value, attention_mask, *args, **kwargs
+        )  # out [B, T, H, D]
         heads = uniform.get(module.layer_idx, [])
         if not heads:
             return out, weights
@@ -129,7 +141,9 @@ def _patch_uniform_reference(monkeypatch, family: str, uniform: dict[int, list[i
         else:  # additive mask: 0 where attending is allowed
             allowed = attention_mask[..., :S] == 0
         w = allowed.to(value.dtype)
-        w = w / w.sum(-1, keepdim=True).clamp(min=1)  # [B, 1, T, S] uniform over allowed keys (left pad: none)
+        w = w / w.sum(-1, keepdim=True).clamp(
+            min=1
+        )  # [B, 1, T, S] uniform over allowed keys (left pad: none)
         v = value.repeat_interleave(H // value.shape[1], dim=1)  # GQA: [B, H, S, D]
         ref = (w @ v).transpose(1, 2)  # [B, T, H, D]
         out = out.clone()
@@ -161,7 +175,9 @@ def test_uniform_mode_matches_eager_reference(tiny_models, family, monkeypatch):
     assert not torch.allclose(zeroed, gated, atol=1e-3)  # uniform is not zero
     # Left padding: pads sit inside real tokens' causal prefix, so they must be left out of the mean.
     real = left_mask.bool()  # a left pad query has no key at all; compare real tokens
-    torch.testing.assert_close(left[real], _logits(ref_model, left_ids, left_mask)[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        left[real], _logits(ref_model, left_ids, left_mask)[real], rtol=1e-5, atol=1e-5
+    )
 
 
 def _hook_count(model) -> int:

@@ -56,8 +56,15 @@ def test_qwen3_head_dim_from_config(tmp_path):
     """Qwen3 sets head_dim independently of hidden/heads: o_proj takes H*head_dim, not hidden."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    cfg = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=1, head_dim=24)
+    cfg = Qwen3Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=24,
+    )
     Qwen3ForCausalLM(cfg).save_pretrained(tmp_path)
     model = load_model(ModelConfig(name_or_path=str(tmp_path)))
     geo = attention_geometry(model)
@@ -79,8 +86,16 @@ def test_gqa_kv_group_slices(tiny_models):
 def test_unsupported_family_names_it(tmp_path):
     from transformers import OPTConfig, OPTForCausalLM
 
-    OPTForCausalLM(OPTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, ffn_dim=64,
-                             vocab_size=64, word_embed_proj_dim=32)).save_pretrained(tmp_path)
+    OPTForCausalLM(
+        OPTConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            ffn_dim=64,
+            vocab_size=64,
+            word_embed_proj_dim=32,
+        )
+    ).save_pretrained(tmp_path)
     with pytest.raises(UnsupportedModelError, match=r"model family 'opt' is not supported; supported: llama"):
         load_model(ModelConfig(name_or_path=str(tmp_path)))
 

@@ -29,6 +29,16 @@ VOCAB, BOS, SEP = 32, 0, 1
 KEYS = (2, 10)  # the token to recall is drawn from [2, 10); filler from [10, 32)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models gain nothing from a second thread, and on a busy 2-core machine two OpenMP threads
+    spinning for each other made the planted-model training ~20x slower (measured: 3-5 s vs 45-90 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def recall_batch(B: int, seed: int, n_fill: int = 8) -> dict[str, torch.Tensor]:
     """``BOS A f1..fn SEP -> A``: recalling A at SEP needs attention to position 1 (content lookup)."""
     g = torch.Generator().manual_seed(seed)
@@ -42,22 +52,45 @@ def recall_batch(B: int, seed: int, n_fill: int = 8) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def planted_model():
-    """A tiny GQA Llama trained with every head but PLANTED gated off: the only path that can move A to
-    the SEP position is PLANTED (an MLP or the residual stream cannot look back), so it alone solves the
-    task. The other heads stay as initialised and are switched back on for localisation."""
+    """A tiny GQA Llama where only PLANTED can solve the task. Training keeps every other head's own
+    weights (its q rows, o columns and, outside PLANTED's kv group, its k/v rows) frozen at their random
+    init, and switches each of those heads on or off at random per sample: the rest of the network learns
+    to ignore them, and the only trained path that can move A to the SEP position (an MLP or the residual
+    stream cannot look back) is PLANTED. Training with the others always off instead left the model
+    sensitive to their untrained outputs, and then a random layer-0 head could out-rank PLANTED."""
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg)
-    gates = torch.zeros(2, 4)
-    gates[PLANTED] = 1.0
+    geo = attention_geometry(model)
+    frozen = []  # weight slices of the non-planted heads
+    for layer in range(geo.n_layers):
+        for head in range(geo.n_heads):
+            if (layer, head) == PLANTED:
+                continue
+            hp = head_params(model, geo, layer, head)
+            shares_kv = layer == PLANTED[0] and geo.kv_group(head) == geo.kv_group(PLANTED[1])
+            frozen += [hp.q, hp.o] if shares_kv else [hp.q, hp.k, hp.v, hp.o]
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    with HeadGates(model, gates):
+    coin = torch.Generator().manual_seed(0)
+    with HeadGates(model) as hg:
         for step in range(100):
+            gates = (torch.rand(32, geo.n_layers, geo.n_heads, generator=coin) < 0.5).float()  # [B, L, H]
+            gates[:, PLANTED[0], PLANTED[1]] = 1.0
+            hg.gates = gates
             loss = per_sample_loss(model, recall_batch(32, seed=step)).mean()
             opt.zero_grad()
             loss.backward()
+            for ws in frozen:  # Adam never moves an entry whose gradient is always zero
+                ws.module.weight.grad.narrow(ws.dim, ws.start, ws.stop - ws.start).zero_()
             opt.step()
     model.eval()
     return model
@@ -109,7 +142,9 @@ def test_per_sample_gate_gradients_in_one_backward(planted_model):
     for i in range(3):
         n = int(batch["attention_mask"][i].sum())
         alone = {k: v[i : i + 1, :n] for k, v in batch.items()}
-        torch.testing.assert_close(batched[i], gate_gradients(planted_model, [alone])[0], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(
+            batched[i], gate_gradients(planted_model, [alone])[0], rtol=1e-4, atol=1e-7
+        )
     assert not torch.allclose(batched[0], batched[2])
 
 
@@ -135,7 +170,10 @@ def test_alps_gqa_mapping_uses_the_kv_group(planted_model):
             for m, w in base.items():
                 m.weight.copy_(w)
     # head_params: a query head's operator carries its group's k/v slices.
-    assert head_params(planted_model, geo, 0, 3).k.start == 16 and head_params(planted_model, geo, 0, 1).k.start == 0
+    assert (
+        head_params(planted_model, geo, 0, 3).k.start == 16
+        and head_params(planted_model, geo, 0, 1).k.start == 0
+    )
 
 
 def test_wasserstein1():
@@ -167,8 +205,15 @@ def test_localize_heads_meta_and_heads_json_round_trip(tiny_llama, tmp_path):
     from p2d_ray.data.io import rows_hash
     from p2d_ray.models.loading import load_model, load_tokenizer, model_fingerprint
 
-    cfg = build_config({"model": {"name_or_path": tiny_llama}}, ["localize.method=alps", "localize.alps_steps=3",
-                                                                  "localize.top_fraction=0.25", "localize.batch_size=4"])
+    cfg = build_config(
+        {"model": {"name_or_path": tiny_llama}},
+        [
+            "localize.method=alps",
+            "localize.alps_steps=3",
+            "localize.top_fraction=0.25",
+            "localize.batch_size=4",
+        ],
+    )
     rows = _probe_rows(10)
     model, tok = load_model(cfg.model), load_tokenizer(cfg.model)
     heads = localize_heads(model, rows, tok, cfg)
@@ -196,8 +241,15 @@ def test_run_localize_stage(tiny_llama, tmp_path):
     probe_path = tmp_path / "probe.parquet"
     pq.write_table(pa.Table.from_pylist(_probe_rows(20)), probe_path)
     run_dir = tmp_path / "run"
-    overrides = [f"run_dir={run_dir}", f"model.name_or_path={tiny_llama}", f"data.probe_path={probe_path}",
-                 "localize.max_probe_samples=12", "localize.top_k=3", "localize.method=fisher"]
+    overrides = [
+        f"run_dir={run_dir}",
+        f"model.name_or_path={tiny_llama}",
+        f"data.probe_path={probe_path}",
+        "localize.max_probe_samples=12",
+        "localize.top_k=3",
+        "localize.method=fisher",
+        "localize.torch_threads=1",
+    ]
     assert main(["localize", *overrides]) == 0
     heads = HeadSet.load(run_dir / "heads.json")
     assert len(heads) == 3 and heads.meta["method"] == "fisher" and heads.meta["n_probe"] == 12
@@ -212,6 +264,15 @@ def test_run_localize_stage(tiny_llama, tmp_path):
     # Missing columns: one clear error before any model is loaded, and no stage marker.
     pq.write_table(pa.Table.from_pylist([{"question": "q"}]), tmp_path / "bad.parquet")
     bad_run = tmp_path / "bad_run"
-    assert main(["localize", f"run_dir={bad_run}", f"model.name_or_path={tiny_llama}",
-                 f"data.probe_path={tmp_path / 'bad.parquet'}"]) == 2
+    assert (
+        main(
+            [
+                "localize",
+                f"run_dir={bad_run}",
+                f"model.name_or_path={tiny_llama}",
+                f"data.probe_path={tmp_path / 'bad.parquet'}",
+            ]
+        )
+        == 2
+    )
     assert RunDir(bad_run).stage_record("localize") is None

@@ -17,6 +17,7 @@ The nodes run this repository's virtualenv (``.venv/bin`` first on their PATH), 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -32,7 +33,6 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import save_tiny_model
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 RAY_BIN = str(VENV_BIN / "ray")
 JOB_ID = "p2d-multinode"
-NODE_START_TIMEOUT_S = 120
+NODE_START_TIMEOUT_S = 240
 JOB_TIMEOUT_S = 420
 N_CORPUS = 400
 
@@ -86,13 +86,11 @@ class LocalRayCluster:
             RAY_ENABLE_UV_RUN_RUNTIME_ENV="0",
         )
         self.env = env
-        self.gcs_port = _free_port()
-        self.dashboard_port = _free_port()
-        self.address = f"http://127.0.0.1:{self.dashboard_port}"
+        self.gcs_port = self.dashboard_port = 0  # picked when the head starts
         self.procs: list[subprocess.Popen] = []
         self._logs = []
 
-    def _start(self, name: str, args: list[str], num_cpus: int) -> None:
+    def _start(self, name: str, args: list[str], num_cpus: int) -> subprocess.Popen:
         workers = _free_range(64)
         cmd = [
             RAY_BIN, "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
@@ -105,17 +103,41 @@ class LocalRayCluster:
         log = open(self.root / f"{name}.log", "w")  # noqa: SIM115 - closed in stop()
         self._logs.append(log)
         # Own session: its daemons share its process group, apart from everything else on the machine.
-        self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                           start_new_session=True))
+        proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        return proc
 
-    def start_head(self, num_cpus: int) -> None:
-        self._start("head", [
-            "--head", f"--port={self.gcs_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={_free_port()}",
-        ], num_cpus)
+    def _start_node(self, kind: str, args, num_cpus: int, n_alive: int, deadline: float, attempts: int = 3):
+        """Start a node and wait until ``n_alive`` nodes are up. Ray gives a raylet a fixed 30 s to register
+        with the GCS; on a loaded machine that can run out, and ``ray start`` exits. Then the attempt's
+        processes are killed and it starts again (fresh temp dir and ports)."""
+        for attempt in range(1, attempts + 1):
+            name = f"{kind}{attempt}"
+            proc = self._start(name, args(), num_cpus)
+            try:
+                return self.wait_for_nodes(n_alive, deadline, proc)
+            except ChildProcessError:
+                self.procs.remove(proc)
+                for p in self.ours(str(self.root / name)):
+                    with contextlib.suppress(psutil.Error):
+                        p.kill()
+        raise RuntimeError(f"{kind}: `ray start` failed {attempts} times; see {self.root}/{kind}*.log")
 
-    def add_node(self, num_cpus: int) -> None:
-        self._start("worker", [f"--address=127.0.0.1:{self.gcs_port}"], num_cpus)
+    def start_head(self, num_cpus: int, deadline: float) -> list[dict]:
+        def args():
+            self.gcs_port, self.dashboard_port = _free_port(), _free_port()
+            return ["--head", f"--port={self.gcs_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={_free_port()}"]
+
+        return self._start_node("head", args, num_cpus, 1, deadline)
+
+    def add_node(self, num_cpus: int, deadline: float) -> list[dict]:
+        n_alive = len(self.procs) + 1
+        return self._start_node("worker", lambda: [f"--address=127.0.0.1:{self.gcs_port}"], num_cpus, n_alive, deadline)
+
+    @property
+    def address(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
 
     def ray(self, *args: str, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
         """The ``ray`` CLI against this cluster (``--address`` is the job/state API on the dashboard)."""
@@ -129,10 +151,13 @@ class LocalRayCluster:
         out = r.stdout.strip()
         return json.loads(out) if out.startswith("[") else []  # "No resource in the cluster" when empty
 
-    def wait_for_nodes(self, n: int, deadline: float) -> list[dict]:
-        """Poll the state API (each poll is one CLI call, ~1-2 s) until ``n`` nodes are alive."""
+    def wait_for_nodes(self, n: int, deadline: float, starting: subprocess.Popen) -> list[dict]:
+        """Poll the state API (each poll is one CLI call, ~1-2 s) until ``n`` nodes are alive.
+        Raises ChildProcessError if ``starting`` (the node being started) exits meanwhile."""
         last = ""
         while time.monotonic() < deadline:
+            if starting.poll() is not None:
+                raise ChildProcessError(f"ray start exited with {starting.returncode}")
             for p in self.procs:
                 if p.poll() is not None:
                     raise RuntimeError(f"ray start exited with {p.returncode}; see {self.root}/*.log")
@@ -145,18 +170,19 @@ class LocalRayCluster:
                 return alive
         raise TimeoutError(f"{n} Ray nodes not alive within {NODE_START_TIMEOUT_S} s: {last}")
 
-    def ours(self) -> list[psutil.Process]:
+    def ours(self, marker: str | None = None) -> list[psutil.Process]:
         """Live processes this cluster started: descendants of our ``ray start`` processes (job drivers
-        run in sessions of their own but stay in the tree) and anything naming or running in our temp dir."""
+        run in sessions of their own but stay in the tree) and anything naming or running in our temp dir
+        (or only those naming ``marker``, a node's temp dir, when given)."""
         found: dict[int, psutil.Process] = {}
-        for p in self.procs:
+        for p in self.procs if marker is None else []:
             try:
                 parent = psutil.Process(p.pid)
                 found[parent.pid] = parent
                 found.update((c.pid, c) for c in parent.children(recursive=True))
             except psutil.NoSuchProcess:
                 pass
-        marker = str(self.root)
+        marker = marker or str(self.root)
         for proc in psutil.process_iter(["cmdline", "cwd", "uids"]):
             try:
                 if proc.info["uids"] is None or proc.info["uids"].real != os.getuid():
@@ -169,18 +195,16 @@ class LocalRayCluster:
         return [p for p in found.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
     def stop(self) -> list[str]:
-        """Stop our nodes only; returns descriptions of processes that needed SIGKILL."""
+        """Stop our nodes only; returns descriptions of processes that needed SIGKILL.
+
+        SIGTERM goes to every process of ours at once (each Ray daemon and worker exits on it, and
+        `ray start --block` shuts its node down), so teardown does not wait on one process at a time.
+        """
         victims = self.ours()
-        for p in reversed(self.procs):  # worker first, then head: `ray start --block` shuts its node down
-            if p.poll() is None:
+        for p in victims:
+            with contextlib.suppress(psutil.Error):
                 p.send_signal(signal.SIGTERM)
-        for p in reversed(self.procs):
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        _, alive = psutil.wait_procs(victims, timeout=15)
+        _, alive = psutil.wait_procs(victims, timeout=20)
         alive += [p for p in self.ours() if p not in alive]
         killed = []
         for p in alive:
@@ -190,6 +214,8 @@ class LocalRayCluster:
             except psutil.Error:
                 pass
         psutil.wait_procs(alive, timeout=10)
+        for p in self.procs:
+            p.wait(timeout=10)  # reap our direct children
         for log in self._logs:
             log.close()
         return killed
@@ -207,10 +233,8 @@ def cluster():
     })
     deadline = time.monotonic() + NODE_START_TIMEOUT_S
     try:
-        c.start_head(num_cpus=2)
-        c.wait_for_nodes(1, deadline)
-        c.add_node(num_cpus=2)
-        c.nodes = c.wait_for_nodes(2, deadline)
+        c.start_head(num_cpus=2, deadline=deadline)
+        c.nodes = c.add_node(num_cpus=2, deadline=deadline)
         yield c
     finally:
         c.stop()
@@ -284,7 +308,8 @@ def test_scoring_actors_ran_on_both_nodes(cluster, job):
     node_ids = {n["node_id"] for n in cluster.nodes}
     assert len(node_ids) == 2
     actors = cluster.state("actors")
-    scorers = [a for a in actors if a["class_name"] == "_MapWorker" and "ScorerActor" in (a.get("repr_name") or "")]
+    # Ray Data's pool actors are named after the callable class: "MapWorker(MapBatches(ScorerActor))".
+    scorers = [a for a in actors if "ScorerActor" in a["class_name"] + (a.get("repr_name") or "")]
     assert len(scorers) >= 2, [(a["class_name"], a.get("repr_name")) for a in actors]
     assert {a["node_id"] for a in scorers} == node_ids, "scoring actors did not spread over both nodes"
 

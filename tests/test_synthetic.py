@@ -81,7 +81,9 @@ def test_schema_rows_ids_and_mixture(corpus):
     assert corpus.num_rows == 4000
     ids = corpus.column("id").to_pylist()
     assert len(set(ids)) == len(ids)
-    counts = Counter(zip(corpus.column("task").to_pylist(), corpus.column("quality").to_pylist(), strict=True))
+    counts = Counter(
+        zip(corpus.column("task").to_pylist(), corpus.column("quality").to_pylist(), strict=True)
+    )
     assert counts == {k: round(share * 4000) for k, share in MIXTURE.items()}
     assert sum(corpus.column("is_clean_on_task").to_pylist()) == 800  # 20%: a top-10% pick can be all clean
     lengths = [len(r["prompt"]) + len(r["response"]) for r in corpus.to_pylist()]
@@ -200,9 +202,17 @@ def test_concurrent_caller_waits_for_the_builder_instead_of_building(tmp_path):
         build_once(Path({str(target)!r}), {{"v": 1}}, build)
     """)
     with file_lock(target.with_name("thing.lock")):
-        child = subprocess.Popen([sys.executable, "-c", child_code], stdout=subprocess.PIPE, text=True,
-                                 env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+        child = subprocess.Popen(
+            [sys.executable, "-c", child_code],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+        )
         assert child.stdout.readline().strip() == "ready"
+        # The child cannot get past the lock while we hold it. (Waiting here can only make a broken lock
+        # look fine on a very slow machine, never make a working lock fail.)
+        with pytest.raises(subprocess.TimeoutExpired):
+            child.wait(timeout=1.0)
         # We are "the first process": finish the build while the child is blocked on the lock.
         tmp = tmp_path / ".thing.tmp"
         tmp.mkdir()

@@ -2,11 +2,12 @@
 
 Few, combined runs (each Ray Train start costs ~30 s here): the heads run also injects one worker-group
 failure (FailureConfig + resume from the latest checkpoint) and checks export, PEFT logits and the
-untouched base; then LoRA and full fine-tuning run through the same trainer.
+untouched base; then LoRA runs through the same trainer.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from p2d_ray.heads.headset import HeadSet
 from p2d_ray.models.geometry import attention_geometry, head_params, slice_weight
 from p2d_ray.models.loading import load_model
 from p2d_ray.rundir import RunDir
-from p2d_ray.training.trainer import TrainInputs, fit, load_adapted_model, run_train, time_train_steps
+from p2d_ray.training.trainer import TrainInputs, load_adapted_model, run_train, time_train_steps
 
 pytestmark = pytest.mark.ray
 
@@ -33,7 +34,12 @@ def _make_run(tmp_path: Path, model_path: str, n_rows: int = 48) -> str:
     run = tmp_path / "run"
     (run / "subset").mkdir(parents=True)
     rows = [
-        {"id": i, "prompt": f"Q: what is {i % 4} plus {i % 4}?\nA:", "response": f" {2 * (i % 4)} done.", "score": 1.0}
+        {
+            "id": i,
+            "prompt": f"Q: what is {i % 4} plus {i % 4}?\nA:",
+            "response": f" {2 * (i % 4)} done.",
+            "score": 1.0,
+        }
         for i in range(n_rows)
     ]
     half = n_rows // 2
@@ -47,9 +53,14 @@ def _make_run(tmp_path: Path, model_path: str, n_rows: int = 48) -> str:
 
 def _cfg(run: str, model_path: str, *overrides: str):
     base = ["train.num_workers=2", "train.batch_size=4", "train.lr=0.02", "train.checkpoint_every=2"]
-    return build_config({"run_dir": run, "model": {"name_or_path": model_path},
-                         "data": {"corpus_path": str(Path(run).parent / "corpus.parquet")}},
-                        base + list(overrides))
+    return build_config(
+        {
+            "run_dir": run,
+            "model": {"name_or_path": model_path},
+            "data": {"corpus_path": str(Path(run).parent / "corpus.parquet")},
+        },
+        base + list(overrides),
+    )
 
 
 def _owned(model, heads: HeadSet) -> dict[str, torch.Tensor]:
@@ -63,7 +74,7 @@ def _owned(model, heads: HeadSet) -> dict[str, torch.Tensor]:
     return masks
 
 
-def test_heads_zero2_two_workers_failure_resume_export(tmp_path, tiny_llama, ray_local):
+def test_heads_zero2_two_workers_failure_resume_export(tmp_path, tiny_llama, ray_local, monkeypatch):
     run = _make_run(tmp_path, tiny_llama)
     # 48 rows / (4 rows x 2 workers) = 6 steps; checkpoints at 2 and 4; every worker fails once at step 3.
     cfg = _cfg(run, tiny_llama, "train.zero_stage=2", "train.max_failures=1")
@@ -72,15 +83,15 @@ def test_heads_zero2_two_workers_failure_resume_export(tmp_path, tiny_llama, ray
 
     import p2d_ray.training.trainer as trainer
 
-    real_fit = trainer.fit
-    trainer.fit = lambda c, d=None: real_fit(c, d, fail_at_step=3)  # inject the failure through run_train
-    try:
-        summary = run_train(cfg)
-    finally:
-        trainer.fit = real_fit
+    # Every worker raises once at step 3 (after the step-2 checkpoint); FailureConfig(max_failures=1)
+    # restarts the worker group, which must resume from the latest checkpoint.
+    monkeypatch.setattr(trainer, "fit", functools.partial(trainer.fit, fail_at_step=3))
+    summary = run_train(cfg)
 
     assert summary["steps"] == 6 and len(summary["loss_curve"]) == 6
-    assert summary["resumed_from_step"] == 2, "the restarted worker group must resume from the step-2 checkpoint"
+    assert summary["resumed_from_step"] == 2, (
+        "the restarted worker group must resume from the step-2 checkpoint"
+    )
     assert summary["world_size"] == 2 and summary["ranks_identical"] is True
     assert summary["rows_seen"] == 6 * 8 and summary["skipped_rows"] == {}
     assert summary["loss_curve"][-1] < summary["loss_curve"][0] - 0.2, summary["loss_curve"]
@@ -89,7 +100,9 @@ def test_heads_zero2_two_workers_failure_resume_export(tmp_path, tiny_llama, ray
     assert RunDir(run).stage_record("train") is not None
     ckpt = Path(summary["checkpoint"])
     assert sorted(p.name for p in ckpt.glob("step6/zero_pp_rank_*")) == [
-        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
 
     # Outside the selected heads every parameter is bitwise the base; inside, every slice moved.
     base = load_model(cfg.model)
@@ -107,7 +120,9 @@ def test_heads_zero2_two_workers_failure_resume_export(tmp_path, tiny_llama, ray
     x = torch.randint(5, 250, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = adapted(input_ids=x).logits
-        peft_model = PeftModel.from_pretrained(load_model(cfg.model), str(Path(run, "adapter", "peft"))).eval()
+        peft_model = PeftModel.from_pretrained(
+            load_model(cfg.model), str(Path(run, "adapter", "peft"))
+        ).eval()
         assert (peft_model(input_ids=x).logits - ours).abs().max().item() <= 1e-4
         assert (base(input_ids=x).logits - ours).abs().max().item() > 1e-3
     assert summary["adapter"]["heads_bytes"] < 1_000_000
@@ -118,7 +133,7 @@ def test_heads_zero2_two_workers_failure_resume_export(tmp_path, tiny_llama, ray
     assert timed["trainable_params"] == summary["trainable_params"]
 
 
-def test_lora_and_full_through_the_same_trainer(tmp_path, tiny_llama, ray_local):
+def test_lora_zero1_through_the_same_trainer(tmp_path, tiny_llama, ray_local):
     run = _make_run(tmp_path, tiny_llama, n_rows=16)
     lora_cfg = _cfg(run, tiny_llama, "train.adaptation=lora", "train.lora_r=4", "train.zero_stage=1")
     summary = run_train(lora_cfg)
@@ -128,13 +143,10 @@ def test_lora_and_full_through_the_same_trainer(tmp_path, tiny_llama, ray_local)
     config = json.loads(Path(run, "adapter", "peft", "adapter_config.json").read_text())
     assert config["r"] == 4 and len(config["target_modules"]) == 8  # q/k/v/o x 2 layers
     adapted = load_adapted_model(lora_cfg)
-    base = load_model(lora_cfg.model)
-    moved = [n for n, p in adapted.named_parameters() if not torch.equal(p, dict(base.named_parameters())[n])]
+    base_params = dict(load_model(lora_cfg.model).named_parameters())
+    moved = [n for n, p in adapted.named_parameters() if not torch.equal(p, base_params[n])]
     assert moved and all("self_attn" in n for n in moved), moved
 
-    full_cfg = _cfg(run, tiny_llama, "train.adaptation=full", "train.num_workers=1", "train.zero_stage=0",
-                    "train.max_steps=2")
-    result, inputs = fit(full_cfg)
-    state = json.loads(Path(result.checkpoint.path, "train_state.json").read_text())
-    assert state["step"] == 2 and state["final"]["trainable_params"] == state["final"]["total_params"]
-    assert Path(result.checkpoint.path, "export", "model", "model.safetensors").is_file()
+    # Full fine-tuning (timed in process here; the benchmark runs it through Ray Train): every weight trains.
+    full = time_train_steps(lora_cfg, "full", 1)
+    assert full["trainable_params"] == sum(p.numel() for p in base_params.values())

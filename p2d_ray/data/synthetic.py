@@ -62,21 +62,24 @@ MIXTURE = {
     ("noise", "noise"): 0.15,
 }
 
-NAMES = "Tom Anna Ben Mia Sam Lily Max Zoe Leo Emma Jack Nina Omar Ravi Sara Yuki Ivan Lena Paul Rosa".split()
-ITEMS = "apples pencils cookies marbles books stickers cards eggs shells coins flowers toys".split()
-EVENTS = "party picnic concert game meeting dinner movie race".split()
-DAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
-FOODS = "cake juice bread salad fruit pizza cookies soup".split()
+# fmt: off
+NAMES = ["Tom", "Anna", "Ben", "Mia", "Sam", "Lily", "Max", "Zoe", "Leo", "Emma", "Jack", "Nina", "Omar", "Ravi",
+         "Sara", "Yuki", "Ivan", "Lena", "Paul", "Rosa"]
+ITEMS = ["apples", "pencils", "cookies", "marbles", "books", "stickers", "cards", "eggs", "shells", "coins",
+         "flowers", "toys"]
+EVENTS = ["party", "picnic", "concert", "game", "meeting", "dinner", "movie", "race"]
+DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+FOODS = ["cake", "juice", "bread", "salad", "fruit", "pizza", "cookies", "soup"]
 # (what the speaker says, how the summary says it)
 CHORES = [("work late", "work late"), ("study for a test", "study for a test"), ("visit my aunt", "visit an aunt"),
           ("fix my bike", "fix a bike"), ("clean the house", "clean the house"), ("walk the dog", "walk the dog")]
-OBJECTS = "bike umbrella book camera laptop ladder tent guitar".split()
-WHENS = "tomorrow|tonight|on Monday|after lunch|this evening|next week".split("|")
-PLACES = "hall park garden library gym cafe".split()
-WORDS = (
-    "apple river stone cloud tiger lemon candle garden window pencil rocket forest silver planet dragon "
-    "castle button orange mirror jacket honey ocean violin pepper rabbit summer winter bottle ladder magnet"
-).split()
+OBJECTS = ["bike", "umbrella", "book", "camera", "laptop", "ladder", "tent", "guitar"]
+WHENS = ["tomorrow", "tonight", "on Monday", "after lunch", "this evening", "next week"]
+PLACES = ["hall", "park", "garden", "library", "gym", "cafe"]
+WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "candle", "garden", "window", "pencil", "rocket",
+         "forest", "silver", "planet", "dragon", "castle", "button", "orange", "mirror", "jacket", "honey", "ocean",
+         "violin", "pepper", "rabbit", "summer", "winter", "bottle", "ladder", "magnet"]
+# fmt: on
 NOISE_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789#@$%&*+=/?!;:~"
 
 
@@ -129,7 +132,7 @@ def _corrupt(rng: random.Random, steps: list[Step]) -> tuple[list[Step], int]:
     i = rng.randrange(len(steps))
     out = list(steps[:i])
     a, op, b, r = steps[i]
-    out.append((a, op, b, r))
+    out.append((a, op, b, r + rng.choice([-3, -2, -1, 1, 2, 3, 10])))
     for (a, op, b, _), (_, _, _, right_prev) in zip(steps[i + 1 :], steps[i:], strict=False):
         # A later step uses the previous result as one operand: carry the wrong value forward.
         if a == right_prev:
@@ -275,7 +278,9 @@ def generate_corpus(n_rows: int = N_CORPUS, seed: int = CORPUS_SEED, id_start: i
     return _table(range(id_start, id_start + n_rows), tasks, prompts, responses, qualities)
 
 
-def generate_arithmetic(n_rows: int, seed: int, id_start: int, exclude_prompts: Iterable[str] = ()) -> pa.Table:
+def generate_arithmetic(
+    n_rows: int, seed: int, id_start: int, exclude_prompts: Iterable[str] = ()
+) -> pa.Table:
     """``n_rows`` clean arithmetic rows with distinct prompts, none of them in ``exclude_prompts``
     (so a probe or held-out set never repeats a corpus question)."""
     rng = random.Random(seed)
@@ -396,8 +401,12 @@ def write_demo_data(out: Path) -> dict:
     pq.write_table(probe, out / "probe.parquet")
     pq.write_table(heldout, out / "heldout.parquet")
     n_clean = sum(corpus.column("is_clean_on_task").to_pylist())
-    return {"n_corpus": corpus.num_rows, "n_clean_on_task": n_clean, "n_probe": probe.num_rows,
-            "n_heldout": heldout.num_rows}
+    return {
+        "n_corpus": corpus.num_rows,
+        "n_clean_on_task": n_clean,
+        "n_probe": probe.num_rows,
+        "n_heldout": heldout.num_rows,
+    }
 
 
 def demo_assets(cache_dir: str | Path | None = None) -> DemoAssets:

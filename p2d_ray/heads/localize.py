@@ -206,7 +206,11 @@ def encode_probe(rows: Sequence[dict], tokenizer, data: DataConfig) -> list[Enco
     if fmt == "icl":
         # ICL demonstrations are drawn *from* the probe set to score the corpus; the probe rows themselves
         # are encoded as plain task samples.
-        fmt = "prompt_response" if data.prompt_column in rows[0] and data.response_column in rows[0] else "plain"
+        fmt = (
+            "prompt_response"
+            if data.prompt_column in rows[0] and data.response_column in rows[0]
+            else "plain"
+        )
     encoded, bad = [], []
     for i, row in enumerate(rows):
         try:
@@ -276,10 +280,12 @@ def run_localize(cfg: P2DConfig) -> dict:
     path = probe_path(cfg)
     resolve_format(cfg.data, read_table(path).column_names)  # bad columns fail before any model loads
     cfg.save(run.path("config.yaml"))
-    # The driver may inherit OMP_NUM_THREADS=1 from Ray; Stage 1 runs in one process, so use every core
-    # this process may run on, and give the previous setting back to whatever runs next in this process.
+    # The driver may inherit OMP_NUM_THREADS=1 from Ray; Stage 1 runs in one process, so by default use
+    # every core this process may run on. On an oversubscribed machine fewer threads can be far faster
+    # (OpenMP threads spin waiting for each other): localize.torch_threads. The previous setting is given
+    # back to whatever runs next in this process.
     threads = torch.get_num_threads()
-    torch.set_num_threads(_available_cpus())
+    torch.set_num_threads(cfg.localize.torch_threads or _available_cpus())
     try:
         with run.timed("localize", stage_fingerprint(cfg, "localize")):
             rows = read_rows(path, limit=cfg.localize.max_probe_samples)

@@ -54,6 +54,8 @@ DEMO_RECIPE = dict(
     hidden_size=128,
     intermediate_size=344,
     threads=2,
+    n_eval=200,  # held-out arithmetic rows for the before/after response loss
+    n_exact=50,  # held-out problems for the greedy `#### answer` exact-match count
 )
 
 
@@ -94,13 +96,32 @@ def greedy_exact_match(model, tok, rows: list[dict], max_new_tokens: int = 32) -
     for row in rows:
         ids = [tok.bos_token_id] + tok(row["prompt"], add_special_tokens=False)["input_ids"]
         out = model.generate(
-            torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
-            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            torch.tensor([ids]),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
         )
         text = tok.decode(out[0, len(ids) :], skip_special_tokens=True)
         got, want = ANSWER.search(text), ANSWER.search(row["response"])
         right += bool(got and want and got.group(1) == want.group(1))
     return right
+
+
+def _length_bucketed_batches(lengths: list[int], batch_size: int, steps: int, gen: torch.Generator):
+    """``steps`` batches of row indices: each epoch is a fresh permutation cut into pools of 16 batches,
+    each pool sorted by length before it is split, and the batches shuffled. Rows of similar length share a
+    batch, so right-padding wastes little compute (rows run 10-70 tokens)."""
+    out: list[list[int]] = []
+    while len(out) < steps:
+        order = torch.randperm(len(lengths), generator=gen).tolist()
+        pool = batch_size * 16
+        epoch = []
+        for p in range(0, len(order) - batch_size + 1, pool):
+            chunk = sorted(order[p : p + pool], key=lengths.__getitem__)
+            epoch += [chunk[i : i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)]
+        out += [epoch[i] for i in torch.randperm(len(epoch), generator=gen).tolist()]
+    return out[:steps]
 
 
 def build_demo_model(
@@ -121,8 +142,8 @@ def build_demo_model(
     hidden_size: int = DEMO_RECIPE["hidden_size"],
     intermediate_size: int = DEMO_RECIPE["intermediate_size"],
     threads: int = DEMO_RECIPE["threads"],
-    n_eval: int = 200,
-    n_exact: int = 50,
+    n_eval: int = DEMO_RECIPE["n_eval"],
+    n_exact: int = DEMO_RECIPE["n_exact"],
 ) -> dict:
     """Train the tokenizer and pre-train a tiny Llama; save both (safetensors) into ``out_dir``.
 
@@ -130,7 +151,14 @@ def build_demo_model(
     held-out arithmetic response loss before/after, and the greedy ``####`` exact-match count on
     ``n_exact`` held-out problems (0 skips decoding).
     """
-    t0 = time.perf_counter()
+    if steps < 1 or batch_size < 1 or n_train_rows < batch_size:
+        raise ValueError(
+            f"need steps >= 1 and n_train_rows >= batch_size >= 1; got steps={steps}, "
+            f"batch_size={batch_size}, n_train_rows={n_train_rows}"
+        )
+    if n_heads % n_kv_heads:
+        raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
+    t0, cpu0 = time.perf_counter(), time.process_time()
     out_dir = Path(out_dir)
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)  # deliberate: Ray and OMP defaults differ from run to run
@@ -163,7 +191,8 @@ def build_demo_model(
         no_decay = [p for p in model.parameters() if p.ndim < 2]
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=lr, betas=(0.9, 0.95),
+            lr=lr,
+            betas=(0.9, 0.95),
         )
 
         def lr_at(step: int) -> float:  # linear warm-up, then cosine decay to 10% of lr
@@ -174,16 +203,12 @@ def build_demo_model(
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
         gen = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(train), generator=gen).tolist()
+        batches = _length_bucketed_batches([len(e.input_ids) for e in train], batch_size, steps, gen)
         curve, window, window_n = [], 0.0, 0
         every = max(1, steps // 10)
         model.train()
-        for step in range(steps):
-            start = (step * batch_size) % len(order)
-            if start + batch_size > len(order):  # a new epoch: reshuffle
-                order = torch.randperm(len(train), generator=gen).tolist()
-                start = 0
-            batch = collate([train[i] for i in order[start : start + batch_size]], tok.pad_token_id)
+        for step, idx in enumerate(batches):
+            batch = collate([train[i] for i in idx], tok.pad_token_id)
             nll, n = _lm_loss(model, batch, on="all")
             loss = nll / n
             opt.zero_grad(set_to_none=True)
@@ -206,6 +231,8 @@ def build_demo_model(
     return {
         "train_seconds": round(train_seconds, 1),
         "build_seconds": round(time.perf_counter() - t0, 1),
+        # CPU seconds of this process: with threads=1 this is the wall time on an idle machine.
+        "build_cpu_seconds": round(time.process_time() - cpu0, 1),
         "n_params": sum(p.numel() for p in model.parameters()),
         "loss_curve": curve,
         "heldout_arithmetic_loss_before": round(loss_before, 4),

@@ -40,7 +40,11 @@ class ScorerActor:
         heads = HeadSet.from_json(heads_json) if heads_json is not None else None
         self.device = next(self.model.parameters()).device if self.model is not None else torch.device("cpu")
         self.score = build_scorer(
-            self.cfg.scorer, self.model, heads, self.cfg.gate_mode, self.cfg.loss_chunk_tokens,
+            self.cfg.scorer,
+            self.model,
+            heads,
+            self.cfg.gate_mode,
+            self.cfg.loss_chunk_tokens,
             self.cfg.influence_fused,
         )
         self.pid = os.getpid()

@@ -119,7 +119,9 @@ def loss_from_hidden(
         else:
             parts.append(_chunk_ce(head, softcap, hc, tc))
     token_loss = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
-    loss_sum = torch.zeros(B, dtype=torch.float32, device=hidden.device).index_add(0, sample_index, token_loss)
+    loss_sum = torch.zeros(B, dtype=torch.float32, device=hidden.device).index_add(
+        0, sample_index, token_loss
+    )
     n_tokens = sel.sum(dim=1)
     return SampleLoss(token_loss, sample_index, pred_pos + 1, loss_sum, n_tokens)
 

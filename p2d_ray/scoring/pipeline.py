@@ -83,7 +83,9 @@ def plan_score(cfg: P2DConfig) -> ScorePlan:
         heads = HeadSet.load(RunDir(cfg.run_dir).heads_json)
         heads.check_fits(geometry_from_config(hf_config))
         if len(heads) == 0:
-            raise ValueError(f"{RunDir(cfg.run_dir).heads_json} lists no heads; scorer {s.scorer!r} needs some")
+            raise ValueError(
+                f"{RunDir(cfg.run_dir).heads_json} lists no heads; scorer {s.scorer!r} needs some"
+            )
 
     corpus = corpus_path(cfg)
     from p2d_ray.scoring.shards import list_parquet_files, read_footer
@@ -131,7 +133,9 @@ def plan_score(cfg: P2DConfig) -> ScorePlan:
         "format": fmt,
         "icl_demo_ids": demo_ids,
     }
-    return ScorePlan(shards, id_type, fmt, text_columns, demos, heads, model_json, manifest, fingerprint, provenance)
+    return ScorePlan(
+        shards, id_type, fmt, text_columns, demos, heads, model_json, manifest, fingerprint, provenance
+    )
 
 
 def _hash(obj) -> str:
@@ -154,7 +158,11 @@ def ensure_ray() -> bool:
 
     if ray.is_initialized():
         return False
-    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "P2D_RAY_CACHE", "TOKENIZERS_PARALLELISM") if k in os.environ}
+    env = {
+        k: os.environ[k]
+        for k in ("HF_HUB_OFFLINE", "P2D_RAY_CACHE", "TOKENIZERS_PARALLELISM")
+        if k in os.environ
+    }
     ray.init(include_dashboard=False, runtime_env={"env_vars": env})
     return True
 
@@ -162,16 +170,29 @@ def ensure_ray() -> bool:
 class ShardCollector:
     """Driver side of the pass: groups result rows by shard, writes a shard once all its rows arrived."""
 
-    def __init__(self, store: ScoreStore, plan: ScorePlan, todo: dict[int, Shard], id_column: str,
-                 on_shard_done: Callable[[Shard], None] | None = None):
+    def __init__(
+        self,
+        store: ScoreStore,
+        plan: ScorePlan,
+        todo: dict[int, Shard],
+        id_column: str,
+        on_shard_done: Callable[[Shard], None] | None = None,
+    ):
         self.store, self.plan, self.todo, self.id_column = store, plan, todo, id_column
         self.on_shard_done = on_shard_done
         self.parts: dict[int, list[pa.Table]] = {}
         self.count: dict[int, int] = {}
         self.finished: list[int] = []
         self.write_seconds = 0.0
-        self.stats = {"rows": 0, "scored": 0, "tokens": 0, "target_tokens": 0, "padded_tokens": 0,
-                      "tokenize_s": 0.0, "score_s": 0.0}
+        self.stats = {
+            "rows": 0,
+            "scored": 0,
+            "tokens": 0,
+            "target_tokens": 0,
+            "padded_tokens": 0,
+            "tokenize_s": 0.0,
+            "score_s": 0.0,
+        }
         self.actors: set[int] = set()
 
     def add(self, block: pa.Table) -> None:
@@ -198,8 +219,12 @@ class ShardCollector:
         quarantined = table.filter(bad)
         score_table = scored.select([self.id_column, *SCORE_COLUMNS])
         record = {
-            "shard": shard.key, "path": shard.path, "row_group": shard.row_group,
-            "rows_in": shard.num_rows, "rows_scored": scored.num_rows, "rows_quarantined": quarantined.num_rows,
+            "shard": shard.key,
+            "path": shard.path,
+            "row_group": shard.row_group,
+            "rows_in": shard.num_rows,
+            "rows_scored": scored.num_rows,
+            "rows_quarantined": quarantined.num_rows,
             "reasons": count_reasons(quarantined.column("reason")),
             "rows_truncated": int(pc.sum(scored.column("truncated")).as_py() or 0),
             "target_tokens": int(pc.sum(scored.column("n_tokens")).as_py() or 0),
@@ -207,8 +232,13 @@ class ShardCollector:
         }
         if record["rows_scored"] + record["rows_quarantined"] != record["rows_in"]:
             raise RuntimeError(f"shard {shard.key}: rows_in != rows_scored + rows_quarantined: {record}")
-        self.store.write_shard(shard, score_table, quarantine_table(quarantined, shard, self.id_column), record,
-                               self.plan.provenance)
+        self.store.write_shard(
+            shard,
+            score_table,
+            quarantine_table(quarantined, shard, self.id_column),
+            record,
+            self.plan.provenance,
+        )
         st = self.stats
         st["rows"] += shard.num_rows
         st["scored"] += scored.num_rows
@@ -250,8 +280,13 @@ def summarize(store: ScoreStore, plan: ScorePlan) -> dict:
             reasons[r] = reasons.get(r, 0) + n
     if totals["rows_in"] != totals["rows_scored"] + totals["rows_quarantined"]:
         raise RuntimeError(f"rows_in != rows_scored + rows_quarantined in total: {totals}")
-    return {**totals, "quarantine_reasons": reasons, "n_shards": len(plan.shards), **plan.provenance,
-            "shards": per_shard}
+    return {
+        **totals,
+        "quarantine_reasons": reasons,
+        "n_shards": len(plan.shards),
+        **plan.provenance,
+        "shards": per_shard,
+    }
 
 
 def score_corpus(cfg: P2DConfig, on_shard_done: Callable[[Shard], None] | None = None) -> dict:
@@ -277,16 +312,26 @@ def score_corpus(cfg: P2DConfig, on_shard_done: Callable[[Shard], None] | None =
         wall["duplicates"] = time.perf_counter() - t
         n_todo = sum(sh.num_rows for sh in todo.values())
         source = ParquetShards(
-            list(todo.values()), list(todo), [cfg.data.id_column, *plan.text_columns], plan.id_type,
-            tuple(plan.text_columns), rows_per_block(n_todo, s), flags={DUP_COL: dups},
+            list(todo.values()),
+            list(todo),
+            [cfg.data.id_column, *plan.text_columns],
+            plan.id_type,
+            tuple(plan.text_columns),
+            rows_per_block(n_todo, s),
+            flags={DUP_COL: dups},
         )
         ds = ray.data.read_datasource(source).map_batches(
             tokenize_block,
             batch_format="pyarrow",
             batch_size=None,
             num_cpus=s.num_cpus_per_tokenize_task,
-            fn_kwargs={"model_json": plan.model_json, "data_json": cfg.data.model_dump_json(), "fmt": plan.fmt,
-                       "demos": plan.demos, "text_columns": plan.text_columns},
+            fn_kwargs={
+                "model_json": plan.model_json,
+                "data_json": cfg.data.model_dump_json(),
+                "fmt": plan.fmt,
+                "demos": plan.demos,
+                "text_columns": plan.text_columns,
+            },
         )
         ds = ds.map_batches(
             ScorerActor,
@@ -296,7 +341,8 @@ def score_corpus(cfg: P2DConfig, on_shard_done: Callable[[Shard], None] | None =
             num_cpus=s.num_cpus_per_actor,
             num_gpus=s.num_gpus_per_actor,
             fn_constructor_kwargs={
-                "model_json": plan.model_json, "score_json": s.model_dump_json(),
+                "model_json": plan.model_json,
+                "score_json": s.model_dump_json(),
                 "heads_json": plan.heads.to_json() if plan.heads is not None else None,
                 "id_column": cfg.data.id_column,
             },
@@ -315,8 +361,11 @@ def score_corpus(cfg: P2DConfig, on_shard_done: Callable[[Shard], None] | None =
     pass_s = wall.get("score_pass", 0.0)
     stats = {
         "scorer": s.scorer,
-        "shards": {"total": len(plan.shards), "already_done": len(plan.shards) - len(todo),
-                   "scored_this_run": len(collector.finished)},
+        "shards": {
+            "total": len(plan.shards),
+            "already_done": len(plan.shards) - len(todo),
+            "scored_this_run": len(collector.finished),
+        },
         "rows_this_run": st["rows"],
         "rows_scored_this_run": st["scored"],
         "rows_per_s": st["rows"] / pass_s if pass_s else None,
@@ -331,7 +380,10 @@ def score_corpus(cfg: P2DConfig, on_shard_done: Callable[[Shard], None] | None =
     }
     RunDir(cfg.run_dir).path("score_stats.json").write_text(json.dumps(stats, indent=1, default=str))
     return {k: summary[k] for k in ("rows_in", "rows_scored", "rows_quarantined", "quarantine_reasons")} | {
-        "rows_per_s": stats["rows_per_s"], "actors_used": stats["actors"]["used"], "scores": str(store.scores)}
+        "rows_per_s": stats["rows_per_s"],
+        "actors_used": stats["actors"]["used"],
+        "scores": str(store.scores),
+    }
 
 
 def run_score(cfg: P2DConfig, on_shard_done: Callable[[Shard], None] | None = None) -> dict:

@@ -40,7 +40,9 @@ def duplicate_positions(
     from ray.data.expressions import col
 
     ids = ray.data.read_datasource(
-        ParquetShards(shards, list(range(len(shards))), [id_column], id_type, (), rows_per_block, positions=True)
+        ParquetShards(
+            shards, list(range(len(shards))), [id_column], id_type, (), rows_per_block, positions=True
+        )
     )
     # Ray's default of 200 hash partitions costs seconds of scheduling on a small corpus; ~250k ids each.
     n_rows = sum(s.num_rows for s in shards)

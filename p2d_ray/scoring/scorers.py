@@ -64,7 +64,9 @@ def influence_score(
         gates = torch.cat([torch.ones_like(off).expand(B, -1, -1), off.expand(B, -1, -1)])  # [2B, L, H]
         with HeadGates(model, gates, mode) as hg:
             hg.attention_mask = torch.cat([am, am])
-            both = sample_loss(model, torch.cat([ids, ids]), hg.attention_mask, torch.cat([lm, lm]), chunk_tokens)
+            both = sample_loss(
+                model, torch.cat([ids, ids]), hg.attention_mask, torch.cat([lm, lm]), chunk_tokens
+            )
         loss_full, loss_gated = both.mean[:B], both.mean[B:]
         n_tokens = both.n_tokens[:B]
     else:
@@ -99,7 +101,9 @@ def activation_score(
     return ScoreOutput(score, n, loss_full=loss.mean)
 
 
-def perplexity_score(model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int = 1024) -> ScoreOutput:
+def perplexity_score(
+    model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int = 1024
+) -> ScoreOutput:
     """The ungated model's mean loss over scored tokens (log-perplexity)."""
     loss = sample_loss(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], chunk_tokens)
     return ScoreOutput(loss.mean, loss.n_tokens, loss_full=loss.mean)

@@ -25,7 +25,6 @@ from functools import lru_cache
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from ray.data.block import BlockMetadata
@@ -200,7 +199,9 @@ def normalize_text(table: pa.Table, text_columns: list[str]) -> pa.Table:
             if v is not None:
                 flag[i] = True
                 raw[i] = json.dumps({name: v}, default=str)
-        table = table.set_column(table.schema.get_field_index(name), name, pa.nulls(table.num_rows, pa.string()))
+        table = table.set_column(
+            table.schema.get_field_index(name), name, pa.nulls(table.num_rows, pa.string())
+        )
     table = table.append_column(NONSTRING_COL, pa.array(flag))
     return table.append_column(RAW_COL, pa.array(raw, pa.string()))
 
@@ -242,9 +243,12 @@ class ParquetShards(Datasource):
         tasks = []
         for shard, sid in zip(self.shards, self.shard_ids, strict=True):
             flags = {name: rows.get(sid) for name, rows in self.flags.items()}
-            meta = BlockMetadata(num_rows=shard.num_rows, size_bytes=shard.nbytes, input_files=[shard.path],
-                                 exec_stats=None)
-            tasks.append(ReadTask(self._reader(shard, sid, flags), meta, per_task_row_limit=per_task_row_limit))
+            meta = BlockMetadata(
+                num_rows=shard.num_rows, size_bytes=shard.nbytes, input_files=[shard.path], exec_stats=None
+            )
+            tasks.append(
+                ReadTask(self._reader(shard, sid, flags), meta, per_task_row_limit=per_task_row_limit)
+            )
         return tasks
 
     def _reader(self, shard: Shard, sid: int, flags: dict[str, np.ndarray | None]):
@@ -283,18 +287,3 @@ def shard_positions(pos: np.ndarray) -> dict[int, np.ndarray]:
     for s in np.unique(sid):
         out[int(s)] = row[sid == s]
     return out
-
-
-def take_rows(table: pa.Table, rows: np.ndarray) -> pa.Table:
-    return table.take(pa.array(rows)) if len(rows) else table.slice(0, 0)
-
-
-__all__ = [
-    "ParquetShards",
-    "Shard",
-    "list_parquet_files",
-    "plan_shards",
-    "read_shard",
-    "shard_positions",
-    "pc",
-]

@@ -13,6 +13,7 @@ column of a non-string type), then encode_row's ``null`` / ``empty`` / ``non_str
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Sequence
@@ -68,10 +69,8 @@ class BatchedTokenizer:
         """``encode_row`` for every row: a list of :class:`Encoded` or a quarantine reason string."""
         self._recording = []
         for row in rows:
-            try:
+            with contextlib.suppress(ValueError):  # the reason is found again in the second pass
                 encode_row(row, self, cfg, fmt, demos)
-            except ValueError:
-                pass
         texts = list(dict.fromkeys(self._recording))
         self._recording = None
         self._ids = dict(zip(texts, self._encode_batch(texts), strict=True)) if texts else {}
@@ -136,7 +135,9 @@ def tokenize_block(
     empty: list[int] = []
     raw = block.column(RAW_COL).to_pylist()
     row_json = [
-        None if reasons[i] is None else (raw[i] or json.dumps({c: text[c][i] for c in text_columns}, default=str))
+        None
+        if reasons[i] is None
+        else (raw[i] or json.dumps({c: text[c][i] for c in text_columns}, default=str))
         for i in range(n)
     ]
     out = pa.table(

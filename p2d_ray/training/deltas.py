@@ -121,7 +121,9 @@ class HeadDelta(nn.Module):
         self.axis = spec.axis
         # Zero init: the adapted model starts exactly at the base model.
         self.delta = nn.Parameter(torch.zeros(spec.shape, dtype=dtype, device=device))
-        self.register_buffer("index", torch.tensor(spec.index, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer(
+            "index", torch.tensor(spec.index, dtype=torch.long, device=device), persistent=False
+        )
         self._handle = None
 
     def hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -177,7 +179,9 @@ def attach_from_specs(
     for spec in specs:
         module = modules.get(spec.module_name)
         if module is None:
-            raise ValueError(f"head delta targets module {spec.module_name!r}, which this model does not have")
+            raise ValueError(
+                f"head delta targets module {spec.module_name!r}, which this model does not have"
+            )
         if hasattr(module, DELTA_CHILD):
             raise ValueError(f"{spec.module_name} already has a head delta attached")
         if _features(module) != (spec.out_features, spec.in_features):
@@ -195,7 +199,9 @@ def attach_from_specs(
 def head_deltas(model: nn.Module) -> dict[str, HeadDelta]:
     """Attached deltas by projection module name."""
     return {
-        name.removesuffix("." + DELTA_CHILD): m for name, m in model.named_modules() if isinstance(m, HeadDelta)
+        name.removesuffix("." + DELTA_CHILD): m
+        for name, m in model.named_modules()
+        if isinstance(m, HeadDelta)
     }
 
 

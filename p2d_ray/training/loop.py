@@ -104,6 +104,13 @@ def step_stats(seconds: list[float]) -> dict:
     }
 
 
+def steady_step_stats(state: dict) -> dict:
+    """Step-time stats without each attempt's first step (data pipeline and kernel warm-up)."""
+    warm = set(state.get("first_steps", []))
+    steady = [t for i, t in enumerate(state["step_seconds"], start=1) if i not in warm]
+    return {**step_stats(steady), "excluded_first_steps": sorted(warm)}
+
+
 def torch_threads(cfg: P2DConfig) -> int:
     """Ray sets OMP_NUM_THREADS from the worker's CPUs; choose the thread count deliberately."""
     return cfg.train.torch_threads or max(1, int(cfg.train.cpus_per_worker))

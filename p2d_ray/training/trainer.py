@@ -37,6 +37,7 @@ from p2d_ray.training.loop import (
     forward_loss,
     global_batch,
     peak_memory_bytes,
+    steady_step_stats,
     step_stats,
     torch_threads,
     total_steps,
@@ -47,7 +48,13 @@ from p2d_ray.training.worker import EXPORT_DIR, STATE_FILE, train_func
 __all__ = ["run_train", "fit", "time_train_steps", "load_adapted_model", "TrainInputs"]
 
 # Environment the workers need before importing DeepSpeed, forwarded from the driver when set.
-_FORWARDED_ENV = ("TORCH_EXTENSIONS_DIR", "P2D_RAY_CACHE", "HF_HUB_OFFLINE", "HF_HOME", "TOKENIZERS_PARALLELISM")
+_FORWARDED_ENV = (
+    "TORCH_EXTENSIONS_DIR",
+    "P2D_RAY_CACHE",
+    "HF_HUB_OFFLINE",
+    "HF_HOME",
+    "TOKENIZERS_PARALLELISM",
+)
 
 
 class TrainInputs:
@@ -58,7 +65,8 @@ class TrainInputs:
 
         run = RunDir(cfg.run_dir)
         self.data_path = str(data_path or run.subset)
-        if "://" not in self.data_path and not Path(self.data_path).exists():
+        local = "://" not in self.data_path and not any(c in self.data_path for c in "*?[")
+        if local and not Path(self.data_path).exists():
             raise FileNotFoundError(f"training data not found: {self.data_path} (run `p2d-ray select` first)")
         try:
             dataset = pads.dataset(self.data_path, format="parquet")
@@ -90,13 +98,23 @@ class TrainInputs:
 
         train = cfg.train.model_dump(
             mode="json",
-            exclude={"epochs", "max_steps", "max_failures", "checkpoint_every", "checkpoints_to_keep",
-                     "export_merged", "storage_path"},
+            exclude={
+                "epochs",
+                "max_steps",
+                "max_failures",
+                "checkpoint_every",
+                "checkpoints_to_keep",
+                "export_merged",
+                "storage_path",
+            },
         )
         payload = [
-            model_fingerprint(cfg.model), cfg.model.model_dump(mode="json"), cfg.data.model_dump(mode="json"),
-            train, self.heads.fingerprint() if self.heads else None, os.path.abspath(self.data_path)
-            if "://" not in self.data_path else self.data_path,
+            model_fingerprint(cfg.model),
+            cfg.model.model_dump(mode="json"),
+            cfg.data.model_dump(mode="json"),
+            train,
+            self.heads.fingerprint() if self.heads else None,
+            os.path.abspath(self.data_path) if "://" not in self.data_path else self.data_path,
         ]
         key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
         return f"{cfg.train.adaptation}-{key}"
@@ -186,7 +204,7 @@ def run_train(cfg: P2DConfig, data_path: str | None = None) -> dict:
             "skipped_rows": state["skipped"],
             "loss_curve": state["loss_curve"],
             "step_seconds": state["step_seconds"],
-            "step_time": step_stats(state["step_seconds"]),
+            "step_time": steady_step_stats(state),
             "fit_seconds": fit_seconds,  # includes Ray Train worker start-up and DeepSpeed init
             "heads": [list(h) for h in inputs.heads] if inputs.heads else None,
             "checkpoint": result.checkpoint.path,
@@ -251,7 +269,9 @@ def time_train_steps(cfg: P2DConfig, adaptation: str, n_steps: int, data_path: s
             t0 = time.perf_counter()
             n_tok = 0
             for m in range(t.grad_accum):
-                batch = encode_rows(chunk[m * t.batch_size : (m + 1) * t.batch_size], tok, cfg.data, fmt, skipped)
+                batch = encode_rows(
+                    chunk[m * t.batch_size : (m + 1) * t.batch_size], tok, cfg.data, fmt, skipped
+                )
                 if batch is None:
                     raise ValueError(f"time_train_steps: a batch had no trainable row ({dict(skipped)})")
                 batch = {k: v.to(device) for k, v in batch.items()}

@@ -101,7 +101,7 @@ def train_func(config: dict) -> None:
         forward_loss,
         params_digest,
         peak_memory_bytes,
-        step_stats,
+        steady_step_stats,
         torch_threads,
         total_steps,
     )
@@ -126,7 +126,15 @@ def train_func(config: dict) -> None:
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, world, bf16)
     )
 
-    state = {"step": 0, "loss_curve": [], "step_seconds": [], "skipped": {}, "rows_seen": 0}
+    # first_steps: the first step of every attempt, which also pays for the data pipeline's start-up.
+    state = {
+        "step": 0,
+        "loss_curve": [],
+        "step_seconds": [],
+        "first_steps": [],
+        "skipped": {},
+        "rows_seen": 0,
+    }
     resumed_from, has_export = None, False
     # Inject a failure only on a fresh start, so the restarted worker group goes past it.
     fail_at = config.get("fail_at_step")
@@ -152,7 +160,10 @@ def train_func(config: dict) -> None:
         }
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(
-                tmp, tag=f"step{state['step']}", client_state={"p2d_state": state}, exclude_frozen_parameters=True
+                tmp,
+                tag=f"step{state['step']}",
+                client_state={"p2d_state": state},
+                exclude_frozen_parameters=True,
             )
             if final:
                 _export_update(engine, cfg, heads, Path(tmp) / EXPORT_DIR, rank)
@@ -161,7 +172,8 @@ def train_func(config: dict) -> None:
             ray.train.report(
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                checkpoint_dir_name=f"checkpoint_{state['step']:07d}",
+                # Unique per step; the final one apart, since a shortened rerun may end on a periodic step.
+                checkpoint_dir_name=f"checkpoint_{state['step']:07d}" + ("_final" if final else ""),
             )
 
     def micro_batches():
@@ -181,7 +193,6 @@ def train_func(config: dict) -> None:
 
     t_first = time.perf_counter()
     stream = micro_batches()
-    last_saved = resumed_from
     while state["step"] < n_steps:
         if fail_at == state["step"]:
             raise RuntimeError(f"injected failure at step {state['step']} (fail_at_step, tests only)")
@@ -205,10 +216,11 @@ def train_func(config: dict) -> None:
         state["loss_curve"].append(loss_t[0].item() / world)
         state["rows_seen"] += int(loss_t[1].item())
         state["step_seconds"].append(time.perf_counter() - t0)
+        if state["step"] == (resumed_from or 0) + 1:
+            state["first_steps"].append(state["step"])
         state["skipped"] = dict(skipped)
         if state["step"] % cfg.train.checkpoint_every == 0 and state["step"] < n_steps:
             save(final=False)
-            last_saved = state["step"]
     train_seconds = time.perf_counter() - t_first
 
     # Every rank must end with the same weights (ZeRO <= 2 keeps a full copy of each parameter).
@@ -227,10 +239,10 @@ def train_func(config: dict) -> None:
         "world_size": world,
         "resumed_from_step": resumed_from,
         "loop_seconds_this_attempt": train_seconds,
-        "step_time": step_stats(state["step_seconds"]),
+        "step_time": steady_step_stats(state),
         "total_steps": n_steps,
     }
-    if last_saved == state["step"] and resumed_from == state["step"] and has_export:
+    if resumed_from == state["step"] and has_export:
         # A rerun of a finished run: its final checkpoint (with the export) is already the latest.
         ray.train.report({"step": state["step"]})
     else:
