@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from p2d_ray.config import LocalizeConfig, build_config, load_config
+from p2d_ray.config import LocalizeConfig, ModelConfig, build_config, load_config
 from p2d_ray.heads.gates import HeadGates
 from p2d_ray.heads.headset import HeadSet
 from p2d_ray.heads.localize import (
@@ -174,6 +174,40 @@ def test_alps_gqa_mapping_uses_the_kv_group(planted_model):
         head_params(planted_model, geo, 0, 3).k.start == 16
         and head_params(planted_model, geo, 0, 1).k.start == 0
     )
+
+
+def test_per_sample_loss_matches_full_logits(tiny_llama):
+    """The LM head applied at target positions only == cross-entropy over the model's full logits."""
+    from p2d_ray.models.loading import load_model
+
+    model = load_model(ModelConfig(name_or_path=tiny_llama))
+    batch = recall_batch(3, seed=3)
+    batch["loss_mask"][1, 4:8] = 1
+    batch["attention_mask"][2, -3:] = 0
+    batch["loss_mask"][2, -3:] = 0
+    batch["loss_mask"][2, 5] = 1
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), batch["input_ids"][:, 1:], reduction="none"
+        )  # [B, T-1]
+        m = batch["loss_mask"][:, 1:].float()
+        expected = (nll * m).sum(1) / m.sum(1)
+        torch.testing.assert_close(per_sample_loss(model, batch), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_alps_in_bf16_matches_fp32_and_restores(tiny_llama):
+    """bf16 (the GPU default): SGD steps far below bf16's resolution still count (fp32 master copies).
+    Stepping the bf16 weights directly gives W1 ~100x too small at this lr (measured)."""
+    from p2d_ray.models.loading import load_model
+
+    scores = {}
+    for dtype in ("bfloat16", "float32"):
+        model = load_model(ModelConfig(name_or_path=tiny_llama, dtype=dtype))
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        scores[dtype] = head_importance(model, [recall_batch(4, seed=5)], "alps", alps_steps=2, alps_lr=1e-5)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    torch.testing.assert_close(scores["bfloat16"], scores["float32"], rtol=0.1, atol=0)
 
 
 def test_wasserstein1():

@@ -103,7 +103,10 @@ class LocalRayCluster:
         log = open(self.root / f"{name}.log", "w")  # noqa: SIM115 - closed in stop()
         self._logs.append(log)
         # Own session: its daemons share its process group, apart from everything else on the machine.
-        proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        # RAY_ADDRESS: Ray libraries that look the cluster up themselves (e.g. Ray Train's placement-group
+        # cleaner using the state API) would otherwise find several GCS processes on a shared machine.
+        env = {**self.env, "RAY_ADDRESS": f"127.0.0.1:{self.gcs_port}"}
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(proc)
         return proc
 
@@ -273,7 +276,9 @@ def job(cluster, tmp_path_factory):
     except subprocess.TimeoutExpired:
         cluster.ray("job", "stop", "--address", cluster.address, JOB_ID)
         logs = cluster.ray("job", "logs", "--address", cluster.address, JOB_ID).stdout
-        pytest.fail(f"job did not finish within {JOB_TIMEOUT_S} s; last output:\n{logs[-3000:]}")
+        done = {p.stem: json.loads(p.read_text())["seconds"] for p in (run_dir / "stages").glob("*.json")}
+        pytest.fail(f"job did not finish within {JOB_TIMEOUT_S} s; stages done (s): {done}; last output:\n"
+                    f"{logs[-3000:]}")
     return {"run_dir": run_dir, "follow": follow, "submit": submit}
 
 

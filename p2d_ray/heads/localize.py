@@ -76,7 +76,7 @@ def gate_gradients(model: nn.Module, batches: Iterable[dict]) -> torch.Tensor:
     geo = attention_geometry(model)
     device = next(model.parameters()).device
     grads = []
-    with _frozen(model):
+    with _frozen(model), torch.enable_grad():  # also under a caller's no_grad()
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
             B = batch["input_ids"].shape[0]
@@ -117,14 +117,17 @@ def head_operator(model: nn.Module, geo, layer: int, head: int, weights: dict | 
     return torch.cat(parts)
 
 
-def alps_distances(model: nn.Module, base_weights: dict[nn.Module, torch.Tensor]) -> torch.Tensor:
-    """Per head W1 between the base (``base_weights``) and the model's current operator: ``[L, H]``."""
+def alps_distances(
+    model: nn.Module, base_weights: dict[nn.Module, torch.Tensor], tuned_weights: dict | None = None
+) -> torch.Tensor:
+    """Per head W1 between the base and the tuned operator (default: the model's current weights): ``[L, H]``."""
     geo = attention_geometry(model)
     scores = torch.zeros(geo.n_layers, geo.n_heads)
     for layer in range(geo.n_layers):
         for head in range(geo.n_heads):
             scores[layer, head] = wasserstein1(
-                head_operator(model, geo, layer, head, base_weights), head_operator(model, geo, layer, head)
+                head_operator(model, geo, layer, head, base_weights),
+                head_operator(model, geo, layer, head, tuned_weights),
             )
     return scores
 
@@ -136,27 +139,33 @@ def alps_scores(model: nn.Module, batches: Sequence[dict], steps: int, lr: float
     parameter with a consistent gradient sign moves ~lr per step whatever its loss sensitivity: after a
     short run all heads move alike and W1 measures noise. With SGD a weight moves in proportion to
     dL/dw accumulated over the probe set, so a head's movement reflects how much the task loss depends on it.
+    The steps accumulate in fp32 master copies: in a bf16 model (GPU default) an update of lr * grad is
+    often below bf16's resolution and would vanish, leaving W1 = 0.
     """
     modules = attention_projections(model)
     params = [m.weight for m in modules]
-    base = {m: m.weight.detach().clone() for m in modules}  # the caller's weights, restored below
+    base = {m: m.weight.detach().float().clone() for m in modules}  # also restores the caller's weights
+    tuned = {m: w.clone() for m, w in base.items()}  # fp32 masters
+    grads = [p.grad for p in params]  # whatever .grad the caller had on them, given back below
     device = params[0].device
     try:
-        with _frozen(model, trainable=params):
-            opt = torch.optim.SGD(params, lr=lr)
+        with _frozen(model, trainable=params), torch.enable_grad():
             for step in range(steps):
                 batch = {k: v.to(device) for k, v in batches[step % len(batches)].items()}
-                loss = per_sample_loss(model, batch).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            for p in params:
-                p.grad = None
-            return alps_distances(model, base)
+                for p in params:
+                    p.grad = None
+                per_sample_loss(model, batch).mean().backward()
+                with torch.no_grad():
+                    for m in modules:
+                        tuned[m].add_(m.weight.grad.float(), alpha=-lr)  # SGD step on the master
+                        m.weight.copy_(tuned[m])  # the next forward sees the (rounded) tuned weights
+        return alps_distances(model, base, tuned)
     finally:
         with torch.no_grad():
             for m, w in base.items():
                 m.weight.copy_(w)
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
 
 
 def head_importance(

@@ -1,0 +1,9 @@
+"""Stage 3: sparse head adaptation (and LoRA / full baselines) on Ray Train + DeepSpeed, and its export.
+
+- ``deltas``: ``HeadDelta`` per projection: trainable rows/columns of the selected heads; merge.
+- ``adaptation``: heads | lora | full -> which parameters require grad.
+- ``loop``: plain-torch step pieces (row encoding, response-only loss, step counting).
+- ``worker``: the Ray Train ``train_func`` (DeepSpeed engine, checkpoints, resume).
+- ``trainer``: ``run_train`` (``p2d-ray train``), ``time_train_steps``, ``load_adapted_model``.
+- ``export``: head deltas as safetensors, the same update as a PEFT LoRA adapter, merged model.
+"""
