@@ -51,10 +51,15 @@ def _setup(workdir: Path, model_choice: str, n_rows: int) -> tuple[str, str, str
         from conftest import save_tiny_model
 
         model = save_tiny_model(workdir / "tiny_model", "llama")
-    else:
+    elif model_choice == "demo":
         from p2d_ray.models.demo import ensure_demo_model
 
         model = str(ensure_demo_model())
+    else:  # demo-shape: the demo's architecture and tokenizer recipe after 1 pre-training step
+        from p2d_ray.models.demo import build_demo_model
+
+        build_demo_model(workdir / "demo_shape", steps=1, n_exact=0)
+        model = str(workdir / "demo_shape")
     cfg0 = _config(str(workdir / "run"), model, None, 8)
     corpus = corpus_path(cfg0)  # the demo corpus
     rows = pads.dataset(corpus, format="parquet").head(n_rows)
@@ -155,13 +160,19 @@ def _trainer_pass(model: str, run: str, corpus: str, args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=["demo", "tiny"], default="demo")
+    p.add_argument(
+        "--model",
+        choices=["auto", "demo", "demo-shape", "tiny"],
+        default="auto",
+        help="auto: the demo model if already built, else demo-shape (same architecture, untrained: step "
+        "time and memory do not depend on weight values)",
+    )
     p.add_argument("--steps", type=int, default=8, help="timed optimizer steps per in-process measurement")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--trainer-steps", type=int, default=12)
     p.add_argument("--no-trainer", action="store_true")
-    p.add_argument("--out", default="benchmarks/results/training.json")
+    p.add_argument("--out", default=None, help="also write the result JSON here")
     # internal: one measurement in a subprocess
     p.add_argument("--child", choices=["load", *ADAPTATIONS])
     p.add_argument("--model-path")
@@ -173,6 +184,10 @@ def main(argv=None) -> int:
         _child(args)
         return 0
 
+    if args.model == "auto":
+        from p2d_ray.data.synthetic import cache_root
+
+        args.model = "demo" if (cache_root() / "demo" / "model" / "meta.json").is_file() else "demo-shape"
     workdir = Path(tempfile.mkdtemp(prefix="p2d-bench-train-"))
     model, run, corpus = _setup(workdir, args.model, n_rows=max(512, (args.steps + 1) * args.batch_size * 2))
     rows: dict[str, list[dict]] = {k: [] for k in ("load", *ADAPTATIONS)}
@@ -198,7 +213,12 @@ def main(argv=None) -> int:
             in_process[a]["step_median_s"] / in_process["full"]["step_median_s"]
         )
     result = {
-        "model": "p2d-demo" if args.model == "demo" else "tiny 2-layer llama (tests/conftest.py)",
+        "model": {
+            "demo": "p2d-demo",
+            "demo-shape": "p2d-demo architecture + tokenizer, 1 pre-training step (demo not built yet)",
+            "tiny": "tiny 2-layer llama (tests/conftest.py)",
+        }[args.model],
+        "model_path": model,
         "batch_size": args.batch_size,
         "heads": json.loads(Path(run, "heads.json").read_text())["heads"],
         "rounds": args.rounds,
@@ -207,8 +227,9 @@ def main(argv=None) -> int:
     }
     if not args.no_trainer:
         result["trainer"] = _trainer_pass(model, run, corpus, args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
     return 0
 

@@ -5,8 +5,9 @@
     p2d-ray score    --config X.yaml [key=value …]   Stage 2 (Ray Data)
     p2d-ray select   --config X.yaml [key=value …]
     p2d-ray train    --config X.yaml [key=value …]   Stage 3 (Ray Train + DeepSpeed)
-    p2d-ray evaluate --config X.yaml [key=value …]
-    p2d-ray run      --config X.yaml [key=value …]   all stages, skipping the finished ones
+    p2d-ray evaluate --config X.yaml [key=value …]   held-out loss / exact match, base vs adapted
+    p2d-ray report   --config X.yaml [key=value …]   report.json (timings, AER) + aer.png
+    p2d-ray run      --config X.yaml [key=value …]   all stages + report, skipping the finished ones
     p2d-ray validate --config X.yaml [key=value …]   check config, model, heads and corpus; no Ray, no GPU
 """
 
@@ -26,6 +27,7 @@ COMMANDS = {
     "select": "p2d_ray.scoring.select:run_select",
     "train": "p2d_ray.training.trainer:run_train",
     "evaluate": "p2d_ray.eval.evaluate:run_evaluate",
+    "report": "p2d_ray.report.report:run_report",
     "run": "p2d_ray.pipeline:run_pipeline",
     "validate": "p2d_ray.validate:run_validate",
     "demo": "p2d_ray.demo:run_demo",

@@ -97,6 +97,18 @@ def test_launcher_yaml_installs_our_package_on_the_pinned_ray_image(path):
         assert junk in cfg["rsync_exclude"]
 
 
+@pytest.mark.parametrize("path", LAUNCHER_YAMLS, ids=lambda p: p.name)
+def test_launcher_yaml_mounts_the_shared_run_directory_on_every_node(path):
+    cfg = _load(path)
+    assert "-v /mnt/p2d:/mnt/p2d" in cfg["docker"]["run_options"]
+    for name, node_type in cfg["available_node_types"].items():
+        # A node type's own initialization_commands replace the global ones (Ray's node-type override).
+        commands = node_type.get("initialization_commands", cfg.get("initialization_commands", []))
+        assert any("mount" in c and "/mnt/p2d" in c for c in commands), name
+    for config in ("qwen2.5-7b-gsm8k.yaml", "llama3-8b-dialogsum.yaml"):
+        assert load_config(REPO / "jobs" / "configs" / config).run_dir.startswith("/mnt/p2d/")
+
+
 def test_dockerfile_builds_on_the_pinned_ray_and_copies_no_local_state():
     text = (CLUSTER / "Dockerfile").read_text()
     assert f"FROM {IMAGE_IN_DOCKERFILE}" in text
@@ -165,7 +177,7 @@ def test_rayjob_runs_a_shipped_entrypoint_and_config_and_cleans_up():
     script, config = args[1], args[args.index("--config") + 1]
     assert (REPO / script.removeprefix(in_image)).is_file()
     cfg = load_config(REPO / config.removeprefix(in_image))
-    assert cfg.train.num_workers * 1 <= 8 * spec["rayClusterSpec"]["workerGroupSpecs"][0]["maxReplicas"]
+    assert cfg.train.num_workers <= 8 * spec["rayClusterSpec"]["workerGroupSpecs"][0]["maxReplicas"]
     env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert set(env) <= set(ray.runtime_env.RuntimeEnv.known_fields)
 
@@ -188,7 +200,7 @@ def test_nothing_is_exposed_publicly_and_no_credentials_are_shipped():
         "aws secret": r"(?i)aws_secret_access_key\s*[:=]",
         "private key": r"-----BEGIN [A-Z ]*PRIVATE KEY-----",
         "hf token": r"hf_[A-Za-z0-9]{30,}",
-        "literal ray token": r"RAY_AUTH_TOKEN\s*[:=]\s*\S",
+        "literal ray token": r"RAY_AUTH_TOKEN\s*[:=]\s*['\"]?[A-Za-z0-9+/=_-]{16,}",  # $(...) lookups are fine
         "password": r"(?i)password\s*[:=]",
     }
     for path in files:

@@ -210,7 +210,7 @@ def train_func(config: dict) -> None:
             step_loss += loss.item() / accum
             rows += len(rows_list)
         # Log the loss averaged over ranks (the gradient already is).
-        loss_t = torch.tensor([step_loss, float(rows)], dtype=torch.float64)
+        loss_t = torch.tensor([step_loss, float(rows)], dtype=torch.float64, device=device)  # NCCL: on device
         dist.all_reduce(loss_t)
         state["step"] += 1
         state["loss_curve"].append(loss_t[0].item() / world)
@@ -227,7 +227,7 @@ def train_func(config: dict) -> None:
     digest = params_digest(params) if cfg.train.zero_stage < 3 else None
     digests = [None] * world
     dist.all_gather_object(digests, digest)
-    peak = torch.tensor([peak_memory_bytes(device)], dtype=torch.float64)
+    peak = torch.tensor([peak_memory_bytes(device)], dtype=torch.float64, device=device)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     state["final"] = {
         "ranks_identical": None if digest is None else len(set(digests)) == 1,
