@@ -89,6 +89,9 @@ class ScoreConfig(_Section):
     # influence: full and gated passes in ONE forward of the batch stacked twice with per-sample gates
     # [2B, L, H] (see BENCHMARKS.md for the measured effect), or two forwards.
     influence_fused: bool = True
+    # Duplicate-id check: on the driver with pyarrow up to this many corpus rows (a Ray shuffle costs seconds
+    # of fixed overhead), as a Ray Data hash aggregation above it (never collects 10M ids on the driver).
+    local_dedup_max_rows: int = Field(1_000_000, ge=0)
 
     @model_validator(mode="after")
     def _pool(self) -> ScoreConfig:
@@ -112,6 +115,7 @@ SCORE_RESOURCE_FIELDS = (
     "max_rows_per_block",
     "num_cpus_per_tokenize_task",
     "influence_fused",
+    "local_dedup_max_rows",
 )
 
 

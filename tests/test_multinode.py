@@ -42,7 +42,7 @@ VENV_BIN = Path(sys.executable).parent
 RAY_BIN = str(VENV_BIN / "ray")
 JOB_ID = "p2d-multinode"
 NODE_START_TIMEOUT_S = 240
-JOB_TIMEOUT_S = 420
+JOB_TIMEOUT_S = 900
 N_CORPUS = 400
 
 

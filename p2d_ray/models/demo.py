@@ -38,11 +38,14 @@ ANSWER = re.compile(r"####\s*(-?\d+)")
 
 # The fixed recipe behind ensure_demo_model(); bump MODEL_RECIPE_VERSION when the training code changes.
 MODEL_RECIPE_VERSION = 1
+# Measured here (build_cpu_seconds in meta.json): ~115 CPU-s, i.e. ~2 min on an idle core. lr 6e-3 beat
+# 3e-3 and 1.2e-2 on held-out arithmetic loss at this budget. One thread: on a shared 2-core box two
+# OpenMP threads ran 5x slower than one whenever other processes competed for the cores.
 DEMO_RECIPE = dict(
-    steps=1200,
+    steps=500,
     batch_size=32,
-    lr=3e-3,
-    warmup=60,
+    lr=6e-3,
+    warmup=30,
     weight_decay=0.01,
     seed=0,
     n_train_rows=20_000,
@@ -53,7 +56,7 @@ DEMO_RECIPE = dict(
     head_dim=16,
     hidden_size=128,
     intermediate_size=344,
-    threads=2,
+    threads=1,
     n_eval=200,  # held-out arithmetic rows for the before/after response loss
     n_exact=50,  # held-out problems for the greedy `#### answer` exact-match count
 )
@@ -77,14 +80,17 @@ def _lm_loss(model, batch: dict, on: str = "all") -> tuple[torch.Tensor, torch.T
 
 
 @torch.no_grad()
-def heldout_loss(model, tok, rows: list[dict], batch_size: int = 50) -> float:
-    """Mean per-token loss on the responses of ``rows`` (the prompt is context, not scored)."""
+def mean_loss(model, tok, rows: list[dict], on: str = "target", batch_size: int = 50) -> float:
+    """Mean per-token loss over ``rows``: on the responses (``on="target"``, the prompt is context) or on
+    every token (``on="all"``, the pre-training objective)."""
+    was_training = model.training
     model.eval()
     enc = _encode_all(rows, tok)
     total, count = 0.0, 0
     for i in range(0, len(enc), batch_size):
-        nll, n = _lm_loss(model, collate(enc[i : i + batch_size], tok.pad_token_id), on="target")
+        nll, n = _lm_loss(model, collate(enc[i : i + batch_size], tok.pad_token_id), on=on)
         total, count = total + nll.item(), count + int(n)
+    model.train(was_training)
     return total / max(count, 1)
 
 
@@ -147,8 +153,9 @@ def build_demo_model(
 ) -> dict:
     """Train the tokenizer and pre-train a tiny Llama; save both (safetensors) into ``out_dir``.
 
-    Returns build statistics: seconds, the training-loss curve (mean per token over ~10% windows),
-    held-out arithmetic response loss before/after, and the greedy ``####`` exact-match count on
+    Returns build statistics: seconds, the training-loss curve (mean per token over ~10% windows), the
+    loss on ``n_eval`` fixed rows of the training mixture and on the responses of ``n_eval`` held-out
+    arithmetic problems before/after, and the greedy ``####`` exact-match count on
     ``n_exact`` held-out problems (0 skips decoding).
     """
     if steps < 1 or batch_size < 1 or n_train_rows < batch_size:
@@ -184,7 +191,9 @@ def build_demo_model(
             pad_token_id=tok.pad_token_id,
         )
         model = LlamaForCausalLM(config)
-        loss_before = heldout_loss(model, tok, heldout[:n_eval])
+        # Fixed rows of the training mixture (all tokens) and held-out arithmetic (responses), before/after.
+        mixture = rows[:n_eval]
+        mix_before, loss_before = mean_loss(model, tok, mixture, "all"), mean_loss(model, tok, heldout[:n_eval])
 
         # No weight decay on norms (1-D params): decaying RMSNorm gains toward 0 only hurts.
         decay = [p for p in model.parameters() if p.ndim >= 2]
@@ -222,7 +231,7 @@ def build_demo_model(
                 window, window_n = 0.0, 0
         train_seconds = time.perf_counter() - t0
 
-        loss_after = heldout_loss(model, tok, heldout[:n_eval])
+        mix_after, loss_after = mean_loss(model, tok, mixture, "all"), mean_loss(model, tok, heldout[:n_eval])
         exact = greedy_exact_match(model, tok, heldout[:n_exact]) if n_exact else None
         model.save_pretrained(out_dir, safe_serialization=True)
         tok.save_pretrained(out_dir)
@@ -235,6 +244,8 @@ def build_demo_model(
         "build_cpu_seconds": round(time.process_time() - cpu0, 1),
         "n_params": sum(p.numel() for p in model.parameters()),
         "loss_curve": curve,
+        "mixture_loss_before": round(mix_before, 4),
+        "mixture_loss_after": round(mix_after, 4),
         "heldout_arithmetic_loss_before": round(loss_before, 4),
         "heldout_arithmetic_loss_after": round(loss_after, 4),
         "n_heldout_loss": min(n_eval, len(heldout)),

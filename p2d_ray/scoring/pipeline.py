@@ -29,7 +29,12 @@ from p2d_ray.heads.headset import HeadSet
 from p2d_ray.rundir import RunDir, stage_fingerprint
 from p2d_ray.scoring.actor import ACTOR_COL, PAD_COL, SCORE_TIME_COL, ScorerActor
 from p2d_ray.scoring.outputs import SCORE_COLUMNS, ScoreStore
-from p2d_ray.scoring.quarantine import count_reasons, duplicate_positions, quarantine_table
+from p2d_ray.scoring.quarantine import (
+    count_reasons,
+    duplicate_positions,
+    duplicate_positions_local,
+    quarantine_table,
+)
 from p2d_ray.scoring.scorers import USES_HEADS
 from p2d_ray.scoring.shards import ParquetShards, Shard, plan_shards
 from p2d_ray.scoring.tokenize import DUP_COL, TOKENIZE_TIME_COL, tokenize_block
@@ -308,7 +313,9 @@ def score_corpus(cfg: P2DConfig, on_shard_done: Callable[[Shard], None] | None =
     if todo:
         ensure_ray()
         t = time.perf_counter()
-        dups = duplicate_positions(plan.shards, cfg.data.id_column, plan.id_type)
+        n_rows = sum(sh.num_rows for sh in plan.shards)
+        find = duplicate_positions_local if n_rows <= s.local_dedup_max_rows else duplicate_positions
+        dups = find(plan.shards, cfg.data.id_column, plan.id_type)
         wall["duplicates"] = time.perf_counter() - t
         n_todo = sum(sh.num_rows for sh in todo.values())
         source = ParquetShards(

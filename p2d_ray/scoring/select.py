@@ -119,28 +119,26 @@ def keyed_block(
 def find_thresholds(
     keyed, counts: dict[str, int], k: dict[str, int], id_column: str, ascending: bool
 ) -> dict:
-    """Per stratum, the k-th row ``(value*, id*)`` in rank order (value, then id ascending).
+    """Per stratum, its k-th row ``(value*, id*)`` in rank order (value, then id ascending).
 
-    ONE distributed sort by (stratum, value, id), split at each stratum's offset and offset + k; the top
-    part of a stratum is exactly its selected rows, and its last row in rank order is the threshold:
-    the worst value among them (min, or max when ascending) with, among rows at that value, the largest id.
+    ONE distributed sort by (stratum, value, id), materialised in the object store; the k-th row of each
+    stratum sits at a known offset, so ``split_at_indices`` cuts out exactly that one row (block metadata
+    only: nothing else reaches the driver).
     """
-    from ray.data.expressions import col
-
     ranked = keyed.sort([STRATUM, VALUE, id_column], descending=[False, not ascending, False]).materialize()
-    cuts, offset = [], 0
     order = sorted(counts)  # Arrow sorts strings by UTF-8 bytes = code points = Python's str order
+    cuts, wanted, offset = [], [], 0
     for s in order:
-        cuts += [offset, offset + k[s]]
+        if k[s] > 0:
+            cuts += [offset + k[s] - 1, offset + k[s]]
+            wanted.append(s)
         offset += counts[s]
-    pieces = ranked.split_at_indices(cuts)  # pieces[1 + 2j] = top k of stratum j
+    pieces = ranked.split_at_indices(cuts)  # pieces[1 + 2j] = the single k-th row of stratum wanted[j]
     thresholds = {}
-    for j, s in enumerate(order):
-        if k[s] == 0:
-            continue
-        top = pieces[1 + 2 * j]
-        tv = top.max(VALUE) if ascending else top.min(VALUE)
-        thresholds[s] = (tv, top.filter(expr=col(VALUE) == tv).max(id_column))
+    for j, s in enumerate(wanted):
+        (row,) = pieces[1 + 2 * j].take(1)
+        assert row[STRATUM] == s, f"sorted strata out of the expected order: {row[STRATUM]!r} != {s!r}"
+        thresholds[s] = (row[VALUE], row[id_column])
     return thresholds
 
 
