@@ -14,15 +14,43 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from p2d_ray.config import ModelConfig, ScoreConfig
-from p2d_ray.data.formatting import Encoded, collate
 from p2d_ray.scoring.scorers import build_scorer
 
 SCORE_TIME_COL = "_t_score"  # per-row share of its micro-batch's model seconds (for stats)
 ACTOR_COL = "_actor"  # pid of the actor that scored the row (actor count in stats)
 PAD_COL = "_padded"  # padded length of the row's micro-batch (padding overhead in stats)
+
+
+def collate_arrow(
+    input_ids: pa.ChunkedArray | pa.ListArray,
+    loss_mask: pa.ChunkedArray | pa.ListArray,
+    rows: np.ndarray,
+    pad_id: int,
+) -> dict[str, torch.Tensor]:
+    """``formatting.collate`` for rows of Arrow list columns, without a Python list per row.
+
+    Returns input_ids / attention_mask / loss_mask ``[B, T]`` (long), right-padded to the longest row;
+    identical to ``collate`` (tested).
+    """
+    take = pa.array(np.asarray(rows, dtype=np.int64))
+    ids, mask = input_ids.take(take), loss_mask.take(take)
+    lengths = pc.list_value_length(ids).to_numpy(zero_copy_only=False).astype(np.int64)  # [B]
+    B, T = len(lengths), int(lengths.max())
+    r = np.repeat(np.arange(B), lengths)  # row of each token
+    c = np.arange(len(r)) - np.repeat(np.cumsum(lengths) - lengths, lengths)  # its position in the row
+    out = {
+        "input_ids": np.full((B, T), pad_id, dtype=np.int64),
+        "attention_mask": np.zeros((B, T), dtype=np.int64),
+        "loss_mask": np.zeros((B, T), dtype=np.int64),
+    }
+    out["input_ids"][r, c] = pc.list_flatten(ids).to_numpy(zero_copy_only=False)
+    out["attention_mask"][r, c] = 1
+    out["loss_mask"][r, c] = pc.list_flatten(mask).to_numpy(zero_copy_only=False)
+    return {k: torch.from_numpy(v) for k, v in out.items()}
 
 
 class ScorerActor:
@@ -67,8 +95,9 @@ class ScorerActor:
         for start in range(0, len(order), self.cfg.batch_size):
             idx = order[start : start + self.cfg.batch_size]
             t0 = time.perf_counter()
-            encoded = [Encoded(input_ids[int(i)].as_py(), loss_mask[int(i)].as_py()) for i in idx]
-            tensors = {k: v.to(self.device) for k, v in collate(encoded, self.pad_id).items()}
+            tensors = {
+                k: v.to(self.device) for k, v in collate_arrow(input_ids, loss_mask, idx, self.pad_id).items()
+            }
             out = self.score(tensors)
             score[idx] = out.score.float().cpu().numpy()
             n_tokens[idx] = out.n_tokens.cpu().numpy()

@@ -100,8 +100,7 @@ def plan_score(cfg: P2DConfig) -> ScorePlan:
     has_pr = d.prompt_column in first.names and d.response_column in first.names
     text_columns = [d.prompt_column, d.response_column] if has_pr else [d.text_column]
     shards, schema = plan_shards(corpus, [d.id_column, *text_columns])
-    id_type = schema.field(d.id_column).type
-    id_type = pa.string() if pa.types.is_large_string(id_type) else id_type
+    id_type = canonical_id_type(schema.field(d.id_column).type)
 
     demos: list[dict] = []
     if fmt == "icl":
@@ -143,6 +142,15 @@ def plan_score(cfg: P2DConfig) -> ScorePlan:
     )
 
 
+def canonical_id_type(t: pa.DataType) -> pa.DataType:
+    """One id type for every block (files may differ: int32 vs int64, string vs large_string)."""
+    if pa.types.is_integer(t):
+        return pa.int64()
+    if pa.types.is_large_string(t):
+        return pa.string()
+    return t
+
+
 def _hash(obj) -> str:
     import hashlib
 
@@ -170,6 +178,28 @@ def ensure_ray() -> bool:
     }
     ray.init(include_dashboard=False, runtime_env={"env_vars": env})
     return True
+
+
+def _warn_on_resources(s) -> None:
+    """A pool that cannot start on the cluster as it is now waits for the autoscaler -- or forever on a
+    fixed cluster (MEASURED.md: two 1-CPU actors on a 2-CPU node). Say so instead of hanging silently."""
+    import ray
+
+    have = ray.cluster_resources()
+    need_cpu = s.min_actors * s.num_cpus_per_actor + s.num_cpus_per_tokenize_task
+    if need_cpu > have.get("CPU", 0):
+        log.warning(
+            "score pool needs %.1f CPUs (min_actors * num_cpus_per_actor + a tokenize task) but the "
+            "cluster has %.1f now: it will wait for the autoscaler (or hang on a fixed cluster)",
+            need_cpu,
+            have.get("CPU", 0),
+        )
+    if s.num_gpus_per_actor and s.min_actors * s.num_gpus_per_actor > have.get("GPU", 0):
+        log.warning(
+            "score pool needs %.1f GPUs but the cluster has %.1f now",
+            s.min_actors * s.num_gpus_per_actor,
+            have.get("GPU", 0),
+        )
 
 
 class ShardCollector:
@@ -312,6 +342,7 @@ def score_corpus(cfg: P2DConfig, on_shard_done: Callable[[Shard], None] | None =
     ray_stats = None
     if todo:
         ensure_ray()
+        _warn_on_resources(s)
         t = time.perf_counter()
         n_rows = sum(sh.num_rows for sh in plan.shards)
         find = duplicate_positions_local if n_rows <= s.local_dedup_max_rows else duplicate_positions

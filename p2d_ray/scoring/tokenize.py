@@ -18,6 +18,7 @@ import json
 import time
 from collections.abc import Sequence
 from functools import lru_cache
+from itertools import chain
 
 import numpy as np
 import pyarrow as pa
@@ -132,7 +133,6 @@ def tokenize_block(
             reasons[i] = enc
         else:
             encoded[i] = enc
-    empty: list[int] = []
     raw = block.column(RAW_COL).to_pylist()
     row_json = [
         None
@@ -140,12 +140,18 @@ def tokenize_block(
         else (raw[i] or json.dumps({c: text[c][i] for c in text_columns}, default=str))
         for i in range(n)
     ]
+    lengths = np.array([len(e.input_ids) if e else 0 for e in encoded], dtype=np.int32)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    kept = [e for e in encoded if e]
+    # Flat values + offsets: building list<int> columns row by row costs more than the tokenizer.
+    ids_flat = pa.array(list(chain.from_iterable(e.input_ids for e in kept)), pa.int32())
+    mask_flat = pa.array(list(chain.from_iterable(e.loss_mask for e in kept)), pa.int8())
     out = pa.table(
         {
             id_col: ids,
-            "input_ids": pa.array([e.input_ids if e else empty for e in encoded], pa.list_(pa.int32())),
-            "loss_mask": pa.array([e.loss_mask if e else empty for e in encoded], pa.list_(pa.int8())),
-            "length": pa.array([len(e.input_ids) if e else 0 for e in encoded], pa.int32()),
+            "input_ids": pa.ListArray.from_arrays(offsets, ids_flat),
+            "loss_mask": pa.ListArray.from_arrays(offsets, mask_flat),
+            "length": pa.array(lengths),
             "truncated": pa.array([bool(e and e.truncated) for e in encoded]),
             REASON_COL: pa.array(reasons, pa.string()),
             "row_json": pa.array(row_json, pa.string()),
