@@ -197,3 +197,29 @@ def test_batched_tokenizer_equals_encode_row(llama, fmt, overlong):
             expected.append(str(err))
     assert BatchedTokenizer(tok).encode_rows(rows, cfg, fmt, demos) == expected
     assert any(isinstance(e, str) for e in expected) and any(not isinstance(e, str) for e in expected)
+
+
+def test_collate_arrow_equals_collate(llama):
+    """The actor's vectorised collate from Arrow list columns == formatting.collate, for any row subset."""
+    import numpy as np
+    import pyarrow as pa
+
+    from p2d_ray.scoring.actor import collate_arrow
+
+    _, tok = llama
+    cfg = DataConfig()
+    enc = [encode_row({"prompt": p, "response": r}, tok, cfg, "prompt_response") for p, r in TEXTS]
+    ids = pa.chunked_array(
+        [pa.array([e.input_ids for e in enc[:2]]), pa.array([e.input_ids for e in enc[2:]])]
+    )
+    mask = pa.chunked_array(
+        [
+            pa.array([e.loss_mask for e in enc[:2]], pa.list_(pa.int8())),
+            pa.array([e.loss_mask for e in enc[2:]], pa.list_(pa.int8())),
+        ]
+    )
+    for rows in ([0, 1, 2, 3], [3, 0], [2]):
+        got = collate_arrow(ids, mask, np.array(rows), tok.pad_token_id)
+        ref = collate([enc[i] for i in rows], tok.pad_token_id)
+        for k in ref:
+            assert got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k]), (rows, k)

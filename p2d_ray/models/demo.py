@@ -193,7 +193,10 @@ def build_demo_model(
         model = LlamaForCausalLM(config)
         # Fixed rows of the training mixture (all tokens) and held-out arithmetic (responses), before/after.
         mixture = rows[:n_eval]
-        mix_before, loss_before = mean_loss(model, tok, mixture, "all"), mean_loss(model, tok, heldout[:n_eval])
+        mix_before, loss_before = (
+            mean_loss(model, tok, mixture, "all"),
+            mean_loss(model, tok, heldout[:n_eval]),
+        )
 
         # No weight decay on norms (1-D params): decaying RMSNorm gains toward 0 only hurts.
         decay = [p for p in model.parameters() if p.ndim >= 2]

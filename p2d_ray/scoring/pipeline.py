@@ -36,7 +36,7 @@ from p2d_ray.scoring.quarantine import (
     quarantine_table,
 )
 from p2d_ray.scoring.scorers import USES_HEADS
-from p2d_ray.scoring.shards import ParquetShards, Shard, plan_shards
+from p2d_ray.scoring.shards import ParquetShards, Shard, list_parquet_files, plan_shards, read_footer
 from p2d_ray.scoring.tokenize import DUP_COL, TOKENIZE_TIME_COL, tokenize_block
 
 log = logging.getLogger("p2d_ray.score")
@@ -93,13 +93,13 @@ def plan_score(cfg: P2DConfig) -> ScorePlan:
             )
 
     corpus = corpus_path(cfg)
-    from p2d_ray.scoring.shards import list_parquet_files, read_footer
-
-    first = read_footer(list_parquet_files(corpus)[0]).schema.to_arrow_schema()
+    files = list_parquet_files(corpus)
+    first = read_footer(files[0]).schema.to_arrow_schema()
     fmt = resolve_format(d, first.names)
+    # encode_row reads prompt/response when a row has both, else the text column.
     has_pr = d.prompt_column in first.names and d.response_column in first.names
     text_columns = [d.prompt_column, d.response_column] if has_pr else [d.text_column]
-    shards, schema = plan_shards(corpus, [d.id_column, *text_columns])
+    shards, schema = plan_shards(corpus, [d.id_column, *text_columns], files=files)
     id_type = canonical_id_type(schema.field(d.id_column).type)
 
     demos: list[dict] = []
@@ -107,8 +107,16 @@ def plan_score(cfg: P2DConfig) -> ScorePlan:
         demos = pick_demos(read_rows(probe_path(cfg)), d.icl_k, cfg.seed)
 
     model_json = cfg.model.model_copy(update={"name_or_path": resolve_path(cfg.model)}).model_dump_json()
-    data = cfg.data.model_dump(mode="json", exclude={"corpus_path", "probe_path"})
-    score = cfg.score.model_dump(mode="json", exclude=set(SCORE_RESOURCE_FIELDS))
+    # What the scores depend on. Not: where the corpus lives (its shards are compared separately), resource
+    # knobs, and settings the chosen format / scorer ignores (changing them must not block a resume).
+    data = cfg.data.model_dump(
+        mode="json",
+        exclude={"corpus_path", "probe_path"} | (set() if fmt == "icl" else {"icl_k", "icl_instruction"}),
+    )
+    score = cfg.score.model_dump(
+        mode="json",
+        exclude=set(SCORE_RESOURCE_FIELDS) | (set() if s.scorer == "influence" else {"gate_mode"}),
+    )
     identity = {
         "model": cfg.model.model_dump(mode="json", exclude={"device"}),
         "model_fingerprint": model_fingerprint(cfg.model),

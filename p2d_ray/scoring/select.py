@@ -63,13 +63,16 @@ def total_k(n: int, fraction: float | None, top_k: int | None) -> int:
     return min(n, max(1, math.floor(fraction * n + 0.5))) if n else 0
 
 
-def _aligned(shard: Shard, score_file: str, id_column: str, columns: list[str]) -> tuple[pa.Table, pa.Array]:
+def _aligned(
+    shard: Shard, score_file: str, id_column: str, columns: list[str], ids: pa.ChunkedArray | None = None
+) -> tuple[pa.Table, pa.Array]:
     """(scores of the shard, index of each scored row in the corpus row group).
 
     An id's scored row is its FIRST row in the row group: a later row with the same id is a quarantined
-    duplicate, and a null id is never scored."""
+    duplicate, and a null id is never scored. ``ids``: the row group's id column, if already read."""
     scores = pq.read_table(score_file, columns=[id_column, *columns])
-    ids = read_shard(shard, [id_column]).column(id_column)
+    if ids is None:
+        ids = read_shard(shard, [id_column]).column(id_column)
     idx = pc.index_in(scores.column(id_column), value_set=ids)
     if idx.null_count:
         raise RuntimeError(
@@ -84,10 +87,11 @@ def _values(scores: pa.Table, column: str) -> pa.Array:
     return pc.if_else(pc.is_nan(v), pa.scalar(None, pa.float64()), v)  # NaN counts as missing
 
 
-def _strata(shard: Shard, idx: pa.Array, n: int, stratify_by: str | None) -> pa.Array:
+def _strata(shard: Shard, idx: pa.Array, n: int, stratify_by: str | None, corpus: pa.Table | None = None):
+    """The stratum (as a string) of each scored row; ``corpus``: the row group, if already read."""
     if stratify_by is None:
         return pa.array([ALL] * n, pa.string())
-    col = read_shard(shard, [stratify_by]).column(stratify_by).take(idx)
+    col = (corpus if corpus is not None else read_shard(shard, [stratify_by])).column(stratify_by).take(idx)
     return pc.fill_null(col.cast(pa.string()), NULL_STRATUM)
 
 
@@ -169,13 +173,13 @@ def write_block(
     results = []
     for i in batch.column("i").to_pylist():
         shard = Shard(**shards[i])
-        scores, idx = _aligned(shard, files[i], id_column, [column])
+        corpus = read_shard(shard, None)  # the full row group: every original column
+        scores, idx = _aligned(shard, files[i], id_column, [column], corpus.column(id_column))
         values = _values(scores, column)
-        strata = _strata(shard, idx, scores.num_rows, stratify_by)
+        strata = _strata(shard, idx, scores.num_rows, stratify_by, corpus)
         keep = _selected_mask(
             values, scores.column(id_column).combine_chunks(), strata, thresholds, ascending
         )
-        corpus = pq.ParquetFile(_open(shard.path)).read_row_group(shard.row_group)
         rows = np.sort(np.asarray(idx)[keep])
         order = np.argsort(np.asarray(idx)[keep], kind="stable")
         subset = corpus.take(pa.array(rows, pa.int64())).append_column(
@@ -200,13 +204,6 @@ def write_block(
             rec["clean_selected"] = int(label[rows].sum())
         results.append(json.dumps(rec))
     return pa.table({"result": pa.array(results, pa.string())})
-
-
-def _open(path: str):
-    from p2d_ray.scoring.shards import resolve_fs
-
-    fs, inner = resolve_fs(path)
-    return fs.open_input_file(inner)
 
 
 def _count(values: pa.Array) -> dict[str, int]:

@@ -123,18 +123,21 @@ def read_footer(path: str) -> pq.FileMetaData:
         raise ValueError(f"cannot read Parquet file {path}: {err}") from None
 
 
-def plan_shards(path: str, required: list[str], threads: int = 16) -> tuple[list[Shard], pa.Schema]:
+def plan_shards(
+    path: str, required: list[str], threads: int = 16, files: list[str] | None = None
+) -> tuple[list[Shard], pa.Schema]:
     """Every row group of every file under ``path`` as a :class:`Shard`, after checking all files.
 
     Args:
         required: columns every file must have (the id column first).
+        files: the listing of ``path`` when the caller already has it.
     Returns:
         (shards in file order, the Arrow schema of the first file)
     Raises:
         ValueError: unreadable file (named), missing columns, id column types that differ between
         files, or an empty corpus -- all found before any work starts.
     """
-    files = list_parquet_files(path)
+    files = files or list_parquet_files(path)
     with ThreadPoolExecutor(max_workers=min(threads, len(files))) as pool:
         metas = list(pool.map(read_footer, files))
     schema0 = metas[0].schema.to_arrow_schema()
@@ -172,12 +175,12 @@ def _same_kind(a: pa.DataType, b: pa.DataType) -> bool:
     return a == b or (_is_text(a) and _is_text(b)) or (pa.types.is_integer(a) and pa.types.is_integer(b))
 
 
-def read_shard(shard: Shard, columns: list[str], id_type: pa.DataType | None = None) -> pa.Table:
-    """One row group's ``columns`` (id cast to ``id_type`` so every block has one schema)."""
+def read_shard(shard: Shard, columns: list[str] | None, id_type: pa.DataType | None = None) -> pa.Table:
+    """One row group's ``columns`` (None: all), the first cast to ``id_type`` so every block has one schema."""
     fs, inner = resolve_fs(shard.path)
     with fs.open_input_file(inner) as f:
         table = pq.ParquetFile(f).read_row_group(shard.row_group, columns=columns)
-    if id_type is not None and table.schema.field(columns[0]).type != id_type:
+    if columns and id_type is not None and table.schema.field(columns[0]).type != id_type:
         table = table.set_column(0, columns[0], table.column(0).cast(id_type))
     return table
 
