@@ -66,33 +66,36 @@ def main(argv: list[str] | None = None) -> None:
         n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         loc = cfg.localize
 
-        def run(method: str) -> tuple[float, torch.Tensor]:
-            t0 = time.perf_counter()
+        def run(method: str) -> tuple[float, float, torch.Tensor]:
+            t0, c0 = time.perf_counter(), time.process_time()
             scores = head_importance(model, batches, method, alps_steps=loc.alps_steps, alps_lr=loc.alps_lr)
-            return time.perf_counter() - t0, scores
+            return time.perf_counter() - t0, time.process_time() - c0, scores
 
         run("gradient")  # warm-up: first-call allocations and kernel selection
         seconds: dict[str, list[float]] = {m: [] for m in METHODS}
+        cpu: dict[str, list[float]] = {m: [] for m in METHODS}  # less sensitive to other users' load
         scores: dict[str, torch.Tensor] = {}
         for _ in range(args.rounds):
             for method in METHODS:
-                s, scores[method] = run(method)
+                s, c, scores[method] = run(method)
                 seconds[method].append(s)
+                cpu[method].append(c)
 
     count = n_selected(geo.total_heads, loc.top_fraction, loc.top_k)
     chosen = {m: set(top_heads(scores[m], count)) for m in METHODS}
     base = statistics.median(seconds["gradient"])
+    base_cpu = statistics.median(cpu["gradient"])
     print(
         f"model {args.model} ({geo.family}, {geo.n_layers} layers x {geo.n_heads} heads, {geo.n_kv_heads} kv heads), "
         f"{len(rows)} probe rows / {n_tokens} tokens, batch {loc.batch_size}, alps_steps {loc.alps_steps}, "
         f"torch threads {args.threads}, median of {args.rounds} interleaved rounds\n"
     )
-    print("| method | median s | ratio to gradient | top heads kept |")
-    print("|---|---|---|---|")
+    print("| method | wall s (median) | wall ratio to gradient | CPU s (median) | CPU ratio | heads kept |")
+    print("|---|---|---|---|---|---|")
     for m in METHODS:
-        med = statistics.median(seconds[m])
+        med, med_cpu = statistics.median(seconds[m]), statistics.median(cpu[m])
         heads = ", ".join(f"({layer},{head})" for layer, head in sorted(chosen[m]))
-        print(f"| {m} | {med:.2f} | {med / base:.2f} | {heads} |")
+        print(f"| {m} | {med:.2f} | {med / base:.2f} | {med_cpu:.2f} | {med_cpu / base_cpu:.2f} | {heads} |")
     print()
     for i, a in enumerate(METHODS):
         for b in METHODS[i + 1 :]:

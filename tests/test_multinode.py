@@ -357,14 +357,6 @@ def test_teardown_stops_only_our_nodes(cluster, job):
     stop() is then a no-op). Other Ray instances on the machine are not looked at, let alone touched."""
     ours = cluster.ours()
     assert len(ours) >= 4, "expected at least gcs, raylets and dashboard processes"
-    tot = 0.0
-    for p in ours:
-        try:
-            t = p.cpu_times()
-            tot += t.user + t.system + t.children_user + t.children_system
-        except psutil.Error:
-            pass
-    print(f"\nCPU_SECONDS_OF_CLUSTER {tot:.1f}")
     cluster.stop()
     assert cluster.ours() == []
     assert all(p.poll() is not None for p in cluster.procs)
