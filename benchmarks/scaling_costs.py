@@ -53,6 +53,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (a scoring actor's torch_threads)")
+    ap.add_argument("--concat", type=int, default=1, help="join this many corpus rows into one (longer rows)")
     args = ap.parse_args(argv)
 
     from p2d_ray.config import DataConfig, ModelConfig
@@ -69,10 +70,16 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     workdir = Path(tempfile.mkdtemp(prefix="p2d-scaling-"))
     mcfg = ModelConfig(name_or_path=_model_path(args.model, workdir), device="cpu", dtype="float32")
-    data = DataConfig(max_length=256)
-    table = read_table(str(demo_assets().corpus_dir)).slice(0, args.rows)
+    data = DataConfig(max_length=512)
+    table = read_table(str(demo_assets().corpus_dir)).slice(0, args.rows * args.concat)
     fmt = resolve_format(data, table.column_names)
-    rows = table.select([data.prompt_column, data.response_column]).to_pylist()
+    parts = table.select([data.prompt_column, data.response_column]).to_pylist()
+    rows = [  # --concat k: k demo rows in one (prompt, response), for realistic lengths
+        {data.prompt_column: parts[i][data.prompt_column],
+         data.response_column: "\n".join(r[data.prompt_column] + r[data.response_column]
+                                         for r in parts[i : i + args.concat])[len(parts[i][data.prompt_column]):]}
+        for i in range(0, len(parts), args.concat)
+    ]
 
     tok = load_tokenizer(mcfg)
     model = load_model(mcfg)
