@@ -14,6 +14,7 @@ model actually processed, so it can be compared with a GPU's peak for an MFU.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -22,8 +23,11 @@ from pathlib import Path
 
 import torch
 
-SCORERS = (("influence (fused)", "influence", True, 2), ("influence (2 passes)", "influence", False, 2),
-           ("perplexity", "perplexity", True, 1))
+SCORERS = (
+    ("influence (fused)", "influence", True, 2),
+    ("influence (2 passes)", "influence", False, 2),
+    ("perplexity", "perplexity", True, 1),
+)
 
 
 def _model_path(choice: str, workdir: Path) -> str:
@@ -75,9 +79,12 @@ def main(argv=None) -> None:
     fmt = resolve_format(data, table.column_names)
     parts = table.select([data.prompt_column, data.response_column]).to_pylist()
     rows = [  # --concat k: k demo rows in one (prompt, response), for realistic lengths
-        {data.prompt_column: parts[i][data.prompt_column],
-         data.response_column: "\n".join(r[data.prompt_column] + r[data.response_column]
-                                         for r in parts[i : i + args.concat])[len(parts[i][data.prompt_column]):]}
+        {
+            data.prompt_column: parts[i][data.prompt_column],
+            data.response_column: "\n".join(
+                r[data.prompt_column] + r[data.response_column] for r in parts[i : i + args.concat]
+            )[len(parts[i][data.prompt_column]) :],
+        }
         for i in range(0, len(parts), args.concat)
     ]
 
@@ -87,6 +94,7 @@ def main(argv=None) -> None:
     n_heads = max(1, round(0.1 * geo.total_heads))  # P2D's ~10 %: which heads does not change the cost
     heads = HeadSet(tuple((i % geo.n_layers, (i * 7) % geo.n_heads) for i in range(n_heads)), geo)
     params = _matmul_params(model)
+    shutil.rmtree(workdir, ignore_errors=True)  # the tiny model, if any, is loaded by now
 
     tok_s = []
     for _ in range(args.rounds):
@@ -95,13 +103,17 @@ def main(argv=None) -> None:
         tok_s.append((time.perf_counter() - t0) / len(rows))
     encoded = [e for e in encoded if not isinstance(e, str)]
     encoded.sort(key=lambda e: -len(e.input_ids))  # the actor's length bucketing, over the whole set
-    batches = [collate(encoded[i : i + args.batch_size], tok.pad_token_id)
-               for i in range(0, len(encoded), args.batch_size)]
+    batches = [
+        collate(encoded[i : i + args.batch_size], tok.pad_token_id)
+        for i in range(0, len(encoded), args.batch_size)
+    ]
     real = sum(len(e.input_ids) for e in encoded)
     padded = sum(b["input_ids"].numel() for b in batches)
 
     timings = {name: [] for name, *_ in SCORERS}
-    fns = {name: build_scorer(scorer, model, heads, "zero", 1024, fused) for name, scorer, fused, _ in SCORERS}
+    fns = {
+        name: build_scorer(scorer, model, heads, "zero", 1024, fused) for name, scorer, fused, _ in SCORERS
+    }
     for b in batches[:2]:  # warm-up
         for fn in fns.values():
             fn(b)
@@ -113,9 +125,11 @@ def main(argv=None) -> None:
             timings[name].append(time.perf_counter() - t0)
 
     n = len(encoded)
-    print(f"model {args.model}: {geo.family} {geo.n_layers}x{geo.n_heads} heads, {params / 1e6:.2f} M matmul "
-          f"params ({2 * params / 1e6:.1f} MFLOP/token forward); {n} rows, {real / n:.1f} tokens/row "
-          f"({padded / n:.1f} padded), batch {args.batch_size}, torch threads {args.threads}")
+    print(
+        f"model {args.model}: {geo.family} {geo.n_layers}x{geo.n_heads} heads, {params / 1e6:.2f} M matmul "
+        f"params ({2 * params / 1e6:.1f} MFLOP/token forward); {n} rows, {real / n:.1f} tokens/row "
+        f"({padded / n:.1f} padded), batch {args.batch_size}, torch threads {args.threads}"
+    )
     print(f"tokenise (batched, scoring path): {1e6 * statistics.median(tok_s):.0f} us/row")
     print(f"{'scorer':<22}{'ms/row':>9}{'rows/s':>9}{'GFLOP/s':>10}{'vs fused':>10}")
     base = statistics.median(timings[SCORERS[0][0]])

@@ -51,7 +51,9 @@ def localize_on_a_worker(cfg) -> dict | None:
 
     if is_done(RunDir(cfg.run_dir), "localize", stage_fingerprint(cfg, "localize")):
         return None
-    task = ray.remote(num_cpus=cfg.score.num_cpus_per_actor, num_gpus=cfg.score.num_gpus_per_actor)(run_localize)
+    task = ray.remote(num_cpus=cfg.score.num_cpus_per_actor, num_gpus=cfg.score.num_gpus_per_actor)(
+        run_localize
+    )
     return ray.get(task.remote(cfg))
 
 
@@ -61,8 +63,12 @@ def main(stages: tuple[str, ...], description: str, argv: list[str] | None = Non
     The report (timings, AER) follows only when the whole pipeline ran (``run_pipeline.py``).
     """
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", "-c", required=True, help="YAML config, e.g. jobs/configs/local_tiny.yaml")
-    parser.add_argument("--stages", default=",".join(stages), help=f"comma-separated (default {','.join(stages)})")
+    parser.add_argument(
+        "--config", "-c", required=True, help="YAML config, e.g. jobs/configs/local_tiny.yaml"
+    )
+    parser.add_argument(
+        "--stages", default=",".join(stages), help=f"comma-separated (default {','.join(stages)})"
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. score.max_actors=16")
     args = parser.parse_args(argv)
 

@@ -157,7 +157,9 @@ def _model_findings(cfg: P2DConfig) -> tuple[list[dict], object | None]:
 
         built = cache_root() / "demo" / "model"
         if not (built / "config.json").is_file():
-            return [_finding("model", "ok", f"{name}: offline demo model, built on first use under {built}")], None
+            return [
+                _finding("model", "ok", f"{name}: offline demo model, built on first use under {built}")
+            ], None
         path = str(built)
     local = _looks_local(path)
     if local and not Path(path).expanduser().is_dir():
@@ -180,7 +182,9 @@ def _model_findings(cfg: P2DConfig) -> tuple[list[dict], object | None]:
         text = str(err)
         if not local and ("connect" in text.lower() or "offline" in text.lower()):
             return [_finding("model", "unchecked", f"{name}: hub unreachable from here ({text[:200]})")], None
-        return [_finding("model", "error", f"model.name_or_path={name!r}: {text.splitlines()[0][:300]}")], None
+        return [
+            _finding("model", "error", f"model.name_or_path={name!r}: {text.splitlines()[0][:300]}")
+        ], None
     try:
         geo = geometry_from_config(hf_config)
     except UnsupportedModelError as err:
@@ -209,7 +213,9 @@ def _weights_findings(path: Path, cfg: P2DConfig) -> list[dict]:
     if cfg.model.use_safetensors and not any(path.glob("*.safetensors")):
         out.append(
             _finding(
-                "model", "error", f"{path}: no *.safetensors weights (model.use_safetensors=true refuses pickle)"
+                "model",
+                "error",
+                f"{path}: no *.safetensors weights (model.use_safetensors=true refuses pickle)",
             )
         )
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):

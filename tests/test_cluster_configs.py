@@ -91,8 +91,10 @@ def test_launcher_yaml_installs_our_package_on_the_pinned_ray_image(path):
     cfg = _load(path)
     assert cfg["docker"]["image"] == IMAGE_IN_DOCKERFILE, "image Ray version must match the pinned ray"
     assert cfg["file_mounts"]["/home/ray/p2d-ray"] == "."
-    assert any("-c /home/ray/p2d-ray/constraints.txt" in c and "/home/ray/p2d-ray" in c
-               for c in cfg["setup_commands"])
+    assert any(
+        "-c /home/ray/p2d-ray/constraints.txt" in c and "/home/ray/p2d-ray" in c
+        for c in cfg["setup_commands"]
+    )
     for junk in (".venv", ".cache", "runs", ".git"):
         assert junk in cfg["rsync_exclude"]
 
@@ -140,9 +142,10 @@ def test_kuberay_cluster_spec_fields_we_rely_on(kind):
         assert group["minReplicas"] == 0 and group["replicas"] == 0 and group["maxReplicas"] >= 1
         container = group["template"]["spec"]["containers"][0]
         assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
-        assert container["resources"]["limits"]["nvidia.com/gpu"] == container["resources"]["requests"][
-            "nvidia.com/gpu"
-        ]
+        assert (
+            container["resources"]["limits"]["nvidia.com/gpu"]
+            == container["resources"]["requests"]["nvidia.com/gpu"]
+        )
     for group in [head, *spec["workerGroupSpecs"]]:
         pod = group["template"]
         assert pod["metadata"]["labels"]["app.kubernetes.io/part-of"] == "p2d-ray"  # NetworkPolicy selector
@@ -265,7 +268,11 @@ def _run_entry(script: str, *args: str, env_extra: dict | None = None) -> subpro
     env.update(env_extra or {})
     return subprocess.run(
         [sys.executable, str(REPO / "jobs" / script), *args],
-        capture_output=True, text=True, timeout=120, env=env, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=REPO,
     )
 
 
@@ -277,10 +284,22 @@ def test_entrypoint_without_a_cluster_refuses_to_start_its_own_ray():
 
 
 def test_entrypoint_reports_config_problems_before_connecting():
-    r = _run_entry("train.py", "--config", "jobs/configs/local_tiny.yaml", "train.zero_stagee=2",
-                   "score.batch_size=0", env_extra={"RAY_ADDRESS": "127.0.0.1:1"})
+    r = _run_entry(
+        "train.py",
+        "--config",
+        "jobs/configs/local_tiny.yaml",
+        "train.zero_stagee=2",
+        "score.batch_size=0",
+        env_extra={"RAY_ADDRESS": "127.0.0.1:1"},
+    )
     assert r.returncode == 2
     assert "train.zero_stagee: unknown key" in r.stderr and "score.batch_size" in r.stderr
-    r = _run_entry("train.py", "--config", "jobs/configs/local_tiny.yaml", "--stages", "train,fit",
-                   env_extra={"RAY_ADDRESS": "127.0.0.1:1"})
+    r = _run_entry(
+        "train.py",
+        "--config",
+        "jobs/configs/local_tiny.yaml",
+        "--stages",
+        "train,fit",
+        env_extra={"RAY_ADDRESS": "127.0.0.1:1"},
+    )
     assert r.returncode == 2 and "'fit'" in r.stderr

@@ -94,12 +94,23 @@ class LocalRayCluster:
     def _start(self, name: str, args: list[str], num_cpus: int) -> subprocess.Popen:
         workers = _free_range(64)
         cmd = [
-            RAY_BIN, "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
-            f"--temp-dir={self.root / name}", "--object-store-memory=150000000", "--disable-usage-stats",
-            f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
-            f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-            f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-            f"--min-worker-port={workers}", f"--max-worker-port={workers + 63}", *args,
+            RAY_BIN,
+            "start",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--num-cpus={num_cpus}",
+            f"--temp-dir={self.root / name}",
+            "--object-store-memory=150000000",
+            "--disable-usage-stats",
+            f"--node-manager-port={_free_port()}",
+            f"--object-manager-port={_free_port()}",
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
+            f"--min-worker-port={workers}",
+            f"--max-worker-port={workers + 63}",
+            *args,
         ]
         log = open(self.root / f"{name}.log", "w")  # noqa: SIM115 - closed in stop()
         self._logs.append(log)
@@ -131,14 +142,22 @@ class LocalRayCluster:
     def start_head(self, num_cpus: int, deadline: float) -> list[dict]:
         def args():
             self.gcs_port, self.dashboard_port = _free_port(), _free_port()
-            return ["--head", f"--port={self.gcs_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={_free_port()}"]
+            return [
+                "--head",
+                f"--port={self.gcs_port}",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dashboard_port}",
+                f"--ray-client-server-port={_free_port()}",
+            ]
 
         return self._start_node("head", args, num_cpus, 1, deadline)
 
     def add_node(self, num_cpus: int, deadline: float) -> list[dict]:
         n_alive = len(self.procs) + 1
-        return self._start_node("worker", lambda: [f"--address=127.0.0.1:{self.gcs_port}"], num_cpus, n_alive, deadline)
+        return self._start_node(
+            "worker", lambda: [f"--address=127.0.0.1:{self.gcs_port}"], num_cpus, n_alive, deadline
+        )
 
     @property
     def address(self) -> str:
@@ -146,11 +165,14 @@ class LocalRayCluster:
 
     def ray(self, *args: str, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
         """The ``ray`` CLI against this cluster (``--address`` is the job/state API on the dashboard)."""
-        return subprocess.run([RAY_BIN, *args], env=env or self.env, cwd=REPO, capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(
+            [RAY_BIN, *args], env=env or self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+        )
 
     def state(self, kind: str) -> list[dict]:
-        r = self.ray("list", kind, "--address", self.address, "--format", "json", "--detail", "--limit", "10000")
+        r = self.ray(
+            "list", kind, "--address", self.address, "--format", "json", "--detail", "--limit", "10000"
+        )
         if r.returncode != 0:
             raise RuntimeError(f"ray list {kind}: {r.stderr[-500:]}")
         out = r.stdout.strip()
@@ -192,7 +214,9 @@ class LocalRayCluster:
             try:
                 if proc.info["uids"] is None or proc.info["uids"].real != os.getuid():
                     continue
-                if marker in " ".join(proc.info["cmdline"] or []) or (proc.info["cwd"] or "").startswith(marker):
+                if marker in " ".join(proc.info["cmdline"] or []) or (proc.info["cwd"] or "").startswith(
+                    marker
+                ):
                     found[proc.pid] = proc
             except psutil.Error:
                 continue
@@ -233,10 +257,16 @@ def cluster():
     root = Path(tempfile.mkdtemp(prefix="p2dmn-", dir="/tmp"))
     cache = os.environ.get("P2D_RAY_CACHE") or str(REPO / ".cache" / "p2d-ray")
     ext = os.environ.get("TORCH_EXTENSIONS_DIR") or str(REPO / ".cache" / "torch_extensions")
-    c = LocalRayCluster(root, {
-        "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "P2D_RAY_CACHE": cache,
-        "TORCH_EXTENSIONS_DIR": ext, "DS_ACCELERATOR": "cpu",
-    })
+    c = LocalRayCluster(
+        root,
+        {
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "P2D_RAY_CACHE": cache,
+            "TORCH_EXTENSIONS_DIR": ext,
+            "DS_ACCELERATOR": "cpu",
+        },
+    )
     deadline = time.monotonic() + NODE_START_TIMEOUT_S
     try:
         c.start_head(num_cpus=2, deadline=deadline)
@@ -257,38 +287,72 @@ def job(cluster, tmp_path_factory):
     (data / "corpus").mkdir()
     half = N_CORPUS // 2
     for i in range(2):  # 2 files x 2 row groups: 4 shards to spread over the actors
-        pq.write_table(corpus.slice(i * half, half), data / "corpus" / f"part-{i}.parquet", row_group_size=100)
+        pq.write_table(
+            corpus.slice(i * half, half), data / "corpus" / f"part-{i}.parquet", row_group_size=100
+        )
     used = corpus.column("prompt").to_pylist()
     probe = generate_probe(used, n_rows=32)
     pq.write_table(probe, data / "probe.parquet")
-    pq.write_table(generate_heldout(used + probe.column("prompt").to_pylist(), n_rows=16), data / "heldout.parquet")
+    pq.write_table(
+        generate_heldout(used + probe.column("prompt").to_pylist(), n_rows=16), data / "heldout.parquet"
+    )
     model = save_tiny_model(data / "model", "llama")
     run_dir = data / "run"
 
     submit = cluster.ray(
-        "job", "submit", "--address", cluster.address, "--submission-id", JOB_ID,
-        "--working-dir", ".", "--runtime-env", "jobs/runtime_env.yaml", "--no-wait", "--",
-        "python", "jobs/run_pipeline.py", "--config", "jobs/configs/local_tiny.yaml",
-        f"run_dir={run_dir}", f"model.name_or_path={model}", f"data.corpus_path={data / 'corpus'}",
-        f"data.probe_path={data / 'probe.parquet'}", f"evaluate.heldout_path={data / 'heldout.parquet'}",
+        "job",
+        "submit",
+        "--address",
+        cluster.address,
+        "--submission-id",
+        JOB_ID,
+        "--working-dir",
+        ".",
+        "--runtime-env",
+        "jobs/runtime_env.yaml",
+        "--no-wait",
+        "--",
+        "python",
+        "jobs/run_pipeline.py",
+        "--config",
+        "jobs/configs/local_tiny.yaml",
+        f"run_dir={run_dir}",
+        f"model.name_or_path={model}",
+        f"data.corpus_path={data / 'corpus'}",
+        f"data.probe_path={data / 'probe.parquet'}",
+        f"evaluate.heldout_path={data / 'heldout.parquet'}",
         timeout=120,
     )
     assert submit.returncode == 0, submit.stderr[-2000:]
     try:
         # Streams the driver's output and returns when the job reaches a terminal state.
-        follow = cluster.ray("job", "logs", "--address", cluster.address, "--follow", JOB_ID, timeout=JOB_TIMEOUT_S)
+        follow = cluster.ray(
+            "job", "logs", "--address", cluster.address, "--follow", JOB_ID, timeout=JOB_TIMEOUT_S
+        )
     except subprocess.TimeoutExpired:
         cluster.ray("job", "stop", "--address", cluster.address, JOB_ID)
         logs = cluster.ray("job", "logs", "--address", cluster.address, JOB_ID).stdout
         done = {p.stem: json.loads(p.read_text())["seconds"] for p in (run_dir / "stages").glob("*.json")}
-        pytest.fail(f"job did not finish within {JOB_TIMEOUT_S} s; stages done (s): {done}; last output:\n"
-                    f"{logs[-3000:]}")
+        pytest.fail(
+            f"job did not finish within {JOB_TIMEOUT_S} s; stages done (s): {done}; last output:\n"
+            f"{logs[-3000:]}"
+        )
     return {"run_dir": run_dir, "follow": follow, "submit": submit}
 
 
 def _job_status(cluster, env=None) -> subprocess.CompletedProcess:
-    return cluster.ray("job", "status", "--address", cluster.address, "--log-style", "record", "--log-color", "false",
-                       JOB_ID, env=env)
+    return cluster.ray(
+        "job",
+        "status",
+        "--address",
+        cluster.address,
+        "--log-style",
+        "record",
+        "--log-color",
+        "false",
+        JOB_ID,
+        env=env,
+    )
 
 
 def _parse_status(text: str) -> str | None:
@@ -314,7 +378,10 @@ def test_pipeline_job_succeeds_with_its_outputs(cluster, job):
     summary = json.loads((run / "score_summary.json").read_text())
     # Every corpus row is accounted for: scored or quarantined with a reason, none lost between nodes.
     assert summary["rows_in"] == N_CORPUS == summary["rows_scored"] + summary["rows_quarantined"]
-    assert scores.num_rows == summary["rows_scored"] and len(set(scores.column("id").to_pylist())) == scores.num_rows
+    assert (
+        scores.num_rows == summary["rows_scored"]
+        and len(set(scores.column("id").to_pylist())) == scores.num_rows
+    )
     for stage in ("localize", "score", "select", "train", "evaluate"):
         assert json.loads((run / "stages" / f"{stage}.json").read_text())["seconds"] > 0, stage
     assert pq.read_table(run / "subset").num_rows > 0

@@ -41,7 +41,9 @@ def data_dir(tmp_path_factory) -> Path:
             pa.table({"id": ids, "prompt": [f"q{j}" for j in ids], "response": [f"a{j}" for j in ids]}),
             root / "corpus" / f"part-{i}.parquet",
         )
-    (root / "probe.jsonl").write_text("".join(json.dumps({"prompt": "q", "response": "a"}) + "\n" for _ in range(5)))
+    (root / "probe.jsonl").write_text(
+        "".join(json.dumps({"prompt": "q", "response": "a"}) + "\n" for _ in range(5))
+    )
     pq.write_table(pa.table({"prompt": ["q"], "response": ["a"]}), root / "heldout.parquet")
     # Columns that fit no prompt format, and a corpus without ids.
     pq.write_table(pa.table({"id": [1], "body": ["x"]}), root / "wrong_columns.parquet")
@@ -88,9 +90,16 @@ def test_local_model_and_data_all_ok(tiny_llama, data_dir, tmp_path):
     assert report["ok"]
     checks = _by_check(report)
     model = checks["model"][0]
-    assert model["status"] == "ok" and model["geometry"]["n_heads"] == 4 and model["geometry"]["n_kv_heads"] == 2
+    assert (
+        model["status"] == "ok" and model["geometry"]["n_heads"] == 4 and model["geometry"]["n_kv_heads"] == 2
+    )
     corpus = checks["corpus"][0]
-    assert (corpus["status"], corpus["rows"], corpus["files"], corpus["format"]) == ("ok", 100, 2, "prompt_response")
+    assert (corpus["status"], corpus["rows"], corpus["files"], corpus["format"]) == (
+        "ok",
+        100,
+        2,
+        "prompt_response",
+    )
     assert checks["probe"][0]["rows"] == 5
 
 
@@ -110,9 +119,14 @@ def test_heads_json_must_fit_the_models_geometry(tiny_llama, data_dir, tmp_path)
 
 def test_data_problems_are_hard_errors_listed_together(tiny_llama, data_dir, tmp_path):
     cfg = _cfg(
-        tiny_llama, data_dir, tmp_path,
-        **{"data.corpus_path": data_dir / "no_ids.parquet", "data.probe_path": data_dir / "wrong_columns.parquet",
-           "evaluate.heldout_path": data_dir / "missing.parquet"},
+        tiny_llama,
+        data_dir,
+        tmp_path,
+        **{
+            "data.corpus_path": data_dir / "no_ids.parquet",
+            "data.probe_path": data_dir / "wrong_columns.parquet",
+            "evaluate.heldout_path": data_dir / "missing.parquet",
+        },
     )
     report = run_validate(cfg, raise_on_error=False)
     assert not report["ok"]
@@ -125,7 +139,10 @@ def test_data_problems_are_hard_errors_listed_together(tiny_llama, data_dir, tmp
 def test_model_problems(tiny_llama, data_dir, tmp_path):
     # A local path that does not exist is an error (unlike an uncached hub name offline).
     report = run_validate(_cfg(str(tmp_path / "nope"), data_dir, tmp_path), raise_on_error=False)
-    assert _statuses(report, "model") == {"error"} and "no such directory" in _by_check(report)["model"][0]["message"]
+    assert (
+        _statuses(report, "model") == {"error"}
+        and "no such directory" in _by_check(report)["model"][0]["message"]
+    )
     report = run_validate(_cfg("some-org/some-model", data_dir, tmp_path), raise_on_error=False)
     assert report["ok"] and _statuses(report, "model") == {"unchecked"}
     # A family we cannot gate, and a max_length beyond the model's positions.
@@ -134,7 +151,9 @@ def test_model_problems(tiny_llama, data_dir, tmp_path):
     (bert / "config.json").write_text(json.dumps({"model_type": "bert"}))
     report = run_validate(_cfg(str(bert), data_dir, tmp_path), raise_on_error=False)
     assert _statuses(report, "model") == {"error"} and "bert" in _by_check(report)["model"][0]["message"]
-    report = run_validate(_cfg(tiny_llama, data_dir, tmp_path, **{"data.max_length": 4096}), raise_on_error=False)
+    report = run_validate(
+        _cfg(tiny_llama, data_dir, tmp_path, **{"data.max_length": 4096}), raise_on_error=False
+    )
     assert "exceeds the model's 512 positions" in " ".join(f["message"] for f in _by_check(report)["model"])
 
 
@@ -149,6 +168,8 @@ def test_cli_exit_codes(tiny_llama, data_dir, tmp_path, capsys):
     _cfg(tiny_llama, data_dir, tmp_path).save(good)
     assert cli_main(["validate", "--config", str(good)]) == 0
     assert json.loads(capsys.readouterr().out)["ok"] is True
-    assert cli_main(["validate", "--config", str(good), f"data.corpus_path={data_dir / 'no_ids.parquet'}"]) == 2
+    assert (
+        cli_main(["validate", "--config", str(good), f"data.corpus_path={data_dir / 'no_ids.parquet'}"]) == 2
+    )
     err = capsys.readouterr().err
     assert "config does not validate" in err and "corpus: data.id_column='id'" in err
