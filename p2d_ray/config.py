@@ -82,13 +82,15 @@ class ScoreConfig(_Section):
     blocks_per_actor: int = Field(4, ge=1)  # repartition so every actor gets work
     loss_chunk_tokens: int = Field(1024, ge=16)  # never materialise [B, T, V] log-probs at once
     # Length bucketing: each actor call takes batch_size * bucket_batches rows, sorts them by length and
-    # scores them in micro-batches of batch_size, so padding stays small.
-    bucket_batches: int = Field(8, ge=1)
+    # scores them in micro-batches of batch_size, so padding stays small (demo corpus, batch 32: 256-row
+    # windows pad 11.5% of tokens, 1024-row windows 3%).
+    bucket_batches: int = Field(32, ge=1)
     max_rows_per_block: int = Field(4096, ge=1)  # upper bound on rows per block (load balance, memory)
     num_cpus_per_tokenize_task: float = Field(1.0, gt=0)
     # influence: full and gated passes in ONE forward of the batch stacked twice with per-sample gates
-    # [2B, L, H] (see BENCHMARKS.md for the measured effect), or two forwards.
-    influence_fused: bool = True
+    # [2B, L, H] (2x activation memory), or two forwards. Same CPU cost measured here (BENCHMARKS.md);
+    # try true on GPUs, where a small batch underuses the device.
+    influence_fused: bool = False
     # Duplicate-id check: on the driver with pyarrow up to this many corpus rows (a Ray shuffle costs seconds
     # of fixed overhead), as a Ray Data hash aggregation above it (never collects 10M ids on the driver).
     local_dedup_max_rows: int = Field(1_000_000, ge=0)

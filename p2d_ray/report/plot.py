@@ -53,7 +53,8 @@ def plot_aer(points: list[dict], path: str | Path, base_quality: float | None = 
     ax.axvline(1.0, color="grey", linestyle=":", linewidth=1)  # full fine-tuning on all data
     ax.set_xlabel("AER (cost / full fine-tuning on all data; hollow = estimated)")
     ax.set_ylabel(names.pop())
-    ax.set_xlim(left=0)
+    # Room on the right for the labels of the rightmost points; AER 1 (full fine-tuning) always in view.
+    ax.set_xlim(0, 1.35 * max(1.0, *(p["aer"] for p in points)))
     ax.grid(alpha=0.3)
     ax.set_title("Quality vs adaptation efficiency")
     fig.tight_layout()

@@ -49,7 +49,7 @@ def influence_score(
     heads: HeadSet,
     mode: GateMode = "zero",
     chunk_tokens: int = 1024,
-    fused: bool = True,
+    fused: bool = False,
 ) -> ScoreOutput:
     """Relative loss increase when the task heads are gated off.
 
@@ -121,7 +121,7 @@ def build_scorer(
     heads: HeadSet | None = None,
     gate_mode: GateMode = "zero",
     chunk_tokens: int = 1024,
-    fused: bool = True,
+    fused: bool = False,
 ) -> Callable[[dict[str, torch.Tensor]], ScoreOutput]:
     """A function ``batch -> ScoreOutput`` for scorer ``name`` running under ``torch.inference_mode``."""
     if name not in SCORERS:
