@@ -9,6 +9,7 @@
     p2d-ray report   --config X.yaml [key=value …]   report.json (timings, AER) + aer.png
     p2d-ray run      --config X.yaml [key=value …]   all stages + report, skipping the finished ones
     p2d-ray validate --config X.yaml [key=value …]   check config, model, heads and corpus; no Ray, no GPU
+    p2d-ray compare  --config X.yaml [key=value …]   selectors x adaptations x seeds -> results table
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ COMMANDS = {
     "report": "p2d_ray.report.report:run_report",
     "run": "p2d_ray.pipeline:run_pipeline",
     "validate": "p2d_ray.validate:run_validate",
+    "compare": "p2d_ray.compare:run_compare",
     "demo": "p2d_ray.demo:run_demo",
 }
 
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         # Bad user input found up front: one clear message, no traceback from deep inside Ray.
         print(f"p2d-ray {args.command}: error: {err}", file=sys.stderr)
         return 2
-    if result is not None and args.command != "demo":
+    if result is not None and args.command not in ("demo", "compare"):  # these print their own summary
         print(json.dumps(result, indent=1, default=str))
     return 0
 

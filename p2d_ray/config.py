@@ -67,10 +67,17 @@ class LocalizeConfig(_Section):
     alps_steps: int = Field(20, ge=1)
     alps_lr: float = Field(1e-2, gt=0)
     torch_threads: int | None = Field(None, ge=1)  # None: every CPU this process may use
+    # corpus: rank heads by importance on the probe / importance on the first contrast_samples corpus rows
+    # (drops heads that every input needs); none: importance on the probe alone (the paper's proxy).
+    contrast: Literal["none", "corpus"] = "none"
+    contrast_samples: int = Field(100, ge=1)
+    # random_heads: the falsification control -- random heads with the task heads' count per layer
+    # (seeded by the run seed) replace the task heads for scoring and training.
+    control: Literal["none", "random_heads"] = "none"
 
 
 class ScoreConfig(_Section):
-    scorer: Literal["influence", "activation", "perplexity", "noop"] = "influence"
+    scorer: Literal["influence", "activation", "perplexity", "ifd", "noop"] = "influence"
     gate_mode: Literal["zero", "uniform"] = "zero"
     batch_size: int = Field(16, ge=1)
     # Actor pool: same shape drives 1 CPU actor on a laptop and 64 GPU actors on a fleet.
@@ -94,6 +101,9 @@ class ScoreConfig(_Section):
     # Duplicate-id check: on the driver with pyarrow up to this many corpus rows (a Ray shuffle costs seconds
     # of fixed overhead), as a Ray Data hash aggregation above it (never collects 10M ids on the driver).
     local_dedup_max_rows: int = Field(1_000_000, ge=0)
+    # Wait this long for min_actors to start before dispatching (0: do not wait); an autoscaling cluster may
+    # need minutes to add GPU nodes. Past it, the run fails with a timeout instead of hanging.
+    actor_start_timeout_s: int = Field(900, ge=0)
 
     @model_validator(mode="after")
     def _pool(self) -> ScoreConfig:
@@ -118,6 +128,7 @@ SCORE_RESOURCE_FIELDS = (
     "num_cpus_per_tokenize_task",
     "influence_fused",
     "local_dedup_max_rows",
+    "actor_start_timeout_s",
 )
 
 
@@ -127,7 +138,8 @@ class SelectConfig(_Section):
     stratify_by: str | None = None  # a corpus column: fraction / top_k is allocated per stratum
     # Which scores column ranks the rows: "score" (the run's scorer), or e.g. "loss_full" with
     # ascending=true for perplexity selection from the same scores file.
-    score_column: Literal["score", "loss_full", "loss_gated", "n_tokens"] = "score"
+    # "random": a seeded uniform random selection (hash of the run seed and the id), the baseline.
+    score_column: Literal["score", "loss_full", "loss_gated", "n_tokens", "random"] = "score"
     ascending: bool = False  # False: highest score first
 
 
@@ -194,6 +206,42 @@ class ReportConfig(_Section):
     variants: list[str] = Field(default_factory=list)  # more run dirs / report.json files to plot
 
 
+SELECTORS = ("p2d", "p2d_contrastive", "random_heads", "random", "perplexity", "perplexity_high", "ifd")
+
+
+class CompareConfig(_Section):
+    """``p2d-ray compare``: every selector x adaptation x seed through the same select -> train -> evaluate.
+
+    Selectors: ``p2d`` (influence under the localised task heads, ``localize`` as configured),
+    ``p2d_contrastive`` (the same with ``localize.contrast=corpus``), ``random_heads`` (the falsification
+    control: P2D with random heads of the task heads' count per layer, new heads per seed), ``random``
+    (seeded uniform), ``perplexity`` (lowest loss first), ``perplexity_high`` (highest first), ``ifd``.
+    Every selector keeps ``select.fraction`` / ``top_k`` of the corpus and every cell trains the same
+    ``train`` budget; only the adaptation's learning rate differs (``lr``, fixed per adaptation, never
+    per selector).
+    """
+
+    selectors: list[Literal[SELECTORS]] = Field(default_factory=lambda: list(SELECTORS))  # type: ignore[valid-type]
+    adaptations: list[Literal["heads", "lora", "full"]] = Field(
+        default_factory=lambda: ["heads", "lora", "full"]
+    )
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    # Per adaptation; an adaptation missing here uses train.lr.
+    lr: dict[Literal["heads", "lora", "full"], float] = Field(default_factory=dict)
+    eval_variants_per_pass: int = Field(16, ge=1)  # adapted models one evaluation actor holds at once
+
+    @model_validator(mode="after")
+    def _unique(self) -> CompareConfig:
+        for name in ("selectors", "adaptations", "seeds"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values) or not values:
+                raise ValueError(f"{name} must be a non-empty list without repeats, got {values}")
+        bad = {k: v for k, v in self.lr.items() if v <= 0}
+        if bad:
+            raise ValueError(f"lr must be > 0, got {bad}")
+        return self
+
+
 class P2DConfig(_Section):
     run_dir: str = "runs/demo"
     seed: int = 0
@@ -205,6 +253,7 @@ class P2DConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    compare: CompareConfig = Field(default_factory=CompareConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> P2DConfig:

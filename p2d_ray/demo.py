@@ -40,8 +40,11 @@ def _start_ray(num_cpus: int) -> bool:
 
     if ray.is_initialized():
         return False
-    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "P2D_RAY_CACHE", "TORCH_EXTENSIONS_DIR",
-                                      "TOKENIZERS_PARALLELISM") if k in os.environ}
+    env = {
+        k: os.environ[k]
+        for k in ("HF_HUB_OFFLINE", "P2D_RAY_CACHE", "TORCH_EXTENSIONS_DIR", "TOKENIZERS_PARALLELISM")
+        if k in os.environ
+    }
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
     return True
 
@@ -57,7 +60,9 @@ def summary_lines(report: dict, times: dict) -> list[str]:
     lines.append(f"task heads ({len(heads)}): " + ", ".join(f"L{layer}.H{h}" for layer, h in heads))
     sp = report.get("selection_precision")
     if sp:
-        lines.append(f"selection precision (clean on-task rows among the selected {sp['k']} of {sp['n_corpus']}):")
+        lines.append(
+            f"selection precision (clean on-task rows among the selected {sp['k']} of {sp['n_corpus']}):"
+        )
         lines.append(f"  P2D ({report['scorer']})      {_pct(sp['selected'])}")
         lines.append(f"  perplexity selection  {_pct(sp.get('perplexity'))}")
         lines.append(f"  base rate (random)    {_pct(sp['base_rate'])}")
@@ -70,12 +75,16 @@ def summary_lines(report: dict, times: dict) -> list[str]:
                 em = f"  exact match {_pct(v['exact_match'])}" if "exact_match" in v else ""
                 lines.append(f"  {name:<8} loss {v['loss']:.4f}  perplexity {v['perplexity']:.3f}{em}")
     a = report["aer"]
-    lines.append(f"AER ({a['label']}): {a['aer']:.3f} = P2D {a['p2d_seconds']:.1f} s / full fine-tuning "
-                 f"{a['full_train_seconds']:.1f} s ({a['full_train_steps']} steps on {a['n_full_rows']} rows)")
+    lines.append(
+        f"AER ({a['label']}): {a['aer']:.3f} = P2D {a['p2d_seconds']:.1f} s / full fine-tuning "
+        f"{a['full_train_seconds']:.1f} s ({a['full_train_steps']} steps on {a['n_full_rows']} rows)"
+    )
     stages = "  ".join(f"{k} {v:.1f}s" for k, v in report["stage_seconds"].items())
     lines.append(f"stage seconds: {stages}")
     lines.append("wall seconds: " + "  ".join(f"{k} {v:.1f}s" for k, v in times.items()))
-    lines.append(f"outputs: {report['run_dir']}/ (report.json, aer.png, heads.png, eval.json, subset/, adapter/)")
+    lines.append(
+        f"outputs: {report['run_dir']}/ (report.json, aer.png, heads.png, eval.json, subset/, adapter/)"
+    )
     return lines
 
 
@@ -119,7 +128,9 @@ def run_demo(cfg: P2DConfig) -> dict:
         print(f"(resumed: skipped finished stages {skipped}; delete {cfg.run_dir} to start over)")
     print("\n".join(summary_lines(report, times)), flush=True)
     Path(cfg.run_dir, "demo_summary.json").write_text(
-        json.dumps({"wall_seconds": times, "skipped": skipped, "report": str(Path(cfg.run_dir, "report.json"))},
-                   indent=1)
+        json.dumps(
+            {"wall_seconds": times, "skipped": skipped, "report": str(Path(cfg.run_dir, "report.json"))},
+            indent=1,
+        )
     )
     return {**report, "wall_seconds": times}

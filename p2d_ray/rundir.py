@@ -102,4 +102,6 @@ def stage_fingerprint(cfg, stage: str) -> str:
         if name == stage:
             break
     extra = cfg.data.probe_path or ""
+    if cfg.localize.contrast == "corpus":  # contrastive localisation also reads the corpus
+        extra += "|" + (cfg.data.corpus_path or "")
     return cfg.fingerprint(*sections) + ":" + extra

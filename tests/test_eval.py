@@ -1,5 +1,6 @@
 """Held-out evaluation: exact-match parsing, greedy decoding with left padding, response loss against a
-direct full-logits computation, and base vs adapted side by side through the Ray Data actor pool."""
+direct full-logits computation, and base vs adapted side by side (the callable class the Ray Data actors run;
+``run_evaluate`` on Ray is exercised end to end in tests/test_e2e.py)."""
 
 from __future__ import annotations
 
@@ -21,13 +22,18 @@ from p2d_ray.eval.evaluate import (
     greedy_generate,
     prompt_ids,
     read_heldout,
-    run_evaluate,
     summarize,
 )
 from p2d_ray.models.loading import load_tokenizer
 
-QUESTIONS = ["What is 3 plus 4?\n", "Add 5 and 2.\n", "Total?\n", "How many apples are there in all?\n",
-             "Sum 1 and 7.\n", "Eight?\n"]
+QUESTIONS = [
+    "What is 3 plus 4?\n",
+    "Add 5 and 2.\n",
+    "Total?\n",
+    "How many apples are there in all?\n",
+    "Sum 1 and 7.\n",
+    "Eight?\n",
+]
 
 
 # -- parsing ---------------------------------------------------------------------------------------------
@@ -70,10 +76,19 @@ def save_answering_model(path, answer: str, seed: int = 0) -> str:
     ans = tok(f" {answer}", add_special_tokens=False)["input_ids"]
     assert len(ans) == 1 and hashes != tok.unk_token_id, "the tokenizer must merge '####' and ' <answer>'"
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():
         for layer in model.model.layers:  # residual stream = token embedding
@@ -100,16 +115,24 @@ def answering_models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def heldout(tmp_path_factory):
     # Odd ids expect 7, even ids expect 8: a model that always answers 7 scores exactly 3/6.
-    rows = [{"id": i, "prompt": q, "response": f"{i} + 0 = {i}. #### {7 if i % 2 else 8}"}
-            for i, q in enumerate(QUESTIONS)]
+    rows = [
+        {"id": i, "prompt": q, "response": f"{i} + 0 = {i}. #### {7 if i % 2 else 8}"}
+        for i, q in enumerate(QUESTIONS)
+    ]
     path = tmp_path_factory.mktemp("heldout") / "heldout.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
     return str(path), rows
 
 
 def _cfg(model_path, heldout_path, run_dir, **extra):
-    over = [f"model.name_or_path={model_path}", f"evaluate.heldout_path={heldout_path}", f"run_dir={run_dir}",
-            "evaluate.n_samples=6", "evaluate.batch_size=4", "evaluate.max_new_tokens=8"]
+    over = [
+        f"model.name_or_path={model_path}",
+        f"evaluate.heldout_path={heldout_path}",
+        f"run_dir={run_dir}",
+        "evaluate.n_samples=6",
+        "evaluate.batch_size=4",
+        "evaluate.max_new_tokens=8",
+    ]
     return build_config({}, over + [f"{k}={v}" for k, v in extra.items()])
 
 
@@ -125,28 +148,32 @@ def test_greedy_generate_left_pads_and_stops_at_newline(answering_models, heldou
     assert tok.padding_side == "right", "generation must not change the shared tokenizer's padding side"
 
 
-def test_evaluate_base_vs_adapted_on_ray(ray_local, answering_models, heldout, tmp_path):
+def test_evaluate_base_vs_adapted(answering_models, heldout, tmp_path):
+    """The actor's work, in process (the Ray Data path runs in tests/test_e2e.py)."""
     from p2d_ray.models.loading import load_model
     from p2d_ray.training.export import write_manifest
 
     says7, says8 = answering_models
     run_dir = tmp_path / "run"
+    cfg = _cfg(says7, heldout[0], run_dir)
+    assert eval_variants(cfg) == {"base": None}  # nothing trained yet
     # The "adapted" model: a full fine-tuning export (manifest + merged model), as the trainer writes it.
     write_manifest(run_dir / "adapter", adaptation="full", base_model=says7, merged_dir=says8)
-    cfg = _cfg(says7, heldout[0], run_dir, **{"evaluate.num_actors": 2})
-    result = run_evaluate(cfg)
+    table, fmt, answers = read_heldout(cfg)
+    variants = eval_variants(cfg)
+    assert (fmt, answers, variants) == ("prompt_response", True, {"base": None, "adapted": str(run_dir)})
+    evaluator = HeldoutEvaluator(cfg.model_dump(mode="json"), variants, fmt, answers)
+    out = pa.concat_tables([evaluator(table.slice(0, 4)), evaluator(table.slice(4))])  # two batches
+    result = summarize(out, variants, answers)
 
-    saved = json.loads((run_dir / "eval.json").read_text())
-    assert saved == json.loads(json.dumps(result))
-    assert result["variants"] == ["base", "adapted"] and result["exact_match"] is True
-    assert result["n_samples"] == 6
     assert result["base"]["n_correct"] == 3 and result["base"]["exact_match"] == pytest.approx(0.5)
     assert result["adapted"]["n_correct"] == 3
-    samples = pq.read_table(run_dir / "eval_samples.parquet").to_pylist()
+    samples = out.to_pylist()
     assert [s["id"] for s in samples] == list(range(6))
     assert [s["correct_base"] for s in samples] == [bool(i % 2) for i in range(6)]
     assert [s["correct_adapted"] for s in samples] == [not (i % 2) for i in range(6)]
     assert {s["prediction_base"] for s in samples} == {"#### 7"}
+    assert {s["prediction_adapted"] for s in samples} == {"#### 8"}
 
     # Response-token loss against a direct full-logits computation, for both models.
     tok = load_tokenizer(cfg.model)
@@ -159,13 +186,13 @@ def test_evaluate_base_vs_adapted_on_ray(ray_local, answering_models, heldout, t
         keep = batch["loss_mask"][:, 1:].bool()
         nll = F.cross_entropy(logits[:, :-1][keep], batch["input_ids"][:, 1:][keep], reduction="none")
         per_sample = torch.zeros(6).index_add_(0, keep.nonzero()[:, 0], nll)
-        assert [s[f"nll_sum_{name}"] for s in samples] == pytest.approx(per_sample.tolist(), rel=1e-4, abs=1e-4)
+        assert [s[f"nll_sum_{name}"] for s in samples] == pytest.approx(
+            per_sample.tolist(), rel=1e-4, abs=1e-4
+        )
         assert [s["n_tokens"] for s in samples] == keep.sum(1).tolist()
         assert result[name]["loss"] == pytest.approx(nll.mean().item(), rel=1e-4)
         assert result[name]["perplexity"] == pytest.approx(nll.mean().exp().item(), rel=1e-4)
     assert result["delta"]["loss"] == pytest.approx(result["adapted"]["loss"] - result["base"]["loss"])
-    rec = json.loads((run_dir / "stages" / "evaluate.json").read_text())
-    assert rec["seconds"] > 0
 
 
 def test_plain_text_without_adapter_in_process(tiny_llama, tmp_path):
@@ -183,15 +210,20 @@ def test_plain_text_without_adapter_in_process(tiny_llama, tmp_path):
     assert set(summary) == {"base"} and "exact_match" not in summary["base"]
     # plain rows: every token after bos is scored (eos included)
     tok = load_tokenizer(cfg.model)
-    assert out.column("n_tokens").to_pylist() == [len(tok(r["text"], add_special_tokens=False)["input_ids"]) + 1
-                                                  for r in rows]
+    assert out.column("n_tokens").to_pylist() == [
+        len(tok(r["text"], add_special_tokens=False)["input_ids"]) + 1 for r in rows
+    ]
     assert summary["base"]["perplexity"] == pytest.approx(math.exp(summary["base"]["loss"]))
 
 
 def test_bad_heldout_fails_before_work(tiny_llama, tmp_path):
     path = tmp_path / "bad.parquet"
-    pq.write_table(pa.Table.from_pylist([{"id": 1, "prompt": "q\n", "response": "#### 1"},
-                                         {"id": 2, "prompt": "q\n", "response": "   "}]), path)
+    pq.write_table(
+        pa.Table.from_pylist(
+            [{"id": 1, "prompt": "q\n", "response": "#### 1"}, {"id": 2, "prompt": "q\n", "response": "   "}]
+        ),
+        path,
+    )
     with pytest.raises(ValueError, match=r"id=2.*empty"):
         read_heldout(_cfg(tiny_llama, path, tmp_path / "run"))
     pq.write_table(pa.Table.from_pylist([{"id": 1, "prompt": "q", "response": "a"}] * 2), path)

@@ -310,3 +310,52 @@ def test_run_localize_stage(tiny_llama, tmp_path):
         == 2
     )
     assert RunDir(bad_run).stage_record("localize") is None
+
+
+def test_contrastive_scores_and_random_heads_control(tiny_llama):
+    """contrast=corpus ranks by probe importance / reference importance; control=random_heads returns
+    random heads with the task heads' count per layer, seeded, the task heads kept in the metadata."""
+    from p2d_ray.heads.localize import encode_probe, encode_reference, probe_batches
+    from p2d_ray.models.loading import load_model, load_tokenizer
+
+    base = {"model": {"name_or_path": tiny_llama}}
+    common = ["localize.top_k=3", "localize.batch_size=4"]
+    rows = _probe_rows(8)
+    reference = [
+        {"id": 100 + i, "prompt": f"Tell me a story number {i}.", "response": "Once upon a time."}
+        for i in range(6)
+    ]
+    reference.append({"id": 200, "prompt": "Q", "response": None})  # unusable corpus row: skipped, counted
+    cfg = build_config(base, [*common, "localize.contrast=corpus"])
+    model, tok = load_model(cfg.model), load_tokenizer(cfg.model)
+    heads = localize_heads(model, rows, tok, cfg, reference)
+    probe = head_importance(
+        model, probe_batches(encode_probe(rows, tok, cfg.data), 4, tok.pad_token_id), "gradient"
+    )
+    ref = head_importance(
+        model, probe_batches(encode_reference(reference, tok, cfg.data), 4, tok.pad_token_id), "gradient"
+    )
+    expected = probe / ref.clamp(min=1e-6 * float(ref.max()) + 1e-12)
+    torch.testing.assert_close(torch.tensor(heads.meta["scores"]), expected, rtol=1e-5, atol=0)
+    assert list(heads.heads) == sorted(top_heads(expected, 3))
+    assert heads.meta["contrast"] == "corpus" and heads.meta["n_reference"] == 6
+
+    task = localize_heads(model, rows, tok, build_config(base, common))
+    controls = [
+        localize_heads(
+            model, rows, tok, build_config({**base, "seed": s}, [*common, "localize.control=random_heads"])
+        )
+        for s in (1, 1, 2)
+    ]
+    assert controls[0] == controls[1]  # seeded
+    for control in controls:
+        assert control.meta["control"] == "random_heads" and control.meta["task_heads"] == [
+            list(h) for h in task.heads
+        ]
+        assert {k: len(v) for k, v in control.by_layer().items()} == {
+            k: len(v) for k, v in task.by_layer().items()
+        }
+        # 4 heads per layer: a layer's task heads are avoided while enough other heads exist
+        for layer, hs in control.by_layer().items():
+            if len(task.by_layer()[layer]) <= 2:
+                assert not set(hs) & set(task.by_layer()[layer])

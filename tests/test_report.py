@@ -54,8 +54,16 @@ def test_full_train_steps_match_the_subset_epochs():
 
 
 def test_baseline_config_is_full_finetuning_on_the_corpus(tmp_path):
-    cfg = build_config({}, [f"run_dir={tmp_path / 'run'}", f"data.corpus_path={tmp_path / 'corpus'}",
-                            "train.batch_size=4", "train.num_workers=2", "report.full_baseline=true"])
+    cfg = build_config(
+        {},
+        [
+            f"run_dir={tmp_path / 'run'}",
+            f"data.corpus_path={tmp_path / 'corpus'}",
+            "train.batch_size=4",
+            "train.num_workers=2",
+            "report.full_baseline=true",
+        ],
+    )
     b = baseline_config(cfg, n_steps=26, n_full_rows=100)
     assert b.train.adaptation == "full" and b.train.max_steps == 26 and b.train.epochs == 2
     assert b.run_dir == str(tmp_path / "run" / "full_baseline")
@@ -72,8 +80,9 @@ def _write(path, rows):
 def labelled(tmp_path):
     """40 rows, 10 clean (ids 0-9). Scores rank ids 0-3 top; loss_full ranks ids 36-39 lowest (noise that
     is easy to predict: perplexity selection's failure mode)."""
-    rows = [{"id": i, "prompt": f"q{i}\n", "response": f"#### {i}", "is_clean_on_task": i < 10}
-            for i in range(40)]
+    rows = [
+        {"id": i, "prompt": f"q{i}\n", "response": f"#### {i}", "is_clean_on_task": i < 10} for i in range(40)
+    ]
     _write(tmp_path / "corpus" / "part-0.parquet", rows)
     scores = [{"id": i, "score": float(40 - i), "loss_full": float(40 - i) / 10} for i in range(40)]
     _write(tmp_path / "run" / "scores" / "s-0.parquet", scores)
@@ -84,8 +93,9 @@ def labelled(tmp_path):
 
 
 def test_selection_precision(labelled):
-    p = selection_precision(str(labelled / "corpus"), str(labelled / "run" / "subset"),
-                            str(labelled / "run" / "scores"))
+    p = selection_precision(
+        str(labelled / "corpus"), str(labelled / "run" / "subset"), str(labelled / "run" / "scores")
+    )
     assert p["k"] == 4 and p["n_corpus"] == 40
     assert p["selected"] == pytest.approx(0.75)
     assert p["base_rate"] == pytest.approx(0.25)
@@ -99,13 +109,22 @@ def test_selection_precision_unlabelled_corpus(tmp_path):
 
 
 def test_plot_and_quality(tmp_path):
-    ev = {"base": {"loss": 2.0, "perplexity": 7.4, "exact_match": 0.1},
-          "adapted": {"loss": 1.0, "perplexity": 2.7, "exact_match": 0.4}}
+    ev = {
+        "base": {"loss": 2.0, "perplexity": 7.4, "exact_match": 0.1},
+        "adapted": {"loss": 1.0, "perplexity": 2.7, "exact_match": 0.4},
+    }
     assert quality_of(ev, "adapted") == (0.4, "held-out exact match (higher is better)")
     assert quality_of({"adapted": {"loss": 1.0, "perplexity": 2.7}})[0] == pytest.approx(2.7)
     assert quality_of(ev, "missing") is None
-    pts = [{"variant": "heads x influence 10%", "aer": 0.3, "aer_label": "estimated", "quality": 0.4,
-            "quality_name": "em"}]
+    pts = [
+        {
+            "variant": "heads x influence 10%",
+            "aer": 0.3,
+            "aer_label": "estimated",
+            "quality": 0.4,
+            "quality_name": "em",
+        }
+    ]
     png = plot_aer(pts, tmp_path / "aer.png", base_quality=0.1)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="share one axis"):
@@ -121,12 +140,26 @@ def _lay_out_run(root, tiny_llama):
         run.record_stage(stage, s, "fp")
     run.heads_json.write_text(json.dumps({"heads": [[0, 1], [1, 2]]}))
     run.path("train_summary.json").write_text(json.dumps({"steps": 1, "rows": 4}))
-    run.path("eval.json").write_text(json.dumps({
-        "n_samples": 4, "base": {"loss": 3.0, "perplexity": 20.1, "exact_match": 0.25, "n_correct": 1},
-        "adapted": {"loss": 2.0, "perplexity": 7.39, "exact_match": 0.5, "n_correct": 2}}))
-    return build_config({}, [f"run_dir={run.root}", f"model.name_or_path={tiny_llama}",
-                             f"data.corpus_path={root / 'corpus'}", "train.batch_size=4", "train.max_steps=1",
-                             "report.timing_steps=2"])
+    run.path("eval.json").write_text(
+        json.dumps(
+            {
+                "n_samples": 4,
+                "base": {"loss": 3.0, "perplexity": 20.1, "exact_match": 0.25, "n_correct": 1},
+                "adapted": {"loss": 2.0, "perplexity": 7.39, "exact_match": 0.5, "n_correct": 2},
+            }
+        )
+    )
+    return build_config(
+        {},
+        [
+            f"run_dir={run.root}",
+            f"model.name_or_path={tiny_llama}",
+            f"data.corpus_path={root / 'corpus'}",
+            "train.batch_size=4",
+            "train.max_steps=1",
+            "report.timing_steps=2",
+        ],
+    )
 
 
 def test_report_estimated(labelled, tiny_llama):
@@ -134,10 +167,16 @@ def test_report_estimated(labelled, tiny_llama):
     # A sibling variant that measured its full baseline: its point and the full fine-tuning point are plotted.
     sibling = labelled / "lora_run"
     sibling.mkdir()
-    (sibling / "report.json").write_text(json.dumps({
-        "variant": "lora x perplexity 10%", "aer": {"aer": 0.6, "label": "measured"},
-        "eval": {"adapted": {"loss": 2.5, "perplexity": 12.2, "exact_match": 0.3}},
-        "full_baseline_eval": {"adapted": {"loss": 1.5, "perplexity": 4.5, "exact_match": 0.45}}}))
+    (sibling / "report.json").write_text(
+        json.dumps(
+            {
+                "variant": "lora x perplexity 10%",
+                "aer": {"aer": 0.6, "label": "measured"},
+                "eval": {"adapted": {"loss": 2.5, "perplexity": 12.2, "exact_match": 0.3}},
+                "full_baseline_eval": {"adapted": {"loss": 1.5, "perplexity": 4.5, "exact_match": 0.45}},
+            }
+        )
+    )
     report = run_report(cfg)
 
     saved = json.loads((labelled / "run" / "report.json").read_text())
@@ -156,7 +195,8 @@ def test_report_estimated(labelled, tiny_llama):
     assert report["eval"]["adapted"]["exact_match"] == 0.5
     assert report["heads"] == [[0, 1], [1, 2]]
     assert sorted(report["variants_plotted"]) == sorted(
-        ["heads x influence 10%", "lora x perplexity 10%", "full x all data"])
+        ["heads x influence 10%", "lora x perplexity 10%", "full x all data"]
+    )
     assert (labelled / "run" / "aer.png").read_bytes()[:4] == b"\x89PNG"
 
     # Rebuilding the report reuses the timed steps (same inputs); a changed trainer shape re-times them.

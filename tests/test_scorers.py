@@ -223,3 +223,37 @@ def test_collate_arrow_equals_collate(llama):
         ref = collate([enc[i] for i in rows], tok.pad_token_id)
         for k in ref:
             assert got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k]), (rows, k)
+
+
+def test_ifd_matches_hand_reference(llama):
+    """IFD = L(response | prompt) / L(response alone), the alone loss from BOS + the response's own tokens
+    (encoded separately, as Cherry-LLM does); ratios >= 1 score 0 (Cherry-LLM drops them)."""
+    from p2d_ray.scoring.scorers import ifd_score
+
+    model, tok = llama
+    batch = _batch(tok)
+    bos = tok.bos_token_id
+    with torch.no_grad():
+        cond = _reference_loss(
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch
+        )
+        alone = []
+        for ids, lm in zip(batch["input_ids"], batch["loss_mask"], strict=True):
+            seq = torch.cat([torch.tensor([bos]), ids[lm.bool()]])[None]  # [1, 1 + R], no padding at all
+            one = {"input_ids": seq, "loss_mask": torch.ones_like(seq)}
+            one["loss_mask"][0, 0] = 0
+            alone.append(_reference_loss(model(input_ids=seq).logits, one)[0])
+        alone = torch.stack(alone)
+    with torch.no_grad():
+        out = ifd_score(model, batch, bos, tok.pad_token_id, chunk_tokens=16)
+    torch.testing.assert_close(out.loss_full, cond, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.loss_gated, alone, rtol=0, atol=1e-5)
+    ratio = cond / alone
+    torch.testing.assert_close(
+        out.score, torch.where(ratio < 1, ratio, torch.zeros_like(ratio)), rtol=0, atol=1e-5
+    )
+    # the row without a prompt: the "alone" sequence is the conditioned one, so IFD = 1
+    assert abs(float(out.loss_full[2] / out.loss_gated[2]) - 1) < 1e-4
+    assert (out.score < 1).all() and (ratio >= 1).sum() >= 1 or (ratio < 1).all()
+    assert out.n_tokens.tolist() == batch["loss_mask"][:, 1:].sum(1).tolist()
+    assert build_scorer("ifd", model, None, bos_id=bos, pad_id=tok.pad_token_id)(batch).score.shape == (4,)

@@ -160,6 +160,30 @@ def test_changed_config_or_heads_refuses_to_mix(reference, tiny_llama, corpus, t
         run_score(cfg)
 
 
+def test_unplaceable_actor_pool_fails_instead_of_hanging(ray_local, tiny_llama, corpus, tmp_path):
+    """Actors the cluster cannot place: a clear error, not a hang (MEASURED.md's 2-CPU trap), and nothing
+    left holding resources for the next run."""
+    cfg = build_config(
+        {
+            "run_dir": str(tmp_path),
+            "model": {"name_or_path": tiny_llama},
+            "data": {"corpus_path": corpus, "max_length": 64},
+            # 4 actors x 1 CPU + one tokenize task > the 4 CPUs of this Ray
+            "score": {
+                "scorer": "noop",
+                "min_actors": 4,
+                "max_actors": 4,
+                "num_cpus_per_actor": 1,
+                "actor_start_timeout_s": 3,
+            },
+        }
+    )
+    with pytest.raises(RuntimeError, match=r"cannot place 4 actor\(s\) of \{'CPU': 1.0\} plus one tokenize"):
+        run_score(cfg)
+    assert ray_local.available_resources().get("CPU") == ray_local.cluster_resources()["CPU"]
+    assert not list((tmp_path / "scores" / "_done").glob("*.json"))
+
+
 def _write(path, rows, schema=None, **kw):
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path, **kw)
 
@@ -247,13 +271,13 @@ def test_icl_format_over_a_uri_records_its_demos(ray_local, tiny_llama, corpus, 
 
 
 def test_bad_input_fails_before_any_work(tiny_llama, corpus, tmp_path):
-    def attempt(run, **data):
+    def attempt(run, scorer="perplexity", **data):
         cfg = build_config(
             {
                 "run_dir": str(tmp_path / run),
                 "model": {"name_or_path": tiny_llama},
                 "data": {"max_length": 64, **data},
-                "score": {"scorer": "perplexity"},
+                "score": {"scorer": scorer},
             }
         )
         with pytest.raises(ValueError) as err:
@@ -264,6 +288,11 @@ def test_bad_input_fails_before_any_work(tiny_llama, corpus, tmp_path):
     (tmp_path / "nocols").mkdir()
     _write(tmp_path / "nocols" / "x.parquet", [{"id": 1, "body": "hi"}])
     assert "needs column 'text'" in attempt("r1", corpus_path=str(tmp_path / "nocols"))
+    (tmp_path / "plain").mkdir()
+    _write(tmp_path / "plain" / "x.parquet", [{"id": 1, "text": "no prompt here"}])
+    assert "score.scorer=ifd needs a prompt and a response" in attempt(
+        "r1b", scorer="ifd", corpus_path=str(tmp_path / "plain")
+    )
     mixed = tmp_path / "mixed"
     shutil.copytree(corpus, mixed)
     _write(mixed / "d.parquet", [{"id": 9000, "prompt": "p"}])

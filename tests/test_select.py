@@ -160,3 +160,29 @@ def test_allocation_and_k():
     assert allocate({"a": 30, "b": 20, "c": 10}, 15) == {"a": 8, "b": 5, "c": 2}
     assert allocate({"x": 1, "y": 99}, 10) == {"x": 0, "y": 10}
     assert sum(allocate({"p": 7, "q": 7, "r": 7}, 10).values()) == 10
+
+
+@pytest.mark.ray
+def test_random_selection_is_seeded_and_layout_free(ray_local, scored_run):
+    """score_column=random: the k ids with the highest hash(seed, id), the same for any shard layout."""
+    from p2d_ray.scoring.select import random_values
+
+    root, rows = scored_run
+    picked = {}
+    for seed in (0, 0, 1):
+        cfg = build_config(
+            {"run_dir": str(root / "run"), "seed": seed, "select": {"top_k": 12, "score_column": "random"}}
+        )
+        out = run_select(cfg)
+        ids = pa.array([r["id"] for r in rows])
+        u = random_values(ids, seed).to_pylist()
+        expected = sorted(
+            i for _, i in sorted(zip(u, ids.to_pylist(), strict=True), key=lambda t: (-t[0], t[1]))[:12]
+        )
+        got = _subset(root)
+        assert got.column("id").to_pylist() == expected
+        assert got.column("random").to_pylist() == [u[ids.to_pylist().index(i)] for i in expected]
+        assert out["seed"] == seed and out["n_selected"] == 12
+        picked.setdefault(seed, []).append(expected)
+    assert picked[0][0] == picked[0][1] and picked[0][0] != picked[1][0]
+    assert all(0 <= x < 1 for x in random_values(pa.array(range(1000)), 3).to_pylist())

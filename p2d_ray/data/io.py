@@ -30,6 +30,14 @@ def read_table(path: str) -> pa.Table:
 
 
 def read_rows(path: str, limit: int | None = None) -> list[dict]:
+    """The first ``limit`` rows (all when None); a Parquet corpus is read only as far as needed."""
+    if limit is not None and not path.endswith((".jsonl", ".json")):
+        try:
+            return pads.dataset(path, format="parquet").head(limit).to_pylist()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no such file or directory: {path}") from None
+        except (pa.ArrowInvalid, OSError) as err:
+            raise ValueError(f"cannot read {path}: {err}") from None
     table = read_table(path)
     if limit is not None:
         table = table.slice(0, limit)

@@ -38,7 +38,11 @@ def eval_format(data: DataConfig, columns) -> str:
     device) is not part of the task, so held-out rows are evaluated as plain prompt/response."""
     fmt = resolve_format(data, columns)
     if fmt == "icl":
-        fmt = "prompt_response" if data.prompt_column in columns and data.response_column in columns else "plain"
+        fmt = (
+            "prompt_response"
+            if data.prompt_column in columns and data.response_column in columns
+            else "plain"
+        )
     return fmt
 
 
@@ -58,7 +62,9 @@ def read_heldout(cfg: P2DConfig) -> tuple[pa.Table, str, bool]:
     table = read_table(path)
     id_col = cfg.data.id_column
     if id_col not in table.column_names:
-        raise ValueError(f"evaluate: held-out set {path} has no id column {id_col!r}; found {table.column_names}")
+        raise ValueError(
+            f"evaluate: held-out set {path} has no id column {id_col!r}; found {table.column_names}"
+        )
     fmt = eval_format(cfg.data, table.column_names)  # raises naming the missing text columns
     table = table.slice(0, cfg.evaluate.n_samples)
     if table.num_rows == 0:
@@ -86,7 +92,9 @@ def eval_variants(cfg: P2DConfig) -> dict[str, str | None]:
 
 
 # -- per-batch math (plain torch; no Ray) -------------------------------------------------------------
-def response_nll(model, batch: dict[str, torch.Tensor], chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def response_nll(
+    model, batch: dict[str, torch.Tensor], chunk_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token NLL over each sample's response tokens and their count, both ``[B]``."""
     from p2d_ray.scoring.losses import sample_loss
 

@@ -232,6 +232,27 @@ def encode_probe(rows: Sequence[dict], tokenizer, data: DataConfig) -> list[Enco
     return encoded
 
 
+def encode_reference(rows: Sequence[dict], tokenizer, data: DataConfig) -> list[Encoded]:
+    """Encode general corpus rows for contrastive localisation. Unlike the probe, a corpus may hold rows
+    that cannot be scored (null, empty ...): they are skipped here (this is a sample, not the data
+    being scored) and the count used is recorded in heads.json."""
+    if not rows:
+        raise ValueError("localize.contrast=corpus: the corpus is empty")
+    fmt = resolve_format(data, list(rows[0].keys()))
+    fmt = "prompt_response" if fmt == "icl" else fmt
+    out = []
+    for row in rows:
+        try:
+            out.append(encode_row(row, tokenizer, data, fmt))
+        except ValueError:
+            continue
+    if not out:
+        raise ValueError(
+            f"localize.contrast=corpus: none of the first {len(rows)} corpus rows can be encoded"
+        )
+    return out
+
+
 def probe_batches(encoded: Sequence[Encoded], batch_size: int, pad_id: int) -> list[dict]:
     """Length-sorted (less padding), deterministic batches of ``[B, T]`` tensors."""
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i].input_ids), i))
@@ -241,8 +262,19 @@ def probe_batches(encoded: Sequence[Encoded], batch_size: int, pad_id: int) -> l
     ]
 
 
-def localize_heads(model: nn.Module, probe_rows: Sequence[dict], tokenizer, cfg: P2DConfig) -> HeadSet:
-    """Score all heads with ``cfg.localize.method`` on ``probe_rows`` and keep the top ones globally."""
+def localize_heads(
+    model: nn.Module,
+    probe_rows: Sequence[dict],
+    tokenizer,
+    cfg: P2DConfig,
+    reference_rows: Sequence[dict] | None = None,
+) -> HeadSet:
+    """Score all heads with ``cfg.localize.method`` on ``probe_rows`` and keep the top ones globally.
+
+    ``reference_rows`` (general corpus rows): rank by importance on the probe ÷ importance on them.
+    ``localize.control=random_heads``: return the falsification control instead, random heads with the
+    same count per layer as the task heads (seeded by ``cfg.seed``); the task heads stay in the metadata.
+    """
     from p2d_ray.data.io import rows_hash
     from p2d_ray.models.loading import model_fingerprint
 
@@ -255,8 +287,25 @@ def localize_heads(model: nn.Module, probe_rows: Sequence[dict], tokenizer, cfg:
     batches = probe_batches(encoded, loc.batch_size, pad_id)
     torch.manual_seed(cfg.seed)
     scores = head_importance(model, batches, loc.method, alps_steps=loc.alps_steps, alps_lr=loc.alps_lr)
+    contrast = None
+    if reference_rows:
+        # Contrastive: heads that matter for the task MORE than for general corpus text. Plain importance
+        # favours heads every input needs (measured on the demo: layer-0 heads, used by dialogue even more
+        # than by arithmetic); dividing by the same method's importance on reference rows removes them.
+        ref = encode_reference(reference_rows, tokenizer, cfg.data)
+        torch.manual_seed(cfg.seed)
+        contrast = head_importance(
+            model,
+            probe_batches(ref, loc.batch_size, pad_id),
+            loc.method,
+            alps_steps=loc.alps_steps,
+            alps_lr=loc.alps_lr,
+        )
+        scores = scores / contrast.clamp(min=1e-6 * float(contrast.max()) + 1e-12)  # [L, H]
     meta = {
         "method": loc.method,
+        "contrast": "corpus" if reference_rows else None,
+        "n_reference": len(ref) if reference_rows else 0,
         "scores": scores.tolist(),  # [L][H]
         "model": cfg.model.name_or_path,
         "model_fingerprint": model_fingerprint(cfg.model),
@@ -266,7 +315,13 @@ def localize_heads(model: nn.Module, probe_rows: Sequence[dict], tokenizer, cfg:
         "top_k": loc.top_k,
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    return HeadSet(tuple(top_heads(scores, count)), geo, meta)
+    task = HeadSet(tuple(top_heads(scores, count)), geo, meta)
+    if loc.control == "random_heads":
+        control = task.random_like(cfg.seed)
+        control.meta.update(meta, method="random", control="random_heads", seed=cfg.seed)
+        control.meta["task_heads"] = [list(h) for h in task.heads]
+        return control
+    return task
 
 
 # -- stage -----------------------------------------------------------------------------------------
@@ -280,7 +335,7 @@ def _available_cpus() -> int:
 def run_localize(cfg: P2DConfig) -> dict:
     """``p2d-ray localize``: write ``<run_dir>/heads.json`` and ``heads.png``; returns a summary."""
     from p2d_ray.data.io import read_rows, read_table
-    from p2d_ray.data.paths import probe_path
+    from p2d_ray.data.paths import corpus_path, probe_path
     from p2d_ray.heads.heatmap import save_heatmap
     from p2d_ray.models.loading import load_model, load_tokenizer
     from p2d_ray.rundir import RunDir, stage_fingerprint
@@ -300,7 +355,10 @@ def run_localize(cfg: P2DConfig) -> dict:
             rows = read_rows(path, limit=cfg.localize.max_probe_samples)
             tokenizer = load_tokenizer(cfg.model)
             model = load_model(cfg.model)
-            heads = localize_heads(model, rows, tokenizer, cfg)
+            reference = None
+            if cfg.localize.contrast == "corpus":
+                reference = read_rows(corpus_path(cfg), limit=cfg.localize.contrast_samples)
+            heads = localize_heads(model, rows, tokenizer, cfg, reference)
             heads.meta["probe_path"] = path
             heads.save(run.heads_json)
             png = save_heatmap(
@@ -312,7 +370,9 @@ def run_localize(cfg: P2DConfig) -> dict:
     finally:
         torch.set_num_threads(threads)
     return {
-        "method": cfg.localize.method,
+        "method": heads.meta["method"],
+        "contrast": cfg.localize.contrast,
+        "control": cfg.localize.control,
         "heads": [list(h) for h in heads.heads],
         "n_heads": len(heads),
         "total_heads": heads.geometry.total_heads,

@@ -1,4 +1,4 @@
-"""Adaptation Efficiency Ratio (AER): the cost of P2D relative to full fine-tuning on all data.
+"""Alignment Efficiency Ratio (AER, as in the paper): the cost of P2D relative to full fine-tuning on all data.
 
     AER = (t_localize + t_score + t_select + t_train on the subset) / t_train(full fine-tuning, all rows)
 
@@ -56,7 +56,9 @@ def aer(stage_seconds: dict[str, float], full_seconds: float, label: str, **inpu
     """
     missing = [s for s in AER_STAGES if s not in stage_seconds]
     if missing:
-        raise ValueError(f"AER needs the timings of stages {missing}: run them first (found {sorted(stage_seconds)})")
+        raise ValueError(
+            f"AER needs the timings of stages {missing}: run them first (found {sorted(stage_seconds)})"
+        )
     if label not in (MEASURED, ESTIMATED):
         raise ValueError(f"AER label must be {MEASURED!r} or {ESTIMATED!r}, got {label!r}")
     if not full_seconds > 0:

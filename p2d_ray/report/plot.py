@@ -44,9 +44,17 @@ def plot_aer(points: list[dict], path: str | Path, base_quality: float | None = 
     for p in points:
         filled = p["aer_label"] == "measured"
         ax.scatter(
-            p["aer"], p["quality"], s=60, color="C0" if filled else "white", edgecolor="C0", linewidth=1.5, zorder=3
+            p["aer"],
+            p["quality"],
+            s=60,
+            color="C0" if filled else "white",
+            edgecolor="C0",
+            linewidth=1.5,
+            zorder=3,
         )
-        ax.annotate(p["variant"], (p["aer"], p["quality"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.annotate(
+            p["variant"], (p["aer"], p["quality"]), textcoords="offset points", xytext=(6, 4), fontsize=8
+        )
     if base_quality is not None:
         ax.axhline(base_quality, color="grey", linestyle="--", linewidth=1, label="base model (no training)")
         ax.legend(loc="best", fontsize=8)

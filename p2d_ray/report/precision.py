@@ -62,5 +62,7 @@ def selection_precision(
     }
     scores = _columns(scores_path, [id_column, "loss_full"])
     if scores is not None and scores.column("loss_full").null_count < scores.num_rows:
-        out["perplexity"] = label_rate(labels, lowest_ids(scores, "loss_full", k, id_column), id_column, label)
+        out["perplexity"] = label_rate(
+            labels, lowest_ids(scores, "loss_full", k, id_column), id_column, label
+        )
     return out

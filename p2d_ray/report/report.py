@@ -66,8 +66,9 @@ def baseline_config(cfg: P2DConfig, n_steps: int, n_full_rows: int) -> P2DConfig
     data["data"]["corpus_path"] = corpus_path(cfg)
     data["report"]["full_baseline"] = False
     per_epoch = math.ceil(n_full_rows / global_batch(cfg.train))
-    data["train"].update(adaptation="full", storage_path=None, max_steps=n_steps,
-                         epochs=max(1, math.ceil(n_steps / per_epoch)))
+    data["train"].update(
+        adaptation="full", storage_path=None, max_steps=n_steps, epochs=max(1, math.ceil(n_steps / per_epoch))
+    )
     return P2DConfig.model_validate(data)
 
 
@@ -137,12 +138,26 @@ def variant_points(reports: list[dict]) -> tuple[list[dict], float | None]:
     for r in reports:
         q = quality_of(r.get("eval"), "adapted")
         if q is not None and r.get("aer"):
-            points.append({"variant": r["variant"], "aer": r["aer"]["aer"], "aer_label": r["aer"]["label"],
-                           "quality": q[0], "quality_name": q[1]})
+            points.append(
+                {
+                    "variant": r["variant"],
+                    "aer": r["aer"]["aer"],
+                    "aer_label": r["aer"]["label"],
+                    "quality": q[0],
+                    "quality_name": q[1],
+                }
+            )
         qf = quality_of(r.get("full_baseline_eval"), "adapted")
         if qf is not None:
-            points.append({"variant": "full x all data", "aer": 1.0, "aer_label": MEASURED,
-                           "quality": qf[0], "quality_name": qf[1]})
+            points.append(
+                {
+                    "variant": "full x all data",
+                    "aer": 1.0,
+                    "aer_label": MEASURED,
+                    "quality": qf[0],
+                    "quality_name": qf[1],
+                }
+            )
         qb = quality_of(r.get("eval"), "base")
         if base is None and qb is not None:
             base = qb[0]
@@ -175,7 +190,9 @@ def run_report(cfg: P2DConfig) -> dict:
         skip = ("key", "label", "full_train_seconds", "baseline_eval")
         inputs = {k: v for k, v in full.items() if k not in skip}
         inputs.update(n_subset_rows=n_subset, subset_train_steps=subset_steps)
-        evaluation = json.loads(run.path("eval.json").read_text()) if run.path("eval.json").is_file() else None
+        evaluation = (
+            json.loads(run.path("eval.json").read_text()) if run.path("eval.json").is_file() else None
+        )
         heads = json.loads(run.heads_json.read_text()) if run.heads_json.is_file() else {}
         report = {
             "run_dir": str(cfg.run_dir),

@@ -74,6 +74,9 @@ class ScorerActor:
             self.cfg.gate_mode,
             self.cfg.loss_chunk_tokens,
             self.cfg.influence_fused,
+            # ifd's "response alone" starts from BOS (EOS for tokenizers without one, e.g. GPT-2's).
+            bos_id=tok.bos_token_id if tok.bos_token_id is not None else (tok.eos_token_id or 0),
+            pad_id=self.pad_id,
         )
         self.pid = os.getpid()
 

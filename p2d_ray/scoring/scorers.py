@@ -10,6 +10,10 @@ are None where a scorer does not compute them.
 - ``activation``: how strongly the task heads fire: mean L2 norm of their outputs ``[D]`` over the
   positions that predict scored tokens, averaged over task heads. One forward pass.
 - ``perplexity``: the ungated per-sample loss (the classic baseline; rank ascending to keep low loss).
+- ``ifd``: Instruction-Following Difficulty (Cherry-LLM, Li et al. 2024): loss of the response given the
+  prompt ÷ loss of the response alone. High = the prompt helps little, the sample is hard to follow.
+  Cherry-LLM drops samples with IFD >= 1 (the prompt does not help at all: misaligned pairs); their score is
+  set to 0 so they rank below every kept sample, while ``loss_full`` / ``loss_gated`` keep both raw losses.
 - ``noop``: zeros, no model call: measures the pipeline's ceiling.
 """
 
@@ -25,8 +29,8 @@ from p2d_ray.heads.gates import GateMode, HeadGates
 from p2d_ray.heads.headset import HeadSet
 from p2d_ray.scoring.losses import hidden_states, loss_from_hidden, sample_loss
 
-SCORERS = ("influence", "activation", "perplexity", "noop")
-USES_HEADS = {"influence": True, "activation": True, "perplexity": False, "noop": False}
+SCORERS = ("influence", "activation", "perplexity", "ifd", "noop")
+USES_HEADS = {"influence": True, "activation": True, "perplexity": False, "ifd": False, "noop": False}
 EPS = 1e-8
 
 
@@ -35,7 +39,7 @@ class ScoreOutput:
     score: torch.Tensor  # [B] fp32
     n_tokens: torch.Tensor  # [B] long: scored (target) tokens
     loss_full: torch.Tensor | None = None  # [B] mean loss, all heads on
-    loss_gated: torch.Tensor | None = None  # [B] mean loss, task heads gated off
+    loss_gated: torch.Tensor | None = None  # [B] mean loss, task heads gated off (ifd: response alone)
 
 
 def relative_increase(loss_gated: torch.Tensor, loss_full: torch.Tensor) -> torch.Tensor:
@@ -109,6 +113,41 @@ def perplexity_score(
     return ScoreOutput(loss.mean, loss.n_tokens, loss_full=loss.mean)
 
 
+def response_alone(
+    input_ids: torch.Tensor, loss_mask: torch.Tensor, bos_id: int, pad_id: int
+) -> dict[str, torch.Tensor]:
+    """``[B, T]`` batch -> ``[B, 1 + R]`` batch of ``bos_id`` + each sample's target (response) tokens only.
+
+    The response is what ``loss_mask`` marks, so this works for every prompt format without re-tokenising
+    (Cherry-LLM tokenises the answer alone; a tokenizer merge across the prompt/response boundary is
+    the only difference, and encode_row tokenises the two parts separately anyway).
+    """
+    keep = loss_mask.bool()  # [B, T]
+    n = keep.sum(dim=1)  # [B]
+    B, R = input_ids.shape[0], int(n.max()) if n.numel() else 0
+    ids = torch.full((B, 1 + R), pad_id, dtype=input_ids.dtype, device=input_ids.device)
+    am = torch.zeros_like(ids)
+    ids[:, 0], am[:, 0] = bos_id, 1
+    pos = torch.arange(R, device=ids.device)[None, :] < n[:, None]  # [B, R]: left-aligned response slots
+    ids[:, 1:][pos] = input_ids[keep]
+    am[:, 1:][pos] = 1
+    lm = am.clone()
+    lm[:, 0] = 0  # the BOS is context, not a target
+    return {"input_ids": ids, "attention_mask": am, "loss_mask": lm}
+
+
+def ifd_score(
+    model: nn.Module, batch: dict[str, torch.Tensor], bos_id: int, pad_id: int, chunk_tokens: int = 1024
+) -> ScoreOutput:
+    """``L(response | prompt) / L(response)``; 0 where the ratio is >= 1 (Cherry-LLM's filter)."""
+    cond = sample_loss(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], chunk_tokens)
+    alone_batch = response_alone(batch["input_ids"], batch["loss_mask"], bos_id, pad_id)
+    alone = sample_loss(model, **alone_batch, chunk_tokens=chunk_tokens)
+    ratio = cond.mean / alone.mean.clamp(min=EPS)
+    score = torch.where(ratio < 1, ratio, torch.zeros_like(ratio))
+    return ScoreOutput(score, cond.n_tokens, loss_full=cond.mean, loss_gated=alone.mean)
+
+
 def noop_score(batch: dict[str, torch.Tensor]) -> ScoreOutput:
     """No model call: the scorer for the pipeline-ceiling benchmark."""
     n = batch["loss_mask"][:, 1:].sum(dim=1)
@@ -122,6 +161,8 @@ def build_scorer(
     gate_mode: GateMode = "zero",
     chunk_tokens: int = 1024,
     fused: bool = False,
+    bos_id: int = 0,
+    pad_id: int = 0,
 ) -> Callable[[dict[str, torch.Tensor]], ScoreOutput]:
     """A function ``batch -> ScoreOutput`` for scorer ``name`` running under ``torch.inference_mode``."""
     if name not in SCORERS:
@@ -134,6 +175,8 @@ def build_scorer(
         fn = lambda b: activation_score(model, b, heads, chunk_tokens)  # noqa: E731
     elif name == "perplexity":
         fn = lambda b: perplexity_score(model, b, chunk_tokens)  # noqa: E731
+    elif name == "ifd":
+        fn = lambda b: ifd_score(model, b, bos_id, pad_id, chunk_tokens)  # noqa: E731
     else:
         fn = noop_score
 

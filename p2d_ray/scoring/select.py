@@ -1,8 +1,9 @@
 """``p2d-ray select``: keep the top fraction (or top k) of the scored corpus, optionally per stratum.
 
 Ranking is by ``select.score_column`` (``score`` by default; ``loss_full`` with ``ascending=true`` gives
-perplexity selection from the same scores files), ties broken by id ascending: the selection is exact and
-deterministic. It never collects the corpus on the driver:
+perplexity selection from the same scores files; ``random`` ranks by a hash of (run seed, id): a seeded
+uniform random selection that does not depend on shard layout or actor count), ties broken by id
+ascending: the selection is exact and deterministic. It never collects the corpus on the driver:
 
 1. ``keyed``: one Ray task per shard reads the shard's score file and, when stratifying, the stratum column
    of the corpus row group -> (id, value, stratum) rows only, materialised in the object store.
@@ -20,6 +21,7 @@ Outputs: ``subset/*.parquet`` (``datasets.load_dataset("parquet", data_files=...
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -39,6 +41,7 @@ from p2d_ray.scoring.shards import Shard, read_footer, read_shard
 LABEL = "is_clean_on_task"  # hidden label of the demo corpus: read for reporting only, never for ranking
 VALUE, STRATUM = "_value", "_stratum"
 ALL = "<all>"
+RANDOM = "random"
 NULL_STRATUM = "<null>"
 BINS = 50
 
@@ -82,9 +85,23 @@ def _aligned(
     return scores, idx
 
 
-def _values(scores: pa.Table, column: str) -> pa.Array:
+def random_values(ids: pa.Array | pa.ChunkedArray, seed: int) -> pa.Array:
+    """A uniform [0, 1) value per id from blake2b(seed, id): the same id always gets the same value."""
+    keys = (f"{seed}:{i}".encode() for i in ids.to_pylist())
+    u = [int.from_bytes(hashlib.blake2b(k, digest_size=8).digest(), "little") / 2.0**64 for k in keys]
+    return pa.array(u, pa.float64())
+
+
+def _values(scores: pa.Table, column: str, id_column: str, seed: int) -> pa.Array:
+    if column == RANDOM:
+        return random_values(scores.column(id_column), seed)
     v = scores.column(column).combine_chunks().cast(pa.float64())
     return pc.if_else(pc.is_nan(v), pa.scalar(None, pa.float64()), v)  # NaN counts as missing
+
+
+def _stored(column: str) -> list[str]:
+    """The scores-file columns ``column`` is read from (``random`` needs only the ids)."""
+    return [] if column == RANDOM else [column]
 
 
 def _strata(shard: Shard, idx: pa.Array, n: int, stratify_by: str | None, corpus: pa.Table | None = None):
@@ -102,17 +119,18 @@ def keyed_block(
     id_column: str,
     column: str,
     stratify_by: str | None,
+    seed: int,
 ) -> pa.Table:
     """Ray task: (id, value, stratum) of the scored rows of the shards in ``batch``."""
     parts = []
     for i in batch.column("i").to_pylist():
         shard = Shard(**shards[i])
-        scores, idx = _aligned(shard, files[i], id_column, [column])
+        scores, idx = _aligned(shard, files[i], id_column, _stored(column))
         parts.append(
             pa.table(
                 {
                     id_column: scores.column(id_column),
-                    VALUE: _values(scores, column),
+                    VALUE: _values(scores, column, id_column, seed),
                     STRATUM: _strata(shard, idx, scores.num_rows, stratify_by),
                 }
             )
@@ -163,6 +181,7 @@ def write_block(
     id_column: str,
     column: str,
     stratify_by: str | None,
+    seed: int,
     thresholds: dict,
     ascending: bool,
     out_dir: str,
@@ -174,8 +193,8 @@ def write_block(
     for i in batch.column("i").to_pylist():
         shard = Shard(**shards[i])
         corpus = read_shard(shard, None)  # the full row group: every original column
-        scores, idx = _aligned(shard, files[i], id_column, [column], corpus.column(id_column))
-        values = _values(scores, column)
+        scores, idx = _aligned(shard, files[i], id_column, _stored(column), corpus.column(id_column))
+        values = _values(scores, column, id_column, seed)
         strata = _strata(shard, idx, scores.num_rows, stratify_by, corpus)
         keep = _selected_mask(
             values, scores.column(id_column).combine_chunks(), strata, thresholds, ascending
@@ -183,7 +202,7 @@ def write_block(
         rows = np.sort(np.asarray(idx)[keep])
         order = np.argsort(np.asarray(idx)[keep], kind="stable")
         subset = corpus.take(pa.array(rows, pa.int64())).append_column(
-            out_column, pc.take(scores.column(column), pa.array(np.flatnonzero(keep)[order]))
+            out_column, pc.take(values, pa.array(np.flatnonzero(keep)[order]))
         )
         if subset.num_rows:
             path = Path(out_dir, f"{shard.key}.parquet")
@@ -242,7 +261,10 @@ def _check_inputs(cfg: P2DConfig, store: ScoreStore) -> tuple[dict, list[Shard]]
             f"(e.g. {missing[0]}); rerun `p2d-ray score` to finish them"
         )
     sel = cfg.select
-    needs = {"loss_gated": ("influence",), "loss_full": ("influence", "activation", "perplexity")}
+    needs = {
+        "loss_gated": ("influence", "ifd"),
+        "loss_full": ("influence", "activation", "perplexity", "ifd"),
+    }
     if sel.score_column in needs and manifest["scorer"] not in needs[sel.score_column]:
         raise ValueError(
             f"select.score_column={sel.score_column!r} is not produced by scorer "
@@ -276,6 +298,7 @@ def select_subset(cfg: P2DConfig) -> dict:
         "id_column": id_column,
         "column": sel.score_column,
         "stratify_by": sel.stratify_by,
+        "seed": cfg.seed,
     }
     index = ray.data.from_items([{"i": i} for i in range(len(shards))], override_num_blocks=len(shards))
     keyed = index.map_batches(
@@ -329,6 +352,7 @@ def select_subset(cfg: P2DConfig) -> dict:
         "score_column": sel.score_column,
         "subset_score_column": out_column,
         "ascending": sel.ascending,
+        "seed": cfg.seed if sel.score_column == RANDOM else None,
         "fraction": sel.fraction if sel.top_k is None else None,
         "top_k": sel.top_k,
         "stratify_by": sel.stratify_by,

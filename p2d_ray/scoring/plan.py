@@ -1,0 +1,147 @@
+"""Stage 2 planning: everything about a scoring run resolved and checked on the driver, before any work.
+
+Model config and context length, heads (``heads.json`` must fit the model), corpus shards (footers only),
+prompt format, ICL demonstrations (fixed by seed) and the fingerprint of everything the scores depend on
+(a resumed run must match it, or it refuses to mix scores).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from p2d_ray.config import SCORE_RESOURCE_FIELDS, P2DConfig
+from p2d_ray.heads.headset import HeadSet
+from p2d_ray.rundir import RunDir
+from p2d_ray.scoring.scorers import USES_HEADS
+from p2d_ray.scoring.shards import Shard, list_parquet_files, plan_shards, read_footer
+
+
+@dataclass
+class ScorePlan:
+    """Everything the Ray pass needs, resolved and checked on the driver."""
+
+    shards: list[Shard]
+    id_type: pa.DataType
+    fmt: str
+    text_columns: list[str]
+    demos: list[dict]
+    heads: HeadSet | None
+    model_json: str  # ModelConfig with the resolved local path, for the workers
+    manifest: dict
+    fingerprint: str
+    provenance: dict = field(default_factory=dict)
+
+
+def _context_length(hf_config) -> int | None:
+    return getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
+
+
+def pick_demos(probe_rows: list[dict], k: int, seed: int) -> list[dict]:
+    """P2D's selection prompt: k probe-set demonstrations, fixed for a run by ``seed``."""
+    if len(probe_rows) < k:
+        raise ValueError(f"data.icl_k={k} but the probe set has only {len(probe_rows)} rows")
+    picked = sorted(random.Random(seed).sample(range(len(probe_rows)), k))
+    return [probe_rows[i] for i in picked]
+
+
+def plan_score(cfg: P2DConfig) -> ScorePlan:
+    """Resolve and check model, heads, corpus and prompt format. Raises ValueError before any work."""
+    from p2d_ray.data.formatting import resolve_format
+    from p2d_ray.data.io import read_rows, rows_hash
+    from p2d_ray.data.paths import corpus_path, probe_path
+    from p2d_ray.models.geometry import geometry_from_config
+    from p2d_ray.models.loading import load_config_checked, model_fingerprint, resolve_path
+
+    d, s = cfg.data, cfg.score
+    hf_config = load_config_checked(cfg.model)
+    ctx = _context_length(hf_config)
+    if ctx is not None and d.max_length > ctx:
+        raise ValueError(f"data.max_length={d.max_length} exceeds the model's context length ({ctx})")
+    heads = None
+    if USES_HEADS[s.scorer]:
+        heads = HeadSet.load(RunDir(cfg.run_dir).heads_json)
+        heads.check_fits(geometry_from_config(hf_config))
+        if len(heads) == 0:
+            raise ValueError(
+                f"{RunDir(cfg.run_dir).heads_json} lists no heads; scorer {s.scorer!r} needs some"
+            )
+
+    corpus = corpus_path(cfg)
+    files = list_parquet_files(corpus)
+    first = read_footer(files[0]).schema.to_arrow_schema()
+    fmt = resolve_format(d, first.names)
+    # encode_row reads prompt/response when a row has both, else the text column.
+    has_pr = d.prompt_column in first.names and d.response_column in first.names
+    text_columns = [d.prompt_column, d.response_column] if has_pr else [d.text_column]
+    if s.scorer == "ifd" and fmt == "plain":
+        raise ValueError(
+            "score.scorer=ifd needs a prompt and a response per row (IFD = loss of the response given the "
+            f"prompt / loss of the response alone); data.format resolved to 'plain' for columns {first.names}"
+        )
+    shards, schema = plan_shards(corpus, [d.id_column, *text_columns], files=files)
+    id_type = canonical_id_type(schema.field(d.id_column).type)
+
+    demos: list[dict] = []
+    if fmt == "icl":
+        demos = pick_demos(read_rows(probe_path(cfg)), d.icl_k, cfg.seed)
+
+    model_json = cfg.model.model_copy(update={"name_or_path": resolve_path(cfg.model)}).model_dump_json()
+    # What the scores depend on. Not: where the corpus lives (its shards are compared separately), resource
+    # knobs, and settings the chosen format / scorer ignores (changing them must not block a resume).
+    data = cfg.data.model_dump(
+        mode="json",
+        exclude={"corpus_path", "probe_path"} | (set() if fmt == "icl" else {"icl_k", "icl_instruction"}),
+    )
+    score = cfg.score.model_dump(
+        mode="json",
+        exclude=set(SCORE_RESOURCE_FIELDS) | (set() if s.scorer == "influence" else {"gate_mode"}),
+    )
+    identity = {
+        "model": cfg.model.model_dump(mode="json", exclude={"device"}),
+        "model_fingerprint": model_fingerprint(cfg.model),
+        "data": data,
+        "format": fmt,
+        "score": score,
+        "heads": heads.fingerprint() if heads is not None else None,
+        "icl_demos": rows_hash(demos) if demos else None,
+    }
+    fingerprint = _hash(identity)
+    demo_ids = [r.get(d.id_column) for r in demos]
+    manifest = {
+        "fingerprint": fingerprint,
+        "identity": identity,
+        "scorer": s.scorer,
+        "corpus": corpus,
+        "icl_demos": demos,
+        "shards": [sh.to_dict() for sh in shards],
+    }
+    provenance = {
+        "scorer": s.scorer,
+        "gate_mode": s.gate_mode if heads is not None else None,
+        "heads_fingerprint": identity["heads"],
+        "config_fingerprint": fingerprint,
+        "model_fingerprint": identity["model_fingerprint"],
+        "format": fmt,
+        "icl_demo_ids": demo_ids,
+    }
+    return ScorePlan(
+        shards, id_type, fmt, text_columns, demos, heads, model_json, manifest, fingerprint, provenance
+    )
+
+
+def canonical_id_type(t: pa.DataType) -> pa.DataType:
+    """One id type for every block (files may differ: int32 vs int64, string vs large_string)."""
+    if pa.types.is_integer(t):
+        return pa.int64()
+    if pa.types.is_large_string(t):
+        return pa.string()
+    return t
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
