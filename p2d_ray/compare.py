@@ -101,7 +101,9 @@ def select_config(cfg: P2DConfig, root: Path, selector: str, seed: int) -> P2DCo
     return _derive(
         source,
         root / "select" / selection_name(selector, seed),
-        seed=seed,
+        # A deterministic selector's one selection serves every seed: keep the source's seed, or each
+        # seed's run would redo (and overwrite) it.
+        seed=seed if selector in SEEDED_SELECTORS else source.seed,
         select={"score_column": column, "ascending": ascending},
     )
 

@@ -14,6 +14,7 @@ from p2d_ray.config import ModelConfig
 from p2d_ray.models.geometry import attention_geometry, geometry_from_config
 
 DEMO_MODEL = "p2d-demo"
+BENCH_MODEL = "p2d-bench"  # the demo architecture pre-trained longer, for RESULTS.md (models/demo.py)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -33,10 +34,10 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def resolve_path(cfg: ModelConfig) -> str:
     """The hub name or local path to load; builds the offline demo model on first use."""
-    if cfg.name_or_path == DEMO_MODEL:
+    if cfg.name_or_path in (DEMO_MODEL, BENCH_MODEL):
         from p2d_ray.models.demo import ensure_demo_model
 
-        return str(ensure_demo_model())
+        return str(ensure_demo_model(bench=cfg.name_or_path == BENCH_MODEL))
     return cfg.name_or_path
 
 
