@@ -176,7 +176,7 @@ def run_compare(cfg: P2DConfig) -> dict:
 
     # 5. Costs, precision, table.
     full = full_finetune_seconds(cfg, root, cells)
-    rows = [cell_row(cfg, root, cell, evaluation, full) for cell in cells]
+    rows = [cell_row(root, cell, evaluation, full) for cell in cells]
     table = aggregate(rows)
     result = {
         "config": str(root / "config.yaml"),
@@ -255,7 +255,7 @@ def _precision(sel_dir: Path) -> float | None:
     return (sel.get("clean") or {}).get("selected")
 
 
-def cell_row(cfg: P2DConfig, root: Path, cell: dict, evaluation: dict, full: dict) -> dict:
+def cell_row(root: Path, cell: dict, evaluation: dict, full: dict) -> dict:
     selector, adaptation, seed = cell["selector"], cell["adaptation"], cell["seed"]
     src = root / "sources" / source_of(selector, seed)
     sel_dir = root / "select" / selection_name(selector, seed)
