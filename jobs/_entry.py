@@ -72,7 +72,6 @@ def main(stages: tuple[str, ...], description: str, argv: list[str] | None = Non
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. score.max_actors=16")
     args = parser.parse_args(argv)
 
-    from p2d_ray.config import ConfigError, load_config
     from p2d_ray.pipeline import run_pipeline
     from p2d_ray.rundir import STAGES
 
@@ -81,20 +80,36 @@ def main(stages: tuple[str, ...], description: str, argv: list[str] | None = Non
     if unknown or not chosen:
         print(f"--stages: unknown {unknown or chosen}; allowed {list(STAGES)}", file=sys.stderr)
         return 2
+
+    def pipeline(cfg) -> dict:
+        localized = localize_on_a_worker(cfg) if "localize" in chosen else None
+        result = run_pipeline(cfg, chosen, report=set(chosen) == set(STAGES))
+        if localized is not None:
+            result["localize"] = localized
+        return result
+
+    return run_job(args.config, args.overrides, pipeline)
+
+
+def run_job(config: str, overrides: list[str], work) -> int:
+    """Validate the config, join the cluster, run ``work(cfg)`` and print its result as JSON (None: nothing).
+
+    Exit code 2 with one clear line for a bad config or bad input found up front by a stage (it shows in
+    `ray job logs`, and the job status is failed); 0 otherwise.
+    """
+    from p2d_ray.config import ConfigError, load_config
+
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(config, overrides)
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
     connect()
     try:
-        localized = localize_on_a_worker(cfg) if "localize" in chosen else None
-        result = run_pipeline(cfg, chosen, report=set(chosen) == set(STAGES))
-        if localized is not None:
-            result["localize"] = localized
+        result = work(cfg)
     except (ValueError, FileNotFoundError) as err:
-        # Bad input found up front by a stage: one clear line in `ray job logs`, and a failed job status.
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=1, default=str))
+    if result is not None:
+        print(json.dumps(result, indent=1, default=str))
     return 0

@@ -10,9 +10,7 @@ on a filesystem every node shares. A resubmission resumes: finished sources, sel
 
 import sys
 
-from _entry import connect
-
-from p2d_ray.config import ConfigError, load_config
+from _entry import run_job
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,18 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(err, file=sys.stderr)
-        return 2
-    connect()
-    try:
-        run_compare(cfg)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    def compare(cfg) -> None:
+        run_compare(cfg)  # prints its own table; every cell is in <run_dir>/compare/results.json
+
+    return run_job(args.config, args.overrides, compare)
 
 
 if __name__ == "__main__":
