@@ -80,7 +80,12 @@ def test_histogram_colours_rows_by_the_label(scored):
     run, cfg = scored
     assert (run / "histogram.png").stat().st_size > 10_000  # a drawn figure, not an empty canvas
     column, groups = _groups(cfg.data.corpus_path, "id", pa.array([0, 1, 3, 99]))
-    assert column == "is_clean_on_task" and groups.to_pylist() == ["on-task", "off-task", "on-task", "off-task"]
+    assert column == "is_clean_on_task" and groups.to_pylist() == [
+        "on-task",
+        "off-task",
+        "on-task",
+        "off-task",
+    ]
 
 
 def test_old_layout_still_resumes(scored, tmp_path):

@@ -94,14 +94,24 @@ def save_selection_histogram(
             colours = {k: f"C{i}" for i, k in enumerate(order)}
             data = [values[finite & (names == k)] for k in order]
             ax.hist(
-                data, bins=edges, stacked=True, alpha=0.35, color=[colours[k] for k in order],
+                data,
+                bins=edges,
+                stacked=True,
+                alpha=0.35,
+                color=[colours[k] for k in order],
                 label=[f"{k}: {len(d):,} scored" for k, d in zip(order, data, strict=True)],
             )
             for k in order:
                 sel = values[finite & selected & (names == k)]
                 if len(sel):
-                    ax.hist(sel, bins=edges, histtype="step", linewidth=1.8, color=colours[k],
-                            label=f"{k}: {len(sel):,} selected")
+                    ax.hist(
+                        sel,
+                        bins=edges,
+                        histtype="step",
+                        linewidth=1.8,
+                        color=colours[k],
+                        label=f"{k}: {len(sel):,} selected",
+                    )
             title = f"score histogram by {column} (filled: all scored, outline: selected)"
         ax.set_xlabel(value_column)
         ax.set_ylabel("rows")

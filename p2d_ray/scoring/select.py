@@ -328,8 +328,12 @@ def select_subset(cfg: P2DConfig) -> dict:
     if selected != {s: k[s] for s in counts}:
         raise RuntimeError(f"selection wrote {selected} rows per stratum but the thresholds allow {k}")
     save_selection_histogram(
-        run.path("histogram.png"), str(run.scores), str(run.subset), id_column,
-        "score" if sel.score_column == RANDOM else sel.score_column, manifest.get("corpus"),
+        run.path("histogram.png"),
+        str(run.scores),
+        str(run.subset),
+        id_column,
+        "score" if sel.score_column == RANDOM else sel.score_column,
+        manifest.get("corpus"),
     )
     n_selected = sum(selected.values())
     out = {
