@@ -243,7 +243,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if result is not None and args.command not in ("demo", "compare"):  # these print their own summary
         print(json.dumps(result, indent=1, default=str))
+    if args.command == "run" and isinstance(result, dict) and result.get("report"):
+        _print_run_summary(cfg, result["report"])
     return 0
+
+
+def _print_run_summary(cfg: P2DConfig, report: dict) -> None:
+    """After the JSON: the results read for the user (selection vs random, training helped or not, AER)."""
+    from pathlib import Path
+
+    from p2d_ray.demo import summary_lines
+
+    if report.get("skipped"):
+        report = json.loads(Path(cfg.run_dir, "report.json").read_text())
+    print("\n".join(summary_lines(report, title=f"p2d-ray run: summary ({cfg.run_dir})")), flush=True)
 
 
 if __name__ == "__main__":
