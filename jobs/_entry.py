@@ -156,11 +156,23 @@ def run_job(config: str, overrides: list[str], work, verbose: bool = False) -> i
         print(err, file=sys.stderr)
         return 2
     connect(verbose)
+    caches = ", ".join(
+        f"{k}={os.environ.get(k, '(unset)')}" for k in ("P2D_RAY_CACHE", "TORCH_EXTENSIONS_DIR")
+    )
+    print(f"[p2d-ray] job: run_dir={cfg.run_dir}, {caches}", flush=True)
     try:
         result = work(cfg)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if result is not None:
-        print(json.dumps(result, indent=1, default=str))
+        # One line: the stages' results for scripts; the summary below (a full pipeline) is for people.
+        print("[p2d-ray] result: " + json.dumps(result, default=str), flush=True)
+    report = result.get("report") if isinstance(result, dict) else None
+    if report:
+        from p2d_ray.demo import summary_lines
+
+        if report.get("skipped"):
+            report = json.loads(Path(cfg.run_dir, "report.json").read_text())
+        print("\n".join(summary_lines(report, title=f"p2d-ray job: summary ({cfg.run_dir})")), flush=True)
     return 0
