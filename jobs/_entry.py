@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -37,9 +38,21 @@ def connect(verbose: bool = False):
             f"jobs/{Path(sys.argv[0]).name} --config ...\n"
             "or run locally with `p2d-ray run --config ...`."
         )
+    if not verbose:
+        # This driver's C++ core worker logs an E-level line per Ray Data actor pool ("constructor arguments
+        # in the object store ... actor restart will fail"): Ray Data's own warning, not a failure of the
+        # job. Quiet it for this process only (workers keep their levels); --verbose keeps every line.
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     if not ray.is_initialized():
         # address= given: ray.init connects or fails; it never starts a local instance.
-        ray.init(address=address, log_to_driver=verbose)
+        # Not verbose: Ray's own INFO lines (connection banners in terminal colours) stay out too.
+        ray.init(
+            address=address, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING
+        )
+    if not verbose:
+        import ray.data  # noqa: F401 - configures its loggers on import; then keep its INFO lines out
+
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     return ray
 
 
