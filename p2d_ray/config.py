@@ -114,6 +114,8 @@ class ScoreConfig(_Section):
     # likelihood: w x exp(-mean NLL of the queries' answers) from the full forward; none: w alone (the
     # forward stops after the highest task-head layer).
     icl_metric: Literal["likelihood", "none"] = "likelihood"
+    # Divide a weight by its slot's mean weight over the group's contexts (recency bias; RESULTS.md).
+    icl_position_debias: bool = True
     icl_instruction: str = (
         "Below are some demonstrations of how to answer. Answer the questions after them the same way."
     )

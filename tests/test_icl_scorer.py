@@ -34,6 +34,24 @@ def test_every_row_is_in_repeats_contexts_of_its_own_group():
     assert len(first) == 3  # repeats of the 24-row group use different co-demonstrations
 
 
+def test_position_debias_makes_every_slot_mean_one_per_group():
+    from p2d_ray.scoring.icl import debias_positions
+
+    groups = np.array([[0, 0]] * 16 + [[0, 1]] * 7)
+    ctxs = plan_contexts(groups, n_d=4, n_q=1, repeats=2, seed=0, n_probe=3)
+    rng = np.random.default_rng(0)
+    weights = [np.linspace(0.5, 2.0, len(c.demos)) * rng.uniform(0.5, 1.5, len(c.demos)) for c in ctxs]
+    out = debias_positions(ctxs, weights)
+    for g in {c.group for c in ctxs}:
+        slots = [o for c, o in zip(ctxs, out, strict=True) if c.group == g]
+        width = max(len(o) for o in slots)
+        for p in range(width):
+            assert np.mean([o[p] for o in slots if len(o) > p]) == pytest.approx(1.0)
+    # a pure position effect (same slot, same weight) is removed completely
+    flat = debias_positions(ctxs, [1 + 0.3 * np.arange(len(c.demos)) for c in ctxs])
+    assert all(np.allclose(o, 1.0) for o in flat)
+
+
 def _rows(n):
     return [{"prompt": f"Q{i}: what is {i} times {i % 4}{' please' * (i % 3)}? ", "response": f"{i * (i % 4)}"}
             for i in range(n)]
@@ -48,7 +66,7 @@ def test_scores_equal_brute_force_eager(tiny_llama, metric):
     tok = build_tokenizer()
     heads = HeadSet(((0, 1), (1, 3)), geometry_from_config(AutoConfig.from_pretrained(tiny_llama)))
     cfg = ScoreConfig(scorer="icl_attention", icl_demos=4, icl_queries=2, icl_repeats=2, icl_metric=metric,
-                      batch_size=8)
+                      icl_position_debias=False, batch_size=8)
     data = DataConfig(max_length=64)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     probe = [{"prompt": f"P{i} ", "response": f"ans {i}"} for i in range(5)]
