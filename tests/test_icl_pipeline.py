@@ -40,6 +40,7 @@ def _cfg(run, model, d, **score):
         Path(run) / "heads.json"
     )
     knobs = {"scorer": "icl_attention", "icl_demos": 4, "icl_queries": 2, "icl_repeats": 2, "icl_pool": 8,
+             "icl_metric": "likelihood",
              "batch_size": 8, "max_rows_per_block": 16, "min_actors": 1, "max_actors": 1}
     return build_config({
         "run_dir": str(run), "model": {"name_or_path": model},

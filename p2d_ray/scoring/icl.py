@@ -25,6 +25,11 @@ a group (seeded by ``icl_seed``, shard, group, repeat) and splits it into contex
 ``n_q`` probe queries drawn per context; so every row is in exactly ``icl_repeats`` contexts with different
 co-demonstrations and queries. Groups never depend on how Ray cut blocks or batches (the pipeline aligns
 blocks to groups), so scores are the same across runs, actor counts and resumes.
+
+Measured on SmolLM2-135M (issue 12, 96-row planted mixtures, two target tasks): the signal lives in the middle
+layers (all heads of layers 13-20: AUC 0.83 / 0.84 of clean on-task rows); heads in layers 0-3 and the last
+layers carry none or an inverted one, so a head set dominated by early-layer heads (as gradient localisation
+gives) scores near chance, and random heads in the same layers do as well as the task heads.
 """
 
 from __future__ import annotations
@@ -95,7 +100,7 @@ def plan_contexts(
 
 def debias_positions(contexts: Sequence[Context], weights: Sequence[np.ndarray]) -> list[np.ndarray]:
     """Divide each weight by the mean weight of its slot (position in the context) over the contexts of its
-    group. Measured on SmolLM2 (RESULTS): the slot nearest the queries draws far more attention than the
+    group. Measured on SmolLM2 (issue 12): the slot nearest the queries draws far more attention than the
     first, whatever the row (recency), and without this the weights rank positions, not rows."""
     out = [np.asarray(w, dtype=np.float64).copy() for w in weights]
     groups = np.array([c.group for c in contexts])
