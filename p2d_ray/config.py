@@ -77,7 +77,7 @@ class LocalizeConfig(_Section):
 
 
 class ScoreConfig(_Section):
-    scorer: Literal["influence", "activation", "perplexity", "ifd", "noop"] = "influence"
+    scorer: Literal["influence", "activation", "perplexity", "ifd", "noop", "gradient_alignment"] = "influence"
     gate_mode: Literal["zero", "uniform"] = "zero"
     batch_size: int = Field(16, ge=1)
     # Actor pool: same shape drives 1 CPU actor on a laptop and 64 GPU actors on a fleet.
@@ -104,6 +104,12 @@ class ScoreConfig(_Section):
     # Wait this long for min_actors to start before dispatching (0: do not wait); an autoscaling cluster may
     # need minutes to add GPU nodes. Past it, the run fails with a timeout instead of hanging.
     actor_start_timeout_s: int = Field(900, ge=0)
+    # gradient_alignment (scoring/gradient.py): finite-difference step along the unit probe gradient, the
+    # difference scheme (central: O(eps^2) error, forward: O(eps) but one pass fewer), and how many probe
+    # rows make the gradient (computed once per run on the driver).
+    alignment_eps: float = Field(0.05, gt=0)
+    alignment_method: Literal["central", "forward"] = "central"
+    alignment_probe_rows: int = Field(100, ge=1)
 
     @model_validator(mode="after")
     def _pool(self) -> ScoreConfig:

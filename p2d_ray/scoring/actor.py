@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import torch
 
 from p2d_ray.config import ModelConfig, ScoreConfig
-from p2d_ray.scoring.scorers import build_scorer
+from p2d_ray.scoring.scorers import COMPONENT_COLUMNS, build_scorer
 
 SCORE_TIME_COL = "_t_score"  # per-row share of its micro-batch's model seconds (for stats)
 ACTOR_COL = "_actor"  # pid of the actor that scored the row (actor count in stats)
@@ -54,7 +54,16 @@ def collate_arrow(
 
 
 class ScorerActor:
-    def __init__(self, model_json: str, score_json: str, heads_json: dict | None, id_column: str = "id"):
+    def __init__(
+        self,
+        model_json: str,
+        score_json: str,
+        heads_json: dict | None,
+        id_column: str = "id",
+        probe_gradient: list | None = None,
+    ):
+        """``probe_gradient``: ``[bytes or ObjectRef of ProbeGradient.to_bytes()]`` (gradient_alignment); a
+        list so that Ray hands the actor the reference and the actor fetches it once, here."""
         from p2d_ray.heads.headset import HeadSet
         from p2d_ray.models.loading import load_model, load_tokenizer
 
@@ -66,6 +75,14 @@ class ScorerActor:
         self.id_column = id_column
         self.model = None if self.cfg.scorer == "noop" else load_model(model_cfg)
         heads = HeadSet.from_json(heads_json) if heads_json is not None else None
+        pg = None
+        if probe_gradient:
+            import ray
+
+            from p2d_ray.scoring.gradient import ProbeGradient
+
+            data = probe_gradient[0]
+            pg = ProbeGradient.from_bytes(ray.get(data) if isinstance(data, ray.ObjectRef) else data)
         self.device = next(self.model.parameters()).device if self.model is not None else torch.device("cpu")
         self.score = build_scorer(
             self.cfg.scorer,
@@ -77,6 +94,9 @@ class ScorerActor:
             # ifd's "response alone" starts from BOS (EOS for tokenizers without one, e.g. GPT-2's).
             bos_id=tok.bos_token_id if tok.bos_token_id is not None else (tok.eos_token_id or 0),
             pad_id=self.pad_id,
+            probe_gradient=pg,
+            alignment_eps=self.cfg.alignment_eps,
+            alignment_method=self.cfg.alignment_method,
         )
         self.pid = os.getpid()
 
@@ -89,6 +109,7 @@ class ScorerActor:
         seconds = np.zeros(n, dtype=np.float32)
         padded = np.zeros(n, dtype=np.int32)
         has_full = has_gated = False
+        components = {c: np.full(n, np.nan) for c in COMPONENT_COLUMNS.get(self.cfg.scorer, ())}
         ok = np.flatnonzero(batch.column("reason").is_null().to_numpy(zero_copy_only=False))
         lengths = batch.column("length").to_numpy()
         # Longest first: the first micro-batch shows an OOM at once rather than at the end of a run.
@@ -108,6 +129,8 @@ class ScorerActor:
                 loss_full[idx], has_full = out.loss_full.float().cpu().numpy(), True
             if out.loss_gated is not None:
                 loss_gated[idx], has_gated = out.loss_gated.float().cpu().numpy(), True
+            for c, values in components.items():
+                values[idx] = out.extra[c].float().cpu().numpy()
             seconds[idx] = (time.perf_counter() - t0) / len(idx)
             padded[idx] = tensors["input_ids"].shape[1]
         valid = np.zeros(n, dtype=bool)
@@ -117,6 +140,7 @@ class ScorerActor:
             "loss_full": pa.array(loss_full, mask=~(valid & has_full)),
             "loss_gated": pa.array(loss_gated, mask=~(valid & has_gated)),
             "n_tokens": pa.array(n_tokens),
+            **{c: pa.array(values, mask=~valid) for c, values in components.items()},
             SCORE_TIME_COL: pa.array(seconds),
             ACTOR_COL: pa.array(np.full(n, self.pid, dtype=np.int64)),
             PAD_COL: pa.array(padded),

@@ -245,3 +245,41 @@ def alignment_score(
         deriv = (up - plain.mean) / eps
     score = deriv / plain.mean.clamp(min=EPS)
     return ScoreOutput(score, plain.n_tokens, loss_full=plain.mean, extra={DERIVATIVE_COL: deriv})
+
+
+def prepare_probe_gradient(cfg, heads: HeadSet, fingerprint: str) -> ProbeGradient:
+    """The run's probe gradient: ``<run_dir>/probe_gradient.safetensors`` if it carries ``fingerprint``
+    (a resumed run, or `p2d-ray compare` reusing a run), else computed on the driver and saved there.
+
+    Driver cost: one model load and ``score.alignment_probe_rows`` rows of forward + backward.
+    """
+    from p2d_ray.data.io import read_rows, rows_hash
+    from p2d_ray.data.paths import probe_path
+    from p2d_ray.heads.localize import _available_cpus, encode_probe, probe_batches
+    from p2d_ray.models.loading import load_model, load_tokenizer, model_fingerprint
+    from p2d_ray.rundir import RunDir
+
+    path = RunDir(cfg.run_dir).path(FILENAME)
+    if path.is_file():
+        old = ProbeGradient.load(path)
+        if old.fingerprint == fingerprint:
+            return old
+    rows = read_rows(probe_path(cfg), limit=cfg.score.alignment_probe_rows)
+    tok = load_tokenizer(cfg.model)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    batches = probe_batches(encode_probe(rows, tok, cfg.data), cfg.localize.batch_size, pad_id)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.localize.torch_threads or _available_cpus())
+    try:
+        model = load_model(cfg.model)
+        meta = {
+            "fingerprint": fingerprint,
+            "model_fingerprint": model_fingerprint(cfg.model),
+            "probe_hash": rows_hash(rows),
+            "probe_path": probe_path(cfg),
+        }
+        pg = probe_gradient(model, heads, batches, meta, cfg.score.loss_chunk_tokens)
+    finally:
+        torch.set_num_threads(threads)
+    pg.save(path)
+    return pg

@@ -20,6 +20,8 @@ from p2d_ray.rundir import RunDir
 from p2d_ray.scoring.scorers import USES_HEADS
 from p2d_ray.scoring.shards import Shard, list_parquet_files, plan_shards, read_footer
 
+ALIGNMENT_FIELDS = ("alignment_eps", "alignment_method", "alignment_probe_rows")
+
 
 @dataclass
 class ScorePlan:
@@ -35,6 +37,7 @@ class ScorePlan:
     manifest: dict
     fingerprint: str
     provenance: dict = field(default_factory=dict)
+    gradient_fingerprint: str | None = None  # gradient_alignment: which probe gradient the scores need
 
 
 def _context_length(hf_config) -> int | None:
@@ -99,8 +102,16 @@ def plan_score(cfg: P2DConfig) -> ScorePlan:
     )
     score = cfg.score.model_dump(
         mode="json",
-        exclude=set(SCORE_RESOURCE_FIELDS) | (set() if s.scorer == "influence" else {"gate_mode"}),
+        exclude=set(SCORE_RESOURCE_FIELDS)
+        | (set() if s.scorer == "influence" else {"gate_mode"})
+        | (set() if s.scorer == "gradient_alignment" else set(ALIGNMENT_FIELDS)),
     )
+    grad_fp = None
+    if s.scorer == "gradient_alignment":
+        from p2d_ray.scoring.gradient import gradient_fingerprint
+
+        probe_hash = rows_hash(read_rows(probe_path(cfg), limit=s.alignment_probe_rows))
+        grad_fp = gradient_fingerprint(model_fingerprint(cfg.model), heads, probe_hash, data)
     identity = {
         "model": cfg.model.model_dump(mode="json", exclude={"device"}),
         "model_fingerprint": model_fingerprint(cfg.model),
@@ -109,6 +120,7 @@ def plan_score(cfg: P2DConfig) -> ScorePlan:
         "score": score,
         "heads": heads.fingerprint() if heads is not None else None,
         "icl_demos": rows_hash(demos) if demos else None,
+        "probe_gradient": grad_fp,
     }
     fingerprint = _hash(identity)
     demo_ids = [r.get(d.id_column) for r in demos]
@@ -128,9 +140,10 @@ def plan_score(cfg: P2DConfig) -> ScorePlan:
         "model_fingerprint": identity["model_fingerprint"],
         "format": fmt,
         "icl_demo_ids": demo_ids,
+        "probe_gradient_fingerprint": grad_fp,
     }
     return ScorePlan(
-        shards, id_type, fmt, text_columns, demos, heads, model_json, manifest, fingerprint, provenance
+        shards, id_type, fmt, text_columns, demos, heads, model_json, manifest, fingerprint, provenance, grad_fp
     )
 
 

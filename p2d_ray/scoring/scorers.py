@@ -36,6 +36,8 @@ from p2d_ray.scoring.losses import hidden_states, loss_from_hidden, sample_loss
 SCORERS = ("influence", "activation", "perplexity", "ifd", "noop", "gradient_alignment")
 USES_HEADS = {"influence": True, "activation": True, "perplexity": False, "ifd": False, "noop": False}
 USES_HEADS["gradient_alignment"] = True
+# Per scorer, the [B] components written as score columns beside score / loss_full / loss_gated.
+COMPONENT_COLUMNS: dict[str, tuple[str, ...]] = {"gradient_alignment": ("directional_derivative",)}
 EPS = 1e-8
 
 
