@@ -21,7 +21,8 @@ import torch
 from p2d_ray.config import DataConfig, ModelConfig, build_config
 from p2d_ray.data.formatting import collate, encode_row
 from p2d_ray.heads.gates import HeadGates
-from p2d_ray.heads.localize import localize_heads
+from p2d_ray.heads.headset import HeadSet
+from p2d_ray.heads.localize import localize_heads, top_heads
 from p2d_ray.models.loading import load_model, load_tokenizer
 from p2d_ray.scoring.gradient import DERIVATIVE_COL, HeadShift, alignment_score, probe_gradient
 from p2d_ray.scoring.losses import sample_loss
@@ -153,6 +154,10 @@ def cost(args):
     cfg = build_config({"model": {"name_or_path": args.model}, "seed": 0})
     prows = probe("arith", args.probe_rows)
     heads = localize_heads(model, prows, tok, cfg)
+    if args.min_layer:  # the same number of heads, the best-scoring ones at or above --min-layer
+        scores = torch.tensor(heads.meta["scores"])
+        scores[: args.min_layer] = -float("inf")
+        heads = HeadSet(tuple(top_heads(scores, len(heads))), heads.geometry)
     pg = probe_gradient(model, heads, [b for _, b in batches(prows, tok, 8)], {"fingerprint": "bench"})
     shift = HeadShift(model, pg)
     L, lmin = heads.geometry.n_layers, pg.first_layer
@@ -202,6 +207,7 @@ if __name__ == "__main__":
     p.add_argument("--method", default="central")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--min-layer", type=int, default=0, help="cost: keep only heads at or above this layer")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tasks", nargs="+", default=["arith", "reverse"], choices=["arith", "reverse"])
     a = p.parse_args()
