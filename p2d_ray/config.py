@@ -77,7 +77,9 @@ class LocalizeConfig(_Section):
 
 
 class ScoreConfig(_Section):
-    scorer: Literal["influence", "activation", "perplexity", "ifd", "icl_attention", "noop"] = "influence"
+    scorer: Literal[
+        "influence", "activation", "perplexity", "ifd", "icl_attention", "gradient_alignment", "noop"
+    ] = "influence"
     gate_mode: Literal["zero", "uniform"] = "zero"
     batch_size: int = Field(16, ge=1)
     # Actor pool: same shape drives 1 CPU actor on a laptop and 64 GPU actors on a fleet.
@@ -120,6 +122,12 @@ class ScoreConfig(_Section):
     icl_instruction: str = (
         "Below are some demonstrations of how to answer. Answer the questions after them the same way."
     )
+    # gradient_alignment (scoring/gradient.py): finite-difference step along the unit probe gradient, the
+    # difference scheme (central: O(eps^2) error, forward: O(eps) but one pass fewer), and how many probe
+    # rows make the gradient (computed once per run on the driver).
+    alignment_eps: float = Field(0.05, gt=0)
+    alignment_method: Literal["central", "forward"] = "central"
+    alignment_probe_rows: int = Field(100, ge=1)
 
     @model_validator(mode="after")
     def _pool(self) -> ScoreConfig:

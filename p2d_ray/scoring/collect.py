@@ -16,10 +16,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from p2d_ray.scoring.actor import ACTOR_COL, PAD_COL, SCORE_TIME_COL
-from p2d_ray.scoring.icl import ICL_COLUMNS
 from p2d_ray.scoring.outputs import SCORE_COLUMNS, ScoreStore
 from p2d_ray.scoring.plan import ScorePlan
 from p2d_ray.scoring.quarantine import count_reasons, quarantine_table
+from p2d_ray.scoring.scorers import COMPONENT_COLUMNS
 from p2d_ray.scoring.shards import Shard
 from p2d_ray.scoring.tokenize import TOKENIZE_TIME_COL
 
@@ -76,8 +76,8 @@ class ShardCollector:
         bad = table.column("reason").is_valid()
         scored = table.filter(pc.invert(bad))
         quarantined = table.filter(bad)
-        extra = [c for c in ICL_COLUMNS if c in scored.column_names]  # a scorer's components, if any
-        score_table = scored.select([self.id_column, *SCORE_COLUMNS, *extra])
+        components = COMPONENT_COLUMNS.get(self.plan.provenance.get("scorer"), ())
+        score_table = scored.select([self.id_column, *SCORE_COLUMNS, *components])
         record = {
             "shard": shard.key,
             "path": shard.path,

@@ -117,7 +117,16 @@ def score_corpus(cfg: P2DConfig, on_shard_done: Callable[[Shard], None] | None =
     collector = ShardCollector(store, plan, todo, cfg.data.id_column, on_shard_done)
     ray_stats = None
     if todo:
+        probe_gradient = None
+        if s.scorer == "gradient_alignment":
+            from p2d_ray.scoring.gradient import prepare_probe_gradient
+
+            t = time.perf_counter()
+            pg = prepare_probe_gradient(cfg, plan.heads, plan.gradient_fingerprint)
+            wall["probe_gradient"] = time.perf_counter() - t
         ensure_ray()
+        if s.scorer == "gradient_alignment":
+            probe_gradient = [ray.put(pg.to_bytes())]  # one copy in the object store for every actor
         check_pool_fits(s)
         t = time.perf_counter()
         n_rows = sum(sh.num_rows for sh in plan.shards)
@@ -169,6 +178,7 @@ def score_corpus(cfg: P2DConfig, on_shard_done: Callable[[Shard], None] | None =
                     }
                     if icl
                     else None,
+                    "probe_gradient": probe_gradient,
                 },
             )
             t = time.perf_counter()

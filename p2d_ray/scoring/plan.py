@@ -20,6 +20,8 @@ from p2d_ray.rundir import RunDir
 from p2d_ray.scoring.scorers import USES_HEADS
 from p2d_ray.scoring.shards import Shard, list_parquet_files, plan_shards, read_footer
 
+ALIGNMENT_FIELDS = ("alignment_eps", "alignment_method", "alignment_probe_rows")
+
 
 @dataclass
 class ScorePlan:
@@ -36,6 +38,7 @@ class ScorePlan:
     fingerprint: str
     provenance: dict = field(default_factory=dict)
     probe_rows: list[dict] = field(default_factory=list)  # icl_attention's query pool
+    gradient_fingerprint: str | None = None  # gradient_alignment: which probe gradient the scores need
 
 
 def _context_length(hf_config) -> int | None:
@@ -117,8 +120,15 @@ def plan_score(cfg: P2DConfig) -> ScorePlan:
         mode="json",
         exclude=set(SCORE_RESOURCE_FIELDS)
         | (set() if s.scorer == "influence" else {"gate_mode"})
-        | (set() if s.scorer == "icl_attention" else icl_keys),
+        | (set() if s.scorer == "icl_attention" else icl_keys)
+        | (set() if s.scorer == "gradient_alignment" else set(ALIGNMENT_FIELDS)),
     )
+    grad_fp = None
+    if s.scorer == "gradient_alignment":
+        from p2d_ray.scoring.gradient import gradient_fingerprint
+
+        probe_hash = rows_hash(read_rows(probe_path(cfg), limit=s.alignment_probe_rows))
+        grad_fp = gradient_fingerprint(model_fingerprint(cfg.model), heads, probe_hash, data)
     identity = {
         "model": cfg.model.model_dump(mode="json", exclude={"device"}),
         "model_fingerprint": model_fingerprint(cfg.model),
@@ -127,6 +137,7 @@ def plan_score(cfg: P2DConfig) -> ScorePlan:
         "score": score,
         "heads": heads.fingerprint() if heads is not None else None,
         "icl_demos": rows_hash(demos) if demos else None,
+        "probe_gradient": grad_fp,
     }
     if probe_rows:  # only for icl_attention, so the other scorers' fingerprints stay as they were
         identity["icl_probe"] = rows_hash(probe_rows)
@@ -148,10 +159,11 @@ def plan_score(cfg: P2DConfig) -> ScorePlan:
         "model_fingerprint": identity["model_fingerprint"],
         "format": fmt,
         "icl_demo_ids": demo_ids,
+        "probe_gradient_fingerprint": grad_fp,
     }
     return ScorePlan(
         shards, id_type, fmt, text_columns, demos, heads, model_json, manifest, fingerprint, provenance,
-        probe_rows,
+        probe_rows, grad_fp,
     )
 
 
