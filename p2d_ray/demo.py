@@ -90,8 +90,8 @@ def summary_lines(report: dict, times: dict) -> list[str]:
 
 def run_demo(cfg: P2DConfig) -> dict:
     """Run the demo end to end; prints a summary and returns the report (plus wall times)."""
-    from p2d_ray.data.synthetic import demo_assets
-    from p2d_ray.models.demo import ensure_demo_model
+    from p2d_ray.assets.demo_model import ensure_demo_model
+    from p2d_ray.assets.synthetic import demo_assets
     from p2d_ray.pipeline import run_pipeline
 
     cfg = demo_config(cfg)
