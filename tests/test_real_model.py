@@ -289,3 +289,13 @@ def test_evaluation_with_the_chat_template(trained_heads, ray_local):
     for name in ("base", "adapted"):
         assert 0 < ev[name]["loss"] < 20 and "exact_match" in ev[name], ev
     assert result is not None
+
+
+def test_validate_accepts_the_short_name(tmp_path, smollm2, data):
+    """What `p2d-ray validate` (and a job submitted with this model) checks before a cluster is paid for."""
+    from p2d_ray.validate import run_validate
+
+    report = run_validate(_cfg(tmp_path / "run", data), raise_on_error=False)
+    model = [f for f in report["findings"] if f["check"] == "model"][0]
+    assert model["status"] == "ok", model
+    assert (model["geometry"]["n_heads"], model["geometry"]["n_kv_heads"]) == (N_HEADS, N_KV)
