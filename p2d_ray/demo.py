@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -107,7 +108,7 @@ def summary_lines(report: dict, times: dict) -> list[str]:
 
 def control_config(cfg: P2DConfig) -> P2DConfig:
     """The random-heads control of ``cfg``: the same scorer and selection under random heads with the task
-    heads' count per layer (``localize.control=random_heads``), in ``<run_dir>/random_heads``."""
+    heads' count per layer, in ``<run_dir>/random_heads``."""
     data = cfg.model_dump(mode="json")
     data["run_dir"] = str(Path(cfg.run_dir) / CONTROL_DIR)
     data["localize"]["control"] = "random_heads"
@@ -115,16 +116,27 @@ def control_config(cfg: P2DConfig) -> P2DConfig:
 
 
 def run_control(cfg: P2DConfig) -> dict | None:
-    """Localise (random heads), score and select for the control; its selection precision (None for a corpus
-    without the hidden label)."""
+    """Score and select under random heads for the control; its selection precision (None for a corpus
+    without the hidden label). The random heads are drawn from the main run's task heads (same count per
+    layer, ``HeadSet.random_like`` seeded by the run seed, as ``localize.control=random_heads`` does), so the
+    control does not pay for a second localisation."""
     from p2d_ray.data.paths import corpus_path
+    from p2d_ray.heads.headset import HeadSet
     from p2d_ray.pipeline import run_pipeline
     from p2d_ray.report.precision import selection_precision
     from p2d_ray.rundir import RunDir
 
     ctl = control_config(cfg)
-    run_pipeline(ctl, stages=("localize", "score", "select"), report=False)
     run = RunDir(ctl.run_dir)
+    task = HeadSet.load(RunDir(cfg.run_dir).heads_json)
+    control = task.random_like(ctl.seed)
+    control.meta.update(task.meta, method="random", control="random_heads", seed=ctl.seed)
+    control.meta["task_heads"] = [list(h) for h in task.heads]
+    previous = HeadSet.load(run.heads_json) if run.heads_json.is_file() else None
+    if previous is None or previous.heads != control.heads:
+        shutil.rmtree(run.root, ignore_errors=True)  # other heads: nothing downstream of the old ones holds
+        control.save(run.heads_json)
+    run_pipeline(ctl, stages=("score", "select"), report=False)
     return selection_precision(corpus_path(ctl), str(run.subset), str(run.scores), ctl.data.id_column)
 
 
