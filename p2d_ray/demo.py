@@ -246,9 +246,6 @@ def run_demo(cfg: P2DConfig) -> dict:
     if skipped:
         print(f"(resumed: skipped finished stages {skipped}; delete {cfg.run_dir} to start over)")
     print("\n".join(summary_lines(report, times)), flush=True)
-    if control is not None:
-        # (summary_lines may print this itself: report["selection_precision"]["random_heads"].)
-        print(f"random-heads control (same scorer, random heads): {_pct(control['selected'])}", flush=True)
     Path(cfg.run_dir, "demo_summary.json").write_text(
         json.dumps(
             {
