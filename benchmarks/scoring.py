@@ -41,14 +41,14 @@ def _model(choice: str, workdir: Path) -> str:
         from conftest import save_tiny_model
 
         return save_tiny_model(workdir / "tiny_model", "llama")
-    from p2d_ray.models.demo import ensure_demo_model
+    from p2d_ray.assets.demo_model import ensure_demo_model
 
     return str(ensure_demo_model())
 
 
 def _corpus(workdir: Path, n_rows: int, name: str) -> str:
     """The first ``n_rows`` of the demo corpus as one file with row groups of 1,000 (shards)."""
-    from p2d_ray.data.synthetic import demo_assets
+    from p2d_ray.assets.synthetic import demo_assets
 
     rows = pads.dataset(str(demo_assets().corpus_dir), format="parquet").head(n_rows)
     d = workdir / name

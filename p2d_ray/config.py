@@ -31,7 +31,8 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    # "p2d-demo" is the tiny Llama that p2d_ray.models.demo builds and caches offline.
+    # Asset names (p2d_ray.assets): "smollm2-135m" (SmolLM2-135M-Instruct, installed by make install) and
+    # "p2d-demo" (a tiny Llama built offline in ~2 CPU-min); anything else is a hub id or a local path.
     name_or_path: str = "p2d-demo"
     revision: str | None = None
     trust_remote_code: bool = False  # secure default: never run code shipped with a checkpoint
@@ -46,6 +47,8 @@ class DataConfig(_Section):
 
     probe_path: str | None = None  # ~100 task samples (Parquet or JSONL); None = demo probe set
     corpus_path: str | None = None  # Parquet file, directory or glob, local or s3://; None = demo corpus
+    # The demo's target task when probe/corpus/held-out paths are None (p2d_ray.assets.synthetic.TARGETS).
+    demo_target: Literal["arithmetic", "units"] = "arithmetic"
     id_column: str = "id"
     text_column: str = "text"
     prompt_column: str = "prompt"

@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from p2d_ray.assets.tokenizer import build_tokenizer
 from p2d_ray.config import ScoreConfig
 from p2d_ray.heads.headset import HeadSet
 from p2d_ray.models.geometry import geometry_from_config
-from p2d_ray.models.tokenizer import build_tokenizer
 from p2d_ray.scoring.icl import build_icl_scorer, plan_contexts
 
 

@@ -14,12 +14,12 @@ import pytest
 import yaml
 from transformers import AutoConfig
 
+from p2d_ray.assets.tokenizer import build_tokenizer
 from p2d_ray.cli import main as cli_main
 from p2d_ray.config import DataConfig, build_config
 from p2d_ray.data.formatting import encode_row
 from p2d_ray.heads.headset import HeadSet
 from p2d_ray.models.geometry import AttentionGeometry, geometry_from_config
-from p2d_ray.models.tokenizer import build_tokenizer
 from p2d_ray.scoring.outputs import read_provenance
 from p2d_ray.scoring.pipeline import pick_demos, run_score
 

@@ -10,11 +10,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from p2d_ray.assets import resolve_model
 from p2d_ray.config import ModelConfig
 from p2d_ray.models.geometry import attention_geometry, geometry_from_config
-
-DEMO_MODEL = "p2d-demo"
-BENCH_MODEL = "p2d-bench"  # the demo architecture pre-trained longer, for RESULTS.md (models/demo.py)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -33,12 +31,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def resolve_path(cfg: ModelConfig) -> str:
-    """The hub name or local path to load; builds the offline demo model on first use."""
-    if cfg.name_or_path in (DEMO_MODEL, BENCH_MODEL):
-        from p2d_ray.models.demo import ensure_demo_model
-
-        return str(ensure_demo_model(bench=cfg.name_or_path == BENCH_MODEL))
-    return cfg.name_or_path
+    """The hub name or local path to load; an asset name (``smollm2-135m``, ``p2d-demo``) resolves to its
+    cached directory, built on first use (p2d_ray.assets)."""
+    return resolve_model(cfg.name_or_path)
 
 
 def load_config_checked(cfg: ModelConfig):
