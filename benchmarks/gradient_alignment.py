@@ -1,8 +1,8 @@
 """gradient_alignment on SmolLM2: cost in forwards per row (shared lower layers on/off) and selection quality
 on a planted two-target mixture with the random-heads control. In one process, no Ray.
 
-    python benchmarks/gradient_alignment.py cost    --model /work/shared-cache/smollm2-135m-instruct --rows 64
-    python benchmarks/gradient_alignment.py quality --model /work/shared-cache/smollm2-135m-instruct --rows 160
+    python benchmarks/gradient_alignment.py cost    --model smollm2-135m --rows 64
+    python benchmarks/gradient_alignment.py quality --model smollm2-135m --rows 160
 
 The planted mixture is built here (not the demo generator): two target tasks (arithmetic word sums, list
 reversal), corrupted rows of each (wrong answers), and distractor rows (facts, echo answers, chat).
@@ -200,7 +200,7 @@ def cost(args):
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("what", choices=["cost", "quality"])
-    p.add_argument("--model", default="/work/shared-cache/smollm2-135m-instruct")
+    p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--rows", type=int, default=160)
     p.add_argument("--probe-rows", type=int, default=32)
     p.add_argument("--eps", type=float, default=0.05)

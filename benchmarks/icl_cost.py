@@ -1,6 +1,6 @@
 """icl_attention's cost against one plain forward over the same candidates, side by side in one process.
 
-    .venv/bin/python -m benchmarks.icl_cost --model /work/shared-cache/smollm2-135m-instruct \
+    .venv/bin/python -m benchmarks.icl_cost --model smollm2-135m \
         --heads runs/x/heads.json --rows 64 --rounds 3
 
 The same ``--rows`` demo-corpus rows (chat format), torch threads 1 (as a scoring actor), interleaved round by
@@ -27,16 +27,14 @@ import torch
 
 
 def _synthetic():
-    try:  # the demo generator moves to p2d_ray.assets on branch `real`
-        from p2d_ray.assets import synthetic
-    except ImportError:
-        from p2d_ray.data import synthetic
+    from p2d_ray.assets import synthetic
+
     return synthetic
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="/work/shared-cache/smollm2-135m-instruct")
+    ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--heads", required=True, help="heads.json for the model (e.g. from p2d-ray localize)")
     ap.add_argument("--rows", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
