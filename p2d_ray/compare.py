@@ -250,9 +250,14 @@ def full_finetune_seconds(cfg: P2DConfig, root: Path, cells: list[dict]) -> dict
     return full_baseline(base, n_full, summary["rows"], summary["steps"])
 
 
-def _precision(sel_dir: Path) -> float | None:
-    sel = json.loads((sel_dir / "selection.json").read_text())
-    return (sel.get("clean") or {}).get("selected")
+def _precision(cfg: P2DConfig, sel_dir: Path) -> float | None:
+    """The hidden label's rate in the selection (None for an unlabelled corpus): read by report/ only."""
+    from p2d_ray.data.paths import corpus_path
+    from p2d_ray.report.precision import selection_precision
+
+    run = RunDir(sel_dir)
+    p = selection_precision(corpus_path(cfg), str(run.subset), str(run.scores), cfg.data.id_column)
+    return p["selected"] if p else None
 
 
 def cell_row(root: Path, cell: dict, evaluation: dict, full: dict) -> dict:
@@ -277,7 +282,7 @@ def cell_row(root: Path, cell: dict, evaluation: dict, full: dict) -> dict:
         "selector": selector,
         "adaptation": adaptation,
         "seed": seed,
-        "precision": _precision(sel_dir),
+        "precision": _precision(cell["cfg"], sel_dir),
         "loss": ev["loss"],
         "exact_match": ev.get("exact_match"),
         "seconds": seconds,
