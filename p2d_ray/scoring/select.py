@@ -285,15 +285,21 @@ def _plot(path: Path, edges: list[float], hist_all: list[int], hist_sel: list[in
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullLocator
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    # fixed margins, not tight_layout(): its text measuring cost 1.6 s of a 2 s selection here
+    fig, ax = plt.subplots(
+        figsize=(6, 3.5), gridspec_kw={"left": 0.12, "right": 0.97, "bottom": 0.15, "top": 0.95}
+    )
     ax.stairs(hist_all, edges, label=f"all scored ({sum(hist_all)})", fill=True, alpha=0.4)
     ax.stairs(hist_sel, edges, label=f"selected ({sum(hist_sel)})", fill=True, alpha=0.8)
     ax.set_xlabel(label)
     ax.set_ylabel("rows")
     ax.set_yscale("log")
+    # plain tick labels and no minor ticks: mathtext labels and ~150 minor tick lines cost ~1 s here
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_locator(NullLocator())
     ax.legend()
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
