@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 
 from p2d_ray.config import ConfigError, load_config
@@ -48,11 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name)
         p.add_argument("--config", "-c", default=None, help="YAML config (defaults are the demo's)")
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. score.batch_size=32")
+        p.add_argument("--verbose", "-v", action="store_true", help="show Ray Data's log lines and progress bars")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:  # read by p2d_ray.progress (an env var, so Ray job entrypoints inherit it)
+        os.environ["P2D_RAY_VERBOSE"] = "1"
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:

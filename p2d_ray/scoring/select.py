@@ -32,6 +32,7 @@ import json
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from p2d_ray.config import P2DConfig
+from p2d_ray.progress import stage_summary
 from p2d_ray.rundir import RunDir, stage_fingerprint
 from p2d_ray.scoring.outputs import ScoreStore
 from p2d_ray.scoring.shards import Shard, read_footer, read_shard
@@ -421,4 +423,8 @@ def run_select(cfg: P2DConfig) -> dict:
     run = RunDir(cfg.run_dir)
     with run.timed("select", stage_fingerprint(cfg, "select")):
         cfg.save(run.path("config.yaml"))
-        return select_subset(cfg)
+        t0 = time.perf_counter()
+        out = select_subset(cfg)
+    wrote = f"{out['subset_dir']} ({out['n_selected']:,} of {out['n_scored']:,} rows), selection.json"
+    stage_summary("select", time.perf_counter() - t0, wrote)
+    return out
