@@ -167,6 +167,8 @@ def score_corpus(cfg: P2DConfig, on_shard_done: Callable[[Shard], None] | None =
             bar = Progress("score", n_todo)
             try:
                 for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                    # pipeline fill: plan + actor start-up (imports, model load) + the first block's work
+                    wall.setdefault("first_result", time.perf_counter() - t)
                     collector.add(block)
                     bar.update(block.num_rows)
             except ray.exceptions.GetTimeoutError as err:
