@@ -206,3 +206,22 @@ def test_ray_tasks_select_what_the_driver_selects(ray_local, scored_run, monkeyp
     on_ray = run_select(_cfg(root, **select))
     assert _subset(root).column("id").to_pylist() == local_ids
     assert on_ray["strata"] == local["strata"] and on_ray["n_selected"] == local["n_selected"]
+
+
+def test_lower_bound_keeps_every_selected_row():
+    """The candidates' lower bound from rank pivots: at least k rows rank at or before it, and it is never
+    past the true k-th value (ties, both directions, uneven shards)."""
+    import numpy as np
+
+    from p2d_ray.scoring.select import lower_bounds, pivots
+
+    rng = np.random.default_rng(0)
+    shards = [np.round(rng.normal(size=n), 1) for n in (1000, 37, 5000, 1)]
+    allv = np.concatenate(shards)
+    for ascending in (False, True):
+        stats = [{"s": [len(v), len(v), None, None, pivots(pa.array(v), ascending, 16)]} for v in shards]
+        for k in (1, 10, 600, len(allv)):
+            bound = lower_bounds(stats, {"s": k}, ascending)["s"]
+            kth = np.sort(allv)[k - 1] if ascending else np.sort(allv)[::-1][k - 1]
+            assert (kth <= bound) if ascending else (kth >= bound), (ascending, k, kth, bound)
+            assert ((allv <= bound) if ascending else (allv >= bound)).sum() >= k

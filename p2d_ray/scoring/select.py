@@ -4,15 +4,17 @@ Ranking is by ``select.score_column`` (``score`` by default; ``loss_full`` with 
 perplexity selection from the same scores files; ``random`` ranks by a hash of (run seed, id): a seeded
 uniform random selection that does not depend on shard layout or actor count), ties broken by id
 ascending: the selection is exact and deterministic. O(n) work in one task per shard; no sort or shuffle
-of the corpus, and the driver never holds more than about 2k candidate rows:
+of the corpus, and the driver holds about k + n / PIVOTS candidate rows at most:
 
 1. ``keyed_shard`` (per shard): the shard's score file and, when stratifying, the stratum column of its
    corpus row group -> ``(id, value, stratum, row)`` (kept in the object store) and per-stratum counts,
    missing values and value range (small, to the driver). The driver allocates k per stratum.
-2. ``shard_candidates`` (per shard): per stratum, the shard's own top ``k_s`` rows (``select_k``, O(n)):
-   the global top ``k_s`` is a subset of the union of these. The driver merges them as they arrive into a
-   running top ``k_s`` (exact; memory ≤ k + one shard's candidates); its last row is the threshold
-   ``(value*, id*)``: a row is selected iff it ranks at or before it.
+2. ``shard_candidates`` (per shard): per stratum, the shard's own top ``k_s`` rows (``select_k``, O(n))
+   among those at or before a lower bound that the driver derives from step 1's rank pivots (at least
+   ``k_s`` rows rank at or before it), so a shard sends about its share of ``k_s`` plus ``n / PIVOTS``
+   rows, never more than ``k_s``: the global top ``k_s`` is a subset of the union of these. The driver
+   merges them as they arrive into a running top ``k_s`` (exact; memory ≤ k + one shard's candidates);
+   its last row is the threshold ``(value*, id*)``: a row is selected iff it ranks at or before it.
 3. ``write_shard`` (per shard): reads the FULL corpus row group, keeps the rows that pass the threshold
    and writes ``subset/<shard>.parquet`` (original columns + the score), returning only counts and a
    histogram. Score files are aligned with corpus row groups, so no join or shuffle of the corpus.
@@ -51,6 +53,7 @@ ALL = "<all>"
 RANDOM = "random"
 NULL_STRATUM = "<null>"
 BINS = 50
+PIVOTS = 256  # rank pivots per shard and stratum (step 1) for the candidates' lower bound (step 2)
 LOCAL_MAX_ROWS = 1_000_000  # up to this many scored rows, select on the driver (module-level: tests lower it)
 
 
@@ -113,10 +116,55 @@ def _by_stratum(keyed: pa.Table) -> dict[str, pa.Table]:
     return {s: keyed.filter(pc.equal(strata, s)) for s in names}
 
 
+def pivots(values: pa.Array, ascending: bool, n_pivots: int = PIVOTS) -> list[tuple[int, float]]:
+    """``(r, v)`` pairs: at least ``r`` of ``values`` rank at or before value ``v`` (``n_pivots`` ranks
+    spread evenly, the last one = all rows). Nulls are left out (they are an error later)."""
+    v = values.drop_null().to_numpy(zero_copy_only=False)
+    if len(v) == 0:
+        return []
+    key = -v if ascending else v  # higher key = ranks earlier
+    ranks = np.unique(np.ceil(np.arange(1, n_pivots + 1) * len(v) / n_pivots).astype(np.int64))
+    at = -np.partition(-key, ranks - 1)[ranks - 1]  # the r-th highest key, for each r
+    return [(int(r), float(-k if ascending else k)) for r, k in zip(ranks, at, strict=True)]
+
+
+def lower_bounds(per_shard: list[dict], k: dict[str, int], ascending: bool) -> dict[str, float]:
+    """Per stratum, a value ``L`` that the k-th row provably ranks at or before: at least ``k`` rows rank
+    at or before ``L`` (from every shard's pivots), so a row ranking after ``L`` can never be selected."""
+    bounds = {}
+    for s, ks in k.items():
+        if ks <= 0:
+            continue
+        points = sorted(
+            (
+                (-v if ascending else v, r, i)
+                for i, st in enumerate(per_shard)
+                if s in st
+                for r, v in st[s][4]
+            ),
+            key=lambda p: -p[0],
+        )
+        best: dict[int, int] = {}  # shard -> rows known at or before the current key
+        total = 0
+        for key, r, i in points:  # keys descending: each shard's count only grows
+            total += r - best.get(i, 0)
+            best[i] = r
+            if total >= ks:
+                bounds[s] = -key if ascending else key
+                break
+    return bounds
+
+
 def keyed_shard(
-    shard: dict, score_file: str, id_column: str, column: str, stratify_by: str | None, seed: int
+    shard: dict,
+    score_file: str,
+    id_column: str,
+    column: str,
+    stratify_by: str | None,
+    seed: int,
+    ascending: bool,
 ) -> tuple[dict, pa.Table]:
-    """Step 1 for one shard: ({stratum: [rows, valid, min, max]}, (id, value, stratum, row) table).
+    """Step 1 for one shard: ({stratum: [rows, valid, min, max, pivots]}, (id, value, stratum, row) table).
 
     ``row``: the index of each scored row in the corpus row group (an id's scored row is its FIRST row
     there: a later row with the same id is a quarantined duplicate, and a null id is never scored)."""
@@ -145,17 +193,22 @@ def keyed_shard(
     for s, part in _by_stratum(keyed).items():
         v = part.column(VALUE)
         mm = pc.min_max(v).as_py()
-        stats[s] = [part.num_rows, part.num_rows - v.null_count, mm["min"], mm["max"]]
+        stats[s] = [part.num_rows, part.num_rows - v.null_count, mm["min"], mm["max"], pivots(v, ascending)]
     return stats, keyed
 
 
-def shard_candidates(keyed: pa.Table, k: dict[str, int], id_column: str, ascending: bool) -> pa.Table:
-    """Step 2 for one shard: per stratum, its own top ``k[stratum]`` rows as (id, value, stratum)."""
-    parts = [
-        _top(part, k[s], id_column, ascending).select([id_column, VALUE, STRATUM])
-        for s, part in _by_stratum(keyed).items()
-        if k.get(s, 0) > 0
-    ]
+def shard_candidates(
+    keyed: pa.Table, k: dict[str, int], bounds: dict[str, float], id_column: str, ascending: bool
+) -> pa.Table:
+    """Step 2 for one shard: per stratum, its own top ``k[stratum]`` rows among those ranking at or before
+    the stratum's lower bound, as (id, value, stratum)."""
+    parts = []
+    for s, part in _by_stratum(keyed).items():
+        if k.get(s, 0) <= 0:
+            continue
+        v = part.column(VALUE)
+        part = part.filter(pc.less_equal(v, bounds[s]) if ascending else pc.greater_equal(v, bounds[s]))
+        parts.append(_top(part, k[s], id_column, ascending).select([id_column, VALUE, STRATUM]))
     return pa.concat_tables(parts) if parts else keyed.select([id_column, VALUE, STRATUM]).slice(0, 0)
 
 
@@ -256,7 +309,7 @@ class _OnRay:
 def _merge_stats(per_shard: list[dict]) -> dict[str, list]:
     out: dict[str, list] = {}
     for stats in per_shard:
-        for s, (n, valid, lo, hi) in stats.items():
+        for s, (n, valid, lo, hi, _) in stats.items():
             cur = out.setdefault(s, [0, 0, None, None])
             cur[0] += n
             cur[1] += valid
@@ -353,7 +406,7 @@ def select_subset(cfg: P2DConfig) -> dict:
 
     # 1. keyed rows per shard (stay where they were made) + per-stratum counts -> k per stratum
     calls = [
-        (d, f, id_column, sel.score_column, sel.stratify_by, cfg.seed)
+        (d, f, id_column, sel.score_column, sel.stratify_by, cfg.seed, sel.ascending)
         for d, f in zip(shard_dicts, files, strict=True)
     ]
     stats, keyed = zip(*ex.run(keyed_shard, calls, num_returns=2), strict=True) if calls else ((), ())
@@ -366,7 +419,8 @@ def select_subset(cfg: P2DConfig) -> dict:
     k = allocate(counts, total_k(n_scored, sel.fraction, sel.top_k))
 
     # 2. per-shard top k_s -> exact running merge on the driver -> thresholds
-    cands = ex.run(shard_candidates, [(kd, k, id_column, sel.ascending) for kd in keyed])
+    bounds = lower_bounds(list(stats), k, sel.ascending)  # shards send ~k + n/PIVOTS rows, not k each
+    cands = ex.run(shard_candidates, [(kd, k, bounds, id_column, sel.ascending) for kd in keyed])
     thresholds = find_thresholds(cands, k, id_column, sel.ascending)
 
     # 3. write the selected full rows, per shard
