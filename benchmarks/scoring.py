@@ -143,7 +143,10 @@ def bare_loop(model_path: str, corpus: str, batch_size: int, sort_by_length: boo
 
     torch.set_num_threads(1)
     mcfg = ModelConfig(name_or_path=model_path)
-    model, tok = load_model(mcfg), load_tokenizer(mcfg)  # not timed: the engine's actor loads once too
+    t_load = time.perf_counter()
+    # Not in "seconds" (the classic comparison), but reported: the engine's actor pays its load inside its
+    # end-to-end time, so "throughput_ratio_vs_sorted_with_load" charges the bare loop its load as well.
+    model, tok = load_model(mcfg), load_tokenizer(mcfg)
     t0 = time.perf_counter()
     rows = pq.read_table(corpus).to_pylist()
     enc = [encode_row(r, tok, DataConfig(), "prompt_response") for r in rows]
@@ -161,7 +164,13 @@ def bare_loop(model_path: str, corpus: str, batch_size: int, sort_by_length: boo
             m = b["loss_mask"][:, 1:].float()
             losses.append(-(logp * m).sum(1) / m.sum(1))
     t2 = time.perf_counter()
-    return {"rows": len(rows), "seconds": t2 - t0, "tokenize_s": t1 - t0, "model_s": t2 - t1}
+    return {
+        "rows": len(rows),
+        "seconds": t2 - t0,
+        "tokenize_s": t1 - t0,
+        "model_s": t2 - t1,
+        "load_s": t0 - t_load,
+    }
 
 
 _CPU = re.compile(r"Remote cpu time: .*?, ([\d.]+)(us|ms|s) total")
@@ -192,6 +201,7 @@ def engine(workdir: Path, tag: str, model: str, corpus: str, batch_size: int, **
         "tokenize_busy_s": st["busy_s"]["tokenize"],
         "actors_used": st["actors"]["used"],
         "padding_fraction": st["padding_fraction"],
+        "first_result_s": st["wall_s"].get("first_result"),  # pipeline fill incl. actor start-up
     }
 
 
@@ -254,6 +264,10 @@ def main(argv=None) -> dict:
                 # engine rows/s / bare rows/s, end to end (engine: plan + duplicate check + Ray pass + writes)
                 "throughput_ratio": med(bare, "seconds") / med(eng, "seconds"),
                 "throughput_ratio_vs_sorted": med(bare_sorted, "seconds") / med(eng, "seconds"),
+                "throughput_ratio_vs_sorted_with_load": (
+                    med(bare_sorted, "seconds") + med(bare_sorted, "load_s")
+                )
+                / med(eng, "seconds"),
                 # the bare loop's forward seconds / the actor's scoring seconds (no tokenisation on either side)
                 "model_time_ratio": med(bare, "model_s") / med(eng, "actor_busy_s"),
                 "model_time_ratio_vs_sorted": med(bare_sorted, "model_s") / med(eng, "actor_busy_s"),
@@ -292,6 +306,7 @@ def main(argv=None) -> dict:
     if e:
         print(f"engine (1 actor) / bare loop throughput  {e['throughput_ratio']:.2f}  (target >= 0.95)")
         print(f"  ... / bare loop sorted by length       {e['throughput_ratio_vs_sorted']:.2f}")
+        print(f"  ... same, bare loop charged its load   {e['throughput_ratio_vs_sorted_with_load']:.2f}")
         print(f"  bare forward s / actor scoring s       {e['model_time_ratio']:.2f}")
         print(f"  ... bare loop sorted by length         {e['model_time_ratio_vs_sorted']:.2f}")
         print(f"  engine seconds not scoring (start-up)  {e['engine_fixed_s']:.1f}")
