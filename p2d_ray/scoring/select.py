@@ -266,14 +266,8 @@ def _count(values: pa.Array) -> dict[str, int]:
 class _Local:
     """The three steps on the driver: ``run(fn, args_list)`` yields each result in order."""
 
-    def put(self, x):
-        return x
-
     def run(self, fn, calls, num_returns=1):
         yield from (fn(*a) for a in calls)
-
-    def get(self, x):
-        return x
 
 
 class _OnRay:
@@ -284,15 +278,9 @@ class _OnRay:
         import ray
 
         self.ray = ray
-        self.remote = {}
-
-    def put(self, x):
-        return self.ray.put(x)
 
     def run(self, fn, calls, num_returns=1):
-        f = self.remote.setdefault(
-            (fn, num_returns), self.ray.remote(num_cpus=1, num_returns=num_returns)(fn)
-        )
+        f = self.ray.remote(num_cpus=1, num_returns=num_returns)(fn)
         pending = [f.remote(*a) for a in calls]
         if num_returns > 1:  # (small result to the driver, big one stays in the object store)
             small = self.ray.get([p[0] for p in pending])
@@ -301,9 +289,6 @@ class _OnRay:
         while pending:
             done, pending = self.ray.wait(pending, num_returns=1)
             yield self.ray.get(done[0])
-
-    def get(self, x):
-        return self.ray.get(x)
 
 
 def _merge_stats(per_shard: list[dict]) -> dict[str, list]:
