@@ -69,7 +69,7 @@ class Progress:
             self._bar.update(n)
             return
         now = time.perf_counter()
-        if now - self._last >= self.every_s:
+        if now - self._last >= self.every_s and self.done < self.total:  # the last line is close()'s
             self._last = now
             print(self.line(), file=self.stream, flush=True)
 
