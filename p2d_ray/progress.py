@@ -108,6 +108,7 @@ def ray_data_output(run_dir: str | Path):
     to_file = logging.FileHandler(path)
     to_file.setLevel(logging.INFO)
     to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s -- %(message)s"))
+    before = list(logger.handlers)
     for h in consoles:
         logger.removeHandler(h)
     logger.addHandler(to_file)
@@ -116,6 +117,8 @@ def ray_data_output(run_dir: str | Path):
     finally:
         logger.removeHandler(to_file)
         to_file.close()
-        for h in consoles:
-            logger.addHandler(h)
+        now = list(logger.handlers)  # the saved order back, keeping any handler added meanwhile
+        logger.handlers = [h for h in before if h in consoles or h in now] + [
+            h for h in now if h not in before
+        ]
         ctx.enable_progress_bars, ctx.print_on_execution_start = saved
