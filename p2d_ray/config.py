@@ -77,7 +77,7 @@ class LocalizeConfig(_Section):
 
 
 class ScoreConfig(_Section):
-    scorer: Literal["influence", "activation", "perplexity", "ifd", "noop"] = "influence"
+    scorer: Literal["influence", "activation", "perplexity", "ifd", "icl_attention", "noop"] = "influence"
     gate_mode: Literal["zero", "uniform"] = "zero"
     batch_size: int = Field(16, ge=1)
     # Actor pool: same shape drives 1 CPU actor on a laptop and 64 GPU actors on a fleet.
@@ -104,6 +104,22 @@ class ScoreConfig(_Section):
     # Wait this long for min_actors to start before dispatching (0: do not wait); an autoscaling cluster may
     # need minutes to add GPU nodes. Past it, the run fails with a timeout instead of hanging.
     actor_start_timeout_s: int = Field(900, ge=0)
+    # icl_attention (scoring/icl.py): contexts of icl_demos corpus rows + icl_queries probe rows, each row in
+    # icl_repeats contexts drawn (seeded by icl_seed) from groups of icl_pool consecutive rows of a shard.
+    icl_demos: int = Field(8, ge=1, le=64)
+    icl_queries: int = Field(2, ge=1, le=16)
+    icl_repeats: int = Field(1, ge=1)
+    icl_seed: int = 0
+    icl_pool: int = Field(64, ge=1)
+    # likelihood: w x exp(-mean NLL of the queries' answers) from the full forward; none: w alone (the
+    # forward stops after the highest task-head layer). none by measurement: the metric changed top-10%
+    # precision by -0.1..+0.2 on SmolLM2 (no consistent gain) and costs 1.55x vs 0.89x a plain forward.
+    icl_metric: Literal["likelihood", "none"] = "none"
+    # Divide a weight by its slot's mean weight over the group's contexts (recency bias; RESULTS.md).
+    icl_position_debias: bool = True
+    icl_instruction: str = (
+        "Below are some demonstrations of how to answer. Answer the questions after them the same way."
+    )
 
     @model_validator(mode="after")
     def _pool(self) -> ScoreConfig:
@@ -328,6 +344,20 @@ def _merge(base: dict, top: dict) -> dict:
     return out
 
 
+def _did_you_mean(loc: tuple) -> str:
+    """``"; did you mean 'batch_size'?"`` for a mistyped key at ``loc``, from the keys the schema allows."""
+    import difflib
+
+    model: Any = P2DConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(model, type) else None
+        model = field.annotation if field is not None else None
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else f"; allowed: {', '.join(model.model_fields)}"
+
+
 def _format_errors(err: ValidationError) -> list[str]:
     problems = []
     for e in err.errors():
@@ -338,7 +368,7 @@ def _format_errors(err: ValidationError) -> list[str]:
             problems.extend(msg.split("; "))
             continue
         if e["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = "unknown key" + _did_you_mean(e["loc"])
         value = e.get("input")
         shown = "" if isinstance(value, dict) or e["type"] == "missing" else f" (got {value!r})"
         problems.append(f"{loc}: {msg}{shown}")

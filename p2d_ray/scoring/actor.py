@@ -54,7 +54,14 @@ def collate_arrow(
 
 
 class ScorerActor:
-    def __init__(self, model_json: str, score_json: str, heads_json: dict | None, id_column: str = "id"):
+    def __init__(
+        self,
+        model_json: str,
+        score_json: str,
+        heads_json: dict | None,
+        id_column: str = "id",
+        icl_json: dict | None = None,
+    ):
         from p2d_ray.heads.headset import HeadSet
         from p2d_ray.models.loading import load_model, load_tokenizer
 
@@ -63,11 +70,18 @@ class ScorerActor:
         model_cfg = ModelConfig.model_validate_json(model_json)
         tok = load_tokenizer(model_cfg)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.tok_bos = tok.bos_token_id
         self.id_column = id_column
         self.model = None if self.cfg.scorer == "noop" else load_model(model_cfg)
         heads = HeadSet.from_json(heads_json) if heads_json is not None else None
         self.device = next(self.model.parameters()).device if self.model is not None else torch.device("cpu")
-        self.score = build_scorer(
+        self.icl = None
+        if self.cfg.scorer == "icl_attention":  # contexts span rows: scored per call, not per micro-batch
+            from p2d_ray.scoring.icl import build_icl_scorer
+
+            # icl_json = {"data_json", "fmt", "probe_rows"}: the probe pool is tokenised here, once per actor.
+            self.icl = build_icl_scorer(self.model, heads, self.cfg, tok, **icl_json)
+        self.score = None if self.icl is not None else build_scorer(
             self.cfg.scorer,
             self.model,
             heads,
@@ -95,6 +109,9 @@ class ScorerActor:
         order = ok[np.argsort(-lengths[ok], kind="stable")]
         input_ids = batch.column("input_ids")
         loss_mask = batch.column("loss_mask")
+        extra = {}
+        if self.icl is not None:
+            order, extra = [], self._score_icl(batch, ok, score, n_tokens, seconds, padded)
         for start in range(0, len(order), self.cfg.batch_size):
             idx = order[start : start + self.cfg.batch_size]
             t0 = time.perf_counter()
@@ -121,8 +138,43 @@ class ScorerActor:
             ACTOR_COL: pa.array(np.full(n, self.pid, dtype=np.int64)),
             PAD_COL: pa.array(padded),
         }
+        cols.update({k: pa.array(v, mask=~valid) for k, v in extra.items()})
         keep = [c for c in batch.column_names if c not in ("input_ids", "loss_mask")]
         out_table = batch.select(keep)
         for name, arr in cols.items():
             out_table = out_table.append_column(name, arr)
         return out_table
+
+    def _score_icl(self, batch, ok, score, n_tokens, seconds, padded) -> dict[str, np.ndarray]:
+        """icl_attention over the scorable rows ``ok`` of this call; fills score / n_tokens / seconds / padded
+        in place and returns the component columns.
+
+        Contexts are assembled in token space from each row's ``input_ids`` / ``loss_mask`` as tokenize.py made
+        them: the row's own prompt format (chat scaffolding included) is kept, and the loss mask marks the
+        answer, so no text is re-tokenised and no tokenizer merge across segment boundaries can change a row.
+        Groups are (shard, row // icl_pool): the pipeline aligns blocks to them and hands each call one block.
+        """
+        from p2d_ray.scoring.icl import ICL_COLUMNS, to_segment
+
+        t0 = time.perf_counter()
+        ok = ok[np.lexsort((batch.column("_row").to_numpy()[ok], batch.column("_shard").to_numpy()[ok]))]
+        take = pa.array(ok.astype(np.int64))
+        ids = batch.column("input_ids").take(take).to_pylist()
+        masks = batch.column("loss_mask").take(take).to_pylist()
+        rows = [to_segment(i, m, self.tok_bos) for i, m in zip(ids, masks, strict=True)]
+        groups = np.stack(
+            [batch.column("_shard").to_numpy()[ok], batch.column("_row").to_numpy()[ok] // self.cfg.icl_pool],
+            axis=1,
+        ).astype(np.int64)
+        out = self.icl.score_rows(rows, groups) if len(rows) else None
+        n = batch.num_rows
+        extra = {c: np.full(n, np.nan) for c in ICL_COLUMNS}
+        extra["icl_contexts"] = np.zeros(n, dtype=np.int32)
+        if out is not None:
+            score[ok] = out.score
+            extra["icl_weight"][ok], extra["icl_metric"][ok] = out.weight, out.metric
+            extra["icl_contexts"][ok] = out.contexts
+            n_tokens[ok] = [int(sum(m[1:])) for m in masks]
+            seconds[ok] = (time.perf_counter() - t0) / len(ok)
+            padded[ok] = [len(i) for i in ids]
+        return extra

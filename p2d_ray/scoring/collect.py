@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from p2d_ray.scoring.actor import ACTOR_COL, PAD_COL, SCORE_TIME_COL
+from p2d_ray.scoring.icl import ICL_COLUMNS
 from p2d_ray.scoring.outputs import SCORE_COLUMNS, ScoreStore
 from p2d_ray.scoring.plan import ScorePlan
 from p2d_ray.scoring.quarantine import count_reasons, quarantine_table
@@ -75,7 +76,8 @@ class ShardCollector:
         bad = table.column("reason").is_valid()
         scored = table.filter(pc.invert(bad))
         quarantined = table.filter(bad)
-        score_table = scored.select([self.id_column, *SCORE_COLUMNS])
+        extra = [c for c in ICL_COLUMNS if c in scored.column_names]  # a scorer's components, if any
+        score_table = scored.select([self.id_column, *SCORE_COLUMNS, *extra])
         record = {
             "shard": shard.key,
             "path": shard.path,

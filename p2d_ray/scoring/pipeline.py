@@ -126,13 +126,17 @@ def score_corpus(cfg: P2DConfig, on_shard_done: Callable[[Shard], None] | None =
         dups = find(plan.shards, cfg.data.id_column, plan.id_type)
         wall["duplicates"] = time.perf_counter() - t
         n_todo = sum(sh.num_rows for sh in todo.values())
+        block_rows = rows_per_block(n_todo, s)
+        icl = s.scorer == "icl_attention"
+        if icl:  # blocks hold whole ICL groups (rows // icl_pool of a shard); each actor call gets one block
+            block_rows = -(-block_rows // s.icl_pool) * s.icl_pool
         source = ParquetShards(
             list(todo.values()),
             list(todo),
             [cfg.data.id_column, *plan.text_columns],
             plan.id_type,
             tuple(plan.text_columns),
-            rows_per_block(n_todo, s),
+            block_rows,
             flags={DUP_COL: dups},
         )
         with ray_data_output(cfg.run_dir), _wait_for_actors(s.actor_start_timeout_s):  # read at creation
@@ -152,7 +156,7 @@ def score_corpus(cfg: P2DConfig, on_shard_done: Callable[[Shard], None] | None =
             ds = ds.map_batches(
                 ScorerActor,
                 batch_format="pyarrow",
-                batch_size=s.batch_size * s.bucket_batches,
+                batch_size=None if icl else s.batch_size * s.bucket_batches,
                 compute=ray.data.ActorPoolStrategy(min_size=s.min_actors, max_size=s.max_actors),
                 num_cpus=s.num_cpus_per_actor,
                 num_gpus=s.num_gpus_per_actor,
@@ -161,6 +165,11 @@ def score_corpus(cfg: P2DConfig, on_shard_done: Callable[[Shard], None] | None =
                     "score_json": s.model_dump_json(),
                     "heads_json": plan.heads.to_json() if plan.heads is not None else None,
                     "id_column": cfg.data.id_column,
+                    "icl_json": {
+                        "data_json": cfg.data.model_dump_json(), "fmt": plan.fmt, "probe_rows": plan.probe_rows
+                    }
+                    if icl
+                    else None,
                 },
             )
             t = time.perf_counter()

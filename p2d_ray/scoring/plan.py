@@ -35,6 +35,7 @@ class ScorePlan:
     manifest: dict
     fingerprint: str
     provenance: dict = field(default_factory=dict)
+    probe_rows: list[dict] = field(default_factory=list)  # icl_attention's query pool
 
 
 def _context_length(hf_config) -> int | None:
@@ -86,6 +87,20 @@ def plan_score(cfg: P2DConfig) -> ScorePlan:
     shards, schema = plan_shards(corpus, [d.id_column, *text_columns], files=files)
     id_type = canonical_id_type(schema.field(d.id_column).type)
 
+    probe_rows: list[dict] = []
+    if s.scorer == "icl_attention":
+        if fmt == "icl":
+            raise ValueError(
+                "score.scorer=icl_attention builds its own ICL contexts; data.format=icl would nest probe "
+                "demonstrations inside every row: use chat, prompt_response or plain"
+            )
+        need = (s.icl_demos + s.icl_queries) * d.max_length + 64
+        if ctx is not None and need > ctx:
+            raise ValueError(
+                f"score.icl_demos + score.icl_queries = {s.icl_demos + s.icl_queries} rows of up to "
+                f"data.max_length={d.max_length} tokens ({need}) exceed the model's context length ({ctx})"
+            )
+        probe_rows = read_rows(probe_path(cfg))
     demos: list[dict] = []
     if fmt == "icl":
         demos = pick_demos(read_rows(probe_path(cfg)), d.icl_k, cfg.seed)
@@ -97,9 +112,12 @@ def plan_score(cfg: P2DConfig) -> ScorePlan:
         mode="json",
         exclude={"corpus_path", "probe_path"} | (set() if fmt == "icl" else {"icl_k", "icl_instruction"}),
     )
+    icl_keys = {k for k in type(s).model_fields if k.startswith("icl_")}
     score = cfg.score.model_dump(
         mode="json",
-        exclude=set(SCORE_RESOURCE_FIELDS) | (set() if s.scorer == "influence" else {"gate_mode"}),
+        exclude=set(SCORE_RESOURCE_FIELDS)
+        | (set() if s.scorer == "influence" else {"gate_mode"})
+        | (set() if s.scorer == "icl_attention" else icl_keys),
     )
     identity = {
         "model": cfg.model.model_dump(mode="json", exclude={"device"}),
@@ -110,6 +128,8 @@ def plan_score(cfg: P2DConfig) -> ScorePlan:
         "heads": heads.fingerprint() if heads is not None else None,
         "icl_demos": rows_hash(demos) if demos else None,
     }
+    if probe_rows:  # only for icl_attention, so the other scorers' fingerprints stay as they were
+        identity["icl_probe"] = rows_hash(probe_rows)
     fingerprint = _hash(identity)
     demo_ids = [r.get(d.id_column) for r in demos]
     manifest = {
@@ -130,7 +150,8 @@ def plan_score(cfg: P2DConfig) -> ScorePlan:
         "icl_demo_ids": demo_ids,
     }
     return ScorePlan(
-        shards, id_type, fmt, text_columns, demos, heads, model_json, manifest, fingerprint, provenance
+        shards, id_type, fmt, text_columns, demos, heads, model_json, manifest, fingerprint, provenance,
+        probe_rows,
     )
 
 

@@ -14,6 +14,8 @@ are None where a scorer does not compute them.
   prompt ÷ loss of the response alone. High = the prompt helps little, the sample is hard to follow.
   Cherry-LLM drops samples with IFD >= 1 (the prompt does not help at all: misaligned pairs); their score is
   set to 0 so they rank below every kept sample, while ``loss_full`` / ``loss_gated`` keep both raw losses.
+- ``icl_attention`` (P2D's own Stage 2 scorer): task-head attention from probe queries to corpus rows placed
+  as ICL demonstrations; scores contexts, not batches: see ``scoring/icl.py`` (built by the actor).
 - ``noop``: zeros, no model call: measures the pipeline's ceiling.
 """
 
@@ -29,8 +31,9 @@ from p2d_ray.heads.gates import GateMode, HeadGates
 from p2d_ray.heads.headset import HeadSet
 from p2d_ray.scoring.losses import hidden_states, loss_from_hidden, sample_loss
 
-SCORERS = ("influence", "activation", "perplexity", "ifd", "noop")
+SCORERS = ("influence", "activation", "perplexity", "ifd", "noop")  # batch scorers (build_scorer)
 USES_HEADS = {"influence": True, "activation": True, "perplexity": False, "ifd": False, "noop": False}
+USES_HEADS["icl_attention"] = True  # a context scorer: scoring/icl.py
 EPS = 1e-8
 
 
