@@ -21,6 +21,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 
 from p2d_ray.config import P2DConfig
+from p2d_ray.progress import Progress, ray_data_output, stage_summary
 from p2d_ray.rundir import RunDir, stage_fingerprint
 from p2d_ray.scoring.actor import ScorerActor
 from p2d_ray.scoring.collect import ShardCollector, summarize
@@ -147,7 +148,7 @@ def score_corpus(cfg: P2DConfig, on_shard_done: Callable[[Shard], None] | None =
             block_rows,
             flags={DUP_COL: dups},
         )
-        with _wait_for_actors(s.actor_start_timeout_s):  # read by the Dataset when it is created
+        with ray_data_output(cfg.run_dir), _wait_for_actors(s.actor_start_timeout_s):  # read at creation
             ds = ray.data.read_datasource(source).map_batches(
                 tokenize_block,
                 batch_format="pyarrow",
@@ -182,9 +183,13 @@ def score_corpus(cfg: P2DConfig, on_shard_done: Callable[[Shard], None] | None =
                 },
             )
             t = time.perf_counter()
+            bar = Progress("score", n_todo)
             try:
                 for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                    # pipeline fill: plan + actor start-up (imports, model load) + the first block's work
+                    wall.setdefault("first_result", time.perf_counter() - t)
                     collector.add(block)
+                    bar.update(block.num_rows)
             except ray.exceptions.GetTimeoutError as err:
                 # NB (Ray 2.60): the actors of a pool that timed out keep their resources for ~2 minutes in a
                 # long-lived driver; the CLI exits, which frees them at once.
@@ -194,6 +199,7 @@ def score_corpus(cfg: P2DConfig, on_shard_done: Callable[[Shard], None] | None =
                     f"(cluster: {ray.cluster_resources()}); lower score.min_actors or the per-actor "
                     "resources, or wait longer for the autoscaler"
                 ) from err
+            bar.close()
         collector.check_complete()
         wall["score_pass"] = time.perf_counter() - t
         wall["write"] = collector.write_seconds
@@ -235,4 +241,8 @@ def run_score(cfg: P2DConfig, on_shard_done: Callable[[Shard], None] | None = No
     run = RunDir(cfg.run_dir)
     with run.timed("score", stage_fingerprint(cfg, "score")):
         cfg.save(run.path("config.yaml"))
-        return score_corpus(cfg, on_shard_done)
+        t0 = time.perf_counter()
+        out = score_corpus(cfg, on_shard_done)
+    wrote = f"{out['scores']} ({out['rows_scored']:,} rows scored, {out['rows_quarantined']:,} quarantined)"
+    stage_summary("score", time.perf_counter() - t0, wrote)
+    return out
