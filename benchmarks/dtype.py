@@ -18,7 +18,7 @@ import os
 import time
 from pathlib import Path
 
-SMOLLM2 = "/work/shared-cache/smollm2-135m-instruct"
+SMOLLM2 = "smollm2-135m"
 
 
 def main(argv=None) -> dict:

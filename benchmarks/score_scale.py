@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SMOLLM2 = "/work/shared-cache/smollm2-135m-instruct"
+SMOLLM2 = "smollm2-135m"
 
 
 def write_corpus(path: Path, n_rows: int, row_group: int) -> None:
