@@ -25,17 +25,16 @@ def connect():
     """Join the cluster named by ``RAY_ADDRESS`` (set by ``ray job submit``); never start a new one."""
     import ray
 
-    address = os.environ.get("RAY_ADDRESS")
-    if not address:
+    from p2d_ray.runtime import ensure_ray
+
+    if not os.environ.get("RAY_ADDRESS"):
         raise SystemExit(
             "RAY_ADDRESS is not set: this entrypoint runs as a Ray job. Submit it with\n"
             "  ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- python "
             f"jobs/{Path(sys.argv[0]).name} --config ...\n"
             "or run locally with `p2d-ray run --config ...`."
         )
-    if not ray.is_initialized():
-        # address= given: ray.init connects or fails; it never starts a local instance.
-        ray.init(address=address)
+    ensure_ray()  # RAY_ADDRESS is set: joins that cluster (or fails), with the one runtime_env
     return ray
 
 

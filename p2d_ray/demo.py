@@ -10,7 +10,6 @@ quality before/after training, and the AER. Everything is also written to the ru
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -32,21 +31,6 @@ DEMO_RAY_CPUS = 4  # logical CPUs on a 2-core box: fractional actors + read task
 def demo_config(cfg: P2DConfig) -> P2DConfig:
     """The demo knobs under whatever the user set explicitly (``exclude_unset`` keeps only those)."""
     return P2DConfig.model_validate(_merge(DEMO_KNOBS, cfg.model_dump(mode="json", exclude_unset=True)))
-
-
-def _start_ray(num_cpus: int) -> bool:
-    """Start a local Ray unless one is running; returns whether we started it (and must shut it down)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    env = {
-        k: os.environ[k]
-        for k in ("HF_HUB_OFFLINE", "P2D_RAY_CACHE", "TORCH_EXTENSIONS_DIR", "TOKENIZERS_PARALLELISM")
-        if k in os.environ
-    }
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
-    return True
 
 
 def _pct(x: float | None) -> str:
@@ -93,6 +77,7 @@ def run_demo(cfg: P2DConfig) -> dict:
     from p2d_ray.data.synthetic import demo_assets
     from p2d_ray.models.demo import ensure_demo_model
     from p2d_ray.pipeline import run_pipeline
+    from p2d_ray.runtime import ensure_ray
 
     cfg = demo_config(cfg)
     times: dict[str, float] = {}
@@ -108,7 +93,7 @@ def run_demo(cfg: P2DConfig) -> dict:
     print(f"  corpus {assets.corpus_dir}\n  model  {model_dir}", flush=True)
 
     t = time.perf_counter()
-    started = _start_ray(DEMO_RAY_CPUS)
+    started = ensure_ray(DEMO_RAY_CPUS)
     times["ray_init"] = time.perf_counter() - t
     try:
         t = time.perf_counter()

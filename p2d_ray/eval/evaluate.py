@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import torch
 
 from p2d_ray.config import DataConfig, P2DConfig
-from p2d_ray.data.formatting import Encoded, collate, encode_row, resolve_format, row_parts
+from p2d_ray.data.formatting import Encoded, collate, encode_row, row_parts, task_format
 from p2d_ray.data.io import read_table
 from p2d_ray.eval.answers import cut_at_stop, exact_match, is_answer_format
 from p2d_ray.rundir import RunDir, stage_fingerprint
@@ -35,15 +35,8 @@ BASE, ADAPTED = "base", "adapted"
 # -- what is evaluated -------------------------------------------------------------------------------
 def eval_format(data: DataConfig, columns) -> str:
     """The held-out rows' format: the run's format, except that P2D's ICL *selection* prompt (a scoring
-    device) is not part of the task, so held-out rows are evaluated as plain prompt/response."""
-    fmt = resolve_format(data, columns)
-    if fmt == "icl":
-        fmt = (
-            "prompt_response"
-            if data.prompt_column in columns and data.response_column in columns
-            else "plain"
-        )
-    return fmt
+    device) is not part of the task (``formatting.task_format``)."""
+    return task_format(data, columns)
 
 
 def read_heldout(cfg: P2DConfig) -> tuple[pa.Table, str, bool]:
@@ -96,7 +89,7 @@ def response_nll(
     model, batch: dict[str, torch.Tensor], chunk_tokens: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token NLL over each sample's response tokens and their count, both ``[B]``."""
-    from p2d_ray.scoring.losses import sample_loss
+    from p2d_ray.models.loss import sample_loss
 
     loss = sample_loss(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], chunk_tokens)
     return loss.loss_sum, loss.n_tokens
@@ -204,7 +197,7 @@ def evaluate_on_ray(cfg: P2DConfig, table: pa.Table, fmt: str, answers: bool, va
     """Run :class:`HeldoutEvaluator` over ``table`` on a Ray Data actor pool; rows sorted by id."""
     import ray
 
-    from p2d_ray.scoring.pipeline import ensure_ray
+    from p2d_ray.runtime import ensure_ray
 
     ensure_ray()  # the cluster in RAY_ADDRESS, or a local Ray
     ev = cfg.evaluate

@@ -27,7 +27,7 @@ from torch import nn
 
 from p2d_ray.heads.gates import GateMode, HeadGates
 from p2d_ray.heads.headset import HeadSet
-from p2d_ray.scoring.losses import hidden_states, loss_from_hidden, sample_loss
+from p2d_ray.models.loss import hidden_states, loss_from_hidden, sample_loss
 
 SCORERS = ("influence", "activation", "perplexity", "ifd", "noop")
 USES_HEADS = {"influence": True, "activation": True, "perplexity": False, "ifd": False, "noop": False}

@@ -284,7 +284,7 @@ def select_subset(cfg: P2DConfig) -> dict:
     import ray.data
     from ray.data.aggregate import Count, Max, Min
 
-    from p2d_ray.scoring.pipeline import ensure_ray
+    from p2d_ray.runtime import ensure_ray
 
     sel, id_column = cfg.select, cfg.data.id_column
     run, store = RunDir(cfg.run_dir), ScoreStore(cfg.run_dir)
