@@ -20,6 +20,8 @@ _REPO = Path(__file__).resolve().parents[1]
 if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
+from p2d_ray.stages import STAGES  # noqa: E402  (after the path fix above)
+
 
 def connect():
     """Join the cluster named by ``RAY_ADDRESS`` (set by ``ray job submit``); never start a new one."""
@@ -45,10 +47,9 @@ def localize_on_a_worker(cfg) -> dict | None:
     import ray
 
     from p2d_ray.heads.localize import run_localize
-    from p2d_ray.pipeline import is_done
     from p2d_ray.rundir import RunDir, stage_fingerprint
 
-    if is_done(RunDir(cfg.run_dir), "localize", stage_fingerprint(cfg, "localize")):
+    if RunDir(cfg.run_dir).is_done("localize", stage_fingerprint(cfg, "localize")):
         return None
     task = ray.remote(num_cpus=cfg.score.num_cpus_per_actor, num_gpus=cfg.score.num_gpus_per_actor)(
         run_localize
@@ -72,7 +73,6 @@ def main(stages: tuple[str, ...], description: str, argv: list[str] | None = Non
     args = parser.parse_args(argv)
 
     from p2d_ray.pipeline import run_pipeline
-    from p2d_ray.rundir import STAGES
 
     chosen = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     unknown = [s for s in chosen if s not in STAGES]

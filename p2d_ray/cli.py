@@ -6,6 +6,7 @@
     p2d-ray select   --config X.yaml [key=value …]
     p2d-ray train    --config X.yaml [key=value …]   Stage 3 (Ray Train + DeepSpeed)
     p2d-ray evaluate --config X.yaml [key=value …]   held-out loss / exact match, base vs adapted
+    p2d-ray baseline --config X.yaml [key=value …]   AER denominator: full fine-tuning (estimated/measured)
     p2d-ray report   --config X.yaml [key=value …]   report.json (timings, AER) + aer.png
     p2d-ray run      --config X.yaml [key=value …]   all stages + report, skipping the finished ones
     p2d-ray validate --config X.yaml [key=value …]   check config, model, heads and corpus; no Ray, no GPU
@@ -15,30 +16,12 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 
 from p2d_ray.config import ConfigError, load_config
-
-# command -> "module:function"; each function takes the validated P2DConfig and returns a JSON-able dict.
-COMMANDS = {
-    "localize": "p2d_ray.heads.localize:run_localize",
-    "score": "p2d_ray.scoring.pipeline:run_score",
-    "select": "p2d_ray.scoring.select:run_select",
-    "train": "p2d_ray.training.trainer:run_train",
-    "evaluate": "p2d_ray.eval.evaluate:run_evaluate",
-    "report": "p2d_ray.report.report:run_report",
-    "run": "p2d_ray.pipeline:run_pipeline",
-    "validate": "p2d_ray.validate:run_validate",
-    "compare": "p2d_ray.compare:run_compare",
-    "demo": "p2d_ray.demo:run_demo",
-}
-
-
-def _resolve(target: str):
-    module, func = target.split(":")
-    return getattr(importlib.import_module(module), func)
+from p2d_ray.pipeline import COMMANDS
+from p2d_ray.pipeline import resolve as _resolve
 
 
 def build_parser() -> argparse.ArgumentParser:
