@@ -169,7 +169,9 @@ def run_baseline(cfg: P2DConfig) -> dict:
     run = RunDir(cfg.run_dir)
     missing = [s for s in ("score", "select", "train") if run.stage_record(s) is None]
     if missing:
-        raise ValueError(f"baseline: stages {missing} have not run in {cfg.run_dir} (run `p2d-ray run` first)")
+        raise ValueError(
+            f"baseline: stages {missing} have not run in {cfg.run_dir} (run `p2d-ray run` first)"
+        )
     with run.timed("baseline", stage_fingerprint(cfg, "baseline")):
         n_full, n_subset = count_rows(run.scores), count_rows(run.subset)
         summary_path = run.path("train_summary.json")
