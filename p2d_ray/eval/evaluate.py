@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from p2d_ray.config import DataConfig, P2DConfig
+from p2d_ray.config import P2DConfig
 from p2d_ray.data.formatting import Encoded, collate, encode_row, row_parts, task_format
 from p2d_ray.data.io import read_table
 from p2d_ray.eval.answers import cut_at_stop, exact_match, is_answer_format
@@ -33,12 +33,6 @@ BASE, ADAPTED = "base", "adapted"
 
 
 # -- what is evaluated -------------------------------------------------------------------------------
-def eval_format(data: DataConfig, columns) -> str:
-    """The held-out rows' format: the run's format, except that P2D's ICL *selection* prompt (a scoring
-    device) is not part of the task (``formatting.task_format``)."""
-    return task_format(data, columns)
-
-
 def read_heldout(cfg: P2DConfig) -> tuple[pa.Table, str, bool]:
     """The first ``evaluate.n_samples`` held-out rows, their format and whether exact match applies.
 
@@ -58,7 +52,7 @@ def read_heldout(cfg: P2DConfig) -> tuple[pa.Table, str, bool]:
         raise ValueError(
             f"evaluate: held-out set {path} has no id column {id_col!r}; found {table.column_names}"
         )
-    fmt = eval_format(cfg.data, table.column_names)  # raises naming the missing text columns
+    fmt = task_format(cfg.data, table.column_names)  # raises naming the missing text columns
     table = table.slice(0, cfg.evaluate.n_samples)
     if table.num_rows == 0:
         raise ValueError(f"evaluate: held-out set {path} is empty")

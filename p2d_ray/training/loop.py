@@ -15,12 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from p2d_ray.config import DataConfig, P2DConfig, TrainConfig
-from p2d_ray.data.formatting import collate, encode_row, task_format
-
-
-def train_format(data: DataConfig, columns) -> str:
-    """The format rows are trained in: the task format (``icl`` is a scoring prompt, see task_format)."""
-    return task_format(data, columns)
+from p2d_ray.data.formatting import collate, encode_row
+from p2d_ray.models.loss import batch_loss
 
 
 def encode_rows(
@@ -40,6 +36,11 @@ def encode_rows(
     if not encoded:
         return None
     return collate(encoded, tokenizer.pad_token_id)
+
+
+def forward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The training loss of a plain (unwrapped) causal LM on a collated batch: ``models.loss.batch_loss``."""
+    return batch_loss(model, batch)
 
 
 class TorchEngine:

@@ -28,6 +28,7 @@ import pyarrow.dataset as pads
 import torch
 
 from p2d_ray.config import P2DConfig
+from p2d_ray.data.formatting import task_format
 from p2d_ray.heads.headset import HeadSet
 from p2d_ray.models.geometry import geometry_from_config
 from p2d_ray.rundir import RunDir, stage_fingerprint
@@ -42,7 +43,6 @@ from p2d_ray.training.loop import (
     step_stats,
     torch_threads,
     total_steps,
-    train_format,
     train_step,
 )
 from p2d_ray.training.tracking import LOSS_PNG, check_tracking, plot_loss_curve, tensorboard_dir
@@ -74,7 +74,7 @@ class TrainInputs:
                 f"training data {self.data_path} has {self.n_rows} rows, fewer than train.num_workers="
                 f"{t.num_workers}"
             )
-        self.fmt = train_format(cfg.data, columns)
+        self.fmt = task_format(cfg.data, columns)
         geometry = geometry_from_config(load_config_checked(cfg.model))
         self.heads = None
         if t.adaptation == "heads":
@@ -248,7 +248,7 @@ def time_train_steps(cfg: P2DConfig, adaptation: str, n_steps: int, data_path: s
     rows = dataset.head((n_steps + 1) * per_step).to_pylist()
     if not rows:
         raise ValueError(f"time_train_steps: no rows in {path}")
-    fmt = train_format(cfg.data, dataset.schema.names)
+    fmt = task_format(cfg.data, dataset.schema.names)
     heads = HeadSet.load(RunDir(cfg.run_dir).heads_json) if adaptation == "heads" else None
 
     prev_threads = torch.get_num_threads()
