@@ -90,6 +90,7 @@ class Tracker:
         self.enabled = enabled
         self.writer = None
         self.sinks = []  # (name, log(metrics, step)) of MLflow / W&B
+        self.closers = []  # their end-of-run calls
         self.progress = Progress(total_steps, start_step)
         if not enabled:
             return
@@ -107,9 +108,11 @@ class Tracker:
                 run_config,
                 tracking_uri=t.mlflow_tracking_uri,
                 experiment_name=t.tracking_experiment,
+                create_experiment_if_not_exists=True,
                 rank_zero_only=False,  # this object only exists on rank 0 already
             )
             self.sinks.append(("mlflow", lambda m, s: mlflow.log_metrics(m, step=s)))
+            self.closers.append(mlflow.end_run)
         if t.wandb_project:
             from ray.air.integrations.wandb import setup_wandb
 
@@ -117,6 +120,7 @@ class Tracker:
                 run_config, project=t.wandb_project, group=t.tracking_experiment, rank_zero_only=False
             )
             self.sinks.append(("wandb", lambda m, s: run.log(m, step=s)))
+            self.closers.append(run.finish)
 
     def log(self, step: int, metrics: dict[str, float | None]) -> None:
         """Write one optimizer step's metrics (None values are left out) and print the progress line if due."""
@@ -135,6 +139,8 @@ class Tracker:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        for close in self.closers:
+            close()
 
 
 def plot_loss_curve(loss_curve: list[float], path: str | Path, title: str) -> Path:
