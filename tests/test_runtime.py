@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import textwrap
@@ -69,7 +70,16 @@ def test_worker_env_forwards_the_list_and_leaves_the_jobs_own_variables(monkeypa
 @pytest.mark.ray
 def test_ensure_ray_joins_an_existing_ray(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
+    # Token authentication on, with a token of our own (everyone else's Ray and ~/.ray stay untouched).
+    token = tmp_path / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env.update(
+        PYTHONPATH=str(REPO),
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_ENABLE_UV_RUN_RUNTIME_ENV="0",
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=str(token),
+    )
     env.pop("P2D_RAY_CACHE", None)  # the holder's workers would otherwise inherit it without runtime_env
     # Ray gives a raylet a fixed 30 s to register; on a loaded machine that can run out: start again.
     for _ in range(3):
