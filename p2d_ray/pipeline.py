@@ -34,6 +34,16 @@ def resolve(target: str):
     return getattr(importlib.import_module(module), func)
 
 
+def stage_outputs(run: RunDir, stage: str) -> list:
+    """What a finished stage leaves behind (the table's outputs, under ``run``)."""
+    return run.outputs(stage)
+
+
+def is_done(run: RunDir, stage: str, fingerprint: str) -> bool:
+    """Recorded with this fingerprint and its outputs still there."""
+    return run.is_done(stage, fingerprint)
+
+
 def run_stage(cfg: P2DConfig, stage: str) -> dict:
     """Run one stage unless it is done with this config; a skipped stage's result is its record plus
     ``"skipped": True``."""

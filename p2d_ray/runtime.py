@@ -42,12 +42,13 @@ def worker_env() -> dict[str, str]:
     return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ and k not in skip}
 
 
-def ensure_ray(num_cpus: int | None = None) -> bool:
+def ensure_ray(num_cpus: int | None = None, **init_kwargs) -> bool:
     """Join the cluster in ``RAY_ADDRESS``, or start a local Ray; no-op when Ray is already initialised.
 
     Args:
         num_cpus: local Ray only: at least this many logical CPUs (e.g. two 0.5-CPU actors plus read tasks
             on a 2-core box would starve each other at 2, MEASURED.md); default the machine's cores.
+        init_kwargs: more ``ray.init`` arguments (e.g. ``log_to_driver``, ``logging_level``).
     Returns:
         True when this call started or joined Ray (the caller may ``ray.shutdown()`` it), False when Ray
         was already up.
@@ -60,8 +61,8 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     address = os.environ.get("RAY_ADDRESS")
     if address:
         # address given: ray.init connects or fails; it never starts a local instance on a cluster's behalf.
-        ray.init(address=address, runtime_env=runtime_env)
+        ray.init(address=address, runtime_env=runtime_env, **init_kwargs)
     else:
         cpus = max(os.cpu_count() or 1, num_cpus or 0)
-        ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env)
+        ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env, **init_kwargs)
     return True

@@ -72,7 +72,7 @@ def _join(uri: str, inner: str) -> str:
 
 
 def _hidden(name: str) -> bool:
-    # Same convention as pyarrow datasets / Spark: _SUCCESS, _done/, .tmp files are not data.
+    # Same convention as pyarrow datasets / Spark: _SUCCESS, _state/, .tmp files are not data.
     return name.startswith(("_", "."))
 
 
