@@ -10,6 +10,7 @@ import torch
 from conftest import save_tiny_model
 from transformers import AutoModelForCausalLM
 
+from p2d_ray.assets.tokenizer import build_tokenizer
 from p2d_ray.config import DataConfig, ModelConfig
 from p2d_ray.data.formatting import collate, encode_row
 from p2d_ray.heads.gates import gated_forward
@@ -17,7 +18,6 @@ from p2d_ray.heads.headset import HeadSet
 from p2d_ray.models.geometry import attention_geometry, output_projections
 from p2d_ray.models.loading import load_tokenizer
 from p2d_ray.models.loss import sample_loss
-from p2d_ray.models.tokenizer import build_tokenizer
 from p2d_ray.scoring.scorers import activation_score, build_scorer, influence_score, perplexity_score
 from p2d_ray.scoring.tokenize import BatchedTokenizer
 

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 
 from p2d_ray.config import P2DConfig
+from p2d_ray.progress import Progress, ray_data_output, stage_summary
 from p2d_ray.rundir import RunDir, stage_fingerprint
 from p2d_ray.runtime import ensure_ray
 from p2d_ray.scoring.actor import ScorerActor
@@ -84,92 +85,115 @@ def check_pool_fits(s) -> None:
         )
 
 
-def build_dataset(cfg: P2DConfig, plan: ScorePlan, todo: dict[int, Shard], dups):
-    """The lazy Ray Data pipeline over the unfinished shards: read -> tokenize_block -> ScorerActor pool.
-    Create it inside ``_wait_for_actors`` (the Dataset reads that setting when it is created)."""
+def score_corpus(cfg: P2DConfig, on_shard_done: Callable[[Shard], None] | None = None) -> dict:
+    """The body of ``p2d-ray score`` (see module docstring). ``on_shard_done`` is called after each shard's
+    files and marker are written (progress hooks; tests use it to interrupt a run part-way)."""
+    import ray
     import ray.data
 
+    t_start = time.perf_counter()
+    wall: dict[str, float] = {}
     s = cfg.score
-    n_todo = sum(sh.num_rows for sh in todo.values())
-    source = ParquetShards(
-        list(todo.values()),
-        list(todo),
-        [cfg.data.id_column, *plan.text_columns],
-        plan.id_type,
-        tuple(plan.text_columns),
-        rows_per_block(n_todo, s),
-        flags={DUP_COL: dups},
-    )
-    ds = ray.data.read_datasource(source).map_batches(
-        tokenize_block,
-        batch_format="pyarrow",
-        batch_size=None,
-        num_cpus=s.num_cpus_per_tokenize_task,
-        fn_kwargs={
-            "model_json": plan.model_json,
-            "data_json": cfg.data.model_dump_json(),
-            "fmt": plan.fmt,
-            "demos": plan.demos,
-            "text_columns": plan.text_columns,
-        },
-    )
-    return ds.map_batches(
-        ScorerActor,
-        batch_format="pyarrow",
-        batch_size=s.batch_size * s.bucket_batches,
-        compute=ray.data.ActorPoolStrategy(min_size=s.min_actors, max_size=s.max_actors),
-        num_cpus=s.num_cpus_per_actor,
-        num_gpus=s.num_gpus_per_actor,
-        fn_constructor_kwargs={
-            "model_json": plan.model_json,
-            "score_json": s.model_dump_json(),
-            "heads_json": plan.heads.to_json() if plan.heads is not None else None,
-            "id_column": cfg.data.id_column,
-        },
-    )
+    plan = plan_score(cfg)
+    store = ScoreStore(cfg.run_dir)
+    store.open(plan.manifest)
+    todo = {i: sh for i, sh in enumerate(plan.shards) if store.marker(sh, plan.fingerprint) is None}
+    wall["plan"] = time.perf_counter() - t_start
+    collector = ShardCollector(store, plan, todo, cfg.data.id_column, on_shard_done)
+    ray_stats = None
+    if todo:
+        probe_gradient = None
+        if s.scorer == "gradient_alignment":
+            from p2d_ray.scoring.gradient import prepare_probe_gradient
 
-
-def run_pass(cfg: P2DConfig, plan: ScorePlan, todo: dict[int, Shard], collector: ShardCollector, wall: dict):
-    """One Ray Data pass over every unfinished shard; the collector writes each shard as it completes.
-    Returns Ray Data's stats of the pass."""
-    import ray
-
-    s = cfg.score
-    ensure_ray()
-    check_pool_fits(s)
-    t = time.perf_counter()
-    n_rows = sum(sh.num_rows for sh in plan.shards)
-    find = duplicate_positions_local if n_rows <= s.local_dedup_max_rows else duplicate_positions
-    dups = find(plan.shards, cfg.data.id_column, plan.id_type)
-    wall["duplicates"] = time.perf_counter() - t
-    with _wait_for_actors(s.actor_start_timeout_s):  # read by the Dataset when it is created
-        ds = build_dataset(cfg, plan, todo, dups)
+            t = time.perf_counter()
+            pg = prepare_probe_gradient(cfg, plan.heads, plan.gradient_fingerprint)
+            wall["probe_gradient"] = time.perf_counter() - t
+        ensure_ray()
+        if s.scorer == "gradient_alignment":
+            probe_gradient = [ray.put(pg.to_bytes())]  # one copy in the object store for every actor
+        check_pool_fits(s)
         t = time.perf_counter()
-        try:
-            for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                collector.add(block)
-        except ray.exceptions.GetTimeoutError as err:
-            # NB (Ray 2.60): the actors of a pool that timed out keep their resources for ~2 minutes in a
-            # long-lived driver; the CLI exits, which frees them at once.
-            raise RuntimeError(
-                f"score: {s.min_actors} actor(s) of {s.num_cpus_per_actor} CPU / {s.num_gpus_per_actor} "
-                f"GPU did not start within score.actor_start_timeout_s={s.actor_start_timeout_s}s "
-                f"(cluster: {ray.cluster_resources()}); lower score.min_actors or the per-actor "
-                "resources, or wait longer for the autoscaler"
-            ) from err
-    collector.check_complete()
-    wall["score_pass"] = time.perf_counter() - t
-    wall["write"] = collector.write_seconds
-    return ds.stats()
-
-
-def score_stats(
-    cfg: P2DConfig, plan: ScorePlan, todo: dict, collector: ShardCollector, wall: dict, ray_stats
-):
-    """``score_stats.json``: shards, rows, throughput, padding, actors and where the wall time went."""
-    s, st = cfg.score, collector.stats
+        n_rows = sum(sh.num_rows for sh in plan.shards)
+        find = duplicate_positions_local if n_rows <= s.local_dedup_max_rows else duplicate_positions
+        dups = find(plan.shards, cfg.data.id_column, plan.id_type)
+        wall["duplicates"] = time.perf_counter() - t
+        n_todo = sum(sh.num_rows for sh in todo.values())
+        block_rows = rows_per_block(n_todo, s)
+        icl = s.scorer == "icl_attention"
+        if icl:  # blocks hold whole ICL groups (rows // icl_pool of a shard); each actor call gets one block
+            block_rows = -(-block_rows // s.icl_pool) * s.icl_pool
+        source = ParquetShards(
+            list(todo.values()),
+            list(todo),
+            [cfg.data.id_column, *plan.text_columns],
+            plan.id_type,
+            tuple(plan.text_columns),
+            block_rows,
+            flags={DUP_COL: dups},
+        )
+        with ray_data_output(cfg.run_dir), _wait_for_actors(s.actor_start_timeout_s):  # read at creation
+            ds = ray.data.read_datasource(source).map_batches(
+                tokenize_block,
+                batch_format="pyarrow",
+                batch_size=None,
+                num_cpus=s.num_cpus_per_tokenize_task,
+                fn_kwargs={
+                    "model_json": plan.model_json,
+                    "data_json": cfg.data.model_dump_json(),
+                    "fmt": plan.fmt,
+                    "demos": plan.demos,
+                    "text_columns": plan.text_columns,
+                },
+            )
+            ds = ds.map_batches(
+                ScorerActor,
+                batch_format="pyarrow",
+                batch_size=None if icl else s.batch_size * s.bucket_batches,
+                compute=ray.data.ActorPoolStrategy(min_size=s.min_actors, max_size=s.max_actors),
+                num_cpus=s.num_cpus_per_actor,
+                num_gpus=s.num_gpus_per_actor,
+                fn_constructor_kwargs={
+                    "model_json": plan.model_json,
+                    "score_json": s.model_dump_json(),
+                    "heads_json": plan.heads.to_json() if plan.heads is not None else None,
+                    "id_column": cfg.data.id_column,
+                    "icl_json": {
+                        "data_json": cfg.data.model_dump_json(), "fmt": plan.fmt, "probe_rows": plan.probe_rows
+                    }
+                    if icl
+                    else None,
+                    "probe_gradient": probe_gradient,
+                },
+            )
+            t = time.perf_counter()
+            bar = Progress("score", n_todo)
+            try:
+                for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                    # pipeline fill: plan + actor start-up (imports, model load) + the first block's work
+                    wall.setdefault("first_result", time.perf_counter() - t)
+                    collector.add(block)
+                    bar.update(block.num_rows)
+            except ray.exceptions.GetTimeoutError as err:
+                # NB (Ray 2.60): the actors of a pool that timed out keep their resources for ~2 minutes in a
+                # long-lived driver; the CLI exits, which frees them at once.
+                raise RuntimeError(
+                    f"score: {s.min_actors} actor(s) of {s.num_cpus_per_actor} CPU / {s.num_gpus_per_actor} "
+                    f"GPU did not start within score.actor_start_timeout_s={s.actor_start_timeout_s}s "
+                    f"(cluster: {ray.cluster_resources()}); lower score.min_actors or the per-actor "
+                    "resources, or wait longer for the autoscaler"
+                ) from err
+            bar.close()
+        collector.check_complete()
+        wall["score_pass"] = time.perf_counter() - t
+        wall["write"] = collector.write_seconds
+        ray_stats = ds.stats()
+    summary = summarize(store, plan)
+    RunDir(cfg.run_dir).path("score_summary.json").write_text(json.dumps(summary, indent=1))
+    wall["total"] = time.perf_counter() - t_start
+    st = collector.stats
     pass_s = wall.get("score_pass", 0.0)
-    return {
+    stats = {
         "scorer": s.scorer,
         "shards": {
             "total": len(plan.shards),
@@ -188,27 +212,7 @@ def score_stats(
         "icl_demo_ids": plan.provenance["icl_demo_ids"],
         "ray_data_stats": ray_stats,
     }
-
-
-def score_corpus(cfg: P2DConfig, on_shard_done: Callable[[Shard], None] | None = None) -> dict:
-    """The body of ``p2d-ray score`` (see module docstring): plan -> one pass over the unfinished shards ->
-    summary and stats. ``on_shard_done`` is called after each shard's files and marker are written
-    (progress hooks; tests use it to interrupt a run part-way)."""
-    t_start = time.perf_counter()
-    wall: dict[str, float] = {}
-    plan = plan_score(cfg)
-    store = ScoreStore(cfg.run_dir)
-    store.open(plan.manifest)
-    todo = {i: sh for i, sh in enumerate(plan.shards) if store.marker(sh, plan.fingerprint) is None}
-    wall["plan"] = time.perf_counter() - t_start
-    collector = ShardCollector(store, plan, todo, cfg.data.id_column, on_shard_done)
-    ray_stats = run_pass(cfg, plan, todo, collector, wall) if todo else None
-    summary = summarize(store, plan)
-    run = RunDir(cfg.run_dir)
-    run.path("score_summary.json").write_text(json.dumps(summary, indent=1))
-    wall["total"] = time.perf_counter() - t_start
-    stats = score_stats(cfg, plan, todo, collector, wall, ray_stats)
-    run.path("score_stats.json").write_text(json.dumps(stats, indent=1, default=str))
+    RunDir(cfg.run_dir).path("score_stats.json").write_text(json.dumps(stats, indent=1, default=str))
     return {k: summary[k] for k in ("rows_in", "rows_scored", "rows_quarantined", "quarantine_reasons")} | {
         "rows_per_s": stats["rows_per_s"],
         "actors_used": stats["actors"]["used"],
@@ -221,4 +225,8 @@ def run_score(cfg: P2DConfig, on_shard_done: Callable[[Shard], None] | None = No
     run = RunDir(cfg.run_dir)
     with run.timed("score", stage_fingerprint(cfg, "score")):
         cfg.save(run.path("config.yaml"))
-        return score_corpus(cfg, on_shard_done)
+        t0 = time.perf_counter()
+        out = score_corpus(cfg, on_shard_done)
+    wrote = f"{out['scores']} ({out['rows_scored']:,} rows scored, {out['rows_quarantined']:,} quarantined)"
+    stage_summary("score", time.perf_counter() - t0, wrote)
+    return out
