@@ -24,8 +24,8 @@ from p2d_ray.heads.gates import HeadGates
 from p2d_ray.heads.headset import HeadSet
 from p2d_ray.heads.localize import localize_heads, top_heads
 from p2d_ray.models.loading import load_model, load_tokenizer
+from p2d_ray.models.loss import sample_loss
 from p2d_ray.scoring.gradient import DERIVATIVE_COL, HeadShift, alignment_score, probe_gradient
-from p2d_ray.scoring.losses import sample_loss
 from p2d_ray.scoring.scorers import influence_score, perplexity_score
 
 WORDS = [

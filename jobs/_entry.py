@@ -21,6 +21,8 @@ _REPO = Path(__file__).resolve().parents[1]
 if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
+from p2d_ray.stages import STAGES  # noqa: E402  (after the path fix above)
+
 
 def connect(verbose: bool = False):
     """Join the cluster named by ``RAY_ADDRESS`` (set by ``ray job submit``); never start a new one.
@@ -43,12 +45,11 @@ def connect(verbose: bool = False):
         # in the object store ... actor restart will fail"): Ray Data's own warning, not a failure of the
         # job. Quiet it for this process only (workers keep their levels); --verbose keeps every line.
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
-    if not ray.is_initialized():
-        # address= given: ray.init connects or fails; it never starts a local instance.
-        # Not verbose: Ray's own INFO lines (connection banners in terminal colours) stay out too.
-        ray.init(
-            address=address, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING
-        )
+    from p2d_ray.runtime import ensure_ray
+
+    # RAY_ADDRESS is set: ensure_ray joins that cluster (or fails), with the one runtime_env.
+    # Not verbose: Ray's own INFO lines (connection banners in terminal colours) stay out too.
+    ensure_ray(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING)
     if not verbose:
         import ray.data  # noqa: F401 - configures its loggers on import; then keep its INFO lines out
 
@@ -129,7 +130,7 @@ def main(stages: tuple[str, ...], description: str, argv: list[str] | None = Non
     args = parser.parse_args(argv)
 
     from p2d_ray.pipeline import is_done, run_pipeline
-    from p2d_ray.rundir import STAGES, RunDir, stage_fingerprint
+    from p2d_ray.rundir import RunDir, stage_fingerprint
 
     chosen = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     unknown = [s for s in chosen if s not in STAGES]

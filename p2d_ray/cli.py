@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import importlib
 import json
 import os
 import sys
@@ -27,20 +26,7 @@ import typing
 from dataclasses import dataclass
 
 from p2d_ray.config import ConfigError, P2DConfig, load_config
-
-# command -> "module:function"; each function takes the validated P2DConfig and returns a JSON-able dict.
-COMMANDS = {
-    "localize": "p2d_ray.heads.localize:run_localize",
-    "score": "p2d_ray.scoring.pipeline:run_score",
-    "select": "p2d_ray.scoring.select:run_select",
-    "train": "p2d_ray.training.trainer:run_train",
-    "evaluate": "p2d_ray.eval.evaluate:run_evaluate",
-    "report": "p2d_ray.report.report:run_report",
-    "run": "p2d_ray.pipeline:run_pipeline",
-    "validate": "p2d_ray.validate:run_validate",
-    "compare": "p2d_ray.compare:run_compare",
-    "demo": "p2d_ray.demo:run_demo",
-}
+from p2d_ray.pipeline import COMMANDS, resolve
 
 
 @dataclass(frozen=True)
@@ -52,7 +38,7 @@ class CommandHelp:
 
 
 # What each command reads and writes, for --help. Paths are relative to run_dir.
-# TODO(house): read name/sections/outputs from pipeline.py's stage table once it lands on main.
+# The stages themselves (name, function, sections, outputs) are p2d_ray.stages.STAGE_TABLE.
 HELP = {
     "localize": CommandHelp(
         "Stage 1: find the task attention heads from the probe set",
@@ -85,9 +71,15 @@ HELP = {
         "eval.json",
         ("evaluate",),
     ),
+    "baseline": CommandHelp(
+        "the AER denominator: full fine-tuning with the train recipe and epochs, estimated or measured",
+        "scores/, subset/, train_summary.json, the model (report.full_baseline: also the held-out set)",
+        "full_baseline.json (recipe, label, seconds), full_baseline/ when measured",
+        ("report", "train"),
+    ),
     "report": CommandHelp(
-        "the AER and quality-vs-AER plot from the stage records",
-        "stages/*.json, eval.json, scores/, subset/",
+        "reads the outputs only: stage seconds, the AER and the quality-vs-AER plot",
+        "stages/*.json, full_baseline.json, eval.json, heads.json, scores/, subset/",
         "report.json, aer.png",
         ("report",),
     ),
@@ -214,8 +206,7 @@ def _unknown_command(argv: list[str]) -> str | None:
 
 
 def _resolve(target: str):
-    module, func = target.split(":")
-    return getattr(importlib.import_module(module), func)
+    return resolve(target)
 
 
 def main(argv: list[str] | None = None) -> int:

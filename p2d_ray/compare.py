@@ -249,7 +249,7 @@ def evaluate_cells(cfg: P2DConfig, root: Path, cells: list[dict]) -> dict:
 
 def full_finetune_seconds(cfg: P2DConfig, root: Path, cells: list[dict]) -> dict:
     """The AER denominator (full fine-tuning on all rows, same epochs), estimated from timed steps once."""
-    from p2d_ray.report.report import count_rows, full_baseline
+    from p2d_ray.baseline import count_rows, full_baseline
 
     first = cells[0]["cfg"]
     summary = json.loads(RunDir(first.run_dir).path("train_summary.json").read_text())

@@ -199,6 +199,12 @@ class TrainConfig(_Section):
     max_failures: int = Field(0, ge=-1)  # worker-group restarts from the latest checkpoint; -1 = forever
     export_merged: bool = False
     seed: int = 0
+    # Tracking (p2d_ray.training.tracking): TensorBoard event files under <run_dir>/tensorboard/train by
+    # default; MLflow / W&B through Ray Train's integrations when set (optional packages, not installed).
+    tensorboard: bool = True
+    mlflow_tracking_uri: str | None = None  # e.g. file:///abs/mlruns or http://mlflow:5000
+    wandb_project: str | None = None
+    tracking_experiment: str = "p2d-ray"  # MLflow experiment / W&B group
 
     @model_validator(mode="after")
     def _resources(self) -> TrainConfig:

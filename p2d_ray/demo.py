@@ -14,7 +14,6 @@ smoke path (a 0.9M-parameter Llama built offline).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -50,21 +49,6 @@ DEMO_RAY_CPUS = 4  # logical CPUs on a 2-core box: fractional actors + read task
 def demo_config(cfg: P2DConfig) -> P2DConfig:
     """The demo knobs under whatever the user set explicitly (``exclude_unset`` keeps only those)."""
     return P2DConfig.model_validate(_merge(DEMO_KNOBS, cfg.model_dump(mode="json", exclude_unset=True)))
-
-
-def _start_ray(num_cpus: int) -> bool:
-    """Start a local Ray unless one is running; returns whether we started it (and must shut it down)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    env = {
-        k: os.environ[k]
-        for k in ("HF_HUB_OFFLINE", "P2D_RAY_CACHE", "TORCH_EXTENSIONS_DIR", "TOKENIZERS_PARALLELISM")
-        if k in os.environ
-    }
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
-    return True
 
 
 def _pct(x: float | None) -> str:
@@ -222,7 +206,9 @@ def run_demo(cfg: P2DConfig) -> dict:
     print(f"  corpus {assets.corpus_dir}\n  model  {cfg.model.name_or_path}: {model_dir}", flush=True)
 
     t = time.perf_counter()
-    started = _start_ray(DEMO_RAY_CPUS)
+    from p2d_ray.runtime import ensure_ray
+
+    started = ensure_ray(DEMO_RAY_CPUS)
     times["ray_init"] = time.perf_counter() - t
     try:
         t = time.perf_counter()

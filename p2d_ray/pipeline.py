@@ -1,50 +1,63 @@
-"""``p2d-ray run``: every stage into one run directory, then the report; finished stages are skipped.
+"""``p2d-ray run``: every stage of the stage table into one run directory; finished stages are skipped.
 
-A stage is skipped when its record in ``<run_dir>/stages/`` carries the fingerprint of the current config
-(its own sections and every upstream one, see ``rundir.stage_fingerprint``) and its outputs are still
-there. Fingerprints are cumulative, so a changed key reruns its stage and everything downstream, and a
-rerun of an unchanged config only resumes what did not finish.
+The stages, their functions, config sections and outputs are ``p2d_ray.stages.STAGE_TABLE``: localize ->
+score -> select -> train -> evaluate -> baseline -> report. A stage is skipped when its record in
+``<run_dir>/stages/`` carries the fingerprint of the current config (its own sections and every upstream
+one, see ``rundir.stage_fingerprint``) and its outputs are still there. Fingerprints are cumulative, so a
+changed key reruns its stage and everything downstream, and a rerun of an unchanged config only resumes
+what did not finish. The report comes last: its fingerprint covers the other stages' records.
+
+``COMMANDS`` (every stage plus run / validate / compare / demo) is what the command line offers.
 """
 
 from __future__ import annotations
 
 import importlib
 
-from p2d_ray.cli import COMMANDS
 from p2d_ray.config import P2DConfig
-from p2d_ray.rundir import STAGES, RunDir, stage_fingerprint
+from p2d_ray.rundir import RunDir, stage_fingerprint
+from p2d_ray.stages import REPORT, STAGE_BY_NAME, STAGE_TABLE, STAGES
 
-REPORT = "report"
-
-
-def stage_outputs(run: RunDir, stage: str) -> list:
-    """What a finished stage leaves behind; a record without its outputs (deleted by hand) is not done."""
-    return {
-        "localize": [run.heads_json],
-        "score": [run.scores],
-        "select": [run.subset],
-        "train": [run.adapter],
-        "evaluate": [run.path("eval.json")],
-        REPORT: [run.path("report.json")],
-    }[stage]
+# command -> "module:function"; each function takes the validated P2DConfig and returns a JSON-able dict.
+COMMANDS: dict[str, str] = {
+    **{s.name: s.function for s in STAGE_TABLE},
+    "run": "p2d_ray.pipeline:run_pipeline",
+    "validate": "p2d_ray.validate:run_validate",
+    "compare": "p2d_ray.compare:run_compare",
+    "demo": "p2d_ray.demo:run_demo",
+}
 
 
-def is_done(run: RunDir, stage: str, fingerprint: str) -> bool:
-    return run.stage_done(stage, fingerprint) and all(p.exists() for p in stage_outputs(run, stage))
-
-
-def _stage_function(stage: str):
-    module, func = COMMANDS[stage].split(":")
+def resolve(target: str):
+    """``"module:function"`` -> the function (imported only now: the command line stays fast)."""
+    module, func = target.split(":")
     return getattr(importlib.import_module(module), func)
 
 
+def stage_outputs(run: RunDir, stage: str) -> list:
+    """What a finished stage leaves behind (the table's outputs, under ``run``)."""
+    return run.outputs(stage)
+
+
+def is_done(run: RunDir, stage: str, fingerprint: str) -> bool:
+    """Recorded with this fingerprint and its outputs still there."""
+    return run.is_done(stage, fingerprint)
+
+
+def run_stage(cfg: P2DConfig, stage: str) -> dict:
+    """Run one stage unless it is done with this config; a skipped stage's result is its record plus
+    ``"skipped": True``."""
+    run = RunDir(cfg.run_dir)
+    if run.is_done(stage, stage_fingerprint(cfg, stage)):
+        return {"skipped": True, **(run.stage_record(stage) or {})}
+    return resolve(STAGE_BY_NAME[stage].function)(cfg)
+
+
 def run_pipeline(cfg: P2DConfig, stages: tuple[str, ...] = STAGES, report: bool = True) -> dict:
-    """Run ``stages`` in order, then (``report=True``) the report step.
+    """Run ``stages`` in table order, then (``report=True``) the report.
 
     Returns ``{stage: result}``; a skipped stage's result is its record plus ``"skipped": True``.
     """
-    from p2d_ray.report.report import report_fingerprint, run_report
-
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stages {unknown}; allowed: {list(STAGES)}")
@@ -52,14 +65,8 @@ def run_pipeline(cfg: P2DConfig, stages: tuple[str, ...] = STAGES, report: bool 
     cfg.save(run.path("config.yaml"))
     results: dict = {}
     for stage in stages:
-        if is_done(run, stage, stage_fingerprint(cfg, stage)):
-            results[stage] = {"skipped": True, **(run.stage_record(stage) or {})}
-            continue
-        results[stage] = _stage_function(stage)(cfg)
+        results[stage] = run_stage(cfg, stage)
     if report:
         # After the stages: its fingerprint covers their records, so any stage that reran invalidates it.
-        if is_done(run, REPORT, report_fingerprint(cfg)):
-            results[REPORT] = {"skipped": True, **(run.stage_record(REPORT) or {})}
-        else:
-            results[REPORT] = run_report(cfg)
+        results[REPORT] = run_stage(cfg, REPORT)
     return results

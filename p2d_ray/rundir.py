@@ -9,20 +9,24 @@ Layout (every stage reads only what the stage before it wrote, so any stage can 
     <run_dir>/quarantine/*.parquet                   rows that could not be scored, with a `reason`
     <run_dir>/score_summary.json, score_stats.json
     <run_dir>/subset/*.parquet, selection.json, histogram.png   (select)
-    <run_dir>/train/ (checkpoints), adapter/, merged/            Stage 3 (train)
-    <run_dir>/eval.json, report.json, aer.png
+    <run_dir>/train/ (checkpoints), adapter/, merged/, train_summary.json, loss.png   Stage 3 (train)
+    <run_dir>/tensorboard/train/   TensorBoard event files of the training run
+    <run_dir>/eval.json, full_baseline.json (+ full_baseline/ when measured), report.json, aer.png
     <run_dir>/stages/<stage>.json  {"seconds": ..., "fingerprint": ...}: timings for the AER, and the
                                    marker that lets `p2d-ray run` skip a finished stage
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-STAGES = ("localize", "score", "select", "train", "evaluate")
+from p2d_ray.stages import REPORT, STAGE_BY_NAME, STAGE_TABLE, STAGES
+
+__all__ = ["RunDir", "STAGES", "stage_fingerprint"]
 
 
 class RunDir:
@@ -73,7 +77,17 @@ class RunDir:
         yield
         self.record_stage(stage, time.perf_counter() - t0, fingerprint, **extra)
 
+    def outputs(self, stage: str) -> list[Path]:
+        """What a finished stage leaves behind (``stages.STAGE_TABLE``)."""
+        return [self.path(p) for p in STAGE_BY_NAME[stage].outputs]
+
+    def is_done(self, stage: str, fingerprint: str) -> bool:
+        """Recorded with this fingerprint and its outputs still there (a record whose outputs were deleted
+        by hand is not done)."""
+        return self.stage_done(stage, fingerprint) and all(p.exists() for p in self.outputs(stage))
+
     def timings(self) -> dict[str, float]:
+        """Seconds of every stage recorded here (not the report's), in pipeline order."""
         out = {}
         for stage in STAGES:
             rec = self.stage_record(stage)
@@ -82,25 +96,23 @@ class RunDir:
         return out
 
 
-# Config sections each stage depends on, cumulatively: a change upstream invalidates everything below.
-_STAGE_SECTIONS = {
-    "localize": ("model", "localize", "seed"),
-    "score": ("data", "score"),
-    "select": ("select",),
-    "train": ("train",),
-    "evaluate": ("evaluate",),
-}
-
-
 def stage_fingerprint(cfg, stage: str) -> str:
-    """Fingerprint of everything ``stage``'s output depends on (its sections and all upstream ones).
+    """Fingerprint of everything ``stage``'s output depends on: its config sections and all upstream ones
+    (``stages.STAGE_TABLE``); for ``report``, the whole config plus every upstream stage record.
 
     ``data`` sits with score (not localize) except for the probe path, which localize needs.
     """
+    if stage == REPORT:
+        run = RunDir(cfg.run_dir)
+        records = {s: run.stage_record(s) for s in STAGES}
+        payload = json.dumps([cfg.fingerprint(), records], sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    if stage not in STAGE_BY_NAME:
+        raise ValueError(f"unknown stage {stage!r}; allowed: {list(STAGE_BY_NAME)}")
     sections: list[str] = []
-    for name in STAGES:
-        sections.extend(_STAGE_SECTIONS[name])
-        if name == stage:
+    for entry in STAGE_TABLE:
+        sections.extend(entry.sections)
+        if entry.name == stage:
             break
     extra = cfg.data.probe_path or ""
     if cfg.localize.contrast == "corpus":  # contrastive localisation also reads the corpus

@@ -16,6 +16,7 @@ from p2d_ray.heads.gates import gated_forward
 from p2d_ray.heads.headset import HeadSet
 from p2d_ray.models.geometry import attention_geometry, head_params, slice_weight
 from p2d_ray.models.loading import load_tokenizer
+from p2d_ray.models.loss import hidden_states, loss_from_hidden
 from p2d_ray.models.shared_lower import SharedLowerLayers
 from p2d_ray.scoring.gradient import (
     DERIVATIVE_COL,
@@ -24,7 +25,6 @@ from p2d_ray.scoring.gradient import (
     alignment_score,
     probe_gradient,
 )
-from p2d_ray.scoring.losses import hidden_states, loss_from_hidden
 from p2d_ray.scoring.scorers import build_scorer, influence_score
 
 ROWS = [

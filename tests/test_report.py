@@ -12,11 +12,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from p2d_ray.baseline import (
+    baseline_config,
+    epochs_trained,
+    estimate_full_seconds,
+    full_train_steps,
+    run_baseline,
+)
 from p2d_ray.config import TrainConfig, build_config
-from p2d_ray.report.aer import aer, epochs_trained, estimate_full_seconds, full_train_steps
+from p2d_ray.report.aer import aer
 from p2d_ray.report.plot import plot_aer, quality_of
 from p2d_ray.report.precision import selection_precision
-from p2d_ray.report.report import baseline_config, run_report
+from p2d_ray.report.report import run_report
 from p2d_ray.rundir import RunDir
 
 TIMES = {"localize": 1.0, "score": 2.0, "select": 0.5, "train": 6.5, "evaluate": 100.0}
@@ -177,6 +184,7 @@ def test_report_estimated(labelled, tiny_llama):
             }
         )
     )
+    run_baseline(cfg)  # the AER denominator is a stage of its own; the report only reads its output
     report = run_report(cfg)
 
     saved = json.loads((labelled / "run" / "report.json").read_text())
@@ -190,7 +198,7 @@ def test_report_estimated(labelled, tiny_llama):
     assert a["full_train_seconds"] == pytest.approx(10 * a["full_step_seconds"])
     assert a["aer"] == pytest.approx(10.0 / a["full_train_seconds"])
     assert full["full_train_seconds"] == pytest.approx(a["full_train_seconds"])
-    assert report["stage_seconds"] == TIMES
+    assert report["stage_seconds"] == {**TIMES, "baseline": report["stage_seconds"]["baseline"]}
     assert report["selection_precision"]["selected"] == pytest.approx(0.75)
     assert report["eval"]["adapted"]["exact_match"] == 0.5
     assert report["heads"] == [[0, 1], [1, 2]]
@@ -199,10 +207,13 @@ def test_report_estimated(labelled, tiny_llama):
     )
     assert (labelled / "run" / "aer.png").read_bytes()[:4] == b"\x89PNG"
 
-    # Rebuilding the report reuses the timed steps (same inputs); a changed trainer shape re-times them.
+    # Rebuilding the baseline reuses the timed steps (same inputs); a changed trainer shape re-times them.
+    run_baseline(cfg)
     again = run_report(cfg)
     assert again["aer"]["full_step_seconds"] == a["full_step_seconds"]
-    changed = run_report(cfg.model_copy(update={"train": cfg.train.model_copy(update={"batch_size": 2})}))
+    changed_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"batch_size": 2})})
+    run_baseline(changed_cfg)
+    changed = run_report(changed_cfg)
     # the recorded subset run made 1 step of 2 per epoch at batch 2: half an epoch of 20 full steps
     assert changed["aer"]["full_train_steps"] == 10
     assert changed["aer"]["full_step_seconds"] != a["full_step_seconds"]
@@ -214,3 +225,48 @@ def test_report_needs_the_stages(labelled, tiny_llama):
     with pytest.raises(ValueError, match=r"\['train'\] have not run"):
         run_report(cfg)
     assert not (labelled / "run" / "report.json").exists()
+
+
+def test_report_only_reads_the_baseline_it_is_given(labelled, tiny_llama):
+    """The report computes nothing expensive: without full_baseline.json it stops (naming the baseline
+    stage) and leaves the run dir untouched; with one written by hand it reports exactly those numbers."""
+    cfg = _lay_out_run(labelled, tiny_llama)
+    run = labelled / "run"
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    with pytest.raises(ValueError, match="p2d-ray baseline"):
+        run_report(cfg)
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # nothing trained, timed or written
+
+    recipe = {"adaptation": "full", "epochs": 1.0, "batch_size": 4, "lr": 1e-3, "steps": 10}
+    (run / "full_baseline.json").write_text(
+        json.dumps(
+            {
+                "key": "k",
+                "label": "measured",
+                "full_train_seconds": 20.0,
+                "n_full_rows": 40,
+                "full_train_steps": 10,
+                "recipe": recipe,
+                "baseline_eval": {"adapted": {"loss": 1.5, "perplexity": 4.5, "exact_match": 0.45}},
+            }
+        )
+    )
+    report = run_report(cfg)
+    a = report["aer"]
+    assert a["label"] == "measured" and a["full_train_seconds"] == 20.0 and a["aer"] == pytest.approx(0.5)
+    assert a["recipe"] == recipe and a["full_train_steps"] == 10
+    assert report["full_baseline_eval"]["adapted"]["exact_match"] == 0.45
+    assert not (run / "full_baseline").exists()  # the report never runs the baseline itself
+
+
+def test_baseline_states_the_p2d_recipe(labelled, tiny_llama):
+    """full_baseline.json: the same recipe as the P2D training run (epochs it made, batch, lr, steps)."""
+    cfg = _lay_out_run(labelled, tiny_llama)
+    full = run_baseline(cfg)
+    r = full["recipe"]
+    assert full["label"] == "estimated"
+    assert r["adaptation"] == "full" and r["same_as"] == "heads"
+    # the P2D run made 1 step over 4 rows at global batch 4 = 1 epoch; the full run: 40 rows -> 10 steps
+    assert r["epochs"] == pytest.approx(1.0) and r["steps"] == full["full_train_steps"] == 10
+    assert (r["batch_size"], r["global_batch"], r["lr"]) == (4, 4, cfg.train.lr)
+    assert RunDir(cfg.run_dir).stage_record("baseline")["seconds"] > 0

@@ -17,7 +17,7 @@ from p2d_ray.heads.gates import gated_forward
 from p2d_ray.heads.headset import HeadSet
 from p2d_ray.models.geometry import attention_geometry, output_projections
 from p2d_ray.models.loading import load_tokenizer
-from p2d_ray.scoring.losses import sample_loss
+from p2d_ray.models.loss import sample_loss
 from p2d_ray.scoring.scorers import activation_score, build_scorer, influence_score, perplexity_score
 from p2d_ray.scoring.tokenize import BatchedTokenizer
 

@@ -37,6 +37,17 @@ def resolve_format(cfg: DataConfig, columns: Sequence[str]) -> str:
     return fmt
 
 
+def task_format(cfg: DataConfig, columns: Sequence[str]) -> str:
+    """The format a row is *trained, evaluated or probed* in. ``icl`` is a scoring device (probe
+    demonstrations before each corpus row), not part of the task: such rows are used as prompt_response
+    (or plain without those columns). Every other format is ``resolve_format``'s."""
+    fmt = resolve_format(cfg, columns)
+    if fmt == "icl":
+        cols = set(columns)
+        fmt = "prompt_response" if cfg.prompt_column in cols and cfg.response_column in cols else "plain"
+    return fmt
+
+
 @dataclass
 class Encoded:
     input_ids: list[int]

@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from p2d_ray.config import DataConfig, P2DConfig
-from p2d_ray.data.formatting import Encoded, collate, encode_row, resolve_format, row_parts
+from p2d_ray.config import P2DConfig
+from p2d_ray.data.formatting import Encoded, collate, encode_row, row_parts, task_format
 from p2d_ray.data.io import read_table
 from p2d_ray.eval.answers import cut_at_stop, exact_match, is_answer_format
 from p2d_ray.progress import stage_summary
@@ -35,19 +35,6 @@ BASE, ADAPTED = "base", "adapted"
 
 
 # -- what is evaluated -------------------------------------------------------------------------------
-def eval_format(data: DataConfig, columns) -> str:
-    """The held-out rows' format: the run's format, except that P2D's ICL *selection* prompt (a scoring
-    device) is not part of the task, so held-out rows are evaluated as plain prompt/response."""
-    fmt = resolve_format(data, columns)
-    if fmt == "icl":
-        fmt = (
-            "prompt_response"
-            if data.prompt_column in columns and data.response_column in columns
-            else "plain"
-        )
-    return fmt
-
-
 def read_heldout(cfg: P2DConfig) -> tuple[pa.Table, str, bool]:
     """The first ``evaluate.n_samples`` held-out rows, their format and whether exact match applies.
 
@@ -67,7 +54,7 @@ def read_heldout(cfg: P2DConfig) -> tuple[pa.Table, str, bool]:
         raise ValueError(
             f"evaluate: held-out set {path} has no id column {id_col!r}; found {table.column_names}"
         )
-    fmt = eval_format(cfg.data, table.column_names)  # raises naming the missing text columns
+    fmt = task_format(cfg.data, table.column_names)  # raises naming the missing text columns
     table = table.slice(0, cfg.evaluate.n_samples)
     if table.num_rows == 0:
         raise ValueError(f"evaluate: held-out set {path} is empty")
@@ -98,7 +85,7 @@ def response_nll(
     model, batch: dict[str, torch.Tensor], chunk_tokens: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token NLL over each sample's response tokens and their count, both ``[B]``."""
-    from p2d_ray.scoring.losses import sample_loss
+    from p2d_ray.models.loss import sample_loss
 
     loss = sample_loss(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], chunk_tokens)
     return loss.loss_sum, loss.n_tokens
@@ -206,7 +193,7 @@ def evaluate_on_ray(cfg: P2DConfig, table: pa.Table, fmt: str, answers: bool, va
     """Run :class:`HeldoutEvaluator` over ``table`` on a Ray Data actor pool; rows sorted by id."""
     import ray
 
-    from p2d_ray.scoring.pipeline import ensure_ray
+    from p2d_ray.runtime import ensure_ray
 
     ensure_ray()  # the cluster in RAY_ADDRESS, or a local Ray
     ev = cfg.evaluate

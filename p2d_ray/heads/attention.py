@@ -119,7 +119,7 @@ def probe_attention(
 ) -> torch.Tensor | None:
     """Run the decoder on ``[B, T]`` and fill ``probe.result``. Returns the final hidden states ``[B, T, E]``,
     or None when ``probe.stop_after_last`` stopped the forward early. ``model`` must use ``p2d_sdpa``."""
-    from p2d_ray.scoring.losses import base_model
+    from p2d_ray.models.loss import base_model
 
     if model.config._attn_implementation != NAME:
         raise ValueError(f"probe_attention needs attn implementation {NAME!r} (use_probe_attention(model))")

@@ -22,35 +22,24 @@ from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from p2d_ray.config import DataConfig, P2DConfig
-from p2d_ray.data.formatting import Encoded, collate, encode_row, resolve_format
+from p2d_ray.data.formatting import Encoded, collate, encode_row, resolve_format, task_format
 from p2d_ray.heads.gates import HeadGates
 from p2d_ray.heads.headset import HeadSet
 from p2d_ray.models.geometry import attention_geometry, head_params, slice_weight
+from p2d_ray.models.loss import sample_loss
 
 METHODS = ("gradient", "fisher", "alps")
 
 
 # -- loss ------------------------------------------------------------------------------------------
 def per_sample_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token NLL over each sample's target tokens: ``[B]``.
-
-    The LM head is applied only at target positions, so a 150k vocabulary never materialises
-    ``[B, T, V]`` logits (and their gradient) for the whole padded batch.
-    """
-    ids, attn, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
-    B = ids.shape[0]
-    hidden = model.base_model(input_ids=ids, attention_mask=attn).last_hidden_state  # [B, T, Hd]
-    target = loss_mask[:, 1:].bool()  # [B, T-1]: position t predicts token t+1
-    logits = model.get_output_embeddings()(hidden[:, :-1][target]).float()  # [N, V]
-    nll = F.cross_entropy(logits, ids[:, 1:][target], reduction="none")  # [N]
-    sample = torch.arange(B, device=ids.device)[:, None].expand_as(target)[target]  # [N]
-    counts = target.sum(dim=1)  # [B]
-    assert bool((counts > 0).all()), "every probe sample needs at least one target token"
-    return torch.zeros(B, device=ids.device).index_add_(0, sample, nll) / counts
+    """Mean next-token NLL over each sample's target tokens: ``[B]`` (the one loss, models/loss.py)."""
+    loss = sample_loss(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    assert bool((loss.n_tokens > 0).all()), "every probe sample needs at least one target token"
+    return loss.mean
 
 
 @contextmanager
@@ -211,15 +200,9 @@ def encode_probe(rows: Sequence[dict], tokenizer, data: DataConfig) -> list[Enco
     """Encode the probe rows, loss on target tokens only. A bad probe row is an error, never dropped."""
     if not rows:
         raise ValueError("the probe set is empty")
-    fmt = resolve_format(data, list(rows[0].keys()))
-    if fmt == "icl":
-        # ICL demonstrations are drawn *from* the probe set to score the corpus; the probe rows themselves
-        # are encoded as plain task samples.
-        fmt = (
-            "prompt_response"
-            if data.prompt_column in rows[0] and data.response_column in rows[0]
-            else "plain"
-        )
+    # ICL demonstrations are drawn *from* the probe set to score the corpus; the probe rows themselves
+    # are encoded as plain task samples.
+    fmt = task_format(data, list(rows[0].keys()))
     encoded, bad = [], []
     for i, row in enumerate(rows):
         try:
@@ -238,8 +221,7 @@ def encode_reference(rows: Sequence[dict], tokenizer, data: DataConfig) -> list[
     being scored) and the count used is recorded in heads.json."""
     if not rows:
         raise ValueError("localize.contrast=corpus: the corpus is empty")
-    fmt = resolve_format(data, list(rows[0].keys()))
-    fmt = "prompt_response" if fmt == "icl" else fmt
+    fmt = task_format(data, list(rows[0].keys()))
     out = []
     for row in rows:
         try:

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt_neox", "gpt2")
-_LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass(frozen=True)
@@ -81,10 +80,50 @@ class UnsupportedModelError(ValueError):
     pass
 
 
+@dataclass(frozen=True)
+class Family:
+    """Where one model family keeps its attention: one row of :data:`FAMILIES` (no if/elif per family).
+
+    ``layers``: attribute of the base model holding the decoder layers; ``attention``: attribute of a layer
+    holding its attention module; ``o_proj``: attribute of that module taking the concatenated heads
+    ``[B, T, H*D]``; ``qkv``: the q/k/v layout (a key of ``_HEAD_SLICES``); ``n_layers`` / ``n_heads`` /
+    ``hidden``: the config attribute names.
+    """
+
+    layers: str
+    attention: str
+    o_proj: str
+    qkv: str  # "separate" | "neox" | "gpt2"
+    n_layers: str = "num_hidden_layers"
+    n_heads: str = "num_attention_heads"
+    hidden: str = "hidden_size"
+
+
+_LLAMA = Family(layers="layers", attention="self_attn", o_proj="o_proj", qkv="separate")
+FAMILIES: dict[str, Family] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "gpt_neox": Family(layers="layers", attention="attention", o_proj="dense", qkv="neox"),
+    "gpt2": Family(
+        layers="h",
+        attention="attn",
+        o_proj="c_proj",
+        qkv="gpt2",
+        n_layers="n_layer",
+        n_heads="n_head",
+        hidden="n_embd",
+    ),
+}
+assert set(FAMILIES) == set(SUPPORTED_FAMILIES)
+_GEOMETRY_ATTR = "_p2d_attention_geometry"  # the geometry, cached on the model object
+
+
 def model_family(model_or_config) -> str:
     config = getattr(model_or_config, "config", model_or_config)
     family = getattr(config, "model_type", None)
-    if family not in SUPPORTED_FAMILIES:
+    if family not in FAMILIES:
         raise UnsupportedModelError(
             f"model family {family!r} is not supported; supported: {', '.join(SUPPORTED_FAMILIES)}"
         )
@@ -93,21 +132,23 @@ def model_family(model_or_config) -> str:
 
 def geometry_from_config(config) -> AttentionGeometry:
     family = model_family(config)
-    if family == "gpt2":
-        n_layers, n_heads, hidden = config.n_layer, config.n_head, config.n_embd
-        n_kv = n_heads
-        head_dim = hidden // n_heads
-    else:
-        n_layers, n_heads, hidden = config.num_hidden_layers, config.num_attention_heads, config.hidden_size
-        n_kv = getattr(config, "num_key_value_heads", None) or n_heads
-        head_dim = getattr(config, "head_dim", None) or hidden // n_heads
+    spec = FAMILIES[family]
+    n_layers, n_heads = getattr(config, spec.n_layers), getattr(config, spec.n_heads)
+    hidden = getattr(config, spec.hidden)
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads  # gpt2 / neox: no GQA
+    head_dim = getattr(config, "head_dim", None) or hidden // n_heads
     if n_heads % n_kv != 0:
         raise UnsupportedModelError(f"{family}: {n_heads} query heads not divisible by {n_kv} kv heads")
     return AttentionGeometry(family, n_layers, n_heads, n_kv, head_dim, hidden)
 
 
 def attention_geometry(model: nn.Module) -> AttentionGeometry:
-    """Geometry of a loaded model; also checks that the modules we hook really have those shapes."""
+    """Geometry of a loaded model; also checks that the modules we hook really have those shapes.
+
+    Computed once per model and cached on the model object (localisation, gates and deltas all ask)."""
+    cached = getattr(model, _GEOMETRY_ATTR, None)
+    if cached is not None:
+        return cached
     geo = geometry_from_config(model.config)
     o_projs = output_projections(model)
     if len(o_projs) != geo.n_layers:
@@ -118,6 +159,8 @@ def attention_geometry(model: nn.Module) -> AttentionGeometry:
             f"{geo.family}: o_proj takes {in_features} inputs, expected heads*head_dim = "
             f"{geo.n_heads}*{geo.head_dim}"
         )
+    # object.__setattr__: a plain attribute, not a registered submodule or parameter.
+    object.__setattr__(model, _GEOMETRY_ATTR, geo)
     return geo
 
 
@@ -128,34 +171,19 @@ def _in_features(module: nn.Module) -> int:
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    family = model_family(model)
-    base = getattr(model, "base_model", model)
-    if family in _LLAMA_LIKE:
-        return list(base.layers)
-    if family == "gpt_neox":
-        return list(base.layers)
-    return list(base.h)  # gpt2
+    spec = FAMILIES[model_family(model)]
+    return list(getattr(getattr(model, "base_model", model), spec.layers))
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
-    family = model_family(model)
-    layers = decoder_layers(model)
-    if family in _LLAMA_LIKE:
-        return [layer.self_attn for layer in layers]
-    if family == "gpt_neox":
-        return [layer.attention for layer in layers]
-    return [layer.attn for layer in layers]
+    spec = FAMILIES[model_family(model)]
+    return [getattr(layer, spec.attention) for layer in decoder_layers(model)]
 
 
 def output_projections(model: nn.Module) -> list[nn.Module]:
     """Per layer, the module whose input is the concatenated head outputs ``[B, T, H*D]``."""
-    family = model_family(model)
-    attns = attention_modules(model)
-    if family in _LLAMA_LIKE:
-        return [a.o_proj for a in attns]
-    if family == "gpt_neox":
-        return [a.dense for a in attns]
-    return [a.c_proj for a in attns]
+    spec = FAMILIES[model_family(model)]
+    return [getattr(a, spec.o_proj) for a in attention_modules(model)]
 
 
 def value_projection(model: nn.Module, layer: int) -> tuple[nn.Module, slice | None, str]:
@@ -164,44 +192,56 @@ def value_projection(model: nn.Module, layer: int) -> tuple[nn.Module, slice | N
     Returns ``(module, sl, layout)``: layout ``"separate"`` (output is V ``[B, T, KV*D]``), ``"neox"``
     (output ``[B, T, H, 3D]``, V is ``[..., 2D:3D]``) or ``"gpt2"`` (output ``[B, T, 3*H*D]``, V is ``sl``).
     """
-    family = model_family(model)
+    layout = FAMILIES[model_family(model)].qkv
     attn = attention_modules(model)[layer]
-    if family in _LLAMA_LIKE:
-        return attn.v_proj, None, "separate"
-    if family == "gpt_neox":
-        return attn.query_key_value, None, "neox"
+    if layout == "separate":
+        return attn.v_proj, None, layout
+    if layout == "neox":
+        return attn.query_key_value, None, layout
     hidden = model.config.n_embd
-    return attn.c_attn, slice(2 * hidden, 3 * hidden), "gpt2"
+    return attn.c_attn, slice(2 * hidden, 3 * hidden), layout
 
 
-def head_params(model: nn.Module, geo: AttentionGeometry, layer: int, head: int) -> HeadParams:
-    """Weight slices of query head ``head`` in ``layer``; k/v are its GQA group's slices."""
-    attn = attention_modules(model)[layer]
+# Per q/k/v layout: (attention module, geometry, head, its kv group) -> the head's weight slices.
+def _separate_slices(attn: nn.Module, geo: AttentionGeometry, head: int, g: int) -> HeadParams:
     d = geo.head_dim
-    g = geo.kv_group(head)
-    if geo.family in _LLAMA_LIKE:
-        return HeadParams(
-            q=WeightSlice(attn.q_proj, 0, head * d, (head + 1) * d, True),
-            k=WeightSlice(attn.k_proj, 0, g * d, (g + 1) * d, True),
-            v=WeightSlice(attn.v_proj, 0, g * d, (g + 1) * d, True),
-            o=WeightSlice(attn.o_proj, 1, head * d, (head + 1) * d, False),
-        )
-    if geo.family == "gpt_neox":
-        qkv, base = attn.query_key_value, 3 * d * head
-        return HeadParams(
-            q=WeightSlice(qkv, 0, base, base + d, True),
-            k=WeightSlice(qkv, 0, base + d, base + 2 * d, True),
-            v=WeightSlice(qkv, 0, base + 2 * d, base + 3 * d, True),
-            o=WeightSlice(attn.dense, 1, head * d, (head + 1) * d, False),
-        )
-    # gpt2 Conv1D: weight [in, out] -> output axis is dim 1; c_proj input axis is dim 0.
-    hidden = geo.hidden_size
+    return HeadParams(
+        q=WeightSlice(attn.q_proj, 0, head * d, (head + 1) * d, True),
+        k=WeightSlice(attn.k_proj, 0, g * d, (g + 1) * d, True),
+        v=WeightSlice(attn.v_proj, 0, g * d, (g + 1) * d, True),
+        o=WeightSlice(attn.o_proj, 1, head * d, (head + 1) * d, False),
+    )
+
+
+def _neox_slices(attn: nn.Module, geo: AttentionGeometry, head: int, g: int) -> HeadParams:
+    d = geo.head_dim
+    qkv, base = attn.query_key_value, 3 * d * head  # output viewed as [B, T, H, 3*D]
+    return HeadParams(
+        q=WeightSlice(qkv, 0, base, base + d, True),
+        k=WeightSlice(qkv, 0, base + d, base + 2 * d, True),
+        v=WeightSlice(qkv, 0, base + 2 * d, base + 3 * d, True),
+        o=WeightSlice(attn.dense, 1, head * d, (head + 1) * d, False),
+    )
+
+
+def _gpt2_slices(attn: nn.Module, geo: AttentionGeometry, head: int, g: int) -> HeadParams:
+    # Conv1D: weight [in, out] -> output axis is dim 1; c_proj input axis is dim 0.
+    d, hidden = geo.head_dim, geo.hidden_size
     return HeadParams(
         q=WeightSlice(attn.c_attn, 1, head * d, (head + 1) * d, True),
         k=WeightSlice(attn.c_attn, 1, hidden + head * d, hidden + (head + 1) * d, True),
         v=WeightSlice(attn.c_attn, 1, 2 * hidden + head * d, 2 * hidden + (head + 1) * d, True),
         o=WeightSlice(attn.c_proj, 0, head * d, (head + 1) * d, False),
     )
+
+
+_HEAD_SLICES = {"separate": _separate_slices, "neox": _neox_slices, "gpt2": _gpt2_slices}
+
+
+def head_params(model: nn.Module, geo: AttentionGeometry, layer: int, head: int) -> HeadParams:
+    """Weight slices of query head ``head`` in ``layer``; k/v are its GQA group's slices."""
+    attn = attention_modules(model)[layer]
+    return _HEAD_SLICES[FAMILIES[geo.family].qkv](attn, geo, head, geo.kv_group(head))
 
 
 def slice_weight(ws: WeightSlice, weight: torch.Tensor | None = None) -> torch.Tensor:

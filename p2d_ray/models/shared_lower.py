@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from p2d_ray.models.geometry import decoder_layers, model_family
-from p2d_ray.scoring.losses import base_model, hidden_states
+from p2d_ray.models.loss import base_model, hidden_states
 
 WIRED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 

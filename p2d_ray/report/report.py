@@ -1,33 +1,24 @@
 """The report step: stage timings, the AER with its inputs, the evaluation and selection precision in
 ``<run_dir>/report.json``, and quality-vs-AER for every variant that was run in ``<run_dir>/aer.png``.
 
-Every stage's seconds come from the run directory's stage records (``RunDir.timings()``), so the report
-can be rebuilt at any time from files alone. The one expensive input, full fine-tuning time, is cached in
-``<run_dir>/full_baseline.json`` keyed by everything it depends on.
+The report only reads what the stages wrote, so it can be rebuilt at any time from files alone, in
+seconds: every stage's seconds from the stage records (``RunDir.timings()``), the AER denominator and its
+recipe from ``full_baseline.json`` (the ``baseline`` stage), ``eval.json``, ``heads.json``, and the corpus /
+subset / scores Parquet for the selection precision.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 from pathlib import Path
 
-import pyarrow.dataset as pads
-
 from p2d_ray.config import P2DConfig
-from p2d_ray.report.aer import ESTIMATED, MEASURED, aer, estimate_full_seconds, full_train_steps
+from p2d_ray.report.aer import MEASURED, aer
 from p2d_ray.report.plot import plot_aer, quality_of
 from p2d_ray.report.precision import selection_precision
-from p2d_ray.rundir import STAGES, RunDir
-from p2d_ray.training.loop import global_batch, total_steps
+from p2d_ray.rundir import RunDir, stage_fingerprint
 
-BASELINE_DIR = "full_baseline"  # <run_dir>/full_baseline: the measured full fine-tuning run
-
-
-def count_rows(path: Path | str) -> int:
-    """Rows of a Parquet dataset from file metadata (no data read)."""
-    return pads.dataset(str(path), format="parquet").count_rows()
+BASELINE_JSON = "full_baseline.json"  # written by the baseline stage (p2d_ray.baseline)
 
 
 def variant_name(cfg: P2DConfig) -> str:
@@ -39,78 +30,7 @@ def variant_name(cfg: P2DConfig) -> str:
 
 def report_fingerprint(cfg: P2DConfig) -> str:
     """The whole config plus every upstream stage record: any rerun upstream invalidates the report."""
-    run = RunDir(cfg.run_dir)
-    records = {s: run.stage_record(s) for s in STAGES}
-    payload = json.dumps([cfg.fingerprint(), records], sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-# -- the AER denominator --------------------------------------------------------------------------------
-def _baseline_key(cfg: P2DConfig, n_full_rows: int, n_steps: int, mode: str) -> str:
-    # Full fine-tuning time depends on the model, the data format, the trainer shape and the step count,
-    # not on localisation, scoring or selection.
-    train = cfg.train.model_dump(
-        mode="json", exclude={"adaptation", "lora_r", "lora_alpha", "train_o_proj", "storage_path"}
-    )
-    payload = [cfg.fingerprint("model", "data"), train, n_full_rows, n_steps, mode, cfg.report.timing_steps]
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def baseline_config(cfg: P2DConfig, n_steps: int, n_full_rows: int) -> P2DConfig:
-    """The full fine-tuning baseline: same model, data and trainer, all weights, ``n_steps`` optimizer steps
-    over the whole corpus (the subset run's epochs), in ``<run_dir>/full_baseline``."""
-    from p2d_ray.data.paths import corpus_path
-
-    data = cfg.model_dump(mode="json")
-    data["run_dir"] = str(Path(cfg.run_dir) / BASELINE_DIR)
-    data["data"]["corpus_path"] = corpus_path(cfg)
-    data["report"]["full_baseline"] = False
-    per_epoch = math.ceil(n_full_rows / global_batch(cfg.train))
-    data["train"].update(
-        adaptation="full", storage_path=None, max_steps=n_steps, epochs=max(1, math.ceil(n_steps / per_epoch))
-    )
-    return P2DConfig.model_validate(data)
-
-
-def measure_full_baseline(cfg: P2DConfig, n_steps: int, n_full_rows: int) -> dict:
-    """Full fine-tuning on the whole corpus through the same trainer, then evaluated like the subset run."""
-    from p2d_ray.eval.evaluate import run_evaluate
-    from p2d_ray.training.trainer import run_train
-
-    base_cfg = baseline_config(cfg, n_steps, n_full_rows)
-    run_train(base_cfg, data_path=base_cfg.data.corpus_path)
-    seconds = RunDir(base_cfg.run_dir).timings()["train"]
-    evaluation = run_evaluate(base_cfg)
-    return {"full_train_seconds": seconds, "baseline_run_dir": base_cfg.run_dir, "baseline_eval": evaluation}
-
-
-def full_baseline(cfg: P2DConfig, n_full_rows: int, n_subset_rows: int, subset_steps: int) -> dict:
-    """Full fine-tuning time on all rows for the subset run's epochs: measured (``report.full_baseline``)
-    or estimated from timed steps. Cached in ``<run_dir>/full_baseline.json`` under a key of its inputs."""
-    run = RunDir(cfg.run_dir)
-    mode = MEASURED if cfg.report.full_baseline else ESTIMATED
-    n_steps = full_train_steps(n_full_rows, n_subset_rows, subset_steps, cfg.train)
-    key = _baseline_key(cfg, n_full_rows, n_steps, mode)
-    cache = run.path("full_baseline.json")
-    if cache.is_file():
-        cached = json.loads(cache.read_text())
-        if cached.get("key") == key:
-            return cached
-    out = {"key": key, "label": mode, "n_full_rows": n_full_rows, "full_train_steps": n_steps}
-    if mode == MEASURED:
-        out.update(measure_full_baseline(cfg, n_steps, n_full_rows))
-    else:
-        from p2d_ray.training.trainer import time_train_steps
-
-        timed = time_train_steps(cfg, "full", cfg.report.timing_steps)
-        out.update(
-            full_step_seconds=timed["step_seconds"],
-            timing_steps=timed["n_steps"],
-            full_trainable_params=timed["trainable_params"],
-            full_train_seconds=estimate_full_seconds(timed["step_seconds"], n_steps),
-        )
-    cache.write_text(json.dumps(out, indent=1))
-    return out
+    return stage_fingerprint(cfg, "report")
 
 
 # -- variants for the plot ------------------------------------------------------------------------------
@@ -181,15 +101,15 @@ def run_report(cfg: P2DConfig) -> dict:
     missing = [s for s in ("localize", "score", "select", "train") if s not in timings]
     if missing:
         raise ValueError(f"report: stages {missing} have not run in {cfg.run_dir} (run `p2d-ray run` first)")
+    if not run.path(BASELINE_JSON).is_file():
+        raise ValueError(
+            f"report: {run.path(BASELINE_JSON)} is missing: the AER denominator comes from the baseline stage "
+            "(run `p2d-ray baseline` or `p2d-ray run` first)"
+        )
     with run.timed("report", report_fingerprint(cfg)):
-        n_full, n_subset = count_rows(run.scores), count_rows(run.subset)
-        summary_path = run.path("train_summary.json")
-        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-        subset_steps = summary.get("steps") or total_steps(n_subset, cfg.train)  # steps the trainer made
-        full = full_baseline(cfg, n_full, n_subset, subset_steps)
+        full = json.loads(run.path(BASELINE_JSON).read_text())
         skip = ("key", "label", "full_train_seconds", "baseline_eval")
         inputs = {k: v for k, v in full.items() if k not in skip}
-        inputs.update(n_subset_rows=n_subset, subset_train_steps=subset_steps)
         evaluation = (
             json.loads(run.path("eval.json").read_text()) if run.path("eval.json").is_file() else None
         )

@@ -39,8 +39,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from p2d_ray.heads.headset import HeadSet
+from p2d_ray.models.loss import hidden_states, loss_from_hidden
 from p2d_ray.models.shared_lower import SharedLowerLayers
-from p2d_ray.scoring.losses import hidden_states, loss_from_hidden
 from p2d_ray.training.deltas import DeltaSpec, attach_from_specs, head_deltas, plan_head_deltas
 
 FORMAT = "p2d-probe-gradient/1"

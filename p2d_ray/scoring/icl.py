@@ -43,7 +43,7 @@ from torch import nn
 
 from p2d_ray.heads.attention import AttentionProbe, probe_attention, use_probe_attention
 from p2d_ray.heads.headset import HeadSet
-from p2d_ray.scoring.losses import loss_from_hidden
+from p2d_ray.models.loss import loss_from_hidden
 
 ICL_COLUMNS = ("icl_weight", "icl_metric", "icl_contexts")  # components written beside the score
 EPS = 1e-12

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from p2d_ray.config import P2DConfig
 from p2d_ray.progress import Progress, ray_data_output, stage_summary
 from p2d_ray.rundir import RunDir, stage_fingerprint
+from p2d_ray.runtime import ensure_ray
 from p2d_ray.scoring.actor import ScorerActor
 from p2d_ray.scoring.collect import ShardCollector, summarize
 from p2d_ray.scoring.outputs import ScoreStore
@@ -40,23 +41,6 @@ def rows_per_block(n_rows: int, cfg) -> int:
     """Enough blocks that every actor gets work (``blocks_per_actor`` each), never tiny or huge ones."""
     target = math.ceil(n_rows / (cfg.max_actors * cfg.blocks_per_actor))
     return max(cfg.batch_size, min(target, cfg.max_rows_per_block))
-
-
-def ensure_ray() -> bool:
-    """Connect to the cluster in RAY_ADDRESS, or start a local Ray; True if we started it."""
-    import os
-
-    import ray
-
-    if ray.is_initialized():
-        return False
-    env = {
-        k: os.environ[k]
-        for k in ("HF_HUB_OFFLINE", "P2D_RAY_CACHE", "TOKENIZERS_PARALLELISM")
-        if k in os.environ
-    }
-    ray.init(include_dashboard=False, runtime_env={"env_vars": env})
-    return True
 
 
 @contextmanager

@@ -32,8 +32,8 @@ from torch import nn
 
 from p2d_ray.heads.gates import GateMode, HeadGates
 from p2d_ray.heads.headset import HeadSet
+from p2d_ray.models.loss import hidden_states, loss_from_hidden, sample_loss
 from p2d_ray.models.shared_lower import SharedLowerLayers
-from p2d_ray.scoring.losses import hidden_states, loss_from_hidden, sample_loss
 
 SCORERS = ("influence", "activation", "perplexity", "ifd", "noop", "gradient_alignment")  # batch scorers
 USES_HEADS = {"influence": True, "activation": True, "perplexity": False, "ifd": False, "noop": False}

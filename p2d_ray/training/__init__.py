@@ -2,8 +2,9 @@
 
 - ``deltas``: ``HeadDelta`` per projection: trainable rows/columns of the selected heads; merge.
 - ``adaptation``: heads | lora | full -> which parameters require grad.
-- ``loop``: plain-torch step pieces (row encoding, response-only loss, step counting).
-- ``worker``: the Ray Train ``train_func`` (DeepSpeed engine, checkpoints, resume).
+- ``loop``: plain-torch step pieces: row encoding, THE training step (``train_step``), step counting.
+- ``worker``: the Ray Train ``train_func`` in named steps: setup / restore / step / save (DeepSpeed).
+- ``tracking``: TensorBoard (+ MLflow / W&B), the progress line, loss.png.
 - ``trainer``: ``run_train`` (``p2d-ray train``), ``time_train_steps``, ``load_adapted_model``.
 - ``export``: head deltas as safetensors, the same update as a PEFT LoRA adapter, merged model.
 """

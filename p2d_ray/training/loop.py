@@ -1,5 +1,6 @@
 """Plain-torch pieces of a training step, shared by the Ray Train worker and the in-process step timer:
-row encoding into micro-batches, the response-only loss, step counting, memory and identity probes.
+row encoding into micro-batches, THE training step (:func:`train_step`, over DeepSpeed's engine in the
+worker or :class:`TorchEngine` in the timer), step counting, memory and identity probes.
 """
 
 from __future__ import annotations
@@ -8,23 +9,14 @@ import hashlib
 import math
 import resource
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from p2d_ray.config import DataConfig, P2DConfig, TrainConfig
-from p2d_ray.data.formatting import collate, encode_row, resolve_format
-
-
-def train_format(data: DataConfig, columns) -> str:
-    """The format rows are trained in. ``icl`` is a *scoring* prompt (probe demonstrations before each row);
-    training uses the row itself, so icl trains as prompt_response (or plain without those columns)."""
-    fmt = resolve_format(data, columns)
-    if fmt == "icl":
-        has_pr = data.prompt_column in set(columns) and data.response_column in set(columns)
-        fmt = "prompt_response" if has_pr else "plain"
-    return fmt
+from p2d_ray.data.formatting import collate, encode_row
+from p2d_ray.models.loss import batch_loss
 
 
 def encode_rows(
@@ -46,22 +38,96 @@ def encode_rows(
     return collate(encoded, tokenizer.pad_token_id)
 
 
-def masked_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy over response tokens only.
+def forward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The training loss of a plain (unwrapped) causal LM on a collated batch: ``models.loss.batch_loss``."""
+    return batch_loss(model, batch)
 
-    logits ``[B, T, V]`` predict token ``t+1`` at position ``t``; ``loss_mask[t] = 1`` marks target tokens.
-    The full ``[B, T, V]`` logits are materialised: fine for the demo's small vocabulary; for a 150k
-    vocabulary at long context prefer small micro-batches (``train.batch_size``) with ``grad_accum``.
+
+class TorchEngine:
+    """DeepSpeed's engine interface over a plain torch model and optimizer, for one process without Ray.
+
+    Same semantics as ``deepspeed.DeepSpeedEngine``: ``engine(**batch)`` is the module's forward,
+    ``backward(loss)`` scales the loss by ``1 / grad_accum``, ``step()`` clips and steps the optimizer at the
+    accumulation boundary only. Lets :func:`train_step` be the one training step of the worker and of
+    ``trainer.time_train_steps``.
     """
-    target = input_ids[:, 1:]  # [B, T-1]
-    mask = loss_mask[:, 1:].to(logits.dtype)  # [B, T-1]
-    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), reduction="none")
-    return (nll * mask.flatten().float()).sum() / mask.sum().clamp_min(1.0)
+
+    def __init__(
+        self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_accum: int, grad_clip: float
+    ):
+        self.module, self.optimizer = module, optimizer
+        self.grad_accum, self.grad_clip = grad_accum, grad_clip
+        self.micro_steps = 0
+        self._grad_norm: float | None = None
+
+    def __call__(self, **batch: torch.Tensor) -> torch.Tensor:
+        return self.module(**batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accum).backward()
+
+    def step(self) -> None:
+        self.micro_steps += 1
+        if self.micro_steps % self.grad_accum:
+            return
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if self.grad_clip > 0:
+            self._grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def get_global_grad_norm(self) -> float | None:
+        return self._grad_norm
+
+    def get_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
 
 
-def forward_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return masked_lm_loss(out.logits, batch["input_ids"], batch["loss_mask"])
+@dataclass
+class StepResult:
+    """One optimizer step on one process: mean micro-batch loss, rows and real (unpadded) tokens."""
+
+    loss: float
+    rows: int
+    tokens: int
+    grad_norm: float | None
+    lr: float
+
+
+def train_step(
+    engine,
+    micro_batches: Sequence[list[dict]],
+    encode: Callable[[list[dict]], dict[str, torch.Tensor] | None],
+    device: torch.device,
+    skipped: Counter | None = None,
+) -> StepResult:
+    """THE training step: ``grad_accum`` micro-batches of rows -> forward (``engine`` wraps
+    ``models.loss.MaskedLM``, whose forward returns the loss) -> backward -> ``engine.step()``, which
+    updates the weights at the accumulation boundary.
+
+    Raises:
+        RuntimeError: a micro-batch had no trainable row (``encode`` returned None).
+    """
+    loss_sum, rows, tokens = 0.0, 0, 0
+    for rows_list in micro_batches:
+        batch = encode(rows_list)
+        if batch is None:
+            raise RuntimeError(f"a micro-batch had no trainable row; skipped so far: {dict(skipped or {})}")
+        batch = {k: v.to(device) for k, v in batch.items()}
+        loss = engine(**batch)  # scalar: token-weighted mean over the micro-batch's target tokens
+        engine.backward(loss)
+        engine.step()  # steps the optimizer at the accumulation boundary only
+        loss_sum += loss.item()
+        rows += len(rows_list)
+        tokens += int(batch["attention_mask"].sum())
+    norm = engine.get_global_grad_norm()
+    return StepResult(
+        loss=loss_sum / max(len(micro_batches), 1),
+        rows=rows,
+        tokens=tokens,
+        grad_norm=None if norm is None else float(norm),
+        lr=float(engine.get_lr()[0]),
+    )
 
 
 def global_batch(train: TrainConfig) -> int:

@@ -28,33 +28,27 @@ import pyarrow.dataset as pads
 import torch
 
 from p2d_ray.config import P2DConfig
+from p2d_ray.data.formatting import task_format
 from p2d_ray.heads.headset import HeadSet
 from p2d_ray.models.geometry import geometry_from_config
 from p2d_ray.rundir import RunDir, stage_fingerprint
+from p2d_ray.runtime import ensure_ray
 from p2d_ray.training.export import export_from_checkpoint, load_adapted_model
 from p2d_ray.training.loop import (
+    TorchEngine,
     encode_rows,
-    forward_loss,
     global_batch,
     peak_memory_bytes,
     steady_step_stats,
     step_stats,
     torch_threads,
     total_steps,
-    train_format,
+    train_step,
 )
+from p2d_ray.training.tracking import LOSS_PNG, check_tracking, plot_loss_curve, tensorboard_dir
 from p2d_ray.training.worker import EXPORT_DIR, STATE_FILE, train_func
 
 __all__ = ["run_train", "fit", "time_train_steps", "load_adapted_model", "TrainInputs"]
-
-# Environment the workers need before importing DeepSpeed, forwarded from the driver when set.
-_FORWARDED_ENV = (
-    "TORCH_EXTENSIONS_DIR",
-    "P2D_RAY_CACHE",
-    "HF_HUB_OFFLINE",
-    "HF_HOME",
-    "TOKENIZERS_PARALLELISM",
-)
 
 
 class TrainInputs:
@@ -80,7 +74,7 @@ class TrainInputs:
                 f"training data {self.data_path} has {self.n_rows} rows, fewer than train.num_workers="
                 f"{t.num_workers}"
             )
-        self.fmt = train_format(cfg.data, columns)
+        self.fmt = task_format(cfg.data, columns)
         geometry = geometry_from_config(load_config_checked(cfg.model))
         self.heads = None
         if t.adaptation == "heads":
@@ -89,6 +83,7 @@ class TrainInputs:
             if len(self.heads) == 0:
                 raise ValueError(f"{run.heads_json} selects no heads: nothing to train with adaptation=heads")
         self.storage_path = t.storage_path or str(run.path("train").resolve())
+        check_tracking(cfg)
         self.n_steps = total_steps(self.n_rows, t)
 
     def run_name(self, cfg: P2DConfig) -> str:
@@ -106,6 +101,10 @@ class TrainInputs:
                 "checkpoints_to_keep",
                 "export_merged",
                 "storage_path",
+                "tensorboard",
+                "mlflow_tracking_uri",
+                "wandb_project",
+                "tracking_experiment",
             },
         )
         payload = [
@@ -121,18 +120,10 @@ class TrainInputs:
 
 
 def _ensure_ray(cfg: P2DConfig) -> None:
-    """Join the cluster named by RAY_ADDRESS, else start a local Ray with enough logical CPUs for the
-    workers plus Ray Data's read tasks (two 1-CPU workers on a 2-CPU node would starve the reads)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return
+    """Enough logical CPUs for the workers plus Ray Data's read tasks (two 1-CPU workers on a 2-CPU node
+    would starve the reads)."""
     t = cfg.train
-    need = int(t.num_workers * t.cpus_per_worker) + 2
-    ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, log_to_driver=False)
+    ensure_ray(int(t.num_workers * t.cpus_per_worker) + 2)
 
 
 def fit(cfg: P2DConfig, data_path: str | None = None, *, fail_at_step: int | None = None):
@@ -152,7 +143,6 @@ def fit(cfg: P2DConfig, data_path: str | None = None, *, fail_at_step: int | Non
     inputs = TrainInputs(cfg, data_path)
     _ensure_ray(cfg)
     t = cfg.train
-    env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
     trainer = TorchTrainer(
         train_func,
         train_loop_config={
@@ -160,7 +150,7 @@ def fit(cfg: P2DConfig, data_path: str | None = None, *, fail_at_step: int | Non
             "fmt": inputs.fmt,
             "n_rows": inputs.n_rows,
             "heads": inputs.heads.to_json() if inputs.heads else None,
-            "env": env,
+            "tb_dir": tensorboard_dir(cfg.run_dir) if t.tensorboard else None,
             "fail_at_step": fail_at_step,
         },
         scaling_config=ScalingConfig(
@@ -203,6 +193,11 @@ def run_train(cfg: P2DConfig, data_path: str | None = None) -> dict:
             "rows_seen": state["rows_seen"],
             "skipped_rows": state["skipped"],
             "loss_curve": state["loss_curve"],
+            "lr_curve": state.get("lr_curve"),
+            "grad_norm_curve": state.get("grad_norm_curve"),
+            "tokens_per_s_curve": state.get("tokens_per_s_curve"),
+            "tensorboard_dir": tensorboard_dir(cfg.run_dir) if cfg.train.tensorboard else None,
+            "loss_png": str(run.path(LOSS_PNG)) if state["loss_curve"] else None,
             "step_seconds": state["step_seconds"],
             "step_time": steady_step_stats(state),
             "fit_seconds": fit_seconds,  # includes Ray Train worker start-up and DeepSpeed init
@@ -213,6 +208,9 @@ def run_train(cfg: P2DConfig, data_path: str | None = None) -> dict:
             "adapter": manifest,
             **{k: v for k, v in final.items() if k != "step_time"},
         }
+        if state["loss_curve"]:
+            title = f"{cfg.train.adaptation} on {inputs.n_rows} rows, {cfg.model.name_or_path}"
+            plot_loss_curve(state["loss_curve"], run.path(LOSS_PNG), title)
         run.path("train_summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
 
@@ -235,6 +233,7 @@ def time_train_steps(cfg: P2DConfig, adaptation: str, n_steps: int, data_path: s
     """
     from p2d_ray.data.paths import corpus_path
     from p2d_ray.models.loading import load_model, load_tokenizer
+    from p2d_ray.models.loss import MaskedLM
     from p2d_ray.training.adaptation import ADAPTATIONS, prepare_model
     from p2d_ray.training.deltas import count_trainable, trainable_parameters
 
@@ -249,7 +248,7 @@ def time_train_steps(cfg: P2DConfig, adaptation: str, n_steps: int, data_path: s
     rows = dataset.head((n_steps + 1) * per_step).to_pylist()
     if not rows:
         raise ValueError(f"time_train_steps: no rows in {path}")
-    fmt = train_format(cfg.data, dataset.schema.names)
+    fmt = task_format(cfg.data, dataset.schema.names)
     heads = HeadSet.load(RunDir(cfg.run_dir).heads_json) if adaptation == "heads" else None
 
     prev_threads = torch.get_num_threads()
@@ -261,29 +260,26 @@ def time_train_steps(cfg: P2DConfig, adaptation: str, n_steps: int, data_path: s
         device = next(model.parameters()).device
         params = trainable_parameters(model)
         opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        # The worker's step on plain torch: same MaskedLM loss, accumulation and clipping, no DeepSpeed.
+        engine = TorchEngine(MaskedLM(model, cfg.score.loss_chunk_tokens), opt, t.grad_accum, t.grad_clip)
         tok = load_tokenizer(cfg.model)
         skipped: Counter = Counter()
+
+        def encode(chunk):
+            return encode_rows(chunk, tok, cfg.data, fmt, skipped)
+
         times, tokens = [], []
         for step in range(n_steps + 1):
             chunk = [rows[(i % len(rows))] for i in range(step * per_step, (step + 1) * per_step)]
+            micro = [chunk[m * t.batch_size : (m + 1) * t.batch_size] for m in range(t.grad_accum)]
             t0 = time.perf_counter()
-            n_tok = 0
-            for m in range(t.grad_accum):
-                batch = encode_rows(
-                    chunk[m * t.batch_size : (m + 1) * t.batch_size], tok, cfg.data, fmt, skipped
-                )
-                if batch is None:
-                    raise ValueError(f"time_train_steps: a batch had no trainable row ({dict(skipped)})")
-                batch = {k: v.to(device) for k, v in batch.items()}
-                (forward_loss(model, batch) / t.grad_accum).backward()
-                n_tok += int(batch["attention_mask"].sum())
-            if t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            try:
+                result = train_step(engine, micro, encode, device, skipped)
+            except RuntimeError as err:
+                raise ValueError(f"time_train_steps: {err}") from None
             if step > 0:  # step 0 warms up allocator and kernels
                 times.append(time.perf_counter() - t0)
-                tokens.append(n_tok)
+                tokens.append(result.tokens)
         n_train = count_trainable(model)
         elem = params[0].element_size()
         return {

@@ -1,17 +1,22 @@
 """The Ray Train worker: ``train_func`` builds model, adaptation and DeepSpeed engine inside each worker.
 
-Per worker (Ray's DeepSpeed convention):
-1. environment before ``import deepspeed``: ``DS_ACCELERATOR=cpu`` without GPUs, ``TORCH_EXTENSIONS_DIR``
-   from the driver so the JIT-built communication op is compiled once and cached;
-2. load the base model, make it trainable per ``train.adaptation`` (only trained parameters reach the
-   optimizer), wrap it with ``deepspeed.initialize`` on the process group Ray created (gloo on CPU);
-3. resume from ``ray.train.get_checkpoint()`` when there is one (a restarted worker group, or a rerun of
-   the same run name): DeepSpeed module + optimizer state and our step counter / loss curve;
-4. stream micro-batches from ``ray.train.get_dataset_shard("train")``, pass after pass, until the run's
-   optimizer-step budget is spent; every ``checkpoint_every`` steps and at the end every rank saves its
-   DeepSpeed shard into one directory and reports it (Ray merges the ranks' shards in storage). The last
-   checkpoint also carries ``export/``: the trained update in its portable form (head deltas, PEFT adapter
-   or full model), written by rank 0, which the driver turns into ``<run_dir>/adapter``.
+``train_func`` reads top to bottom as its named steps (Ray's DeepSpeed convention):
+
+1. :func:`setup`: ``DS_ACCELERATOR=cpu`` without GPUs before ``import deepspeed`` (the other variables,
+   e.g. ``TORCH_EXTENSIONS_DIR`` for the cached communication op, arrive through the runtime_env); load the
+   base model, make it trainable per ``train.adaptation`` (only trained parameters reach the optimizer),
+   wrap it in ``models.loss.MaskedLM`` (forward = THE masked loss, no ``[B, T, V]`` logits) and in
+   ``deepspeed.initialize`` on the process group Ray created (gloo on CPU);
+2. :func:`restore`: resume from ``ray.train.get_checkpoint()`` when there is one (a restarted worker group,
+   or a rerun of the same run name): DeepSpeed module + optimizer state and our step counter / curves;
+3. :func:`step`: ``loop.train_step`` (the one training step, also timed by ``trainer.time_train_steps``)
+   on micro-batches streamed from ``ray.train.get_dataset_shard("train")``, pass after pass, until the
+   run's optimizer-step budget is spent; rank 0 tracks every step (``tracking.Tracker``: TensorBoard,
+   MLflow / W&B, a periodic progress line);
+4. :func:`save`: every ``checkpoint_every`` steps and at the end every rank saves its DeepSpeed shard into
+   one directory and reports it (Ray merges the ranks' shards in storage). The last checkpoint also
+   carries ``export/``: the trained update in its portable form (head deltas, PEFT adapter or full model),
+   written by rank 0, which the driver turns into ``<run_dir>/adapter``.
 
 Data order after a resume is not replayed exactly (Ray Data does not preserve order); the step count,
 optimizer state and weights are.
@@ -20,10 +25,12 @@ optimizer state and weights are.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,9 +41,8 @@ STATE_FILE = "train_state.json"
 EXPORT_DIR = "export"
 
 
-def _setup_env(env: dict[str, str], use_gpu: bool) -> None:
-    for key, value in env.items():
-        os.environ[key] = value
+def _setup_env(use_gpu: bool) -> None:
+    # Everything else (caches, offline switches) arrives through the job's runtime_env (p2d_ray.runtime).
     # Must precede the first `import deepspeed` in this process: it picks its accelerator at import.
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")
 
@@ -65,9 +71,11 @@ def _export_update(engine, cfg: P2DConfig, heads, out: Path, rank: int) -> None:
     from p2d_ray.training.export import save_head_deltas
 
     adaptation = cfg.train.adaptation
-    module = engine.module
+    module = engine.module.model  # engine.module is the MaskedLM wrapper (models/loss.py)
     # ZeRO-3 partitions parameters: gather a full state dict on rank 0 (a collective: every rank calls it).
     state = engine._zero3_consolidated_16bit_state_dict() if cfg.train.zero_stage == 3 else None
+    if state is not None:  # keys of the MaskedLM wrapper: "model.<name>" -> "<name>"
+        state = {k.removeprefix("model."): v for k, v in state.items()}
     if rank != 0:
         return
     if adaptation == "heads":
@@ -80,170 +88,251 @@ def _export_update(engine, cfg: P2DConfig, heads, out: Path, rank: int) -> None:
         load_tokenizer(cfg.model).save_pretrained(str(out / "model"))
 
 
-def train_func(config: dict) -> None:
-    """Ray Train per-worker entry point. ``config``: ``cfg`` (P2DConfig as JSON), ``fmt`` (row format),
-    ``n_rows`` (rows in the training data), ``env`` (variables to set before importing DeepSpeed),
-    ``fail_at_step`` (tests: raise once at that step, before any restore, to exercise FailureConfig)."""
+@dataclass
+class Session:
+    """Everything one worker builds in :func:`setup` and the later steps use."""
+
+    cfg: P2DConfig
+    config: dict
+    engine: object  # deepspeed.DeepSpeedEngine over models.loss.MaskedLM(model)
+    model: torch.nn.Module  # the causal LM being trained (engine.module.model)
+    params: list  # the trained parameters
+    n_trainable: int
+    heads: object  # HeadSet | None
+    tokenizer: object
+    device: torch.device
+    rank: int
+    world: int
+    n_steps: int
+    state: dict = field(
+        default_factory=lambda: {
+            "step": 0,
+            "loss_curve": [],
+            "lr_curve": [],
+            "grad_norm_curve": [],
+            "tokens_per_s_curve": [],
+            "step_seconds": [],
+            "first_steps": [],  # the first step of every attempt, which also pays for the data start-up
+            "skipped": {},
+            "rows_seen": 0,
+        }
+    )
+    resumed_from: int | None = None
+    has_export: bool = False
+    fail_at: int | None = None
+
+
+# -- 1. setup ---------------------------------------------------------------------------------------------
+def setup(config: dict) -> Session:
+    """Build the model, its adaptation and the DeepSpeed engine on the process group Ray created."""
     cfg = P2DConfig.model_validate(config["cfg"])
-    _setup_env(config.get("env", {}), cfg.train.use_gpu)
+    _setup_env(cfg.train.use_gpu)
 
     import deepspeed
     import ray.train
     import ray.train.torch
-    import torch.distributed as dist
 
     from p2d_ray.heads.headset import HeadSet
     from p2d_ray.models.loading import load_model, load_tokenizer
+    from p2d_ray.models.loss import MaskedLM
     from p2d_ray.training.adaptation import prepare_model
     from p2d_ray.training.deltas import count_trainable, trainable_parameters
-    from p2d_ray.training.loop import (
-        encode_rows,
-        forward_loss,
-        params_digest,
-        peak_memory_bytes,
-        steady_step_stats,
-        torch_threads,
-        total_steps,
-    )
+    from p2d_ray.training.loop import torch_threads, total_steps
 
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO banner per rank is noise here
     torch.set_num_threads(torch_threads(cfg))
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.train.seed)
     device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
-
     heads = HeadSet.from_json(config["heads"]) if config.get("heads") else None
-    model = load_model(cfg.model, device)
-    model = prepare_model(model, cfg.train, heads)
+    model = prepare_model(load_model(cfg.model, device), cfg.train, heads)
     model.train()
     params = trainable_parameters(model)
-    n_trainable = count_trainable(model)
     # Only the trained parameters reach the optimizer: its state is proportional to them, and weight
     # decay can never touch a frozen weight.
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     bf16 = next(model.parameters()).dtype == torch.bfloat16
+    world = ctx.get_world_size()
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(cfg, world, bf16)
+        model=MaskedLM(model, cfg.score.loss_chunk_tokens),  # forward returns THE loss (no [B, T, V] logits)
+        optimizer=optimizer,
+        config=deepspeed_config(cfg, world, bf16),
+    )
+    return Session(
+        cfg=cfg,
+        config=config,
+        engine=engine,
+        model=model,
+        params=params,
+        n_trainable=count_trainable(model),
+        heads=heads,
+        tokenizer=load_tokenizer(cfg.model),
+        device=device,
+        rank=ctx.get_world_rank(),
+        world=world,
+        n_steps=total_steps(config["n_rows"], cfg.train),
+        # Inject a failure only on a fresh start (restore clears it), so the restarted group goes past it.
+        fail_at=config.get("fail_at_step"),
     )
 
-    # first_steps: the first step of every attempt, which also pays for the data pipeline's start-up.
-    state = {
-        "step": 0,
-        "loss_curve": [],
-        "step_seconds": [],
-        "first_steps": [],
-        "skipped": {},
-        "rows_seen": 0,
-    }
-    resumed_from, has_export = None, False
-    # Inject a failure only on a fresh start, so the restarted worker group goes past it.
-    fail_at = config.get("fail_at_step")
+
+# -- 2. restore -------------------------------------------------------------------------------------------
+def restore(s: Session) -> None:
+    """Resume from ``ray.train.get_checkpoint()`` when there is one (a restarted worker group, or a rerun of
+    the same run name): DeepSpeed module + optimizer state and our step counter / curves."""
+    import ray.train
+
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            # Frozen weights were never saved (exclude_frozen_parameters): load the rest, non-strict.
-            _, client = engine.load_checkpoint(ckpt_dir, load_module_strict=False)
-            has_export = (Path(ckpt_dir) / EXPORT_DIR).is_dir()
-        state.update((client or {})["p2d_state"])
-        resumed_from, fail_at = state["step"], None
+    if checkpoint is None:
+        return
+    with checkpoint.as_directory() as ckpt_dir:
+        # Frozen weights were never saved (exclude_frozen_parameters): load the rest, non-strict.
+        _, client = s.engine.load_checkpoint(ckpt_dir, load_module_strict=False)
+        s.has_export = (Path(ckpt_dir) / EXPORT_DIR).is_dir()
+    for key, value in (client or {})["p2d_state"].items():
+        s.state[key] = value
+    s.resumed_from, s.fail_at = s.state["step"], None
 
-    n_steps = total_steps(config["n_rows"], cfg.train)
-    tok = load_tokenizer(cfg.model)
+
+# -- 3. step ----------------------------------------------------------------------------------------------
+def micro_batches(s: Session):
+    """Endless stream of row lists over this rank's shard, pass after pass; skips the micro-batches a
+    resumed run has already consumed in its current pass (by count: Ray Data does not replay the order)."""
+    import ray.train
+
     shard = ray.train.get_dataset_shard("train")
-    skipped = Counter(state["skipped"])
-    accum = cfg.train.grad_accum
+    consumed = s.state["step"] * s.cfg.train.grad_accum
+    while True:
+        n = 0
+        for table in shard.iter_batches(batch_size=s.cfg.train.batch_size, batch_format="pyarrow"):
+            n += 1
+            if consumed > 0:
+                consumed -= 1
+                continue
+            yield table.to_pylist()
+        if n == 0:
+            raise RuntimeError(f"rank {s.rank}: its shard of the training data is empty")
 
-    def save(final: bool) -> None:
-        metrics = {
-            "step": state["step"],
-            "loss": state["loss_curve"][-1] if state["loss_curve"] else float("nan"),
-        }
-        with tempfile.TemporaryDirectory() as tmp:
-            engine.save_checkpoint(
-                tmp,
-                tag=f"step{state['step']}",
-                client_state={"p2d_state": state},
-                exclude_frozen_parameters=True,
-            )
-            if final:
-                _export_update(engine, cfg, heads, Path(tmp) / EXPORT_DIR, rank)
-            if rank == 0:
-                Path(tmp, STATE_FILE).write_text(json.dumps(state))
-            ray.train.report(
-                metrics,
-                checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                # Unique per step; the final one apart, since a shortened rerun may end on a periodic step.
-                checkpoint_dir_name=f"checkpoint_{state['step']:07d}" + ("_final" if final else ""),
-            )
 
-    def micro_batches():
-        """Endless stream over the shard, pass after pass; skips the micro-batches a resumed run has
-        already consumed in its current pass (by count: Ray Data does not replay the same order)."""
-        consumed = state["step"] * accum
-        while True:
-            n = 0
-            for table in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="pyarrow"):
-                n += 1
-                if consumed > 0:
-                    consumed -= 1
-                    continue
-                yield table.to_pylist()
-            if n == 0:
-                raise RuntimeError(f"rank {rank}: its shard of the training data is empty")
+def step(s: Session, stream, skipped: Counter) -> dict:
+    """One optimizer step (``loop.train_step``), its numbers averaged / summed over ranks, into the state."""
+    import torch.distributed as dist
 
-    t_first = time.perf_counter()
-    stream = micro_batches()
-    while state["step"] < n_steps:
-        if fail_at == state["step"]:
-            raise RuntimeError(f"injected failure at step {state['step']} (fail_at_step, tests only)")
-        t0 = time.perf_counter()
-        step_loss, rows = 0.0, 0
-        for _ in range(accum):
-            rows_list = next(stream)
-            batch = encode_rows(rows_list, tok, cfg.data, config["fmt"], skipped)
-            if batch is None:
-                raise RuntimeError(f"a micro-batch had no trainable row; skipped so far: {dict(skipped)}")
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss = forward_loss(engine, batch)
-            engine.backward(loss)
-            engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
-            step_loss += loss.item() / accum
-            rows += len(rows_list)
-        # Log the loss averaged over ranks (the gradient already is).
-        loss_t = torch.tensor([step_loss, float(rows)], dtype=torch.float64, device=device)  # NCCL: on device
-        dist.all_reduce(loss_t)
-        state["step"] += 1
-        state["loss_curve"].append(loss_t[0].item() / world)
-        state["rows_seen"] += int(loss_t[1].item())
-        state["step_seconds"].append(time.perf_counter() - t0)
-        if state["step"] == (resumed_from or 0) + 1:
-            state["first_steps"].append(state["step"])
-        state["skipped"] = dict(skipped)
-        if state["step"] % cfg.train.checkpoint_every == 0 and state["step"] < n_steps:
-            save(final=False)
-    train_seconds = time.perf_counter() - t_first
+    from p2d_ray.training.loop import encode_rows, train_step
+
+    t0 = time.perf_counter()
+    accum = s.cfg.train.grad_accum
+    batches = [next(stream) for _ in range(accum)]
+
+    def encode(rows):
+        return encode_rows(rows, s.tokenizer, s.cfg.data, s.config["fmt"], skipped)
+
+    r = train_step(s.engine, batches, encode, s.device, skipped)
+    # Log the loss averaged over ranks (the gradient already is); rows and tokens summed.
+    t = torch.tensor([r.loss, float(r.rows), float(r.tokens)], dtype=torch.float64, device=s.device)
+    dist.all_reduce(t)  # NCCL needs the tensor on the device
+    seconds = time.perf_counter() - t0
+    st = s.state
+    st["step"] += 1
+    metrics = {
+        "loss": t[0].item() / s.world,
+        "lr": r.lr,
+        "grad_norm": r.grad_norm,
+        "tokens_per_s": t[2].item() / seconds,
+    }
+    st["loss_curve"].append(metrics["loss"])
+    st["lr_curve"].append(r.lr)
+    st["grad_norm_curve"].append(r.grad_norm)
+    st["tokens_per_s_curve"].append(metrics["tokens_per_s"])
+    st["rows_seen"] += int(t[1].item())
+    st["step_seconds"].append(seconds)
+    if st["step"] == (s.resumed_from or 0) + 1:
+        st["first_steps"].append(st["step"])
+    st["skipped"] = dict(skipped)
+    return metrics
+
+
+# -- 4. save ----------------------------------------------------------------------------------------------
+def save(s: Session, final: bool) -> None:
+    """Every rank saves its DeepSpeed shard into one directory and reports it (Ray merges the ranks'
+    shards in storage); the final checkpoint also carries ``export/`` and the state file."""
+    import ray.train
+
+    st = s.state
+    metrics = {"step": st["step"], "loss": st["loss_curve"][-1] if st["loss_curve"] else float("nan")}
+    with tempfile.TemporaryDirectory() as tmp:
+        s.engine.save_checkpoint(
+            tmp, tag=f"step{st['step']}", client_state={"p2d_state": st}, exclude_frozen_parameters=True
+        )
+        if final:
+            _export_update(s.engine, s.cfg, s.heads, Path(tmp) / EXPORT_DIR, s.rank)
+        if s.rank == 0:
+            Path(tmp, STATE_FILE).write_text(json.dumps(st))
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            # Unique per step; the final one apart, since a shortened rerun may end on a periodic step.
+            checkpoint_dir_name=f"checkpoint_{st['step']:07d}" + ("_final" if final else ""),
+        )
+
+
+def final_stats(s: Session, loop_seconds: float) -> dict:
+    """Identity of the ranks' weights, peak memory and sizes (collectives: every rank calls it)."""
+    import torch.distributed as dist
+
+    from p2d_ray.training.loop import params_digest, peak_memory_bytes, steady_step_stats
 
     # Every rank must end with the same weights (ZeRO <= 2 keeps a full copy of each parameter).
-    digest = params_digest(params) if cfg.train.zero_stage < 3 else None
-    digests = [None] * world
+    digest = params_digest(s.params) if s.cfg.train.zero_stage < 3 else None
+    digests = [None] * s.world
     dist.all_gather_object(digests, digest)
-    peak = torch.tensor([peak_memory_bytes(device)], dtype=torch.float64, device=device)
+    peak = torch.tensor([peak_memory_bytes(s.device)], dtype=torch.float64, device=s.device)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    state["final"] = {
+    return {
         "ranks_identical": None if digest is None else len(set(digests)) == 1,
         "param_digests": digests,
         "peak_memory_bytes": int(peak.item()),
-        "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_max_rss",
-        "trainable_params": n_trainable,
-        "total_params": sum(p.numel() for p in model.parameters()),
-        "world_size": world,
-        "resumed_from_step": resumed_from,
-        "loop_seconds_this_attempt": train_seconds,
-        "step_time": steady_step_stats(state),
-        "total_steps": n_steps,
+        "peak_memory_kind": "cuda_max_allocated" if s.device.type == "cuda" else "cpu_max_rss",
+        "trainable_params": s.n_trainable,
+        "total_params": sum(p.numel() for p in s.model.parameters()),
+        "world_size": s.world,
+        "resumed_from_step": s.resumed_from,
+        "loop_seconds_this_attempt": loop_seconds,
+        "step_time": steady_step_stats(s.state),
+        "total_steps": s.n_steps,
     }
-    if resumed_from == state["step"] and has_export:
+
+
+def train_func(config: dict) -> None:
+    """Ray Train per-worker entry point: setup -> restore -> step ... (save every ``checkpoint_every``) ->
+    save the final checkpoint with the export.
+
+    ``config``: ``cfg`` (P2DConfig as JSON), ``fmt`` (row format), ``n_rows`` (rows in the training data),
+    ``heads`` (HeadSet JSON or None), ``tb_dir`` (TensorBoard directory or None), ``fail_at_step`` (tests:
+    raise once at that step, before any restore, to exercise FailureConfig).
+    """
+    import ray.train
+
+    from p2d_ray.training.tracking import Tracker
+
+    s = setup(config)
+    restore(s)
+    tracker = Tracker(s.cfg, config.get("tb_dir"), s.n_steps, s.state["step"], enabled=s.rank == 0)
+    skipped = Counter(s.state["skipped"])
+    stream = micro_batches(s)
+    t_first = time.perf_counter()
+    try:
+        while s.state["step"] < s.n_steps:
+            if s.fail_at == s.state["step"]:
+                raise RuntimeError(f"injected failure at step {s.state['step']} (fail_at_step, tests only)")
+            tracker.log(s.state["step"] + 1, step(s, stream, skipped))
+            if s.state["step"] % s.cfg.train.checkpoint_every == 0 and s.state["step"] < s.n_steps:
+                save(s, final=False)
+    finally:
+        tracker.close()
+    s.state["final"] = final_stats(s, time.perf_counter() - t_first)
+    if s.resumed_from == s.state["step"] and s.has_export:
         # A rerun of a finished run: its final checkpoint (with the export) is already the latest.
-        ray.train.report({"step": state["step"]})
+        ray.train.report({"step": s.state["step"]})
     else:
-        save(final=True)
+        save(s, final=True)

@@ -1,15 +1,29 @@
-"""Per-sample and per-token causal-LM loss without ever materialising ``[B, T, V]`` logits.
+"""THE masked next-token loss of the project, without ever materialising ``[B, T, V]`` logits.
+
+Every stage uses it: localisation (per-sample loss under head gates), scoring (per-sample and per-token
+losses), training (token-weighted batch mean), evaluation (summed response loss) and demo pre-training
+(``loss_mask = attention_mask``: every real token).
 
 A vocabulary of 150k tokens makes full logits the largest tensor of a forward pass (B=16, T=2048 in fp32:
 20 GB). We run the model's *base* (decoder stack + final norm) to hidden states ``[B, T, E]``, gather only
 the positions whose next token is a target (``loss_mask``), and apply the LM head to at most
-``chunk_tokens`` of those positions at a time: peak extra memory is ``[chunk_tokens, V]``.
+``chunk_tokens`` of those positions at a time: peak extra memory is ``[chunk_tokens, V]``. With grad
+enabled, each chunk's logits are recomputed in the backward pass (activation checkpointing), so memory
+stays ``[chunk, V]`` in training too.
 
 Shift convention (formatting.py): ``loss_mask[b, t] = 1`` means token ``t`` is a target, predicted from
 position ``t - 1``. Position 0 is never predicted.
 
-Used by the scorers (Stage 2) and reusable for training and evaluation: with grad enabled, each chunk's
-logits are recomputed in the backward pass (activation checkpointing), so memory stays ``[chunk, V]``.
+API (all inputs ``[B, T]`` as from ``formatting.collate``):
+
+- ``sample_loss(model, input_ids, attention_mask, loss_mask, chunk_tokens) -> SampleLoss``: ``.mean``
+  ``[B]`` per-sample mean, ``.n_tokens`` ``[B]``, ``.loss_sum`` ``[B]``, ``.batch_mean()`` scalar,
+  ``.per_token(T)`` ``[B, T]``;
+- ``hidden_states(model, input_ids, attention_mask)`` + ``loss_from_hidden(model, hidden, input_ids,
+  loss_mask, chunk_tokens)``: the same in two steps, when one forward's hidden states serve several losses;
+- ``batch_loss(model, batch, chunk_tokens)``: the token-weighted mean over a collated batch (training);
+- ``MaskedLM(model)``: an ``nn.Module`` whose ``forward(input_ids, attention_mask, loss_mask)`` returns that
+  scalar, so a wrapper such as DeepSpeed's engine runs the whole loss inside its own forward.
 """
 
 from __future__ import annotations
@@ -136,3 +150,26 @@ def sample_loss(
     """Forward pass + chunked loss. Inputs are ``[B, T]`` (as from ``formatting.collate``)."""
     hidden = hidden_states(model, input_ids, attention_mask)
     return loss_from_hidden(model, hidden, input_ids, loss_mask, chunk_tokens)
+
+
+def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int = 1024) -> torch.Tensor:
+    """Scalar token-weighted mean loss over every target token of a collated batch (the training loss)."""
+    return sample_loss(
+        model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], chunk_tokens
+    ).batch_mean()
+
+
+class MaskedLM(nn.Module):
+    """A causal LM with the loss inside its forward: ``forward(input_ids, attention_mask, loss_mask)`` ->
+    scalar :func:`batch_loss`. Training wraps the model in it so DeepSpeed's engine (and its ZeRO hooks on
+    the root module) sees one forward that returns the loss; ``.model`` is the causal LM itself."""
+
+    def __init__(self, model: nn.Module, chunk_tokens: int = 1024):
+        super().__init__()
+        self.model = model
+        self.chunk_tokens = chunk_tokens
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor
+    ) -> torch.Tensor:
+        return sample_loss(self.model, input_ids, attention_mask, loss_mask, self.chunk_tokens).batch_mean()

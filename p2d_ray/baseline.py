@@ -1,0 +1,180 @@
+"""``p2d-ray baseline``: the AER's denominator, full fine-tuning of all weights on all rows.
+
+The full fine-tuning run uses **the same training recipe as the P2D training run**: the same trainer
+(Ray Train + DeepSpeed), micro-batch, workers, gradient accumulation, learning rate, weight decay and
+clipping, and as many epochs as the subset run made (``train_summary.json``: its steps over its rows, so a
+``max_steps`` cap shortens both alike); only ``adaptation=full`` and the data (the whole scored corpus)
+differ. ``<run_dir>/full_baseline.json`` states that recipe, and whether the time was
+
+- **estimated** (default): seconds per full fine-tuning step, timed in-process on a few batches with the
+  worker's own training step (``trainer.time_train_steps``, ``report.timing_steps``), x the steps. The
+  estimate leaves out trainer start-up and assumes perfect scaling over workers, so it errs against P2D;
+- **measured** (``report.full_baseline: true``): that full fine-tuning run itself, in
+  ``<run_dir>/full_baseline/``, evaluated like the subset run.
+
+The result is cached in ``full_baseline.json`` under a key of everything it depends on, so rebuilding a
+run whose recipe did not change costs nothing. The report only reads this file. A stage of its own at the
+top level (like ``compare``), since the measured baseline both trains and evaluates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pyarrow.dataset as pads
+
+from p2d_ray.config import P2DConfig, TrainConfig
+from p2d_ray.report.aer import ESTIMATED, MEASURED
+from p2d_ray.rundir import RunDir, stage_fingerprint
+from p2d_ray.training.loop import global_batch, total_steps
+
+BASELINE_DIR = "full_baseline"  # <run_dir>/full_baseline: the measured full fine-tuning run
+BASELINE_JSON = "full_baseline.json"
+
+
+# -- arithmetic --------------------------------------------------------------------------------------------
+def epochs_trained(n_rows: int, steps: int, train: TrainConfig) -> float:
+    """Passes over ``n_rows`` that ``steps`` optimizer steps make (fewer than ``train.epochs`` when
+    ``max_steps`` stopped the run early)."""
+    return steps / math.ceil(n_rows / global_batch(train))
+
+
+def full_train_steps(n_full_rows: int, n_subset_rows: int, subset_steps: int, train: TrainConfig) -> int:
+    """Steps full fine-tuning on all ``n_full_rows`` takes for as many epochs as the subset run made
+    (``subset_steps`` steps over ``n_subset_rows``), with the same global batch."""
+    epochs = epochs_trained(n_subset_rows, subset_steps, train)
+    return math.ceil(epochs * math.ceil(n_full_rows / global_batch(train)))
+
+
+def estimate_full_seconds(step_seconds: float, n_steps: int) -> float:
+    """Full fine-tuning time from a measured per-step time; start-up excluded (see module doc)."""
+    if step_seconds <= 0 or n_steps <= 0:
+        raise ValueError(f"need step_seconds > 0 and n_steps > 0, got {step_seconds} and {n_steps}")
+    return step_seconds * n_steps
+
+
+def count_rows(path: Path | str) -> int:
+    """Rows of a Parquet dataset from file metadata (no data read)."""
+    return pads.dataset(str(path), format="parquet").count_rows()
+
+
+def recipe(train: TrainConfig, n_full_rows: int, n_subset_rows: int, subset_steps: int) -> dict:
+    """The full fine-tuning recipe, as report.json states it: the P2D run's, with adaptation=full."""
+    n_steps = full_train_steps(n_full_rows, n_subset_rows, subset_steps, train)
+    return {
+        "adaptation": "full",
+        "same_as": train.adaptation,  # the P2D training run whose recipe this is
+        "epochs": round(epochs_trained(n_subset_rows, subset_steps, train), 4),
+        "configured_epochs": train.epochs,
+        "max_steps": train.max_steps,
+        "batch_size": train.batch_size,
+        "grad_accum": train.grad_accum,
+        "num_workers": train.num_workers,
+        "global_batch": global_batch(train),
+        "lr": train.lr,
+        "weight_decay": train.weight_decay,
+        "grad_clip": train.grad_clip,
+        "zero_stage": train.zero_stage,
+        "steps": n_steps,
+    }
+
+
+# -- the baseline ------------------------------------------------------------------------------------------
+def _baseline_key(cfg: P2DConfig, n_full_rows: int, n_steps: int, mode: str) -> str:
+    # Full fine-tuning time depends on the model, the data format, the trainer shape and the step count,
+    # not on localisation, scoring or selection.
+    train = cfg.train.model_dump(
+        mode="json", exclude={"adaptation", "lora_r", "lora_alpha", "train_o_proj", "storage_path"}
+    )
+    payload = [cfg.fingerprint("model", "data"), train, n_full_rows, n_steps, mode, cfg.report.timing_steps]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def baseline_config(cfg: P2DConfig, n_steps: int, n_full_rows: int) -> P2DConfig:
+    """The full fine-tuning baseline: same model, data and trainer, all weights, ``n_steps`` optimizer steps
+    over the whole corpus (the subset run's epochs), in ``<run_dir>/full_baseline``."""
+    from p2d_ray.data.paths import corpus_path
+
+    data = cfg.model_dump(mode="json")
+    data["run_dir"] = str(Path(cfg.run_dir) / BASELINE_DIR)
+    data["data"]["corpus_path"] = corpus_path(cfg)
+    data["report"]["full_baseline"] = False
+    per_epoch = math.ceil(n_full_rows / global_batch(cfg.train))
+    data["train"].update(
+        adaptation="full", storage_path=None, max_steps=n_steps, epochs=max(1, math.ceil(n_steps / per_epoch))
+    )
+    return P2DConfig.model_validate(data)
+
+
+def measure_full_baseline(cfg: P2DConfig, n_steps: int, n_full_rows: int) -> dict:
+    """Full fine-tuning on the whole corpus through the same trainer, then evaluated like the subset run."""
+    from p2d_ray.eval.evaluate import run_evaluate
+    from p2d_ray.training.trainer import run_train
+
+    base_cfg = baseline_config(cfg, n_steps, n_full_rows)
+    run_train(base_cfg, data_path=base_cfg.data.corpus_path)
+    seconds = RunDir(base_cfg.run_dir).timings()["train"]
+    evaluation = run_evaluate(base_cfg)
+    return {"full_train_seconds": seconds, "baseline_run_dir": base_cfg.run_dir, "baseline_eval": evaluation}
+
+
+def full_baseline(cfg: P2DConfig, n_full_rows: int, n_subset_rows: int, subset_steps: int) -> dict:
+    """Full fine-tuning time on all rows for the subset run's epochs: measured (``report.full_baseline``)
+    or estimated from timed steps. Cached in ``<run_dir>/full_baseline.json`` under a key of its inputs."""
+    run = RunDir(cfg.run_dir)
+    mode = MEASURED if cfg.report.full_baseline else ESTIMATED
+    n_steps = full_train_steps(n_full_rows, n_subset_rows, subset_steps, cfg.train)
+    key = _baseline_key(cfg, n_full_rows, n_steps, mode)
+    cache = run.path(BASELINE_JSON)
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        if cached.get("key") == key and "recipe" in cached:
+            return cached
+    out = {
+        "key": key,
+        "label": mode,
+        "n_full_rows": n_full_rows,
+        "full_train_steps": n_steps,
+        "n_subset_rows": n_subset_rows,
+        "subset_train_steps": subset_steps,
+        "recipe": recipe(cfg.train, n_full_rows, n_subset_rows, subset_steps),
+    }
+    if mode == MEASURED:
+        out.update(measure_full_baseline(cfg, n_steps, n_full_rows))
+    else:
+        from p2d_ray.training.trainer import time_train_steps
+
+        timed = time_train_steps(cfg, "full", cfg.report.timing_steps)
+        out.update(
+            full_step_seconds=timed["step_seconds"],
+            timing_steps=timed["n_steps"],
+            full_trainable_params=timed["trainable_params"],
+            full_train_seconds=estimate_full_seconds(timed["step_seconds"], n_steps),
+        )
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(out, indent=1))
+    return out
+
+
+def run_baseline(cfg: P2DConfig) -> dict:
+    """``p2d-ray baseline``: write ``<run_dir>/full_baseline.json`` for this run's scores, subset and
+    training run (see module doc); returns it.
+
+    Raises:
+        ValueError: score, select or train has not run in this run directory.
+    """
+    run = RunDir(cfg.run_dir)
+    missing = [s for s in ("score", "select", "train") if run.stage_record(s) is None]
+    if missing:
+        raise ValueError(
+            f"baseline: stages {missing} have not run in {cfg.run_dir} (run `p2d-ray run` first)"
+        )
+    with run.timed("baseline", stage_fingerprint(cfg, "baseline")):
+        n_full, n_subset = count_rows(run.scores), count_rows(run.subset)
+        summary_path = run.path("train_summary.json")
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        subset_steps = summary.get("steps") or total_steps(n_subset, cfg.train)  # steps the trainer made
+        return full_baseline(cfg, n_full, n_subset, subset_steps)
