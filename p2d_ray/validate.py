@@ -173,7 +173,7 @@ def _corpus_findings(cfg: P2DConfig, deep: bool) -> list[dict]:
             raise ValueError(_no_id(files[0], names, cfg))
         shards, _ = plan_shards(parquet, [cfg.data.id_column, *text], files=files)
     except ValueError as err:
-        return [_finding("corpus", "error", str(err).replace("\n", " "))]
+        return [_finding("corpus", "error", str(err).replace("\n  ", " ").replace("\n", " "))]
     rows = sum(sh.num_rows for sh in shards)
     via = "" if source.kind == "parquet" else f" (ingested from {source.kind} {path})"
     msg = f"{parquet}{via}: {len(files)} file(s), {len(shards)} shard(s), {rows} rows, format {fmt}"
@@ -200,11 +200,11 @@ def _small_table_findings(check: str, what: str, path: str, cfg: P2DConfig, need
     try:
         table = read_table(path, what)
         cols = table.column_names
+        if table.num_rows == 0:
+            raise ValueError(f"{what}={path!r} has 0 rows")
         fmt = resolve_format(cfg.data, cols)
         if need_id and cfg.data.id_column not in cols:
             raise ValueError(_no_id(path, cols, cfg))
-        if table.num_rows == 0:
-            raise ValueError(f"{what}={path!r} has 0 rows")
         rows = table.to_pylist()
     except UnicodeDecodeError:
         return [_finding(check, "error", f"{what}={path!r}: a string column holds invalid UTF-8")]

@@ -90,7 +90,8 @@ def bad_utf8(tmp, model):
 def _corrupt_second_row_group(path: Path) -> None:
     data = bytearray(path.read_bytes())
     col = pq.ParquetFile(path).metadata.row_group(1).column(1)  # the text column of row group 1 only
-    for i in range(col.data_page_offset, col.data_page_offset + col.total_compressed_size):
+    start = col.dictionary_page_offset if col.has_dictionary_page else col.data_page_offset
+    for i in range(start, start + col.total_compressed_size):
         data[i] ^= 0x5A
     path.write_bytes(bytes(data))
 
@@ -109,13 +110,15 @@ def corrupt_page_score(tmp, model):
 
 def empty_corpus(tmp, model):
     _write(tmp / "c" / "e.parquet", [], schema=pa.schema([("id", pa.int64()), ("text", pa.string())]))
-    return Case("validate", {"data.corpus_path": tmp / "c"}, 2, "corpus: data.corpus_path=")
+    return Case("validate", {"data.corpus_path": tmp / "c"}, 2, "the corpus is empty (0 rows")
 
 
 def empty_probe(tmp, model):
     _write(tmp / "c" / "x.parquet", GOOD)
     (tmp / "p.jsonl").write_text("")
-    return Case("validate", {"data.corpus_path": tmp / "c", "data.probe_path": tmp / "p.jsonl"}, 2, "probe:")
+    return Case(
+        "validate", {"data.corpus_path": tmp / "c", "data.probe_path": tmp / "p.jsonl"}, 2, "has 0 rows"
+    )
 
 
 def later_file_lacks_column(tmp, model):

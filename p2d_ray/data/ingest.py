@@ -200,6 +200,8 @@ def _read_text_file(path: str, kind: str) -> pa.Table:
             delimiter = "\t" if ".tsv" in path.lower() else ","
             return pacsv.read_csv(f, parse_options=pacsv.ParseOptions(delimiter=delimiter))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, UnicodeDecodeError) as err:
+        if "Empty" in str(err):  # pyarrow refuses an empty file; for us it is a table of 0 rows
+            return pa.table({})
         hint = " (JSON Lines expected: one object per line)" if kind == "json" else ""
         raise ValueError(
             f"cannot parse {path} as {kind.upper()}{hint}: {str(err).splitlines()[0][:300]}"
@@ -342,11 +344,9 @@ def ingest(
             )
             files += 1
         rows += table.num_rows
-    if files == 0 and schema is not None:  # 0 rows but columns: keep them, validate then says "0 rows"
-        pq.write_table(schema.empty_table(), tmp / "part-00000.parquet")
-        files = 1
-    if files == 0:
-        raise ValueError(f"data.corpus_path={source.path!r}: the source holds no rows and no columns")
+    if rows == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ValueError(f"data.corpus_path={source.path!r}: the corpus is empty (0 rows)")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     record = {
