@@ -434,10 +434,8 @@ def stage_inputs(cfg: P2DConfig, stages) -> tuple[set[str], set[str]]:
         needed.add("scores")
     if "train" in stages and "select" not in stages:
         needed.add("subset")
-    if "evaluate" in stages:
+    if "evaluate" in stages:  # the adapter is optional: without one, evaluate reports the base model
         checks.add("heldout")
-        if "train" not in stages:
-            needed.add("adapter")
     return checks, needed
 
 

@@ -183,7 +183,6 @@ def probe_without_responses(tmp, model):
 
 
 def heldout_missing(tmp, model):
-    (tmp / "run" / "adapter").mkdir(parents=True)
     return Case("evaluate", {"evaluate.heldout_path": tmp / "nope.parquet"}, 2, "evaluate.heldout_path=")
 
 
@@ -216,6 +215,11 @@ def jsonl_corpus(tmp, model):
         reasons={},
         rows_in=30,
     )
+
+
+def csv_corpus(tmp, model):
+    (tmp / "c.csv").write_text("id,text\n" + "".join(f"{i},row {i} of a csv file\n" for i in range(15)))
+    return Case("validate", {"data.corpus_path": tmp / "c.csv"}, 0, "15 rows, format plain")
 
 
 def datasets_save_to_disk(tmp, model):
@@ -275,6 +279,7 @@ CASES = [
     unknown_format,
     dir_without_data_files,
     model_without_tokenizer,
+    csv_corpus,
     datasets_save_to_disk,
     dataset_name_not_cached,
     rows_that_already_held,
@@ -379,7 +384,6 @@ def test_pickle_only_model_refused_the_same_way_by_every_command(tiny_llama, pro
             (d / f.name).symlink_to(f)
     (d / "pytorch_model.bin").write_bytes(b"not loaded")
     base = {**_base(tmp_path, tiny_llama, probe), "model.name_or_path": d}
-    (tmp_path / "run" / "adapter").mkdir(parents=True)
     args = [f"{k}={v}" for k, v in base.items()]
     messages = set()
     for command in ("validate", "localize", "score", "train", "evaluate", "run"):
