@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -21,22 +22,74 @@ if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
 
-def connect():
-    """Join the cluster named by ``RAY_ADDRESS`` (set by ``ray job submit``); never start a new one."""
+def connect(verbose: bool = False):
+    """Join the cluster named by ``RAY_ADDRESS`` (set by ``ray job submit``); never start a new one.
+
+    ``verbose=False`` keeps the workers' own output (library warnings, DeepSpeed and Ray Train chatter)
+    out of the driver's, i.e. out of ``ray job logs``: errors still reach the driver as exceptions, and the
+    full worker logs stay in the session's log directory on each node."""
     import ray
 
     address = os.environ.get("RAY_ADDRESS")
     if not address:
         raise SystemExit(
             "RAY_ADDRESS is not set: this entrypoint runs as a Ray job. Submit it with\n"
-            "  ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- python "
+            "  RAY_AUTH_MODE=token ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- python "
             f"jobs/{Path(sys.argv[0]).name} --config ...\n"
             "or run locally with `p2d-ray run --config ...`."
         )
+    if not verbose:
+        # This driver's C++ core worker logs an E-level line per Ray Data actor pool ("constructor arguments
+        # in the object store ... actor restart will fail"): Ray Data's own warning, not a failure of the
+        # job. Quiet it for this process only (workers keep their levels); --verbose keeps every line.
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     if not ray.is_initialized():
         # address= given: ray.init connects or fails; it never starts a local instance.
-        ray.init(address=address)
+        # Not verbose: Ray's own INFO lines (connection banners in terminal colours) stay out too.
+        ray.init(
+            address=address, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING
+        )
+    if not verbose:
+        import ray.data  # noqa: F401 - configures its loggers on import; then keep its INFO lines out
+
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     return ray
+
+
+def banner(stage: str, text: str) -> None:
+    """Our one line per stage event in ``ray job logs``: ``[p2d-ray] stage score: start``."""
+    print(f"[p2d-ray] stage {stage}: {text}", flush=True)
+
+
+def describe_outputs(cfg, stage: str) -> str:
+    """``scores/ (2,000 rows)``: what a finished stage wrote, Parquet directories with their row counts."""
+    import pyarrow.dataset as pads
+
+    from p2d_ray.pipeline import stage_outputs
+    from p2d_ray.rundir import RunDir
+
+    parts = []
+    for path in stage_outputs(RunDir(cfg.run_dir), stage):
+        if path.is_dir() and any(path.glob("*.parquet")):
+            rows = pads.dataset(str(path), format="parquet", ignore_prefixes=["_", "."]).count_rows()
+            parts.append(f"{path.name}/ ({rows:,} rows)")
+        else:
+            parts.append(path.name + ("/" if path.is_dir() else ""))
+    return ", ".join(parts)
+
+
+def run_stage(cfg, stage: str, work) -> dict | None:
+    """``work()`` between a start banner and a done (or skipped) banner; returns its result."""
+    import time
+
+    banner(stage, "start")
+    t0 = time.perf_counter()
+    result = work()
+    if isinstance(result, dict) and result.get("skipped"):
+        banner(stage, "skipped (finished earlier with this config)")
+    else:
+        banner(stage, f"done in {time.perf_counter() - t0:.1f} s, wrote {describe_outputs(cfg, stage)}")
+    return result
 
 
 def localize_on_a_worker(cfg) -> dict | None:
@@ -70,10 +123,13 @@ def main(stages: tuple[str, ...], description: str, argv: list[str] | None = Non
         "--stages", default=",".join(stages), help=f"comma-separated (default {','.join(stages)})"
     )
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. score.max_actors=16")
+    parser.add_argument(
+        "--verbose", action="store_true", help="also stream every worker's output into the job's log"
+    )
     args = parser.parse_args(argv)
 
-    from p2d_ray.pipeline import run_pipeline
-    from p2d_ray.rundir import STAGES
+    from p2d_ray.pipeline import is_done, run_pipeline
+    from p2d_ray.rundir import STAGES, RunDir, stage_fingerprint
 
     chosen = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     unknown = [s for s in chosen if s not in STAGES]
@@ -82,16 +138,24 @@ def main(stages: tuple[str, ...], description: str, argv: list[str] | None = Non
         return 2
 
     def pipeline(cfg) -> dict:
-        localized = localize_on_a_worker(cfg) if "localize" in chosen else None
-        result = run_pipeline(cfg, chosen, report=set(chosen) == set(STAGES))
-        if localized is not None:
-            result["localize"] = localized
-        return result
+        run = RunDir(cfg.run_dir)
+        results: dict = {}
+        for stage in STAGES:  # in pipeline order, whatever order --stages lists them in
+            if stage not in chosen:
+                continue
+            if stage == "localize" and not is_done(run, stage, stage_fingerprint(cfg, stage)):
+                work = lambda: localize_on_a_worker(cfg)  # noqa: E731
+            else:
+                work = lambda stage=stage: run_pipeline(cfg, (stage,), report=False)[stage]  # noqa: E731
+            results[stage] = run_stage(cfg, stage, work)
+        if set(chosen) == set(STAGES):  # the report follows only the whole pipeline
+            results["report"] = run_stage(cfg, "report", lambda: run_pipeline(cfg, (), report=True)["report"])
+        return results
 
-    return run_job(args.config, args.overrides, pipeline)
+    return run_job(args.config, args.overrides, pipeline, verbose=args.verbose)
 
 
-def run_job(config: str, overrides: list[str], work) -> int:
+def run_job(config: str, overrides: list[str], work, verbose: bool = False) -> int:
     """Validate the config, join the cluster, run ``work(cfg)`` and print its result as JSON (None: nothing).
 
     Exit code 2 with one clear line for a bad config or bad input found up front by a stage (it shows in
@@ -104,12 +168,24 @@ def run_job(config: str, overrides: list[str], work) -> int:
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
-    connect()
+    connect(verbose)
+    caches = ", ".join(
+        f"{k}={os.environ.get(k, '(unset)')}" for k in ("P2D_RAY_CACHE", "TORCH_EXTENSIONS_DIR")
+    )
+    print(f"[p2d-ray] job: run_dir={cfg.run_dir}, {caches}", flush=True)
     try:
         result = work(cfg)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if result is not None:
-        print(json.dumps(result, indent=1, default=str))
+        # One line: the stages' results for scripts; the summary below (a full pipeline) is for people.
+        print("[p2d-ray] result: " + json.dumps(result, default=str), flush=True)
+    report = result.get("report") if isinstance(result, dict) else None
+    if report:
+        from p2d_ray.demo import summary_lines
+
+        if report.get("skipped"):
+            report = json.loads(Path(cfg.run_dir, "report.json").read_text())
+        print("\n".join(summary_lines(report, title=f"p2d-ray job: summary ({cfg.run_dir})")), flush=True)
     return 0

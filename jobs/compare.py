@@ -1,6 +1,6 @@
 """Ray job: the selector x adaptation x seed comparison (``p2d-ray compare``) on a cluster.
 
-    ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- \
+    RAY_AUTH_MODE=token ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- \
         python jobs/compare.py --config benchmarks/configs/compare_demo.yaml run_dir=/shared/runs/compare
 
 Scoring, training and evaluation run on the cluster's actors and workers exactly as in ``run_pipeline.py``;

@@ -10,16 +10,22 @@
     p2d-ray run      --config X.yaml [key=value …]   all stages + report, skipping the finished ones
     p2d-ray validate --config X.yaml [key=value …]   check config, model, heads and corpus; no Ray, no GPU
     p2d-ray compare  --config X.yaml [key=value …]   selectors x adaptations x seeds -> results table
+
+``p2d-ray <command> --help`` says what the command reads and writes and lists its config keys with their
+defaults (taken from the config schema); ``--print-config`` prints the resolved config and exits.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import json
 import sys
+import typing
+from dataclasses import dataclass
 
-from p2d_ray.config import ConfigError, load_config
+from p2d_ray.config import ConfigError, P2DConfig, load_config
 
 # command -> "module:function"; each function takes the validated P2DConfig and returns a JSON-able dict.
 COMMANDS = {
@@ -36,34 +42,218 @@ COMMANDS = {
 }
 
 
+@dataclass(frozen=True)
+class CommandHelp:
+    summary: str
+    reads: str
+    writes: str
+    sections: tuple[str, ...]  # config sections whose keys --help lists with their defaults
+
+
+# What each command reads and writes, for --help. Paths are relative to run_dir.
+# TODO(house): read name/sections/outputs from pipeline.py's stage table once it lands on main.
+HELP = {
+    "localize": CommandHelp(
+        "Stage 1: find the task attention heads from the probe set",
+        "the model (model.name_or_path), the probe set (data.probe_path)",
+        "heads.json (the task heads), heads.png (head scores, task heads outlined)",
+        ("model", "localize"),
+    ),
+    "score": CommandHelp(
+        "Stage 2: score every corpus row under the task heads (Ray Data actor pool)",
+        "the corpus (data.corpus_path), heads.json, the model",
+        "scores/*.parquet (id + scores), quarantine/*.parquet (refused rows + reason), score_summary.json, "
+        "score_stats.json; resume markers in _state/scores/",
+        ("data", "score"),
+    ),
+    "select": CommandHelp(
+        "keep the top fraction (or top k) of the scored corpus",
+        "scores/, the corpus",
+        "subset/*.parquet (full corpus rows + score), selection.json, histogram.png",
+        ("select",),
+    ),
+    "train": CommandHelp(
+        "Stage 3: train only the task heads (or LoRA / full) on the subset (Ray Train + DeepSpeed)",
+        "subset/, heads.json, the model",
+        "adapter/ (head deltas + a PEFT LoRA adapter with model card), train/ checkpoints, train_summary.json",
+        ("train",),
+    ),
+    "evaluate": CommandHelp(
+        "held-out loss / perplexity / exact match, base vs adapted model",
+        "the held-out set (evaluate.heldout_path), adapter/",
+        "eval.json",
+        ("evaluate",),
+    ),
+    "report": CommandHelp(
+        "the AER and quality-vs-AER plot from the stage records",
+        "stages/*.json, eval.json, scores/, subset/",
+        "report.json, aer.png",
+        ("report",),
+    ),
+    "run": CommandHelp(
+        "every stage in order, then the report; finished stages are skipped",
+        "what each stage reads",
+        "what each stage writes (see `p2d-ray <stage> --help`), config.yaml",
+        (),
+    ),
+    "validate": CommandHelp(
+        "check config, model, heads and corpus up front; no Ray, no GPU",
+        "the model config, heads.json, the probe set and the corpus (footers and a sample)",
+        "nothing",
+        ("model", "data"),
+    ),
+    "compare": CommandHelp(
+        "every selector x adaptation x seed through the same select -> train -> evaluate",
+        "the corpus, probe and held-out sets, the model",
+        "compare/ (sources, selections, cells), results.json, RESULTS.md table, aer.png",
+        ("compare",),
+    ),
+    "demo": CommandHelp(
+        "the whole pipeline on the offline demo assets, with a plain-language summary",
+        "nothing (builds the demo corpus and model once, cached in $P2D_RAY_CACHE)",
+        "runs/demo/ (every stage's outputs), demo_summary.json",
+        (),
+    ),
+}
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("p2d-ray")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def _type_name(annotation) -> str:
+    """``{a, b, c}`` for a Literal, else the plain type name (``int``, ``float | None``)."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Literal:
+        return "{" + ", ".join(map(str, args)) + "}"
+    name = getattr(annotation, "__name__", None)
+    if name and not args:
+        return name
+    return str(annotation).replace("typing.", "")
+
+
+def section_keys(section: str) -> list[str]:
+    """``section.key = default  type`` for every key of a config section, from the pydantic schema."""
+    model = P2DConfig.model_fields[section].annotation
+    lines = []
+    for key, field in model.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        lines.append(f"  {section}.{key} = {json.dumps(default)}  {_type_name(field.annotation)}")
+    return lines
+
+
+def command_epilog(name: str) -> str:
+    h = HELP[name]
+    d = P2DConfig()
+    lines = [
+        f"reads:  {h.reads}",
+        f"writes: {h.writes}",
+        f"        (paths under run_dir; run_dir = {json.dumps(d.run_dir)}, seed = {d.seed} by default)",
+    ]
+    if h.sections:
+        lines += ["", "config keys (defaults):"]
+        for section in h.sections:
+            lines += section_keys(section)
+    else:
+        lines += [
+            "",
+            "config sections: " + ", ".join(P2DConfig.model_fields) + "  (see p2d-ray <stage> --help)",
+        ]
+    lines += ["", "set keys in the --config YAML or as key=value overrides, e.g. score.batch_size=32"]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="p2d-ray", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"p2d-ray {version()}")
+    # Flags every command takes.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", "-c", default=None, help="YAML config (defaults are the demo's)")
+    common.add_argument(
+        "--print-config", action="store_true", help="print the resolved config as YAML and exit"
+    )
+    common.add_argument("overrides", nargs="*", help="key=value overrides, e.g. score.batch_size=32")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for name in COMMANDS:
+        h = HELP[name]
+        sub.add_parser(
+            name,
+            parents=[common],
+            help=h.summary,
+            description=f"p2d-ray {name}: {h.summary}",
+            epilog=command_epilog(name),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    return parser
+
+
+def _unknown_command(argv: list[str]) -> str | None:
+    """An error message for a mistyped command (``scroe``), with the closest commands."""
+    first = next((a for a in argv if not a.startswith("-")), None)
+    if first is None or first in COMMANDS:
+        return None
+    close = difflib.get_close_matches(first, list(COMMANDS), n=2, cutoff=0.6)
+    hint = (
+        f"did you mean {' or '.join(repr(c) for c in close)}?"
+        if close
+        else f"commands: {', '.join(COMMANDS)}"
+    )
+    return f"p2d-ray: unknown command {first!r}; {hint}"
+
+
 def _resolve(target: str):
     module, func = target.split(":")
     return getattr(importlib.import_module(module), func)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="p2d-ray", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name in COMMANDS:
-        p = sub.add_parser(name)
-        p.add_argument("--config", "-c", default=None, help="YAML config (defaults are the demo's)")
-        p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. score.batch_size=32")
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    unknown = _unknown_command(argv)
+    if unknown:
+        print(unknown, file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         print(f"p2d-ray {args.command}: {err}", file=sys.stderr)
         return 2
+    if args.print_config:
+        import yaml
+
+        if args.command == "demo":  # what the demo will run: its knobs under the user's settings
+            from p2d_ray.demo import demo_config
+
+            cfg = demo_config(cfg)
+        print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+        return 0
     rc, result = _run_guarded(args.command, _resolve(COMMANDS[args.command]), cfg)
     if rc != 0:
         return rc
     if result is not None and args.command not in ("demo", "compare"):  # these print their own summary
         print(json.dumps(result, indent=1, default=str))
+    if args.command == "run" and isinstance(result, dict) and result.get("report"):
+        _print_run_summary(cfg, result["report"])
     return 0
+
+
+def _print_run_summary(cfg: P2DConfig, report: dict) -> None:
+    """After the JSON: the results read for the user (selection vs random, training helped or not, AER)."""
+    from pathlib import Path
+
+    from p2d_ray.demo import summary_lines
+
+    if report.get("skipped"):
+        report = json.loads(Path(cfg.run_dir, "report.json").read_text())
+    print("\n".join(summary_lines(report, title=f"p2d-ray run: summary ({cfg.run_dir})")), flush=True)
 
 
 # -- error and interrupt handling (one place, so every command behaves the same) ----------------------

@@ -332,6 +332,20 @@ def _merge(base: dict, top: dict) -> dict:
     return out
 
 
+def _did_you_mean(loc: tuple) -> str:
+    """``"; did you mean 'batch_size'?"`` for a mistyped key at ``loc``, from the keys the schema allows."""
+    import difflib
+
+    model: Any = P2DConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(model, type) else None
+        model = field.annotation if field is not None else None
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else f"; allowed: {', '.join(model.model_fields)}"
+
+
 def _format_errors(err: ValidationError) -> list[str]:
     problems = []
     for e in err.errors():
@@ -342,7 +356,7 @@ def _format_errors(err: ValidationError) -> list[str]:
             problems.extend(msg.split("; "))
             continue
         if e["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = "unknown key" + _did_you_mean(e["loc"])
         value = e.get("input")
         shown = "" if isinstance(value, dict) or e["type"] == "missing" else f" (got {value!r})"
         problems.append(f"{loc}: {msg}{shown}")

@@ -53,37 +53,98 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
-def summary_lines(report: dict, times: dict) -> list[str]:
-    """The human-readable demo summary, from report.json and the demo's wall times."""
-    lines = ["", "=" * 72, "P2D demo: summary", "=" * 72]
+def _beats(a: float, b: float, n_a: int, n_b: int | None = None) -> int:
+    """+1 if rate ``a`` (of ``n_a`` rows) is above rate ``b`` by more than two standard errors of the
+    difference, -1 if below by as much, 0 if within noise (``n_b`` None: ``b`` is exact, e.g. a base rate)."""
+    var = a * (1 - a) / max(n_a, 1) + (b * (1 - b) / max(n_b, 1) if n_b else 0.0)
+    margin = 2 * var**0.5
+    return 1 if a - b > margin else -1 if b - a > margin else 0
+
+
+def _selection_lines(sp: dict, scorer: str) -> list[str]:
+    """Whether the selection beat random and the random-heads control, in words, with the numbers.
+
+    Reads report.json's ``selection_precision``: ``selected``, ``base_rate``, ``k``, ``n_corpus``, and when
+    present ``perplexity`` and ``random_heads`` (the label rate of the random-heads control's selection of
+    the same size)."""
+    sel, base, k = sp["selected"], sp["base_rate"], sp["k"]
+    ratio = f" ({sel / base:.1f}x random)" if base else ""
+    verdict = {1: "better than random", 0: "no better than random (within noise)", -1: "WORSE than random"}
+    lines = [
+        f"selection ({scorer}): {_pct(sel)} on-task among the {k:,} selected of {sp['n_corpus']:,} rows "
+        f"vs {_pct(base)} base rate{ratio} -- {verdict[_beats(sel, base, k)]}"
+    ]
+    control = sp.get("random_heads")
+    if control is not None:
+        says = {
+            1: "task heads matter",
+            0: "task heads do NOT beat random heads (within noise)",
+            -1: "random heads select BETTER: the task heads do not matter here",
+        }[_beats(sel, control, k, k)]
+        lines.append(f"  random-heads control: {_pct(control)} -- {says}")
+    if sp.get("perplexity") is not None:
+        lines.append(f"  perplexity selection: {_pct(sp['perplexity'])} (a cheap baseline of the same size)")
+    return lines
+
+
+def _training_lines(ev: dict) -> list[str]:
+    """Base vs adapted held-out quality, and whether training helped, in words."""
+    base, adapted = ev.get("base"), ev.get("adapted")
+    lines = [f"held-out evaluation ({ev['n_samples']} samples, response tokens):"]
+    for name, v in (("base", base), ("adapted", adapted)):
+        if v:
+            em = f"  exact match {_pct(v['exact_match'])}" if "exact_match" in v else ""
+            lines.append(f"  {name:<8} loss {v['loss']:.4f}  perplexity {v['perplexity']:.3f}{em}")
+    if not (base and adapted):
+        return lines
+    if "exact_match" in base and "exact_match" in adapted:
+        b, a = base["exact_match"], adapted["exact_match"]
+        verdict = {1: "training helped", 0: "no clear change (within noise)", -1: "training made it WORSE"}[
+            _beats(a, b, ev["n_samples"], ev["n_samples"])
+        ]
+        lines.append(
+            f"training: exact match {_pct(b)} -> {_pct(a)} ({100 * (a - b):+.1f} points) -- {verdict}"
+        )
+    else:
+        b, a = base["loss"], adapted["loss"]
+        change = (a - b) / b if b else 0.0
+        verdict = "no clear change (within 1%)"
+        if abs(change) > 0.01:
+            verdict = "training helped" if change < 0 else "training made it WORSE"
+        lines.append(f"training: held-out loss {b:.4f} -> {a:.4f} ({100 * change:+.1f}%) -- {verdict}")
+    return lines
+
+
+def summary_lines(report: dict, times: dict | None = None, title: str = "P2D demo: summary") -> list[str]:
+    """The human-readable summary of a run (the demo's and ``p2d-ray run``'s), from report.json and the wall
+    times: the heads, whether the selection beat random and the random-heads control, whether training
+    helped, the AER and the stage seconds."""
+    lines = ["", "=" * 72, title, "=" * 72]
     heads = report.get("heads") or []
     lines.append(f"task heads ({len(heads)}): " + ", ".join(f"L{layer}.H{h}" for layer, h in heads))
     sp = report.get("selection_precision")
     if sp:
-        lines.append(
-            f"selection precision (clean on-task rows among the selected {sp['k']} of {sp['n_corpus']}):"
-        )
-        lines.append(f"  P2D ({report['scorer']})      {_pct(sp['selected'])}")
-        lines.append(f"  perplexity selection  {_pct(sp.get('perplexity'))}")
-        lines.append(f"  base rate (random)    {_pct(sp['base_rate'])}")
+        lines += _selection_lines(sp, report.get("scorer", "p2d"))
+    else:
+        lines.append("selection: the corpus has no label column, so its precision cannot be measured here")
     ev = report.get("eval") or {}
     if ev:
-        lines.append(f"held-out evaluation ({ev['n_samples']} samples, response tokens):")
-        for name in ("base", "adapted"):
-            if name in ev:
-                v = ev[name]
-                em = f"  exact match {_pct(v['exact_match'])}" if "exact_match" in v else ""
-                lines.append(f"  {name:<8} loss {v['loss']:.4f}  perplexity {v['perplexity']:.3f}{em}")
-    a = report["aer"]
-    lines.append(
-        f"AER ({a['label']}): {a['aer']:.3f} = P2D {a['p2d_seconds']:.1f} s / full fine-tuning "
-        f"{a['full_train_seconds']:.1f} s ({a['full_train_steps']} steps on {a['n_full_rows']} rows)"
-    )
-    stages = "  ".join(f"{k} {v:.1f}s" for k, v in report["stage_seconds"].items())
+        lines += _training_lines(ev)
+    a = report.get("aer")
+    if a:
+        cheaper = "cheaper" if a["aer"] < 1 else "MORE expensive"
+        lines.append(
+            f"AER ({a['label']}): {a['aer']:.3f} = P2D {a['p2d_seconds']:.1f} s / full fine-tuning "
+            f"{a['full_train_seconds']:.1f} s ({a['full_train_steps']} steps on {a['n_full_rows']} rows) -- "
+            f"{cheaper} than full fine-tuning on all data"
+        )
+    stages = "  ".join(f"{k} {v:.1f}s" for k, v in (report.get("stage_seconds") or {}).items())
     lines.append(f"stage seconds: {stages}")
-    lines.append("wall seconds: " + "  ".join(f"{k} {v:.1f}s" for k, v in times.items()))
+    if times:
+        lines.append("wall seconds: " + "  ".join(f"{k} {v:.1f}s" for k, v in times.items()))
     lines.append(
-        f"outputs: {report['run_dir']}/ (report.json, aer.png, heads.png, eval.json, subset/, adapter/)"
+        f"outputs: {report['run_dir']}/ (report.json, aer.png, heads.png, histogram.png, eval.json, subset/, "
+        "adapter/)"
     )
     return lines
 

@@ -4,7 +4,8 @@ Layout (every stage reads only what the stage before it wrote, so any stage can 
 
     <run_dir>/config.yaml          resolved config of the last command
     <run_dir>/heads.json, heads.png                 Stage 1 (localize)
-    <run_dir>/scores/*.parquet, scores/_done/        Stage 2 (score), one file + marker per input shard
+    <run_dir>/scores/*.parquet                       Stage 2 (score), one file per input shard
+    <run_dir>/_state/scores/                         its resume markers and manifest (beside, not inside)
     <run_dir>/quarantine/*.parquet                   rows that could not be scored, with a `reason`
     <run_dir>/score_summary.json, score_stats.json
     <run_dir>/subset/*.parquet, selection.json, histogram.png   (select)

@@ -430,7 +430,9 @@ def test_ctrl_c_during_scoring(ray_local, tiny_llama, probe, tmp_path):
     args = [f"{k}={v}" for k, v in base.items()]
     address = ray_local.get_runtime_context().gcs_address
     p = _cli_proc(["score", *args], start_new_session=True, env={**_env(), "RAY_ADDRESS": address})
-    done = tmp_path / "run" / "scores" / "_done"
+    from p2d_ray.scoring.outputs import ScoreStore
+
+    done = ScoreStore(tmp_path / "run").done  # completion markers, beside the scores
     deadline = time.monotonic() + 600
     while not (done.is_dir() and any(done.glob("*.json"))):
         assert p.poll() is None, p.communicate()

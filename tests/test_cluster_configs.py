@@ -244,8 +244,16 @@ SHIPPED_CONFIGS = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
 @pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.name)
 def test_shipped_config_opens_with_its_exact_submit_command(path):
     first = path.read_text().splitlines()[0]
-    assert first.startswith("# ") and "ray job submit" in first
-    assert "--working-dir . --runtime-env jobs/runtime_env.yaml" in first
+    # Token auth: `ray job submit` sends the token only when RAY_AUTH_MODE=token is set for it.
+    assert first.startswith("# RAY_AUTH_MODE=token ray job submit --address ")
+    # The runtime env: the file (clusters), or the file plus this machine's caches (local).
+    assert any(
+        f"--working-dir . {env} --" in first
+        for env in (
+            "--runtime-env jobs/runtime_env.yaml",
+            '--runtime-env-json "$(python jobs/runtime_env.py)"',
+        )
+    )
     assert f"--config jobs/configs/{path.name}" in first
     script = re.search(r"python (jobs/\S+\.py)", first).group(1)
     assert (REPO / script).is_file()

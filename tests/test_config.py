@@ -40,8 +40,8 @@ def test_unknown_key_is_an_error(tmp_path):
     path = _write(tmp_path / "c.yaml", {"score": {"batchsize": 8}})
     with pytest.raises(ConfigError) as err:
         load_config(path)
-    assert err.value.problems == ["score.batchsize: unknown key (got 8)"]
-    with pytest.raises(ConfigError, match="scoring: unknown key"):
+    assert err.value.problems == ["score.batchsize: unknown key; did you mean 'batch_size'? (got 8)"]
+    with pytest.raises(ConfigError, match="scoring: unknown key; did you mean 'score'"):
         build_config({}, ["scoring=1"])
 
 

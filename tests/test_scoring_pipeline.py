@@ -125,12 +125,12 @@ def test_resume_after_interruption_equals_uninterrupted_run(reference, tiny_llam
 
     with pytest.raises(_Interrupt):
         run_score(cfg, on_shard_done=interrupt_after_two)
-    markers = sorted(p.stem for p in (tmp_path / "scores" / "_done").glob("*.json"))
+    markers = sorted(p.stem for p in (tmp_path / "_state" / "scores" / "done").glob("*.json"))
     assert markers == sorted(done) and len(list((tmp_path / "scores").glob("*.parquet"))) == 2
     assert not (tmp_path / "stages" / "score.json").exists()  # the stage did not finish
 
     # Also a shard killed between its two writes: score file (half-written) but no marker. Redone, not trusted.
-    victim = tmp_path / "scores" / "_done" / f"{done[0]}.json"
+    victim = tmp_path / "_state" / "scores" / "done" / f"{done[0]}.json"
     victim.unlink()
     (tmp_path / "scores" / f"{done[0]}.parquet").write_bytes(b"half-written")
 
@@ -181,7 +181,7 @@ def test_unplaceable_actor_pool_fails_instead_of_hanging(ray_local, tiny_llama, 
     with pytest.raises(RuntimeError, match=r"cannot place 4 actor\(s\) of \{'CPU': 1.0\} plus one tokenize"):
         run_score(cfg)
     assert ray_local.available_resources().get("CPU") == ray_local.cluster_resources()["CPU"]
-    assert not list((tmp_path / "scores" / "_done").glob("*.json"))
+    assert not list((tmp_path / "_state" / "scores" / "done").glob("*.json"))
 
 
 def _write(path, rows, schema=None, **kw):

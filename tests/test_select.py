@@ -146,11 +146,12 @@ def test_select_refuses_unusable_scores(scored_run, tmp_path):
         run_select(build_config({"run_dir": str(tmp_path / "empty")}))
     other = tmp_path / "ppl"
     shutil.copytree(root / "run" / "scores", other / "scores")
-    manifest = json.loads((other / "scores" / "_manifest.json").read_text())
-    (other / "scores" / "_manifest.json").write_text(json.dumps({**manifest, "scorer": "perplexity"}))
+    shutil.copytree(root / "run" / "_state", other / "_state")  # the markers and manifest beside scores/
+    manifest = json.loads((other / "_state" / "scores" / "manifest.json").read_text())
+    (other / "_state" / "scores" / "manifest.json").write_text(json.dumps({**manifest, "scorer": "perplexity"}))
     with pytest.raises(ValueError, match="'loss_gated' is not produced by scorer 'perplexity'"):
         run_select(build_config({"run_dir": str(other), "select": {"score_column": "loss_gated"}}))
-    next((other / "scores" / "_done").glob("*.json")).unlink()
+    next((other / "_state" / "scores" / "done").glob("*.json")).unlink()
     with pytest.raises(ValueError, match="scoring is incomplete: 1 of 4 shards"):
         run_select(build_config({"run_dir": str(other)}))
 

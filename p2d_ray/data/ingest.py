@@ -17,7 +17,7 @@ fingerprint), so a rerun reuses the shards and a changed source is converted aga
 id column gets one: ``data.id_column`` = row number in source order.
 
 The file-listing rule (:func:`list_data_files`) is the one every stage uses: names starting with ``_`` or
-``.`` are metadata (Spark's ``_SUCCESS``, ``.crc``; our ``_done/``), a file is Parquet by its suffix
+``.`` are metadata (Spark's ``_SUCCESS``, ``.crc``; our ``_state/``), a file is Parquet by its suffix
 (``.parquet``/``.parq``/``.pq``, any case) or, without a known suffix (Hive / Spark ``part-00000``), by its
 ``PAR1`` magic bytes; anything else is skipped and reported.
 """
@@ -93,7 +93,7 @@ def _join(uri: str, inner: str) -> str:
 
 
 def is_metadata(name: str) -> bool:
-    """Spark / pyarrow / datasets convention: ``_SUCCESS``, ``_done/``, ``.crc`` and temp files are not data."""
+    """Spark / pyarrow / datasets convention: ``_SUCCESS``, ``_state/``, ``.crc`` and temp files are not data."""
     return name.startswith(("_", "."))
 
 

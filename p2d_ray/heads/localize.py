@@ -367,6 +367,8 @@ def run_localize(cfg: P2DConfig) -> dict:
                 heads.heads,
                 run.path("heads.png"),
                 f"{cfg.localize.method} head importance ({len(heads)} of {heads.geometry.total_heads} kept)",
+                model=cfg.model.name_or_path,
+                probe=path,
             )
     finally:
         torch.set_num_threads(threads)

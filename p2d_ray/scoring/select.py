@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from p2d_ray.config import P2DConfig
+from p2d_ray.report.histogram import save_selection_histogram
 from p2d_ray.rundir import RunDir, stage_fingerprint
 from p2d_ray.scoring.outputs import ScoreStore
 from p2d_ray.scoring.shards import Shard, read_footer, read_shard
@@ -231,24 +232,6 @@ def _count(values: pa.Array) -> dict[str, int]:
     return {d["values"]: int(d["counts"]) for d in pc.value_counts(values).to_pylist()}
 
 
-def _plot(path: Path, edges: list[float], hist_all: list[int], hist_sel: list[int], label: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.stairs(hist_all, edges, label=f"all scored ({sum(hist_all)})", fill=True, alpha=0.4)
-    ax.stairs(hist_sel, edges, label=f"selected ({sum(hist_sel)})", fill=True, alpha=0.8)
-    ax.set_xlabel(label)
-    ax.set_ylabel("rows")
-    ax.set_yscale("log")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def _check_inputs(cfg: P2DConfig, store: ScoreStore) -> tuple[dict, list[Shard]]:
     manifest = store.read_manifest()
     if manifest is None:
@@ -344,9 +327,14 @@ def select_subset(cfg: P2DConfig) -> dict:
     selected = {s: sum(r["strata_selected"].get(s, 0) for r in recs) for s in counts}
     if selected != {s: k[s] for s in counts}:
         raise RuntimeError(f"selection wrote {selected} rows per stratum but the thresholds allow {k}")
-    hist_all = np.sum([r["hist_all"] for r in recs], axis=0).tolist()
-    hist_sel = np.sum([r["hist_selected"] for r in recs], axis=0).tolist()
-    _plot(run.path("histogram.png"), edges, hist_all, hist_sel, sel.score_column)
+    save_selection_histogram(
+        run.path("histogram.png"),
+        str(run.scores),
+        str(run.subset),
+        id_column,
+        "score" if sel.score_column == RANDOM else sel.score_column,
+        manifest.get("corpus"),
+    )
     n_selected = sum(selected.values())
     out = {
         "score_column": sel.score_column,

@@ -16,13 +16,15 @@ Layout under ``<run_dir>/adapter/``::
     manifest.json                   {"adaptation": heads|lora|full, "base_model": ..., ...}
     heads/head_deltas.safetensors   one Δ per projection module; specs in the safetensors metadata
     heads/heads.json                the HeadSet that was trained
-    peft/adapter_config.json, adapter_model.safetensors    (heads and lora adaptations)
+    peft/adapter_config.json, adapter_model.safetensors, README.md   (heads and lora adaptations; written
+                                    by PEFT's save_pretrained, naming the base model as configured)
 ``<run_dir>/merged/`` holds the merged model (``save_pretrained``) for ``full``, or when
 ``train.export_merged`` is set.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -93,20 +95,25 @@ def save_peft_from_deltas(
     out_dir: str | Path,
     base_model_name_or_path: str,
     fan_in_fan_out: bool = False,
+    hf_config=None,
+    card: str = "",
 ) -> Path:
-    """Write a standard PEFT LoRA adapter (per-module rank, alpha = rank so the scale is 1).
+    """Write a standard PEFT LoRA adapter (per-module rank, alpha = rank so the scale is 1) through PEFT's
+    own ``save_pretrained`` (adapter_config.json, adapter_model.safetensors, README.md model card).
 
-    ``fan_in_fan_out`` must be True for gpt2 (Conv1D weights ``[in, out]``); A and B are the same.
+    Args:
+        base_model_name_or_path: recorded in the adapter as the user named the model (hub name, short name
+            or path), never a local cache path.
+        fan_in_fan_out: True for gpt2 (Conv1D weights ``[in, out]``); A and B are the same.
+        hf_config: the base model's config (default: read from ``base_model_name_or_path``).
+        card: a paragraph for the model card (what was trained and how).
     """
     from peft import LoraConfig
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     factors = head_deltas_to_lora(specs, values)
     ranks = {name: a.shape[0] for name, (a, _) in factors.items()}
     config = LoraConfig(
         task_type="CAUSAL_LM",
-        base_model_name_or_path=base_model_name_or_path,
         target_modules=sorted(factors),
         r=max(ranks.values()),
         lora_alpha=max(ranks.values()),
@@ -117,13 +124,49 @@ def save_peft_from_deltas(
         fan_in_fan_out=fan_in_fan_out,
         inference_mode=True,
     )
-    config.save_pretrained(str(out))
     # PEFT's on-disk key convention: base_model.model.<module>.lora_{A,B}.weight (no adapter name).
     tensors = {}
     for name, (a, b) in factors.items():
         tensors[f"base_model.model.{name}.lora_A.weight"] = a
         tensors[f"base_model.model.{name}.lora_B.weight"] = b
-    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return save_peft_adapter(config, tensors, out_dir, base_model_name_or_path, hf_config, card)
+
+
+def save_peft_adapter(
+    config,
+    tensors: dict[str, torch.Tensor],
+    out_dir: str | Path,
+    base_name: str,
+    hf_config=None,
+    card: str = "",
+) -> Path:
+    """``PeftModel.save_pretrained`` of a LoRA ``config`` with the weights ``tensors`` (PEFT's on-disk keys),
+    on a base model built on the meta device: no base weights are read or allocated, so this costs the
+    same for a 7B model as for a tiny one. The adapter and its model card name ``base_name``."""
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf_config = copy.deepcopy(hf_config or AutoConfig.from_pretrained(base_name))
+    hf_config._name_or_path = base_name  # what PEFT records as base_model_name_or_path and in the card
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(hf_config)
+    model = get_peft_model(base, copy.deepcopy(config))
+    model.peft_config["default"].base_model_name_or_path = base_name
+    if card:
+        # save_pretrained completes an existing README.md (base model, library, PEFT version) in place.
+        from huggingface_hub import ModelCard, ModelCardData
+
+        ModelCard.from_template(ModelCardData(), model_description=card).save(out / "README.md")
+    # The adapter weights are passed in: the meta model only supplies structure, config and card.
+    state = {
+        k.replace(".lora_A.weight", ".lora_A.default.weight").replace(
+            ".lora_B.weight", ".lora_B.default.weight"
+        ): v.contiguous()
+        for k, v in tensors.items()
+    }
+    model.save_pretrained(str(out), state_dict=state)
     return out
 
 
@@ -163,14 +206,45 @@ def export_from_checkpoint(cfg: P2DConfig, export_dir: str | Path) -> dict:
     manifest: dict = {"adaptation": adaptation, "base_model": cfg.model.name_or_path, "base_path": base}
     if adaptation == "heads":
         shutil.copytree(src / "heads", adapter / "heads")
-        specs, values, _ = load_head_deltas(adapter / "heads")
-        family = model_family(load_config_checked(cfg.model))
-        save_peft_from_deltas(specs, values, adapter / "peft", base, fan_in_fan_out=family == "gpt2")
+        specs, values, heads = load_head_deltas(adapter / "heads")
+        hf_config = load_config_checked(cfg.model)
+        card = (
+            f"P2D head update of `{cfg.model.name_or_path}`: only the attention heads "
+            f"{', '.join(f'L{layer}.H{h}' for layer, h in heads.heads)} were trained (their q/k/v rows"
+            f"{' and o_proj columns' if cfg.train.train_o_proj else ''}), written as an exact LoRA adapter "
+            "(per-module rank, scale 1). Made with p2d-ray."
+        )
+        save_peft_from_deltas(
+            specs,
+            values,
+            adapter / "peft",
+            cfg.model.name_or_path,
+            fan_in_fan_out=model_family(hf_config) == "gpt2",
+            hf_config=hf_config,
+            card=card,
+        )
         manifest["heads_bytes"] = dir_size_bytes(adapter / "heads")
         manifest["peft_bytes"] = dir_size_bytes(adapter / "peft")
         manifest["trainable_params"] = sum(v.numel() for v in values.values())
     elif adaptation == "lora":
-        shutil.copytree(src / "peft", adapter / "peft")
+        # Re-saved through PEFT on the meta device so the adapter names the model as the user did (the
+        # worker's copy records the local path it loaded from).
+        from peft import LoraConfig
+        from safetensors.torch import load_file
+
+        lora = LoraConfig.from_pretrained(str(src / "peft"))
+        card = (
+            f"LoRA (r={lora.r}) on the attention projections of `{cfg.model.name_or_path}`, "
+            "trained on a P2D-selected subset. Made with p2d-ray."
+        )
+        save_peft_adapter(
+            lora,
+            load_file(str(src / "peft" / "adapter_model.safetensors")),
+            adapter / "peft",
+            cfg.model.name_or_path,
+            load_config_checked(cfg.model),
+            card,
+        )
         manifest["peft_bytes"] = dir_size_bytes(adapter / "peft")
     else:  # full: the update is the whole model
         manifest["merged_dir"] = str((run_dir / "merged").resolve())
