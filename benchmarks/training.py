@@ -52,11 +52,11 @@ def _setup(workdir: Path, model_choice: str, n_rows: int) -> tuple[str, str, str
 
         model = save_tiny_model(workdir / "tiny_model", "llama")
     elif model_choice == "demo":
-        from p2d_ray.models.demo import ensure_demo_model
+        from p2d_ray.assets.demo_model import ensure_demo_model
 
         model = str(ensure_demo_model())
     else:  # demo-shape: the demo's architecture and tokenizer recipe after 1 pre-training step
-        from p2d_ray.models.demo import build_demo_model
+        from p2d_ray.assets.demo_model import build_demo_model
 
         build_demo_model(workdir / "demo_shape", steps=1, n_exact=0)
         model = str(workdir / "demo_shape")
@@ -186,7 +186,7 @@ def main(argv=None) -> int:
         return 0
 
     if args.model == "auto":
-        from p2d_ray.data.synthetic import cache_root
+        from p2d_ray.assets.cache import cache_root
 
         args.model = "demo" if (cache_root() / "demo" / "model" / "meta.json").is_file() else "demo-shape"
     load_start = os.getloadavg()[0]  # other processes on this machine: record how busy it was

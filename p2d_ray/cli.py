@@ -21,6 +21,7 @@ import argparse
 import difflib
 import importlib
 import json
+import os
 import sys
 import typing
 from dataclasses import dataclass
@@ -181,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--print-config", action="store_true", help="print the resolved config as YAML and exit"
     )
     common.add_argument("overrides", nargs="*", help="key=value overrides, e.g. score.batch_size=32")
+    common.add_argument(
+        "--verbose", "-v", action="store_true", help="show Ray Data's log lines and progress bars"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     for name in COMMANDS:
         h = HELP[name]
@@ -221,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         print(unknown, file=sys.stderr)
         return 2
     args = build_parser().parse_args(argv)
+    if args.verbose:  # read by p2d_ray.progress (an env var, so Ray job entrypoints inherit it)
+        os.environ["P2D_RAY_VERBOSE"] = "1"
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from p2d_ray.config import P2DConfig
+from p2d_ray.progress import Progress, stage_summary
 from p2d_ray.rundir import RunDir
 
 HEAD_SELECTORS = {"p2d", "p2d_contrastive", "random_heads"}
@@ -141,9 +142,12 @@ def run_compare(cfg: P2DConfig) -> dict:
 
     # 1. Scoring sources (localize + score), each resumable; the task heads are always needed for training.
     sources = {"task"} | {source_of(s, k) for s in cmp.selectors for k in cmp.seeds}
+    n_sel = len(cmp.selectors) * len(cmp.seeds)
+    bar = Progress("compare", len(sources) + n_sel * (1 + len(cmp.adaptations)), unit="stages")
     for name in sorted(sources):
         src_cfg, stages = source_config(cfg, root, name)
         run_pipeline(src_cfg, stages, report=False)
+        bar.update(1)
 
     # 2. Selections (deterministic selectors once, seeded ones per seed).
     selections: dict[tuple[str, int], Path] = {}
@@ -157,6 +161,7 @@ def run_compare(cfg: P2DConfig) -> dict:
                 _link(src_dir / "heads.json", RunDir(sel_dir).heads_json)
             run_pipeline(sel_cfg, ("select",), report=False)
             selections[selector, seed] = sel_dir
+            bar.update(1)
 
     # 3. Training cells.
     cells = []
@@ -170,6 +175,8 @@ def run_compare(cfg: P2DConfig) -> dict:
                 _link(RunDir(heads_dir).heads_json, run.heads_json)
                 run_pipeline(c, ("train",), report=False)
                 cells.append({"selector": selector, "adaptation": adaptation, "seed": seed, "cfg": c})
+                bar.update(1)
+    bar.close()
 
     # 4. Held-out evaluation, several cells per pass.
     evaluation = evaluate_cells(cfg, root, cells)
@@ -194,6 +201,7 @@ def run_compare(cfg: P2DConfig) -> dict:
     print(markdown_table(table, evaluation.get("base")))
     plot_compare(table, evaluation.get("base"), root / "aer.png")
     result["plot"] = str(root / "aer.png")
+    stage_summary("compare", result["wall_seconds"], f"{root / 'results.json'}, RESULTS.md, aer.png")
     return result
 
 
@@ -250,9 +258,14 @@ def full_finetune_seconds(cfg: P2DConfig, root: Path, cells: list[dict]) -> dict
     return full_baseline(base, n_full, summary["rows"], summary["steps"])
 
 
-def _precision(sel_dir: Path) -> float | None:
-    sel = json.loads((sel_dir / "selection.json").read_text())
-    return (sel.get("clean") or {}).get("selected")
+def _precision(cfg: P2DConfig, sel_dir: Path) -> float | None:
+    """The hidden label's rate in the selection (None for an unlabelled corpus): read by report/ only."""
+    from p2d_ray.data.paths import corpus_path
+    from p2d_ray.report.precision import selection_precision
+
+    run = RunDir(sel_dir)
+    p = selection_precision(corpus_path(cfg), str(run.subset), str(run.scores), cfg.data.id_column)
+    return p["selected"] if p else None
 
 
 def cell_row(root: Path, cell: dict, evaluation: dict, full: dict) -> dict:
@@ -277,7 +290,7 @@ def cell_row(root: Path, cell: dict, evaluation: dict, full: dict) -> dict:
         "selector": selector,
         "adaptation": adaptation,
         "seed": seed,
-        "precision": _precision(sel_dir),
+        "precision": _precision(cell["cfg"], sel_dir),
         "loss": ev["loss"],
         "exact_match": ev.get("exact_match"),
         "seconds": seconds,

@@ -31,7 +31,8 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    # "p2d-demo" is the tiny Llama that p2d_ray.models.demo builds and caches offline.
+    # Asset names (p2d_ray.assets): "smollm2-135m" (SmolLM2-135M-Instruct, installed by make install) and
+    # "p2d-demo" (a tiny Llama built offline in ~2 CPU-min); anything else is a hub id or a local path.
     name_or_path: str = "p2d-demo"
     revision: str | None = None
     trust_remote_code: bool = False  # secure default: never run code shipped with a checkpoint
@@ -50,6 +51,8 @@ class DataConfig(_Section):
     corpus_path: str | None = None
     corpus_config: str | None = None  # dataset name / save_to_disk only: the config (subset) name
     corpus_split: str = "train"  # dataset name / save_to_disk only: the split
+    # The demo's target task when probe/corpus/held-out paths are None (p2d_ray.assets.synthetic.TARGETS).
+    demo_target: Literal["arithmetic", "units"] = "arithmetic"
     id_column: str = "id"
     text_column: str = "text"
     prompt_column: str = "prompt"
@@ -81,7 +84,9 @@ class LocalizeConfig(_Section):
 
 
 class ScoreConfig(_Section):
-    scorer: Literal["influence", "activation", "perplexity", "ifd", "noop"] = "influence"
+    scorer: Literal[
+        "influence", "activation", "perplexity", "ifd", "icl_attention", "gradient_alignment", "noop"
+    ] = "influence"
     gate_mode: Literal["zero", "uniform"] = "zero"
     batch_size: int = Field(16, ge=1)
     # Actor pool: same shape drives 1 CPU actor on a laptop and 64 GPU actors on a fleet.
@@ -108,6 +113,28 @@ class ScoreConfig(_Section):
     # Wait this long for min_actors to start before dispatching (0: do not wait); an autoscaling cluster may
     # need minutes to add GPU nodes. Past it, the run fails with a timeout instead of hanging.
     actor_start_timeout_s: int = Field(900, ge=0)
+    # icl_attention (scoring/icl.py): contexts of icl_demos corpus rows + icl_queries probe rows, each row in
+    # icl_repeats contexts drawn (seeded by icl_seed) from groups of icl_pool consecutive rows of a shard.
+    icl_demos: int = Field(8, ge=1, le=64)
+    icl_queries: int = Field(2, ge=1, le=16)
+    icl_repeats: int = Field(1, ge=1)
+    icl_seed: int = 0
+    icl_pool: int = Field(64, ge=1)
+    # likelihood: w x exp(-mean NLL of the queries' answers) from the full forward; none: w alone (the
+    # forward stops after the highest task-head layer). none by measurement: the metric changed top-10%
+    # precision by -0.1..+0.2 on SmolLM2 (no consistent gain) and costs 1.55x vs 0.89x a plain forward.
+    icl_metric: Literal["likelihood", "none"] = "none"
+    # Divide a weight by its slot's mean weight over the group's contexts (recency bias; RESULTS.md).
+    icl_position_debias: bool = True
+    icl_instruction: str = (
+        "Below are some demonstrations of how to answer. Answer the questions after them the same way."
+    )
+    # gradient_alignment (scoring/gradient.py): finite-difference step along the unit probe gradient, the
+    # difference scheme (central: O(eps^2) error, forward: O(eps) but one pass fewer), and how many probe
+    # rows make the gradient (computed once per run on the driver).
+    alignment_eps: float = Field(0.05, gt=0)
+    alignment_method: Literal["central", "forward"] = "central"
+    alignment_probe_rows: int = Field(100, ge=1)
 
     @model_validator(mode="after")
     def _pool(self) -> ScoreConfig:

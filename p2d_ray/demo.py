@@ -1,31 +1,49 @@
 """``p2d-ray demo`` (what ``make demo`` runs): the whole P2D pipeline on the offline demo assets, on local Ray.
 
-Builds (once, cached) the synthetic 20k-row corpus and the tiny pre-trained Llama, then runs localise ->
-score -> select -> train -> evaluate -> report into ``runs/demo`` with demo-sized knobs, and prints the heads
-found, how clean the selected 10% is (vs the corpus base rate and vs perplexity selection), the held-out
-quality before/after training, and the AER. Everything is also written to the run directory
-(``demo_summary.json`` holds the wall times). A rerun resumes: finished stages are skipped.
+Uses SmolLM2-135M-Instruct (``smollm2-135m``, converted once by ``make install``) with its chat template on the
+demo corpus (300 rows, a planted multi-task mixture; ``data.demo_target=arithmetic|units`` picks the target
+task), then runs localise -> score -> select -> train -> evaluate -> report into ``runs/demo`` with demo-sized
+knobs, plus the falsification control (the same scorer under random heads of the task heads' per-layer
+count, ``runs/demo/random_heads``). It prints the heads found, how clean the selected 10% is (vs the corpus
+base rate, perplexity selection and the random-heads control), the held-out quality before/after training,
+the AER and the stage times. Everything is also written to the run directory (``demo_summary.json`` holds
+the wall times). A rerun resumes: finished stages are skipped. ``model.name_or_path=p2d-demo`` is the fast
+smoke path (a 0.9M-parameter Llama built offline).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
 from p2d_ray.config import P2DConfig, _merge
 
-# Demo-sized knobs. Anything set on the command line (`p2d-ray demo train.epochs=2`) wins over these.
+DEMO_SCORER = "influence"  # the demo's one scorer knob (score.scorer)
+# Demo-sized knobs, sized so the demo finishes in <= 10 min on 2 CPU cores with SmolLM2 (BENCHMARKS.md): the
+# two scoring passes (P2D and its random-heads control) over the corpus dominate. Anything set on the command
+# line (`p2d-ray demo train.epochs=2`) wins over these.
 DEMO_KNOBS: dict = {
     "run_dir": "runs/demo",
+    "model": {"name_or_path": "smollm2-135m"},
+    "data": {"format": "chat", "max_length": 128},  # the model's own chat template
+    "localize": {"max_probe_samples": 32, "batch_size": 8},
     "select": {"fraction": 0.10},
     # Two actors of half a CPU each leave room for the read/format tasks on 2 cores (MEASURED.md).
-    "score": {"min_actors": 2, "max_actors": 2, "num_cpus_per_actor": 0.5, "batch_size": 32},
-    "train": {"epochs": 1, "num_workers": 2, "cpus_per_worker": 0.5, "batch_size": 16, "lr": 1e-3},
-    "evaluate": {"n_samples": 100, "num_actors": 2, "batch_size": 25},
-    "report": {"timing_steps": 5},
+    "score": {
+        "scorer": DEMO_SCORER,
+        "min_actors": 2,
+        "max_actors": 2,
+        "num_cpus_per_actor": 0.5,
+        "batch_size": 16,
+    },
+    "train": {"epochs": 2, "num_workers": 2, "cpus_per_worker": 0.5, "batch_size": 4, "lr": 1e-3},
+    "evaluate": {"n_samples": 32, "num_actors": 2, "batch_size": 16, "max_new_tokens": 32},
+    "report": {"timing_steps": 2},
 }
+CONTROL_DIR = "random_heads"  # <run_dir>/random_heads: the falsification control's localize/score/select
 DEMO_RAY_CPUS = 4  # logical CPUs on a 2-core box: fractional actors + read tasks never starve each other
 
 
@@ -149,24 +167,59 @@ def summary_lines(report: dict, times: dict | None = None, title: str = "P2D dem
     return lines
 
 
+def control_config(cfg: P2DConfig) -> P2DConfig:
+    """The random-heads control of ``cfg``: the same scorer and selection under random heads with the task
+    heads' count per layer, in ``<run_dir>/random_heads``."""
+    data = cfg.model_dump(mode="json")
+    data["run_dir"] = str(Path(cfg.run_dir) / CONTROL_DIR)
+    data["localize"]["control"] = "random_heads"
+    return P2DConfig.model_validate(data)
+
+
+def run_control(cfg: P2DConfig) -> dict | None:
+    """Score and select under random heads for the control; its selection precision (None for a corpus
+    without the hidden label). The random heads are drawn from the main run's task heads (same count per
+    layer, ``HeadSet.random_like`` seeded by the run seed, as ``localize.control=random_heads`` does), so the
+    control does not pay for a second localisation."""
+    from p2d_ray.data.paths import corpus_path
+    from p2d_ray.heads.headset import HeadSet
+    from p2d_ray.pipeline import run_pipeline
+    from p2d_ray.report.precision import selection_precision
+    from p2d_ray.rundir import RunDir
+
+    ctl = control_config(cfg)
+    run = RunDir(ctl.run_dir)
+    task = HeadSet.load(RunDir(cfg.run_dir).heads_json)
+    control = task.random_like(ctl.seed)
+    control.meta.update(task.meta, method="random", control="random_heads", seed=ctl.seed)
+    control.meta["task_heads"] = [list(h) for h in task.heads]
+    previous = HeadSet.load(run.heads_json) if run.heads_json.is_file() else None
+    if previous is None or previous.heads != control.heads:
+        shutil.rmtree(run.root, ignore_errors=True)  # other heads: nothing downstream of the old ones holds
+        control.save(run.heads_json)
+    run_pipeline(ctl, stages=("score", "select"), report=False)
+    return selection_precision(corpus_path(ctl), str(run.subset), str(run.scores), ctl.data.id_column)
+
+
 def run_demo(cfg: P2DConfig) -> dict:
     """Run the demo end to end; prints a summary and returns the report (plus wall times)."""
-    from p2d_ray.data.synthetic import demo_assets
-    from p2d_ray.models.demo import ensure_demo_model
+    from p2d_ray.assets import demo_data, resolve_model
     from p2d_ray.pipeline import run_pipeline
 
     cfg = demo_config(cfg)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     print(f"p2d-ray demo: run dir {cfg.run_dir}", flush=True)
-    print("building (or reusing) the demo corpus and the tiny pre-trained Llama ...", flush=True)
+    print(
+        f"building (or reusing) the demo corpus (target {cfg.data.demo_target}) and the model ...", flush=True
+    )
     t = time.perf_counter()
-    assets = demo_assets()
+    assets = demo_data(cfg.data.demo_target)
     times["assets"] = time.perf_counter() - t
     t = time.perf_counter()
-    model_dir = ensure_demo_model()
-    times["demo_model"] = time.perf_counter() - t
-    print(f"  corpus {assets.corpus_dir}\n  model  {model_dir}", flush=True)
+    model_dir = resolve_model(cfg.model.name_or_path)
+    times["model"] = time.perf_counter() - t
+    print(f"  corpus {assets.corpus_dir}\n  model  {cfg.model.name_or_path}: {model_dir}", flush=True)
 
     t = time.perf_counter()
     started = _start_ray(DEMO_RAY_CPUS)
@@ -175,6 +228,9 @@ def run_demo(cfg: P2DConfig) -> dict:
         t = time.perf_counter()
         results = run_pipeline(cfg)
         times["pipeline"] = time.perf_counter() - t
+        t = time.perf_counter()
+        control = run_control(cfg)
+        times["random_heads_control"] = time.perf_counter() - t
     finally:
         if started:
             import ray
@@ -184,13 +240,20 @@ def run_demo(cfg: P2DConfig) -> dict:
     report = results["report"]
     if report.get("skipped"):
         report = json.loads(Path(cfg.run_dir, "report.json").read_text())
+    if control is not None and report.get("selection_precision"):
+        report["selection_precision"]["random_heads"] = control["selected"]
     skipped = [s for s, r in results.items() if isinstance(r, dict) and r.get("skipped")]
     if skipped:
         print(f"(resumed: skipped finished stages {skipped}; delete {cfg.run_dir} to start over)")
     print("\n".join(summary_lines(report, times)), flush=True)
     Path(cfg.run_dir, "demo_summary.json").write_text(
         json.dumps(
-            {"wall_seconds": times, "skipped": skipped, "report": str(Path(cfg.run_dir, "report.json"))},
+            {
+                "wall_seconds": times,
+                "skipped": skipped,
+                "report": str(Path(cfg.run_dir, "report.json")),
+                "selection_precision": report.get("selection_precision"),
+            },
             indent=1,
         )
     )

@@ -259,18 +259,16 @@ def _model_findings(cfg: P2DConfig) -> tuple[list[dict], object | None, str | No
     """(findings, geometry or None, the local directory checked or None)."""
     from transformers import AutoConfig
 
+    from p2d_ray.assets import is_asset_model, model_dir
     from p2d_ray.models.geometry import UnsupportedModelError, geometry_from_config
-    from p2d_ray.models.loading import BENCH_MODEL, DEMO_MODEL
 
     name = path = cfg.model.name_or_path
-    if name in (DEMO_MODEL, BENCH_MODEL):
-        # Our offline demo model: check the cached build if there is one, never pre-train it just to check.
-        from p2d_ray.data.synthetic import cache_root
-
-        built = cache_root() / "demo" / ("model" if name == DEMO_MODEL else "model-bench")
+    if is_asset_model(name):
+        # An offline asset model: check the cached build if there is one, never build it just to check.
+        built = model_dir(name)
         if not (built / "config.json").is_file():
             return (
-                [_finding("model", "ok", f"{name}: offline demo model, built on first use under {built}")],
+                [_finding("model", "ok", f"{name}: offline asset model, built on first use under {built}")],
                 None,
                 None,
             )
@@ -331,10 +329,10 @@ def _model_findings(cfg: P2DConfig) -> tuple[list[dict], object | None, str | No
 def weights_problems(model, path: Path | None = None) -> list[str]:
     """Local checkpoints: weight files the loader will accept (no pickle while ``use_safetensors``) and a
     tokenizer. Hub names and the demo models (built by us) are not checked here. One line per problem."""
-    from p2d_ray.models.loading import BENCH_MODEL, DEMO_MODEL
+    from p2d_ray.assets import is_asset_model
 
     if path is None:
-        if model.name_or_path in (DEMO_MODEL, BENCH_MODEL) or not _looks_local(model.name_or_path):
+        if is_asset_model(model.name_or_path) or not _looks_local(model.name_or_path):
             return []
         path = Path(model.name_or_path).expanduser()
     if not path.is_dir():

@@ -28,7 +28,7 @@ def save_tiny_model(path, family: str = "llama", seed: int = 0, **overrides):
         Qwen2ForCausalLM,
     )
 
-    from p2d_ray.models.tokenizer import build_tokenizer
+    from p2d_ray.assets.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
     common = dict(

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from p2d_ray.assets import demo_model as demo
 from p2d_ray.config import ModelConfig
-from p2d_ray.models import demo
 from p2d_ray.models.geometry import attention_geometry
 from p2d_ray.models.loading import load_model, load_tokenizer
 
@@ -64,7 +64,7 @@ def test_p2d_demo_name_loads_the_cached_model(demo_cache):
     geo = attention_geometry(model)
     assert (geo.family, geo.n_layers, geo.n_heads, geo.n_kv_heads, geo.head_dim) == ("llama", 2, 4, 2, 16)
     assert model.config.vocab_size == len(tok) <= SMALL["vocab_size"]
-    text = "Tom buys 3 apples and then 4 more.\n3 + 4 = 7. #### 7"
+    text = "Tom has 3 apples and gets 4 more. How many apples does Tom have now?\n3 + 4 = 7. #### 7"
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == text
     assert len(ids) < len(text) // 2  # BPE trained on the mixture: far shorter than bytes

@@ -69,7 +69,7 @@ def save_answering_model(path, answer: str, seed: int = 0) -> str:
     token (left padding) and stops at the newline."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from p2d_ray.models.tokenizer import build_tokenizer
+    from p2d_ray.assets.tokenizer import build_tokenizer
 
     tok = build_tokenizer([q + f"#### {a}" for q in QUESTIONS for a in "78"] * 10, vocab_size=300)
     nl, hashes = tok.convert_tokens_to_ids(["Ċ", "####"])

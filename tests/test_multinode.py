@@ -282,7 +282,7 @@ def cluster():
 @pytest.fixture(scope="module")
 def job(cluster, tmp_path_factory):
     """The whole pipeline submitted as a Ray job; waits for it under a deadline."""
-    from p2d_ray.data.synthetic import generate_corpus, generate_heldout, generate_probe
+    from p2d_ray.assets.synthetic import generate_corpus, generate_heldout, generate_probe
 
     data = tmp_path_factory.mktemp("multinode_data")
     corpus = generate_corpus(N_CORPUS, seed=0)

@@ -10,13 +10,13 @@ import torch
 from conftest import save_tiny_model
 from transformers import AutoModelForCausalLM
 
+from p2d_ray.assets.tokenizer import build_tokenizer
 from p2d_ray.config import DataConfig, ModelConfig
 from p2d_ray.data.formatting import collate, encode_row
 from p2d_ray.heads.gates import gated_forward
 from p2d_ray.heads.headset import HeadSet
 from p2d_ray.models.geometry import attention_geometry, output_projections
 from p2d_ray.models.loading import load_tokenizer
-from p2d_ray.models.tokenizer import build_tokenizer
 from p2d_ray.scoring.losses import sample_loss
 from p2d_ray.scoring.scorers import activation_score, build_scorer, influence_score, perplexity_score
 from p2d_ray.scoring.tokenize import BatchedTokenizer

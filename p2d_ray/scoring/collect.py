@@ -19,6 +19,7 @@ from p2d_ray.scoring.actor import ACTOR_COL, PAD_COL, SCORE_TIME_COL
 from p2d_ray.scoring.outputs import SCORE_COLUMNS, ScoreStore
 from p2d_ray.scoring.plan import ScorePlan
 from p2d_ray.scoring.quarantine import count_reasons, quarantine_table
+from p2d_ray.scoring.scorers import COMPONENT_COLUMNS
 from p2d_ray.scoring.shards import Shard
 from p2d_ray.scoring.tokenize import TOKENIZE_TIME_COL
 
@@ -75,7 +76,8 @@ class ShardCollector:
         bad = table.column("reason").is_valid()
         scored = table.filter(pc.invert(bad))
         quarantined = table.filter(bad)
-        score_table = scored.select([self.id_column, *SCORE_COLUMNS])
+        components = COMPONENT_COLUMNS.get(self.plan.provenance.get("scorer"), ())
+        score_table = scored.select([self.id_column, *SCORE_COLUMNS, *components])
         record = {
             "shard": shard.key,
             "path": shard.path,

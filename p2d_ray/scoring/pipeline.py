@@ -21,6 +21,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 
 from p2d_ray.config import P2DConfig
+from p2d_ray.progress import Progress, ray_data_output, stage_summary
 from p2d_ray.rundir import RunDir, stage_fingerprint
 from p2d_ray.scoring.actor import ScorerActor
 from p2d_ray.scoring.collect import ShardCollector, summarize
@@ -117,7 +118,16 @@ def score_corpus(cfg: P2DConfig, on_shard_done: Callable[[Shard], None] | None =
     collector = ShardCollector(store, plan, todo, cfg.data.id_column, on_shard_done)
     ray_stats = None
     if todo:
+        probe_gradient = None
+        if s.scorer == "gradient_alignment":
+            from p2d_ray.scoring.gradient import prepare_probe_gradient
+
+            t = time.perf_counter()
+            pg = prepare_probe_gradient(cfg, plan.heads, plan.gradient_fingerprint)
+            wall["probe_gradient"] = time.perf_counter() - t
         ensure_ray()
+        if s.scorer == "gradient_alignment":
+            probe_gradient = [ray.put(pg.to_bytes())]  # one copy in the object store for every actor
         check_pool_fits(s)
         t = time.perf_counter()
         n_rows = sum(sh.num_rows for sh in plan.shards)
@@ -125,16 +135,20 @@ def score_corpus(cfg: P2DConfig, on_shard_done: Callable[[Shard], None] | None =
         dups = find(plan.shards, cfg.data.id_column, plan.id_type)
         wall["duplicates"] = time.perf_counter() - t
         n_todo = sum(sh.num_rows for sh in todo.values())
+        block_rows = rows_per_block(n_todo, s)
+        icl = s.scorer == "icl_attention"
+        if icl:  # blocks hold whole ICL groups (rows // icl_pool of a shard); each actor call gets one block
+            block_rows = -(-block_rows // s.icl_pool) * s.icl_pool
         source = ParquetShards(
             list(todo.values()),
             list(todo),
             [cfg.data.id_column, *plan.text_columns],
             plan.id_type,
             tuple(plan.text_columns),
-            rows_per_block(n_todo, s),
+            block_rows,
             flags={DUP_COL: dups},
         )
-        with _wait_for_actors(s.actor_start_timeout_s):  # read by the Dataset when it is created
+        with ray_data_output(cfg.run_dir), _wait_for_actors(s.actor_start_timeout_s):  # read at creation
             ds = ray.data.read_datasource(source).map_batches(
                 tokenize_block,
                 batch_format="pyarrow",
@@ -151,7 +165,7 @@ def score_corpus(cfg: P2DConfig, on_shard_done: Callable[[Shard], None] | None =
             ds = ds.map_batches(
                 ScorerActor,
                 batch_format="pyarrow",
-                batch_size=s.batch_size * s.bucket_batches,
+                batch_size=None if icl else s.batch_size * s.bucket_batches,
                 compute=ray.data.ActorPoolStrategy(min_size=s.min_actors, max_size=s.max_actors),
                 num_cpus=s.num_cpus_per_actor,
                 num_gpus=s.num_gpus_per_actor,
@@ -160,12 +174,22 @@ def score_corpus(cfg: P2DConfig, on_shard_done: Callable[[Shard], None] | None =
                     "score_json": s.model_dump_json(),
                     "heads_json": plan.heads.to_json() if plan.heads is not None else None,
                     "id_column": cfg.data.id_column,
+                    "icl_json": {
+                        "data_json": cfg.data.model_dump_json(), "fmt": plan.fmt, "probe_rows": plan.probe_rows
+                    }
+                    if icl
+                    else None,
+                    "probe_gradient": probe_gradient,
                 },
             )
             t = time.perf_counter()
+            bar = Progress("score", n_todo)
             try:
                 for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                    # pipeline fill: plan + actor start-up (imports, model load) + the first block's work
+                    wall.setdefault("first_result", time.perf_counter() - t)
                     collector.add(block)
+                    bar.update(block.num_rows)
             except ray.exceptions.GetTimeoutError as err:
                 # NB (Ray 2.60): the actors of a pool that timed out keep their resources for ~2 minutes in a
                 # long-lived driver; the CLI exits, which frees them at once.
@@ -175,6 +199,7 @@ def score_corpus(cfg: P2DConfig, on_shard_done: Callable[[Shard], None] | None =
                     f"(cluster: {ray.cluster_resources()}); lower score.min_actors or the per-actor "
                     "resources, or wait longer for the autoscaler"
                 ) from err
+            bar.close()
         collector.check_complete()
         wall["score_pass"] = time.perf_counter() - t
         wall["write"] = collector.write_seconds
@@ -216,4 +241,8 @@ def run_score(cfg: P2DConfig, on_shard_done: Callable[[Shard], None] | None = No
     run = RunDir(cfg.run_dir)
     with run.timed("score", stage_fingerprint(cfg, "score")):
         cfg.save(run.path("config.yaml"))
-        return score_corpus(cfg, on_shard_done)
+        t0 = time.perf_counter()
+        out = score_corpus(cfg, on_shard_done)
+    wrote = f"{out['scores']} ({out['rows_scored']:,} rows scored, {out['rows_quarantined']:,} quarantined)"
+    stage_summary("score", time.perf_counter() - t0, wrote)
+    return out

@@ -20,6 +20,8 @@ from p2d_ray.rundir import RunDir
 from p2d_ray.scoring.scorers import USES_HEADS
 from p2d_ray.scoring.shards import Shard, list_parquet_files, plan_shards, read_footer
 
+ALIGNMENT_FIELDS = ("alignment_eps", "alignment_method", "alignment_probe_rows")
+
 
 @dataclass
 class ScorePlan:
@@ -35,6 +37,8 @@ class ScorePlan:
     manifest: dict
     fingerprint: str
     provenance: dict = field(default_factory=dict)
+    probe_rows: list[dict] = field(default_factory=list)  # icl_attention's query pool
+    gradient_fingerprint: str | None = None  # gradient_alignment: which probe gradient the scores need
 
 
 def _context_length(hf_config) -> int | None:
@@ -96,6 +100,20 @@ def plan_score(cfg: P2DConfig) -> ScorePlan:
     shards, schema = plan_shards(corpus, [d.id_column, *text_columns], files=files)
     id_type = canonical_id_type(schema.field(d.id_column).type)
 
+    probe_rows: list[dict] = []
+    if s.scorer == "icl_attention":
+        if fmt == "icl":
+            raise ValueError(
+                "score.scorer=icl_attention builds its own ICL contexts; data.format=icl would nest probe "
+                "demonstrations inside every row: use chat, prompt_response or plain"
+            )
+        need = (s.icl_demos + s.icl_queries) * d.max_length + 64
+        if ctx is not None and need > ctx:
+            raise ValueError(
+                f"score.icl_demos + score.icl_queries = {s.icl_demos + s.icl_queries} rows of up to "
+                f"data.max_length={d.max_length} tokens ({need}) exceed the model's context length ({ctx})"
+            )
+        probe_rows = read_rows(probe_path(cfg))
     demos: list[dict] = []
     if fmt == "icl":
         demos = pick_demos(read_rows(probe_path(cfg), what="data.probe_path"), d.icl_k, cfg.seed)
@@ -108,10 +126,20 @@ def plan_score(cfg: P2DConfig) -> ScorePlan:
         exclude={"corpus_path", "corpus_config", "corpus_split", "probe_path"}
         | (set() if fmt == "icl" else {"icl_k", "icl_instruction"}),
     )
+    icl_keys = {k for k in type(s).model_fields if k.startswith("icl_")}
     score = cfg.score.model_dump(
         mode="json",
-        exclude=set(SCORE_RESOURCE_FIELDS) | (set() if s.scorer == "influence" else {"gate_mode"}),
+        exclude=set(SCORE_RESOURCE_FIELDS)
+        | (set() if s.scorer == "influence" else {"gate_mode"})
+        | (set() if s.scorer == "icl_attention" else icl_keys)
+        | (set() if s.scorer == "gradient_alignment" else set(ALIGNMENT_FIELDS)),
     )
+    grad_fp = None
+    if s.scorer == "gradient_alignment":
+        from p2d_ray.scoring.gradient import gradient_fingerprint
+
+        probe_hash = rows_hash(read_rows(probe_path(cfg), limit=s.alignment_probe_rows))
+        grad_fp = gradient_fingerprint(model_fingerprint(cfg.model), heads, probe_hash, data)
     identity = {
         "model": cfg.model.model_dump(mode="json", exclude={"device"}),
         "model_fingerprint": model_fingerprint(cfg.model),
@@ -120,10 +148,13 @@ def plan_score(cfg: P2DConfig) -> ScorePlan:
         "score": score,
         "heads": heads.fingerprint() if heads is not None else None,
         "icl_demos": rows_hash(demos) if demos else None,
+        "probe_gradient": grad_fp,
     }
     ingest = ingested(cfg.run_dir) if corpus != corpus_path(cfg) else None
     if ingest is not None:  # a changed JSONL / datasets source is re-ingested under the same file names
         identity["corpus_source"] = ingest["fingerprint"]
+    if probe_rows:  # only for icl_attention, so the other scorers' fingerprints stay as they were
+        identity["icl_probe"] = rows_hash(probe_rows)
     fingerprint = _hash(identity)
     demo_ids = [r.get(d.id_column) for r in demos]
     manifest = {
@@ -142,9 +173,11 @@ def plan_score(cfg: P2DConfig) -> ScorePlan:
         "model_fingerprint": identity["model_fingerprint"],
         "format": fmt,
         "icl_demo_ids": demo_ids,
+        "probe_gradient_fingerprint": grad_fp,
     }
     return ScorePlan(
-        shards, id_type, fmt, text_columns, demos, heads, model_json, manifest, fingerprint, provenance
+        shards, id_type, fmt, text_columns, demos, heads, model_json, manifest, fingerprint, provenance,
+        probe_rows, grad_fp,
     )
 
 

@@ -14,23 +14,36 @@ are None where a scorer does not compute them.
   prompt ÷ loss of the response alone. High = the prompt helps little, the sample is hard to follow.
   Cherry-LLM drops samples with IFD >= 1 (the prompt does not help at all: misaligned pairs); their score is
   set to 0 so they rank below every kept sample, while ``loss_full`` / ``loss_gated`` keep both raw losses.
+- ``icl_attention`` (P2D's own Stage 2 scorer): task-head attention from probe queries to corpus rows placed
+  as ICL demonstrations; scores contexts, not batches: see ``scoring/icl.py`` (built by the actor).
 - ``noop``: zeros, no model call: measures the pipeline's ceiling.
+- ``gradient_alignment`` (p2d_ray.scoring.gradient): the row's loss derivative along the probe's unit
+  gradient in the task heads' subspace, divided by the row's loss. High = training on the row lowers the
+  probe loss.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from p2d_ray.heads.gates import GateMode, HeadGates
 from p2d_ray.heads.headset import HeadSet
+from p2d_ray.models.shared_lower import SharedLowerLayers
 from p2d_ray.scoring.losses import hidden_states, loss_from_hidden, sample_loss
 
-SCORERS = ("influence", "activation", "perplexity", "ifd", "noop")
+SCORERS = ("influence", "activation", "perplexity", "ifd", "noop", "gradient_alignment")  # batch scorers
 USES_HEADS = {"influence": True, "activation": True, "perplexity": False, "ifd": False, "noop": False}
+USES_HEADS["gradient_alignment"] = True
+USES_HEADS["icl_attention"] = True  # a context scorer: scoring/icl.py (built by the actor)
+# Per scorer, the [B] components written as score columns beside score / loss_full / loss_gated.
+COMPONENT_COLUMNS: dict[str, tuple[str, ...]] = {
+    "gradient_alignment": ("directional_derivative",),
+    "icl_attention": ("icl_weight", "icl_metric", "icl_contexts"),
+}
 EPS = 1e-8
 
 
@@ -40,6 +53,7 @@ class ScoreOutput:
     n_tokens: torch.Tensor  # [B] long: scored (target) tokens
     loss_full: torch.Tensor | None = None  # [B] mean loss, all heads on
     loss_gated: torch.Tensor | None = None  # [B] mean loss, task heads gated off (ifd: response alone)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # scorer-specific [B] component columns
 
 
 def relative_increase(loss_gated: torch.Tensor, loss_full: torch.Tensor) -> torch.Tensor:
@@ -60,6 +74,8 @@ def influence_score(
     ``fused=True`` runs both passes in ONE forward: the batch is stacked twice ``[2B, T]`` with
     per-sample gates ``[2B, L, H]`` (ones for the first B rows, ``gates_off`` for the last B); otherwise two
     forwards of ``[B, T]``. Both give the same numbers (tested); which is faster depends on the hardware.
+    The two-forward path runs the layers below the lowest gated layer once (models.shared_lower): the gated
+    pass costs ``(L - l_min) / L`` of a forward.
     """
     ids, am, lm = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
     B = ids.shape[0]
@@ -74,10 +90,11 @@ def influence_score(
         loss_full, loss_gated = both.mean[:B], both.mean[B:]
         n_tokens = both.n_tokens[:B]
     else:
-        full = sample_loss(model, ids, am, lm, chunk_tokens)
+        shared = SharedLowerLayers(model, min(layer for layer, _ in heads))
+        full = loss_from_hidden(model, shared.full(ids, am), ids, lm, chunk_tokens)
         with HeadGates(model, off, mode) as hg:
             hg.attention_mask = am
-            gated = sample_loss(model, ids, am, lm, chunk_tokens)
+            gated = loss_from_hidden(model, shared.rerun(), ids, lm, chunk_tokens)
         loss_full, loss_gated, n_tokens = full.mean, gated.mean, full.n_tokens
     return ScoreOutput(relative_increase(loss_gated, loss_full), n_tokens, loss_full, loss_gated)
 
@@ -163,13 +180,28 @@ def build_scorer(
     fused: bool = False,
     bos_id: int = 0,
     pad_id: int = 0,
+    probe_gradient=None,
+    alignment_eps: float = 0.05,
+    alignment_method: str = "central",
 ) -> Callable[[dict[str, torch.Tensor]], ScoreOutput]:
     """A function ``batch -> ScoreOutput`` for scorer ``name`` running under ``torch.inference_mode``."""
     if name not in SCORERS:
         raise ValueError(f"score.scorer={name!r} is not one of {SCORERS}")
     if USES_HEADS[name] and heads is None:
         raise ValueError(f"scorer {name!r} needs the task heads (heads.json)")
-    if name == "influence":
+    if name == "gradient_alignment":
+        from p2d_ray.scoring.gradient import HeadShift, alignment_score
+
+        if probe_gradient is None:
+            raise ValueError("scorer 'gradient_alignment' needs the probe gradient (probe_gradient.safetensors)")
+        if probe_gradient.meta.get("heads_fingerprint") != heads.fingerprint():
+            raise ValueError("the probe gradient was computed for other heads than heads.json")
+        shift = HeadShift(model, probe_gradient)
+        first = probe_gradient.first_layer
+        fn = lambda b: alignment_score(  # noqa: E731
+            model, b, shift, first, alignment_eps, alignment_method, chunk_tokens
+        )
+    elif name == "influence":
         fn = lambda b: influence_score(model, b, heads, gate_mode, chunk_tokens, fused)  # noqa: E731
     elif name == "activation":
         fn = lambda b: activation_score(model, b, heads, chunk_tokens)  # noqa: E731

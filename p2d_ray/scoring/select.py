@@ -3,20 +3,28 @@
 Ranking is by ``select.score_column`` (``score`` by default; ``loss_full`` with ``ascending=true`` gives
 perplexity selection from the same scores files; ``random`` ranks by a hash of (run seed, id): a seeded
 uniform random selection that does not depend on shard layout or actor count), ties broken by id
-ascending: the selection is exact and deterministic. It never collects the corpus on the driver:
+ascending: the selection is exact and deterministic. O(n) work in one task per shard; no sort or shuffle
+of the corpus, and the driver holds about k + n / PIVOTS candidate rows at most:
 
-1. ``keyed``: one Ray task per shard reads the shard's score file and, when stratifying, the stratum column
-   of the corpus row group -> (id, value, stratum) rows only, materialised in the object store.
-2. Counts and value range per stratum: one Ray Data aggregation (small result).
-3. The threshold of each stratum: a distributed sort of its (value, id) rows, ``limit(k)``; the k-th row
-   is the threshold ``(value*, id*)``. A row is selected iff it ranks at or before it.
-4. One Ray task per shard reads the FULL corpus row group and its scores, keeps the rows that pass the
-   threshold and writes ``subset/<shard>.parquet`` (original columns + the score), returning only counts
-   and a histogram. Score files are aligned with corpus row groups, so no join or shuffle of the corpus.
+1. ``keyed_shard`` (per shard): the shard's score file and, when stratifying, the stratum column of its
+   corpus row group -> ``(id, value, stratum, row)`` (kept in the object store) and per-stratum counts,
+   missing values and value range (small, to the driver). The driver allocates k per stratum.
+2. ``shard_candidates`` (per shard): per stratum, the shard's own top ``k_s`` rows (``select_k``, O(n))
+   among those at or before a lower bound that the driver derives from step 1's rank pivots (at least
+   ``k_s`` rows rank at or before it), so a shard sends about its share of ``k_s`` plus ``n / PIVOTS``
+   rows, never more than ``k_s``: the global top ``k_s`` is a subset of the union of these. The driver
+   merges them as they arrive into a running top ``k_s`` (exact; memory ≤ k + one shard's candidates);
+   its last row is the threshold ``(value*, id*)``: a row is selected iff it ranks at or before it.
+3. ``write_shard`` (per shard): reads the FULL corpus row group, keeps the rows that pass the threshold
+   and writes ``subset/<shard>.parquet`` (original columns + the score), returning only counts and a
+   histogram. Score files are aligned with corpus row groups, so no join or shuffle of the corpus.
+
+Small corpora (≤ ``LOCAL_MAX_ROWS`` rows) run the same three steps with pyarrow on the driver: Ray task
+start-up would cost more than the work.
 
 Outputs: ``subset/*.parquet`` (``datasets.load_dataset("parquet", data_files=...)`` reads it),
-``selection.json`` (thresholds and counts per stratum, and clean-row rates when the corpus carries
-``is_clean_on_task``), ``histogram.png`` (score histogram, all vs selected).
+``selection.json`` (thresholds and counts per stratum), ``histogram.png`` (score histogram, all vs
+selected). Selection never reads a hidden label column: ``report/precision.py`` does, for evaluation.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import json
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,17 +43,19 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from p2d_ray.config import P2DConfig
+from p2d_ray.progress import stage_summary
 from p2d_ray.report.histogram import save_selection_histogram
 from p2d_ray.rundir import RunDir, stage_fingerprint
 from p2d_ray.scoring.outputs import ScoreStore
 from p2d_ray.scoring.shards import Shard, read_footer, read_shard
 
-LABEL = "is_clean_on_task"  # hidden label of the demo corpus: read for reporting only, never for ranking
-VALUE, STRATUM = "_value", "_stratum"
+VALUE, STRATUM, ROW = "_value", "_stratum", "_row"
 ALL = "<all>"
 RANDOM = "random"
 NULL_STRATUM = "<null>"
 BINS = 50
+PIVOTS = 256  # rank pivots per shard and stratum (step 1) for the candidates' lower bound (step 2)
+LOCAL_MAX_ROWS = 1_000_000  # up to this many scored rows, select on the driver (module-level: tests lower it)
 
 
 def allocate(counts: dict[str, int], total_k: int) -> dict[str, int]:
@@ -67,25 +78,6 @@ def total_k(n: int, fraction: float | None, top_k: int | None) -> int:
     return min(n, max(1, math.floor(fraction * n + 0.5))) if n else 0
 
 
-def _aligned(
-    shard: Shard, score_file: str, id_column: str, columns: list[str], ids: pa.ChunkedArray | None = None
-) -> tuple[pa.Table, pa.Array]:
-    """(scores of the shard, index of each scored row in the corpus row group).
-
-    An id's scored row is its FIRST row in the row group: a later row with the same id is a quarantined
-    duplicate, and a null id is never scored. ``ids``: the row group's id column, if already read."""
-    scores = pq.read_table(score_file, columns=[id_column, *columns])
-    if ids is None:
-        ids = read_shard(shard, [id_column]).column(id_column)
-    idx = pc.index_in(scores.column(id_column), value_set=ids)
-    if idx.null_count:
-        raise RuntimeError(
-            f"{score_file}: {idx.null_count} scored ids are not in {shard.path} row group "
-            f"{shard.row_group}; the corpus changed after scoring"
-        )
-    return scores, idx
-
-
 def random_values(ids: pa.Array | pa.ChunkedArray, seed: int) -> pa.Array:
     """A uniform [0, 1) value per id from blake2b(seed, id): the same id always gets the same value."""
     keys = (f"{seed}:{i}".encode() for i in ids.to_pylist())
@@ -100,69 +92,125 @@ def _values(scores: pa.Table, column: str, id_column: str, seed: int) -> pa.Arra
     return pc.if_else(pc.is_nan(v), pa.scalar(None, pa.float64()), v)  # NaN counts as missing
 
 
-def _stored(column: str) -> list[str]:
-    """The scores-file columns ``column`` is read from (``random`` needs only the ids)."""
-    return [] if column == RANDOM else [column]
+def _rank_keys(id_column: str, ascending: bool, worst_first: bool = False) -> list[tuple[str, str]]:
+    """Rank order: value (descending unless ``ascending``), then id ascending; reversed for the worst."""
+    up = ascending != worst_first
+    return [
+        (VALUE, "ascending" if up else "descending"),
+        (id_column, "descending" if worst_first else "ascending"),
+    ]
 
 
-def _strata(shard: Shard, idx: pa.Array, n: int, stratify_by: str | None, corpus: pa.Table | None = None):
-    """The stratum (as a string) of each scored row; ``corpus``: the row group, if already read."""
-    if stratify_by is None:
-        return pa.array([ALL] * n, pa.string())
-    col = (corpus if corpus is not None else read_shard(shard, [stratify_by])).column(stratify_by).take(idx)
-    return pc.fill_null(col.cast(pa.string()), NULL_STRATUM)
+def _top(table: pa.Table, k: int, id_column: str, ascending: bool, worst_first: bool = False) -> pa.Table:
+    """The first ``k`` rows of ``table`` in rank order (O(n) selection; ids are unique, so exact)."""
+    if k >= table.num_rows:
+        return table
+    keys = _rank_keys(id_column, ascending, worst_first)
+    return table.take(pc.select_k_unstable(table, k=k, sort_keys=keys))
 
 
-def keyed_block(
-    batch: pa.Table,
-    shards: list[dict],
-    files: list[str],
+def _by_stratum(keyed: pa.Table) -> dict[str, pa.Table]:
+    strata = keyed.column(STRATUM)
+    names = pc.unique(strata).to_pylist()
+    if len(names) == 1:  # unstratified (or one stratum): no copy
+        return {names[0]: keyed}
+    return {s: keyed.filter(pc.equal(strata, s)) for s in names}
+
+
+def pivots(values: pa.Array, ascending: bool, n_pivots: int = PIVOTS) -> list[tuple[int, float]]:
+    """``(r, v)`` pairs: at least ``r`` of ``values`` rank at or before value ``v`` (``n_pivots`` ranks
+    spread evenly, the last one = all rows). Nulls are left out (they are an error later)."""
+    v = values.drop_null().to_numpy(zero_copy_only=False)
+    if len(v) == 0:
+        return []
+    key = -v if ascending else v  # higher key = ranks earlier
+    ranks = np.unique(np.ceil(np.arange(1, n_pivots + 1) * len(v) / n_pivots).astype(np.int64))
+    at = -np.partition(-key, ranks - 1)[ranks - 1]  # the r-th highest key, for each r
+    return [(int(r), float(-k if ascending else k)) for r, k in zip(ranks, at, strict=True)]
+
+
+def lower_bounds(per_shard: list[dict], k: dict[str, int], ascending: bool) -> dict[str, float]:
+    """Per stratum, a value ``L`` that the k-th row provably ranks at or before: at least ``k`` rows rank
+    at or before ``L`` (from every shard's pivots), so a row ranking after ``L`` can never be selected."""
+    bounds = {}
+    for s, ks in k.items():
+        if ks <= 0:
+            continue
+        points = sorted(
+            (
+                (-v if ascending else v, r, i)
+                for i, st in enumerate(per_shard)
+                if s in st
+                for r, v in st[s][4]
+            ),
+            key=lambda p: -p[0],
+        )
+        best: dict[int, int] = {}  # shard -> rows known at or before the current key
+        total = 0
+        for key, r, i in points:  # keys descending: each shard's count only grows
+            total += r - best.get(i, 0)
+            best[i] = r
+            if total >= ks:
+                bounds[s] = -key if ascending else key
+                break
+    return bounds
+
+
+def keyed_shard(
+    shard: dict,
+    score_file: str,
     id_column: str,
     column: str,
     stratify_by: str | None,
     seed: int,
-) -> pa.Table:
-    """Ray task: (id, value, stratum) of the scored rows of the shards in ``batch``."""
-    parts = []
-    for i in batch.column("i").to_pylist():
-        shard = Shard(**shards[i])
-        scores, idx = _aligned(shard, files[i], id_column, _stored(column))
-        parts.append(
-            pa.table(
-                {
-                    id_column: scores.column(id_column),
-                    VALUE: _values(scores, column, id_column, seed),
-                    STRATUM: _strata(shard, idx, scores.num_rows, stratify_by),
-                }
-            )
+    ascending: bool,
+) -> tuple[dict, pa.Table]:
+    """Step 1 for one shard: ({stratum: [rows, valid, min, max, pivots]}, (id, value, stratum, row) table).
+
+    ``row``: the index of each scored row in the corpus row group (an id's scored row is its FIRST row
+    there: a later row with the same id is a quarantined duplicate, and a null id is never scored)."""
+    sh = Shard(**shard)
+    scores = pq.read_table(score_file, columns=[id_column] + ([] if column == RANDOM else [column]))
+    corpus = read_shard(sh, [id_column] + ([stratify_by] if stratify_by else []))
+    idx = pc.index_in(scores.column(id_column), value_set=corpus.column(id_column))
+    if idx.null_count:
+        raise RuntimeError(
+            f"{score_file}: {idx.null_count} scored ids are not in {sh.path} row group "
+            f"{sh.row_group}; the corpus changed after scoring"
         )
-    return pa.concat_tables(parts)
+    if stratify_by is None:
+        strata = pa.array([ALL] * scores.num_rows, pa.string())
+    else:
+        strata = pc.fill_null(corpus.column(stratify_by).take(idx).cast(pa.string()), NULL_STRATUM)
+    keyed = pa.table(
+        {
+            id_column: scores.column(id_column).combine_chunks(),
+            VALUE: _values(scores, column, id_column, seed),
+            STRATUM: strata.combine_chunks() if isinstance(strata, pa.ChunkedArray) else strata,
+            ROW: idx.combine_chunks() if isinstance(idx, pa.ChunkedArray) else idx,
+        }
+    )
+    stats = {}
+    for s, part in _by_stratum(keyed).items():
+        v = part.column(VALUE)
+        mm = pc.min_max(v).as_py()
+        stats[s] = [part.num_rows, part.num_rows - v.null_count, mm["min"], mm["max"], pivots(v, ascending)]
+    return stats, keyed
 
 
-def find_thresholds(
-    keyed, counts: dict[str, int], k: dict[str, int], id_column: str, ascending: bool
-) -> dict:
-    """Per stratum, its k-th row ``(value*, id*)`` in rank order (value, then id ascending).
-
-    ONE distributed sort by (stratum, value, id), materialised in the object store; the k-th row of each
-    stratum sits at a known offset, so ``split_at_indices`` cuts out exactly that one row (block metadata
-    only: nothing else reaches the driver).
-    """
-    ranked = keyed.sort([STRATUM, VALUE, id_column], descending=[False, not ascending, False]).materialize()
-    order = sorted(counts)  # Arrow sorts strings by UTF-8 bytes = code points = Python's str order
-    cuts, wanted, offset = [], [], 0
-    for s in order:
-        if k[s] > 0:
-            cuts += [offset + k[s] - 1, offset + k[s]]
-            wanted.append(s)
-        offset += counts[s]
-    pieces = ranked.split_at_indices(cuts)  # pieces[1 + 2j] = the single k-th row of stratum wanted[j]
-    thresholds = {}
-    for j, s in enumerate(wanted):
-        (row,) = pieces[1 + 2 * j].take(1)
-        assert row[STRATUM] == s, f"sorted strata out of the expected order: {row[STRATUM]!r} != {s!r}"
-        thresholds[s] = (row[VALUE], row[id_column])
-    return thresholds
+def shard_candidates(
+    keyed: pa.Table, k: dict[str, int], bounds: dict[str, float], id_column: str, ascending: bool
+) -> pa.Table:
+    """Step 2 for one shard: per stratum, its own top ``k[stratum]`` rows among those ranking at or before
+    the stratum's lower bound, as (id, value, stratum)."""
+    parts = []
+    for s, part in _by_stratum(keyed).items():
+        if k.get(s, 0) <= 0:
+            continue
+        v = part.column(VALUE)
+        part = part.filter(pc.less_equal(v, bounds[s]) if ascending else pc.greater_equal(v, bounds[s]))
+        parts.append(_top(part, k[s], id_column, ascending).select([id_column, VALUE, STRATUM]))
+    return pa.concat_tables(parts) if parts else keyed.select([id_column, VALUE, STRATUM]).slice(0, 0)
 
 
 def _selected_mask(values: pa.Array, ids: pa.Array, strata: pa.Array, thresholds: dict, ascending: bool):
@@ -171,65 +219,106 @@ def _selected_mask(values: pa.Array, ids: pa.Array, strata: pa.Array, thresholds
         in_s = pc.equal(strata, s)
         better = pc.less(values, tv) if ascending else pc.greater(values, tv)
         tie = pc.and_(pc.equal(values, tv), pc.less_equal(ids, pa.scalar(tid, ids.type)))
-        mask |= pc.and_(in_s, pc.or_(better, tie)).to_numpy(zero_copy_only=False)
+        mask |= pc.fill_null(pc.and_(in_s, pc.or_(better, tie)), False).to_numpy(zero_copy_only=False)
     return mask
 
 
-def write_block(
-    batch: pa.Table,
-    shards: list[dict],
-    files: list[str],
+def write_shard(
+    shard: dict,
+    keyed: pa.Table,
     id_column: str,
-    column: str,
-    stratify_by: str | None,
-    seed: int,
     thresholds: dict,
     ascending: bool,
     out_dir: str,
     out_column: str,
     edges: list[float],
-) -> pa.Table:
-    """Ray task: write the selected FULL rows of each shard in ``batch``; return counts and histograms."""
-    results = []
-    for i in batch.column("i").to_pylist():
-        shard = Shard(**shards[i])
-        corpus = read_shard(shard, None)  # the full row group: every original column
-        scores, idx = _aligned(shard, files[i], id_column, _stored(column), corpus.column(id_column))
-        values = _values(scores, column, id_column, seed)
-        strata = _strata(shard, idx, scores.num_rows, stratify_by, corpus)
-        keep = _selected_mask(
-            values, scores.column(id_column).combine_chunks(), strata, thresholds, ascending
-        )
-        rows = np.sort(np.asarray(idx)[keep])
-        order = np.argsort(np.asarray(idx)[keep], kind="stable")
-        subset = corpus.take(pa.array(rows, pa.int64())).append_column(
-            out_column, pc.take(values, pa.array(np.flatnonzero(keep)[order]))
-        )
-        if subset.num_rows:
-            path = Path(out_dir, f"{shard.key}.parquet")
-            tmp = path.with_name(f".{path.name}.tmp")
-            pq.write_table(subset, tmp)
-            os.replace(tmp, path)
-        v = values.to_numpy(zero_copy_only=False)
-        rec = {
-            "strata_selected": _count(strata.filter(pa.array(keep))),
-            "hist_all": np.histogram(v, bins=edges)[0].tolist(),
-            "hist_selected": np.histogram(v[keep], bins=edges)[0].tolist(),
-            "n_corpus_rows": corpus.num_rows,
-        }
-        if LABEL in corpus.column_names:
-            label = corpus.column(LABEL).to_numpy(zero_copy_only=False).astype(bool)
-            rec["clean_corpus"] = int(label.sum())
-            rec["clean_scored"] = int(label[np.asarray(idx)].sum())
-            rec["clean_selected"] = int(label[rows].sum())
-        results.append(json.dumps(rec))
-    return pa.table({"result": pa.array(results, pa.string())})
+) -> dict:
+    """Step 3 for one shard: write its selected FULL rows; return counts and histograms."""
+    sh = Shard(**shard)
+    corpus = read_shard(sh, None)  # the full row group: every original column
+    values = keyed.column(VALUE)
+    keep = _selected_mask(values, keyed.column(id_column), keyed.column(STRATUM), thresholds, ascending)
+    picked = np.flatnonzero(keep)
+    rows = keyed.column(ROW).to_numpy(zero_copy_only=False)[picked]
+    order = np.argsort(rows, kind="stable")  # corpus order in the subset file
+    subset = corpus.take(pa.array(rows[order], pa.int64())).append_column(
+        out_column, values.take(pa.array(picked[order], pa.int64()))
+    )
+    if subset.num_rows:
+        path = Path(out_dir, f"{sh.key}.parquet")
+        tmp = path.with_name(f".{path.name}.tmp")
+        pq.write_table(subset, tmp)
+        os.replace(tmp, path)
+    v = values.to_numpy(zero_copy_only=False)
+    return {
+        "strata_selected": _count(keyed.column(STRATUM).filter(pa.array(keep))),
+        "hist_all": np.histogram(v, bins=edges)[0].tolist(),
+        "hist_selected": np.histogram(v[keep], bins=edges)[0].tolist(),
+        "n_corpus_rows": corpus.num_rows,
+    }
 
 
 def _count(values: pa.Array) -> dict[str, int]:
     if len(values) == 0:
         return {}
     return {d["values"]: int(d["counts"]) for d in pc.value_counts(values).to_pylist()}
+
+
+class _Local:
+    """The three steps on the driver: ``run(fn, args_list)`` yields each result in order."""
+
+    def run(self, fn, calls, num_returns=1):
+        yield from (fn(*a) for a in calls)
+
+
+class _OnRay:
+    """The same steps as one Ray task per shard; results are yielded as tasks finish, so the driver
+    merges candidates one shard at a time (bounded memory)."""
+
+    def __init__(self):
+        import ray
+
+        self.ray = ray
+
+    def run(self, fn, calls, num_returns=1):
+        f = self.ray.remote(num_cpus=1, num_returns=num_returns)(fn)
+        pending = [f.remote(*a) for a in calls]
+        if num_returns > 1:  # (small result to the driver, big one stays in the object store)
+            small = self.ray.get([p[0] for p in pending])
+            yield from zip(small, (p[1] for p in pending), strict=True)
+            return
+        while pending:
+            done, pending = self.ray.wait(pending, num_returns=1)
+            yield self.ray.get(done[0])
+
+
+def _merge_stats(per_shard: list[dict]) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for stats in per_shard:
+        for s, (n, valid, lo, hi, _) in stats.items():
+            cur = out.setdefault(s, [0, 0, None, None])
+            cur[0] += n
+            cur[1] += valid
+            if lo is not None:
+                cur[2] = lo if cur[2] is None else min(cur[2], lo)
+                cur[3] = hi if cur[3] is None else max(cur[3], hi)
+    return out
+
+
+def find_thresholds(candidates, k: dict[str, int], id_column: str, ascending: bool) -> dict[str, tuple]:
+    """Per stratum, its k-th row ``(value*, id*)`` in rank order, from the shards' candidate tables
+    (an iterable: merged into a running top ``k_s`` as they arrive)."""
+    best: dict[str, pa.Table] = {}
+    for cand in candidates:
+        for s, part in _by_stratum(cand).items():
+            merged = pa.concat_tables([best[s], part]) if s in best else part
+            best[s] = _top(merged.combine_chunks(), k[s], id_column, ascending)
+    thresholds = {}
+    for s, top in best.items():
+        assert top.num_rows == k[s], f"stratum {s!r}: {top.num_rows} candidates for k={k[s]}"
+        last = _top(top, 1, id_column, ascending, worst_first=True).to_pylist()[0]
+        thresholds[s] = (last[VALUE], last[id_column])
+    return thresholds
 
 
 def _check_inputs(cfg: P2DConfig, store: ScoreStore) -> tuple[dict, list[Shard]]:
@@ -264,65 +353,49 @@ def _check_inputs(cfg: P2DConfig, store: ScoreStore) -> tuple[dict, list[Shard]]
 
 def select_subset(cfg: P2DConfig) -> dict:
     """The body of ``p2d-ray select`` (see the module docstring)."""
-    import ray.data
-    from ray.data.aggregate import Count, Max, Min
-
-    from p2d_ray.scoring.pipeline import ensure_ray
-
     sel, id_column = cfg.select, cfg.data.id_column
     run, store = RunDir(cfg.run_dir), ScoreStore(cfg.run_dir)
     manifest, shards = _check_inputs(cfg, store)
     files = store.score_files(shards)
     shard_dicts = [s.to_dict() for s in shards]
-    ensure_ray()
-    common = {
-        "shards": shard_dicts,
-        "files": files,
-        "id_column": id_column,
-        "column": sel.score_column,
-        "stratify_by": sel.stratify_by,
-        "seed": cfg.seed,
-    }
-    index = ray.data.from_items([{"i": i} for i in range(len(shards))], override_num_blocks=len(shards))
-    keyed = index.map_batches(
-        keyed_block, batch_format="pyarrow", batch_size=1, fn_kwargs=common
-    ).materialize()
+    if sum(s.num_rows for s in shards) <= LOCAL_MAX_ROWS:
+        ex = _Local()
+    else:
+        from p2d_ray.scoring.pipeline import ensure_ray
 
-    groups = (
-        keyed.groupby(STRATUM)
-        .aggregate(Count(), Count(VALUE, ignore_nulls=True, alias_name="n_valid"), Min(VALUE), Max(VALUE))
-        .take_all()
-    )
-    nulls = sum(g["count()"] - g["n_valid"] for g in groups)
+        ensure_ray()
+        ex = _OnRay()
+
+    # 1. keyed rows per shard (stay where they were made) + per-stratum counts -> k per stratum
+    calls = [
+        (d, f, id_column, sel.score_column, sel.stratify_by, cfg.seed, sel.ascending)
+        for d, f in zip(shard_dicts, files, strict=True)
+    ]
+    stats, keyed = zip(*ex.run(keyed_shard, calls, num_returns=2), strict=True) if calls else ((), ())
+    groups = _merge_stats(list(stats))
+    nulls = sum(n - valid for n, valid, _, _ in groups.values())
     if nulls:
         raise ValueError(f"select.score_column={sel.score_column!r} is missing or NaN for {nulls} rows")
-    counts = {g[STRATUM]: g["count()"] for g in groups}
+    counts = {s: g[0] for s, g in groups.items()}
     n_scored = sum(counts.values())
     k = allocate(counts, total_k(n_scored, sel.fraction, sel.top_k))
-    thresholds = find_thresholds(keyed, counts, k, id_column, sel.ascending)
 
-    lo = min(g[f"min({VALUE})"] for g in groups)
-    hi = max(g[f"max({VALUE})"] for g in groups)
+    # 2. per-shard top k_s -> exact running merge on the driver -> thresholds
+    bounds = lower_bounds(list(stats), k, sel.ascending)  # shards send ~k + n/PIVOTS rows, not k each
+    cands = ex.run(shard_candidates, [(kd, k, bounds, id_column, sel.ascending) for kd in keyed])
+    thresholds = find_thresholds(cands, k, id_column, sel.ascending)
+
+    # 3. write the selected full rows, per shard
+    lo = min((g[2] for g in groups.values() if g[2] is not None), default=0.0)
+    hi = max((g[3] for g in groups.values() if g[3] is not None), default=0.0)
     edges = np.linspace(lo, hi if hi > lo else lo + 1.0, BINS + 1).tolist()
     corpus_names = read_footer(shards[0].path).schema.to_arrow_schema().names
     out_column = sel.score_column if sel.score_column not in corpus_names else f"p2d_{sel.score_column}"
     if run.subset.exists():
         shutil.rmtree(run.subset)  # never mix with an earlier selection
     run.subset.mkdir(parents=True)
-    results = index.map_batches(
-        write_block,
-        batch_format="pyarrow",
-        batch_size=1,
-        fn_kwargs={
-            **common,
-            "thresholds": thresholds,
-            "ascending": sel.ascending,
-            "out_dir": str(run.subset),
-            "out_column": out_column,
-            "edges": edges,
-        },
-    ).take_all()
-    recs = [json.loads(r["result"]) for r in results]
+    args = (id_column, thresholds, sel.ascending, str(run.subset), out_column, edges)
+    recs = list(ex.run(write_shard, [(d, kd, *args) for d, kd in zip(shard_dicts, keyed, strict=True)]))
 
     selected = {s: sum(r["strata_selected"].get(s, 0) for r in recs) for s in counts}
     if selected != {s: k[s] for s in counts}:
@@ -335,7 +408,6 @@ def select_subset(cfg: P2DConfig) -> dict:
         "score" if sel.score_column == RANDOM else sel.score_column,
         manifest.get("corpus"),
     )
-    n_selected = sum(selected.values())
     out = {
         "score_column": sel.score_column,
         "subset_score_column": out_column,
@@ -348,7 +420,7 @@ def select_subset(cfg: P2DConfig) -> dict:
         "scores_fingerprint": manifest["fingerprint"],
         "n_corpus": sum(r["n_corpus_rows"] for r in recs),
         "n_scored": n_scored,
-        "n_selected": n_selected,
+        "n_selected": sum(selected.values()),
         "threshold": thresholds[ALL][0] if sel.stratify_by is None and ALL in thresholds else None,
         "strata": {
             s: {
@@ -363,14 +435,6 @@ def select_subset(cfg: P2DConfig) -> dict:
         "subset_dir": str(run.subset),
         "histogram": str(run.path("histogram.png")),
     }
-    if recs and "clean_corpus" in recs[0]:
-        clean = {key: sum(r[key] for r in recs) for key in ("clean_corpus", "clean_scored", "clean_selected")}
-        out["clean"] = {
-            "label": LABEL,
-            "selected": clean["clean_selected"] / n_selected if n_selected else None,
-            "corpus": clean["clean_corpus"] / out["n_corpus"] if out["n_corpus"] else None,
-            "scored": clean["clean_scored"] / n_scored if n_scored else None,
-        }
     run.path("selection.json").write_text(json.dumps(out, indent=1, default=str))
     return out
 
@@ -380,4 +444,8 @@ def run_select(cfg: P2DConfig) -> dict:
     run = RunDir(cfg.run_dir)
     with run.timed("select", stage_fingerprint(cfg, "select")):
         cfg.save(run.path("config.yaml"))
-        return select_subset(cfg)
+        t0 = time.perf_counter()
+        out = select_subset(cfg)
+    wrote = f"{out['subset_dir']} ({out['n_selected']:,} of {out['n_scored']:,} rows), selection.json"
+    stage_summary("select", time.perf_counter() - t0, wrote)
+    return out

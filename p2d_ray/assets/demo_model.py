@@ -14,27 +14,21 @@ themselves: the model knows the distribution but has not memorised the rows Stag
 from __future__ import annotations
 
 import math
-import re
 import time
 from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from p2d_ray.assets.cache import build_once, cache_root
+from p2d_ray.assets.synthetic import RECIPE_VERSION, generate_corpus, generate_heldout
+from p2d_ray.assets.tokenizer import build_tokenizer
 from p2d_ray.config import DataConfig
 from p2d_ray.data.formatting import collate, encode_row
-from p2d_ray.data.synthetic import (
-    RECIPE_VERSION,
-    build_once,
-    cache_root,
-    generate_corpus,
-    generate_heldout,
-)
-from p2d_ray.models.tokenizer import build_tokenizer
+from p2d_ray.eval.answers import exact_match
 
 PRETRAIN_SEED = 100  # corpus generator seed of the pre-training mixture (the demo corpus uses 0)
 PRETRAIN_ID_START = 50_000_000
-ANSWER = re.compile(r"####\s*(-?\d+)")
 
 # The fixed recipe behind ensure_demo_model(); bump MODEL_RECIPE_VERSION when the training code changes.
 MODEL_RECIPE_VERSION = 1
@@ -109,8 +103,7 @@ def greedy_exact_match(model, tok, rows: list[dict], max_new_tokens: int = 32) -
             pad_token_id=tok.pad_token_id,
         )
         text = tok.decode(out[0, len(ids) :], skip_special_tokens=True)
-        got, want = ANSWER.search(text), ANSWER.search(row["response"])
-        right += bool(got and want and got.group(1) == want.group(1))
+        right += exact_match(text, row["response"])
     return right
 
 

@@ -14,7 +14,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(train_texts: Iterable[str] | None = None, vocab_size: int = 512) -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    train_texts: Iterable[str] | None = None, vocab_size: int = 512
+) -> PreTrainedTokenizerFast:
     """Byte-level BPE. With no texts: the 256 bytes plus specials (deterministic, for tests);
     with texts: BPE merges trained up to ``vocab_size`` (shorter sequences for the demo model)."""
     tok = Tokenizer(models.BPE(unk_token=None))

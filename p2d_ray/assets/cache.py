@@ -1,0 +1,72 @@
+"""The project cache (``$P2D_RAY_CACHE``) and :func:`build_once`: every offline asset (demo corpus, demo
+models, the converted real model) is built there at most once, atomically, under a file lock."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    """``$P2D_RAY_CACHE`` (the Makefile points it at ``.cache/p2d-ray`` in the repo), else ``~/.cache/p2d-ray``."""
+    return Path(os.environ.get("P2D_RAY_CACHE") or Path.home() / ".cache" / "p2d-ray")
+
+
+def recipe_hash(recipe: dict) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _is_built(target: Path, digest: str) -> bool:
+    try:
+        return json.loads((target / "meta.json").read_text()).get("recipe_hash") == digest
+    except (OSError, ValueError):
+        return False
+
+
+@contextmanager
+def file_lock(path: Path):
+    """An exclusive ``flock`` on ``path`` (blocks until free; released when the process dies)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def build_once(target: Path, recipe: dict, build: Callable[[Path], dict | None]) -> Path:
+    """Make ``target`` hold the output of ``build(tmp_dir)`` for ``recipe``, building at most once.
+
+    Fast path: ``target/meta.json`` records the same recipe hash -> return. Otherwise, under the lock
+    ``<target>.lock``: check again (another process may have just built it), build into a temporary
+    sibling directory, write ``meta.json`` (recipe, its hash, and whatever dict ``build`` returned), and
+    rename it over ``target``. A stale build (other recipe) is replaced; a crashed build leaves only a
+    temporary directory that the next build removes.
+    """
+    target = Path(target)
+    digest = recipe_hash(recipe)
+    if _is_built(target, digest):
+        return target
+    with file_lock(target.with_name(target.name + ".lock")):
+        if _is_built(target, digest):
+            return target
+        tmp = target.with_name(f".{target.name}.tmp")
+        old = target.with_name(f".{target.name}.old")
+        for leftover in (tmp, old):
+            shutil.rmtree(leftover, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        info = build(tmp) or {}
+        meta = {"recipe_hash": digest, "recipe": recipe, **info}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+        if target.exists():
+            target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    return target

@@ -1,0 +1,285 @@
+"""Scorer ``gradient_alignment``: the probe's loss gradient in the task heads' subspace as the compass.
+
+TracIn / LESS restricted to the head subspace, from forwards only.
+
+1. **Probe gradient** ``G`` (:func:`probe_gradient`, once per run on the driver): the gradient of the probe
+   set's mean per-row loss w.r.t. the task heads' parameters -- exactly the parameters Stage 3 trains
+   (``training.deltas.plan_head_deltas``: each head's q rows, its GQA group's k/v rows, its o_proj columns; a
+   group shared by several heads counted once) -- normalised to unit length. Stored per projection module
+   in the head-delta layout (rows: ``[r, in]``, cols: ``[out, r]``), so ``G`` is a direction in the very
+   parameter space training moves in. Saved as ``probe_gradient.safetensors`` with its fingerprint.
+2. **Row score** (:func:`alignment_score`): the directional derivative of the row's mean loss along ``G``,
+   ``d_i = <grad L_i, G>``, by a finite difference of forwards with the head slices shifted in place, divided
+   by the row's own loss: ``score_i = d_i / L_i``.
+
+Sign: ``d_i > 0`` means the row's gradient points the same way as the probe's, so a descent step on the row
+(``theta -= lr * grad L_i``) changes the probe loss by ``-lr * |grad L_probe| * d_i < 0``: **a high score =
+training on the row lowers the probe loss.** Dividing by ``L_i`` (measured better than the raw ``d_i``,
+P2D_STAGE2.md) removes the advantage of rows that are simply hard (high loss, large gradients).
+
+Methods (``score.alignment_method``; all share the layers below the lowest task-head layer ``l_min``,
+models.shared_lower):
+- ``central``: ``(L_i(theta + eps G) - L_i(theta - eps G)) / 2 eps`` + the plain loss: error ``O(eps^2)``,
+  cost ``1 + 2 (L - l_min) / L`` forwards per row.
+- ``forward``: ``(L_i(theta + eps G) - L_i(theta)) / eps`` reusing the plain loss: error ``O(eps)``,
+  cost ``1 + (L - l_min) / L``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from p2d_ray.heads.headset import HeadSet
+from p2d_ray.models.shared_lower import SharedLowerLayers
+from p2d_ray.scoring.losses import hidden_states, loss_from_hidden
+from p2d_ray.training.deltas import DeltaSpec, attach_from_specs, head_deltas, plan_head_deltas
+
+FORMAT = "p2d-probe-gradient/1"
+FILENAME = "probe_gradient.safetensors"
+METHODS = ("central", "forward")
+DERIVATIVE_COL = "directional_derivative"
+EPS = 1e-8
+
+
+def gradient_fingerprint(model_fingerprint: str, heads: HeadSet, probe_hash: str, data: dict) -> str:
+    """What ``G`` depends on: the weights, the heads, the probe rows and how they are encoded."""
+    payload = {
+        "format": FORMAT,
+        "model": model_fingerprint,
+        "heads": heads.fingerprint(),
+        "probe": probe_hash,
+        "data": data,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class ProbeGradient:
+    """Unit direction ``G`` in the head subspace: ``{projection module name: Δ-shaped fp32 tensor}``."""
+
+    specs: list[DeltaSpec]
+    direction: dict[str, torch.Tensor]
+    meta: dict  # fingerprint, heads, first_layer, model_fingerprint, probe hash, n_probe, grad_norm
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["fingerprint"]
+
+    @property
+    def first_layer(self) -> int:
+        """The lowest layer holding a task head: every pass is identical below it."""
+        return int(self.meta["first_layer"])
+
+    def to_bytes(self) -> bytes:
+        from safetensors.torch import save
+
+        meta = {**self.meta, "format": FORMAT, "specs": [s.to_json() for s in self.specs]}
+        return save({k: v.contiguous() for k, v in self.direction.items()}, {"p2d": json.dumps(meta)})
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "probe gradient") -> ProbeGradient:
+        from safetensors.torch import load
+
+        tensors = load(data)
+        # load() drops the metadata; the header is documented: 8-byte little-endian length, then JSON.
+        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+        raw = header.get("__metadata__", {}).get("p2d")
+        meta = json.loads(raw) if raw else {}
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{source}: format {meta.get('format')!r} is not {FORMAT!r}")
+        specs = [DeltaSpec.from_json(s) for s in meta.pop("specs")]
+        meta.pop("format")
+        if set(tensors) != {s.module_name for s in specs}:
+            raise ValueError(f"{source}: tensors {sorted(tensors)} do not match its specs")
+        return cls(specs, tensors, meta)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(self.to_bytes())
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ProbeGradient:
+        return cls.from_bytes(Path(path).read_bytes(), str(path))
+
+
+def _probe_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int) -> torch.Tensor:
+    hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"])
+    loss = loss_from_hidden(model, hidden, batch["input_ids"], batch["loss_mask"], chunk_tokens)
+    if bool((loss.n_tokens == 0).any()):
+        raise ValueError("every probe row needs at least one target token")
+    return loss.mean.sum()
+
+
+def probe_gradient(
+    model: nn.Module,
+    heads: HeadSet,
+    batches: Iterable[dict[str, torch.Tensor]],
+    meta: dict,
+    chunk_tokens: int = 1024,
+) -> ProbeGradient:
+    """``G = g / |g|`` with ``g`` the gradient of the probe's mean per-row loss w.r.t. the heads' slices.
+
+    Uses the training's own head deltas (zero, so the model is unchanged): ``dL/dΔ`` equals ``dL/dW`` on the
+    selected rows / columns. The deltas are removed and every ``requires_grad`` flag restored afterwards.
+    ``meta`` must carry ``fingerprint`` (:func:`gradient_fingerprint`); heads, first layer, probe count and
+    the gradient's norm are added.
+    """
+    if "fingerprint" not in meta:
+        raise ValueError("probe_gradient: meta needs the gradient's fingerprint")
+    specs = plan_head_deltas(model, heads, train_o_proj=True)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    model.eval()
+    modules = dict(model.named_modules())
+    deltas = attach_from_specs(model, specs)
+    try:
+        n = 0
+        device = next(model.parameters()).device
+        with torch.enable_grad():
+            for batch in batches:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                _probe_loss_sum(model, batch, chunk_tokens).backward()
+                n += batch["input_ids"].shape[0]
+        if n == 0:
+            raise ValueError("probe_gradient: the probe set is empty")
+        grads = {name: hd.delta.grad.detach().float().cpu() / n for name, hd in head_deltas(model).items()}
+    finally:
+        for name, hd in head_deltas(model).items():
+            hd.detach(modules[name])
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+    del deltas
+    norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())))
+    if not norm > 0:
+        raise ValueError("probe_gradient: the probe loss has zero gradient in the heads' subspace")
+    direction = {k: g / norm for k, g in grads.items()}
+    meta = {
+        **meta,
+        "heads": [list(h) for h in heads.heads],
+        "heads_fingerprint": heads.fingerprint(),
+        "first_layer": min(layer for layer, _ in heads.heads),
+        "n_probe": n,
+        "grad_norm": norm,
+    }
+    return ProbeGradient(specs, direction, meta)
+
+
+class HeadShift:
+    """Shifts the heads' weight slices in place, ``W[idx] = W0[idx] + step * G``, and restores them exactly
+    (a copy of the original slices is kept, so no rounding drift accumulates over millions of rows)."""
+
+    def __init__(self, model: nn.Module, pg: ProbeGradient):
+        modules = dict(model.named_modules())
+        self._parts = []  # (weight, dim, index, original slice, G in the weight's layout)
+        for spec in pg.specs:
+            module = modules.get(spec.module_name)
+            if module is None:
+                raise ValueError(f"probe gradient targets {spec.module_name!r}, which this model does not have")
+            w = module.weight
+            g = pg.direction[spec.module_name]
+            # Δ layout -> weight layout (as HeadDelta.merge_into): Conv1D stores weights [in, out].
+            conv = isinstance(module, Conv1D)
+            if spec.axis == "rows":
+                dim, g = (1, g.T) if conv else (0, g)
+            else:
+                dim, g = (0, g.T) if conv else (1, g)
+            idx = torch.tensor(spec.index, dtype=torch.long, device=w.device)
+            orig = w.detach().index_select(dim, idx).clone()
+            if tuple(orig.shape) != tuple(g.shape):
+                raise ValueError(f"{spec.module_name}: probe gradient {tuple(g.shape)} != slice {tuple(orig.shape)}")
+            self._parts.append((w, dim, idx, orig, g.to(device=w.device, dtype=torch.float32)))
+
+    @contextmanager
+    def shifted(self, step: float):
+        with torch.no_grad():
+            for w, dim, idx, orig, g in self._parts:
+                w.index_copy_(dim, idx, (orig.float() + step * g).to(w.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for w, dim, idx, orig, _ in self._parts:
+                    w.index_copy_(dim, idx, orig)
+
+
+def alignment_score(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    shift: HeadShift,
+    first_layer: int,
+    eps: float = 0.05,
+    method: str = "central",
+    chunk_tokens: int = 1024,
+):
+    """``score = d_i / L_i`` with ``d_i`` the finite-difference derivative of row i's loss along ``G``.
+
+    Returns a ScoreOutput with ``loss_full`` = the plain loss and ``extra[DERIVATIVE_COL]`` = ``d_i``.
+    """
+    from p2d_ray.scoring.scorers import ScoreOutput
+
+    if method not in METHODS:
+        raise ValueError(f"score.alignment_method={method!r} is not one of {METHODS}")
+    ids, am, lm = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+    shared = SharedLowerLayers(model, first_layer)
+    plain = loss_from_hidden(model, shared.full(ids, am), ids, lm, chunk_tokens)
+    with shift.shifted(eps):
+        up = loss_from_hidden(model, shared.rerun(), ids, lm, chunk_tokens).mean
+    if method == "central":
+        with shift.shifted(-eps):
+            down = loss_from_hidden(model, shared.rerun(), ids, lm, chunk_tokens).mean
+        deriv = (up - down) / (2 * eps)
+    else:
+        deriv = (up - plain.mean) / eps
+    score = deriv / plain.mean.clamp(min=EPS)
+    return ScoreOutput(score, plain.n_tokens, loss_full=plain.mean, extra={DERIVATIVE_COL: deriv})
+
+
+def prepare_probe_gradient(cfg, heads: HeadSet, fingerprint: str) -> ProbeGradient:
+    """The run's probe gradient: ``<run_dir>/probe_gradient.safetensors`` if it carries ``fingerprint``
+    (a resumed run, or `p2d-ray compare` reusing a run), else computed on the driver and saved there.
+
+    Driver cost: one model load and ``score.alignment_probe_rows`` rows of forward + backward.
+    """
+    from p2d_ray.data.io import read_rows, rows_hash
+    from p2d_ray.data.paths import probe_path
+    from p2d_ray.heads.localize import _available_cpus, encode_probe, probe_batches
+    from p2d_ray.models.loading import load_model, load_tokenizer, model_fingerprint
+    from p2d_ray.rundir import RunDir
+
+    path = RunDir(cfg.run_dir).path(FILENAME)
+    if path.is_file():
+        old = ProbeGradient.load(path)
+        if old.fingerprint == fingerprint:
+            return old
+    rows = read_rows(probe_path(cfg), limit=cfg.score.alignment_probe_rows)
+    tok = load_tokenizer(cfg.model)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    batches = probe_batches(encode_probe(rows, tok, cfg.data), cfg.localize.batch_size, pad_id)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.localize.torch_threads or _available_cpus())
+    try:
+        model = load_model(cfg.model)
+        meta = {
+            "fingerprint": fingerprint,
+            "model_fingerprint": model_fingerprint(cfg.model),
+            "probe_hash": rows_hash(rows),
+            "probe_path": probe_path(cfg),
+        }
+        pg = probe_gradient(model, heads, batches, meta, cfg.score.loss_chunk_tokens)
+    finally:
+        torch.set_num_threads(threads)
+    pg.save(path)
+    return pg
