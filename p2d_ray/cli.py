@@ -232,12 +232,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg = demo_config(cfg)
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
         return 0
-    try:
-        result = _resolve(COMMANDS[args.command])(cfg)
-    except (ValueError, FileNotFoundError) as err:
-        # Bad user input found up front: one clear message, no traceback from deep inside Ray.
-        print(f"p2d-ray {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    rc, result = _run_guarded(args.command, _resolve(COMMANDS[args.command]), cfg)
+    if rc != 0:
+        return rc
     if result is not None and args.command not in ("demo", "compare"):  # these print their own summary
         print(json.dumps(result, indent=1, default=str))
     if args.command == "run" and isinstance(result, dict) and result.get("report"):
@@ -254,6 +251,63 @@ def _print_run_summary(cfg: P2DConfig, report: dict) -> None:
     if report.get("skipped"):
         report = json.loads(Path(cfg.run_dir, "report.json").read_text())
     print("\n".join(summary_lines(report, title=f"p2d-ray run: summary ({cfg.run_dir})")), flush=True)
+
+
+# -- error and interrupt handling (one place, so every command behaves the same) ----------------------
+PREFLIGHT = {s: (s,) for s in ("localize", "score", "select", "train", "evaluate")}  # `run`: pipeline.py
+
+
+def _progress(cfg) -> str:
+    """'N of M shards done, ' from the scores directory, when a scoring pass was under way."""
+    try:
+        from p2d_ray.scoring.outputs import ScoreStore
+        from p2d_ray.scoring.shards import Shard
+
+        store = ScoreStore(cfg.run_dir)
+        manifest = store.read_manifest()
+        if manifest is None:
+            return ""
+        shards = [Shard(**d) for d in manifest["shards"]]
+        done = sum(store.marker(sh, manifest["fingerprint"]) is not None for sh in shards)
+        return f"{done} of {len(shards)} shards done, "
+    except Exception:  # progress is a courtesy: never let it mask the interrupt
+        return ""
+
+
+def _run_guarded(command: str, func, cfg) -> tuple[int, object]:
+    """Run ``func(cfg)`` for ``command`` after checking every input it reads; returns (exit code, result).
+
+    Bad input (ValueError, FileNotFoundError): one message naming the problem, rc 2. A bad environment
+    (RuntimeError): one message, rc 1. Ctrl-C: "interrupted; N of M shards done, rerun to resume", rc 130,
+    and a Ray this command started is shut down (no orphan workers). ``P2D_RAY_DEBUG=1`` re-raises instead.
+    """
+    import os
+
+    ray_before = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    debug = os.environ.get("P2D_RAY_DEBUG") == "1"
+    try:
+        from p2d_ray.validate import preflight
+
+        preflight(cfg, PREFLIGHT.get(command, ()))
+        return 0, func(cfg)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"p2d-ray {command}: interrupted; {_progress(cfg)}rerun to resume", file=sys.stderr)
+        if not ray_before and "ray" in sys.modules and sys.modules["ray"].is_initialized():
+            sys.modules["ray"].shutdown()
+        return 130, None
+    except (ValueError, FileNotFoundError) as err:
+        if debug:
+            raise
+        # Bad user input found up front: one clear message, no traceback from deep inside Ray.
+        print(f"p2d-ray {command}: error: {err}", file=sys.stderr)
+        return 2, None
+    except RuntimeError as err:
+        if debug:
+            raise
+        print(f"p2d-ray {command}: error: {err} (P2D_RAY_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1, None
 
 
 if __name__ == "__main__":

@@ -46,7 +46,11 @@ class DataConfig(_Section):
     """Where the probe set and the corpus live, and how a row becomes tokens."""
 
     probe_path: str | None = None  # ~100 task samples (Parquet or JSONL); None = demo probe set
-    corpus_path: str | None = None  # Parquet file, directory or glob, local or s3://; None = demo corpus
+    # Parquet / JSONL / CSV file, directory or glob (local or s3://), a `datasets` save_to_disk directory, or a
+    # dataset name (org/name); non-Parquet is ingested once into <run_dir>/corpus/. None = demo corpus.
+    corpus_path: str | None = None
+    corpus_config: str | None = None  # dataset name / save_to_disk only: the config (subset) name
+    corpus_split: str = "train"  # dataset name / save_to_disk only: the split
     # The demo's target task when probe/corpus/held-out paths are None (p2d_ray.assets.synthetic.TARGETS).
     demo_target: Literal["arithmetic", "units"] = "arithmetic"
     id_column: str = "id"

@@ -62,6 +62,10 @@ def run_pipeline(cfg: P2DConfig, stages: tuple[str, ...] = STAGES, report: bool 
     if unknown:
         raise ValueError(f"unknown stages {unknown}; allowed: {list(STAGES)}")
     run = RunDir(cfg.run_dir)
+    # Every input of every stage that will run is checked before the first one starts.
+    from p2d_ray.validate import preflight
+
+    preflight(cfg, [s for s in stages if not is_done(run, s, stage_fingerprint(cfg, s))])
     cfg.save(run.path("config.yaml"))
     results: dict = {}
     for stage in stages:

@@ -1,14 +1,22 @@
-"""``p2d-ray validate``: check a config against its model, heads and corpus before a cluster is paid for.
+"""``p2d-ray validate``: check a config against its model, heads and data before a cluster is paid for,
+and the pre-flight check every command runs before its first stage (:func:`preflight`).
 
-No Ray and no GPU: only the model's HF *config* is read (never its weights), only Parquet footers and
-schemas of the corpus, only heads.json. Every check yields one finding::
+No Ray and no GPU: only the model's HF *config* and file listing are read (never its weights), heads.json,
+and the data exactly as the stages will read it: the corpus through the one listing rule
+(``p2d_ray.data.ingest``; a JSONL / CSV / ``datasets`` corpus is ingested into the run directory first, once),
+every file's footer (each must have the columns the first file's format needs, and the corpus must have rows)
+and -- for ``validate`` itself, ``deep`` -- every row group of the id and text columns decoded (a corrupt data
+page behind an intact footer is found here; measured cost in BENCHMARKS.md) with invalid UTF-8 counted.
+Probe and held-out sets are read whole (they are small) and every row checked for the text the format needs.
+Every check yields one finding::
 
     {"check": "model", "status": "ok" | "unchecked" | "error", "message": "..."}
 
 ``unchecked`` is not a failure: it means the thing cannot be reached from here (a hub model that is not
 in the local cache while offline, an s3:// corpus without network or credentials) and will be read by the
 cluster at run time. ``error`` means the run would fail: a missing local path, a model family we cannot
-gate, heads localised on another geometry, a corpus without the columns the prompt format needs.
+gate, pickle-only weights, no tokenizer, heads localised on another model, a corpus without the columns the
+prompt format needs, 0 rows, a corrupt file.
 
 Remote paths are probed in a subprocess with a deadline, so an unreachable bucket costs seconds, never a
 hang (pyarrow's S3 client retries DNS and credential look-ups on its own schedule).
@@ -87,13 +95,12 @@ def _probe_remote(paths: list[str], timeout: float = REMOTE_PROBE_TIMEOUT_S) -> 
 
 
 def _table_findings(check: str, path: str, probed: dict, cfg: P2DConfig, need_id: bool) -> list[dict]:
+    """Findings for a remote table from its probe (footers and schema only)."""
     from p2d_ray.data.formatting import resolve_format
 
     if "error" in probed:
-        if is_remote(path):
-            msg = f"{path} is unreachable from here ({probed['error']}); the cluster reads it at run time"
-            return [_finding(check, "unchecked", msg)]
-        return [_finding(check, "error", probed["error"])]
+        msg = f"{path} is unreachable from here ({probed['error']}); the cluster reads it at run time"
+        return [_finding(check, "unchecked", msg)]
     cols = probed["columns"]
     problems = []
     try:
@@ -102,10 +109,7 @@ def _table_findings(check: str, path: str, probed: dict, cfg: P2DConfig, need_id
         problems.append(str(err))
         fmt = None
     if need_id and cfg.data.id_column not in cols:
-        problems.append(
-            f"data.id_column={cfg.data.id_column!r} is not a column of {path} (found {sorted(cols)}): "
-            "scores are joined back to rows by id"
-        )
+        problems.append(_no_id(path, cols, cfg))
     if problems:
         return [_finding(check, "error", "; ".join(problems), columns=cols)]
     rows = probed["rows"]
@@ -114,20 +118,128 @@ def _table_findings(check: str, path: str, probed: dict, cfg: P2DConfig, need_id
     return [_finding(check, "ok", msg, columns=cols, rows=rows, files=probed["files"], format=fmt)]
 
 
-def _data_findings(cfg: P2DConfig) -> list[dict]:
+def _no_id(path: str, cols, cfg: P2DConfig) -> str:
+    return (
+        f"data.id_column={cfg.data.id_column!r} is not a column of {path} (found {sorted(cols)}): "
+        "rows are joined back to their scores by id"
+    )
+
+
+def _decode(shards, columns: list[str]) -> tuple[list[str], int]:
+    """Decode every shard's ``columns`` as the score stage will: (problems naming file and row group, rows
+    with invalid UTF-8). pyarrow decodes ~1M short rows/s per core, in a thread pool."""
+    import pyarrow as pa
+
+    from p2d_ray.scoring.shards import read_shard
+    from p2d_ray.scoring.tokenize import invalid_utf8
+
+    def one(shard):
+        try:
+            table = read_shard(shard, columns)
+        except (OSError, pa.ArrowException) as err:
+            return (
+                f"{shard.path} row group {shard.row_group}: cannot decode ({str(err).strip().splitlines()[0][:200]})",
+                0,
+            )
+        masks = [m for m in (invalid_utf8(table.column(c)) for c in columns) if m is not None]
+        return None, int(sum(masks).astype(bool).sum()) if masks else 0
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(one, shards))
+    return [p for p, _ in results if p], sum(n for _, n in results)
+
+
+def _corpus_findings(cfg: P2DConfig, deep: bool) -> list[dict]:
+    """The corpus exactly as ``score`` reads it: listing rule, ingest, every footer, (deep) every page."""
+    from p2d_ray.data import paths
+    from p2d_ray.data.formatting import resolve_format
+    from p2d_ray.data.ingest import corpus_parquet, list_data_files
+    from p2d_ray.scoring.plan import text_columns_for
+    from p2d_ray.scoring.shards import plan_shards, read_footer
+
+    path = paths.corpus_path(cfg)
+    if is_remote(path):
+        if not deep:
+            return [_finding("corpus", "unchecked", f"{path}: remote, read by the score stage")]
+        return _table_findings("corpus", path, _probe_remote([path])[path], cfg, True)
+    try:
+        source = list_data_files(path)
+        parquet = corpus_parquet(cfg)  # a JSONL / CSV / datasets corpus: ingested into run_dir once, here
+        files = list_data_files(parquet).files
+        names = read_footer(files[0]).schema.to_arrow_schema().names
+        fmt = resolve_format(cfg.data, names)
+        text = text_columns_for(cfg.data, names)
+        if cfg.data.id_column not in names:
+            raise ValueError(_no_id(files[0], names, cfg))
+        shards, _ = plan_shards(parquet, [cfg.data.id_column, *text], files=files)
+    except ValueError as err:
+        return [_finding("corpus", "error", str(err).replace("\n  ", " ").replace("\n", " "))]
+    rows = sum(sh.num_rows for sh in shards)
+    via = "" if source.kind == "parquet" else f" (ingested from {source.kind} {path})"
+    msg = f"{parquet}{via}: {len(files)} file(s), {len(shards)} shard(s), {rows} rows, format {fmt}"
+    msg += source.skipped_note()
+    if deep:
+        problems, bad_utf8 = _decode(shards, [cfg.data.id_column, *text])
+        if problems:
+            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            return [_finding("corpus", "error", f"corrupt data: {shown}")]
+        if bad_utf8:
+            msg += f"; {bad_utf8} row(s) with invalid UTF-8 will be quarantined (bad_utf8)"
+    return [_finding("corpus", "ok", msg, columns=names, rows=rows, files=len(files), format=fmt)]
+
+
+def _small_table_findings(check: str, what: str, path: str, cfg: P2DConfig, need_id: bool) -> list[dict]:
+    """A probe or held-out set, read whole (small by construction); every row must have usable text."""
+    from collections import Counter
+
+    from p2d_ray.data.formatting import resolve_format, row_parts
+    from p2d_ray.data.io import read_table
+
+    if is_remote(path):
+        return _table_findings(check, path, _probe_remote([path])[path], cfg, need_id)
+    try:
+        table = read_table(path, what)
+        cols = table.column_names
+        if table.num_rows == 0:
+            raise ValueError(f"{what}={path!r} has 0 rows")
+        fmt = resolve_format(cfg.data, cols)
+        if need_id and cfg.data.id_column not in cols:
+            raise ValueError(_no_id(path, cols, cfg))
+        rows = table.to_pylist()
+    except UnicodeDecodeError:
+        return [_finding(check, "error", f"{what}={path!r}: a string column holds invalid UTF-8")]
+    except ValueError as err:
+        return [_finding(check, "error", str(err))]
+    bad: Counter = Counter()
+    first = None
+    for i, row in enumerate(rows):
+        try:
+            row_parts(row, cfg.data)
+        except ValueError as err:
+            bad[str(err)] += 1
+            first = first if first is not None else i
+    if bad:
+        msg = f"{what}={path!r}: {sum(bad.values())} row(s) without usable text {dict(bad)}, first at row {first}"
+        return [_finding(check, "error", msg)]
+    if check == "probe" and fmt == "icl" and len(rows) < cfg.data.icl_k:
+        msg = f"data.icl_k={cfg.data.icl_k} but {what}={path!r} has only {len(rows)} rows"
+        return [_finding(check, "error", msg)]
+    msg = f"{path}: {len(rows)} rows, format {fmt}"
+    return [_finding(check, "ok", msg, columns=cols, rows=len(rows), files=1, format=fmt)]
+
+
+def _data_findings(cfg: P2DConfig, checks: set[str], deep: bool) -> list[dict]:
     from p2d_ray.data import paths
 
-    # None means the offline demo assets (built and cached on first use).
-    tables = {
-        "corpus": (paths.corpus_path(cfg), True),
-        "probe": (paths.probe_path(cfg), False),
-        "heldout": (paths.heldout_path(cfg), False),
-    }
-    remote = _probe_remote(sorted({p for p, _ in tables.values() if is_remote(p)}))
     findings = []
-    for check, (path, need_id) in tables.items():
-        probed = remote[path] if is_remote(path) else probe_table(path)
-        findings += _table_findings(check, path, probed, cfg, need_id)
+    if "corpus" in checks:
+        findings += _corpus_findings(cfg, deep)
+    if "probe" in checks:
+        findings += _small_table_findings("probe", "data.probe_path", paths.probe_path(cfg), cfg, False)
+    if "heldout" in checks:
+        findings += _small_table_findings(
+            "heldout", "evaluate.heldout_path", paths.heldout_path(cfg), cfg, True
+        )
     return findings
 
 
@@ -143,8 +255,8 @@ def _hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def _model_findings(cfg: P2DConfig) -> tuple[list[dict], object | None]:
-    """(findings, geometry or None)."""
+def _model_findings(cfg: P2DConfig) -> tuple[list[dict], object | None, str | None]:
+    """(findings, geometry or None, the local directory checked or None)."""
     from transformers import AutoConfig
 
     from p2d_ray.assets import is_asset_model, model_dir
@@ -155,13 +267,15 @@ def _model_findings(cfg: P2DConfig) -> tuple[list[dict], object | None]:
         # An offline asset model: check the cached build if there is one, never build it just to check.
         built = model_dir(name)
         if not (built / "config.json").is_file():
-            return [
-                _finding("model", "ok", f"{name}: offline asset model, built on first use under {built}")
-            ], None
+            return (
+                [_finding("model", "ok", f"{name}: offline asset model, built on first use under {built}")],
+                None,
+                None,
+            )
         path = str(built)
     local = _looks_local(path)
     if local and not Path(path).expanduser().is_dir():
-        return [_finding("model", "error", f"model.name_or_path={name!r}: no such directory")], None
+        return [_finding("model", "error", f"model.name_or_path={name!r}: no such directory")], None, None
     if not local:
         from huggingface_hub import try_to_load_from_cache
 
@@ -171,7 +285,7 @@ def _model_findings(cfg: P2DConfig) -> tuple[list[dict], object | None]:
                 f"{name}: cannot check offline (config.json is not in the local Hugging Face cache); "
                 "the cluster downloads it at run time"
             )
-            return [_finding("model", "unchecked", msg)], None
+            return [_finding("model", "unchecked", msg)], None, None
     try:
         hf_config = AutoConfig.from_pretrained(
             path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
@@ -179,14 +293,20 @@ def _model_findings(cfg: P2DConfig) -> tuple[list[dict], object | None]:
     except (OSError, ValueError) as err:
         text = str(err)
         if not local and ("connect" in text.lower() or "offline" in text.lower()):
-            return [_finding("model", "unchecked", f"{name}: hub unreachable from here ({text[:200]})")], None
-        return [
-            _finding("model", "error", f"model.name_or_path={name!r}: {text.splitlines()[0][:300]}")
-        ], None
+            return (
+                [_finding("model", "unchecked", f"{name}: hub unreachable from here ({text[:200]})")],
+                None,
+                None,
+            )
+        return (
+            [_finding("model", "error", f"model.name_or_path={name!r}: {text.splitlines()[0][:300]}")],
+            None,
+            None,
+        )
     try:
         geo = geometry_from_config(hf_config)
     except UnsupportedModelError as err:
-        return [_finding("model", "error", str(err))], None
+        return [_finding("model", "error", str(err))], None, None
     findings = [
         _finding(
             "model",
@@ -202,27 +322,41 @@ def _model_findings(cfg: P2DConfig) -> tuple[list[dict], object | None]:
         findings.append(_finding("model", "error", msg))
     if local:
         findings += _weights_findings(Path(path).expanduser(), cfg)
-    return findings, geo
+        return findings, geo, str(Path(path).expanduser())
+    return findings, geo, None
 
 
-def _weights_findings(path: Path, cfg: P2DConfig) -> list[dict]:
-    """Local checkpoints: weight files in the format the loader will accept, and a tokenizer."""
+def weights_problems(model, path: Path | None = None) -> list[str]:
+    """Local checkpoints: weight files the loader will accept (no pickle while ``use_safetensors``) and a
+    tokenizer. Hub names and the demo models (built by us) are not checked here. One line per problem."""
+    from p2d_ray.assets import is_asset_model
+
+    if path is None:
+        if is_asset_model(model.name_or_path) or not _looks_local(model.name_or_path):
+            return []
+        path = Path(model.name_or_path).expanduser()
+    if not path.is_dir():
+        return [f"model.name_or_path={model.name_or_path!r}: no such directory"]
     out = []
-    if cfg.model.use_safetensors and not any(path.glob("*.safetensors")):
+    if model.use_safetensors and not any(path.glob("*.safetensors")):
+        pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        found = f" (found pickle weights {pickles[:3]})" if pickles else ""
         out.append(
-            _finding(
-                "model",
-                "error",
-                f"{path}: no *.safetensors weights (model.use_safetensors=true refuses pickle)",
-            )
+            f"{path}: no *.safetensors weights{found}; pickle weights can run arbitrary code, so "
+            "model.use_safetensors=true refuses them: convert the checkpoint to safetensors, or set "
+            "model.use_safetensors=false if you trust it"
         )
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        out.append(_finding("model", "error", f"{path}: no tokenizer files"))
+        out.append(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json / tokenizer.model)")
     return out
 
 
+def _weights_findings(path: Path, cfg: P2DConfig) -> list[dict]:
+    return [_finding("model", "error", msg) for msg in weights_problems(cfg.model, path)]
+
+
 # -- heads ----------------------------------------------------------------------------------------------
-def _heads_findings(cfg: P2DConfig, geo) -> list[dict]:
+def _heads_findings(cfg: P2DConfig, geo, model_path: str | None, required: bool = False) -> list[dict]:
     from p2d_ray.heads.headset import HeadSet
     from p2d_ray.rundir import RunDir
 
@@ -232,17 +366,25 @@ def _heads_findings(cfg: P2DConfig, geo) -> list[dict]:
         findings.append(_finding("heads", "error", msg))
     heads_json = RunDir(cfg.run_dir).heads_json
     if not heads_json.is_file():
+        if required:
+            msg = f"heads file not found: {heads_json} (run `p2d-ray localize` first)"
+            return findings + [_finding("heads", "error", msg)]
         findings.append(_finding("heads", "ok", f"no {heads_json} yet: localize writes it"))
         return findings
     try:
         heads = HeadSet.load(heads_json)
     except ValueError as err:
-        return findings + [_finding("heads", "error", f"{heads_json}: {err}")]
+        return findings + [_finding("heads", "error", str(err))]
     if geo is None:
         msg = f"{heads_json}: {len(heads)} heads; not checked against the model (model config unavailable)"
         return findings + [_finding("heads", "unchecked", msg)]
     try:
         heads.check_fits(geo)
+        if model_path is not None:
+            from p2d_ray.models.loading import model_fingerprint
+
+            local = cfg.model.model_copy(update={"name_or_path": model_path})
+            heads.check_model(model_fingerprint(local), cfg.model.name_or_path)
     except ValueError as err:
         return findings + [_finding("heads", "error", f"{heads_json}: {err}")]
     return findings + [_finding("heads", "ok", f"{heads_json}: {len(heads)} heads fit the model")]
@@ -260,21 +402,94 @@ def _run_findings(cfg: P2DConfig) -> list[dict]:
     return [_finding("run", "ok", f"run_dir {cfg.run_dir}")]
 
 
-def run_validate(cfg: P2DConfig, *, raise_on_error: bool = True) -> dict:
-    """Check ``cfg`` against its model (HF config only), heads (heads.json, if present) and data.
+STAGES = ("localize", "score", "select", "train", "evaluate")
+EVERY_CHECK = {"run", "model", "heads", "corpus", "probe", "heldout"}
 
+
+def stage_inputs(cfg: P2DConfig, stages) -> tuple[set[str], set[str]]:
+    """(checks, outputs of earlier stages that must exist) for running ``stages`` in order: only what
+    those stages read, and nothing a stage in ``stages`` writes first."""
+    from p2d_ray.scoring.scorers import USES_HEADS
+
+    stages = set(stages)
+    checks, needed = {"run"}, set()
+    if stages & {"localize", "score", "train", "evaluate"}:
+        checks.add("model")
+    if "localize" in stages:
+        checks.add("probe")
+        if cfg.localize.contrast == "corpus":
+            checks.add("corpus")
+    heads_needed = ("score" in stages and USES_HEADS[cfg.score.scorer]) or (
+        "train" in stages and cfg.train.adaptation == "heads"
+    )
+    if heads_needed and "localize" not in stages:
+        needed.add("heads")
+    if "score" in stages:
+        checks.add("corpus")
+        if cfg.data.format == "icl":
+            checks.add("probe")
+    if "select" in stages and "score" not in stages:
+        needed.add("scores")
+    if "train" in stages and "select" not in stages:
+        needed.add("subset")
+    if "evaluate" in stages:  # the adapter is optional: without one, evaluate reports the base model
+        checks.add("heldout")
+    return checks, needed
+
+
+def _outputs_findings(cfg: P2DConfig, needed: set[str]) -> list[dict]:
+    from p2d_ray.rundir import RunDir
+
+    run = RunDir(cfg.run_dir)
+    made_by = {
+        "scores": ("score", run.scores),
+        "subset": ("select", run.subset),
+        "adapter": ("train", run.adapter),
+    }
+    out = []
+    for name in sorted(needed - {"heads"}):
+        stage, path = made_by[name]
+        if not path.exists():
+            out.append(_finding(name, "error", f"{path} not found (run `p2d-ray {stage}` first)"))
+    return out
+
+
+def run_validate(cfg: P2DConfig, *, raise_on_error: bool = True, stages=None, deep: bool = True) -> dict:
+    """Check ``cfg`` against its model (HF config and files), heads (heads.json, if present) and data.
+
+    Args:
+        stages: None (``p2d-ray validate``): every check. Else only the inputs these stages read (the
+            pre-flight of ``run`` and of each stage command).
+        deep: decode every corpus page (validate); False reads footers only (pre-flight).
     Returns ``{"ok": bool, "findings": [...]}``. Raises :class:`ValidationFailed` (a ValueError listing
     every failed check) when ``raise_on_error`` and any check failed, so ``p2d-ray validate`` exits 2.
     """
+    if stages is None:
+        checks, needed = EVERY_CHECK, set()
+    else:
+        checks, needed = stage_inputs(cfg, stages)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        # The data probe (a subprocess for remote paths) overlaps with reading the model config.
-        data = pool.submit(_data_findings, cfg)
-        model, geo = _model_findings(cfg)
-        findings = _run_findings(cfg) + model + _heads_findings(cfg, geo) + data.result()
+        # The data checks (a subprocess for remote paths) overlap with reading the model config.
+        data = pool.submit(_data_findings, cfg, checks, deep)
+        model, geo, model_path = (
+            _model_findings(cfg) if "model" in checks or "heads" in needed else ([], None, None)
+        )
+        heads = []
+        if "heads" in checks or "heads" in needed:
+            heads = _heads_findings(cfg, geo, model_path, required="heads" in needed)
+        findings = _run_findings(cfg) + (model if "model" in checks else []) + heads + data.result()
+    findings += _outputs_findings(cfg, needed)
     report = {"ok": not any(f["status"] == "error" for f in findings), "findings": findings}
     if raise_on_error and not report["ok"]:
         raise ValidationFailed(report)
     return report
+
+
+def preflight(cfg: P2DConfig, stages) -> None:
+    """Every input of every stage in ``stages`` checked before the first one starts (footers, not pages).
+    Raises :class:`ValidationFailed` naming each problem."""
+    if stages:
+        run_validate(cfg, stages=stages, deep=False)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--probe"]:

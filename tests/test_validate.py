@@ -44,7 +44,7 @@ def data_dir(tmp_path_factory) -> Path:
     (root / "probe.jsonl").write_text(
         "".join(json.dumps({"prompt": "q", "response": "a"}) + "\n" for _ in range(5))
     )
-    pq.write_table(pa.table({"prompt": ["q"], "response": ["a"]}), root / "heldout.parquet")
+    pq.write_table(pa.table({"id": [1], "prompt": ["q"], "response": ["a"]}), root / "heldout.parquet")
     # Columns that fit no prompt format, and a corpus without ids.
     pq.write_table(pa.table({"id": [1], "body": ["x"]}), root / "wrong_columns.parquet")
     pq.write_table(pa.table({"prompt": ["q"], "response": ["a"]}), root / "no_ids.parquet")
@@ -133,7 +133,7 @@ def test_data_problems_are_hard_errors_listed_together(tiny_llama, data_dir, tmp
     checks = _by_check(report)
     assert "data.id_column='id' is not a column" in checks["corpus"][0]["message"]
     assert "needs column 'text'" in checks["probe"][0]["message"]
-    assert checks["heldout"][0]["status"] == "error" and "not found" in checks["heldout"][0]["message"]
+    assert checks["heldout"][0]["status"] == "error" and "no such file" in checks["heldout"][0]["message"]
 
 
 def test_model_problems(tiny_llama, data_dir, tmp_path):

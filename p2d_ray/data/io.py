@@ -1,4 +1,6 @@
-"""Small-table I/O (probe sets, held-out sets): Parquet or JSONL, local or any pyarrow/fsspec URI.
+"""Small-table I/O (probe sets, held-out sets): any source ``p2d_ray.data.ingest`` accepts -- Parquet, JSON
+Lines, CSV, a ``datasets`` directory or dataset name -- local or any pyarrow/fsspec URI, listed by the same
+rule as the corpus.
 
 Large corpora never come through here: they stream through Ray Data (p2d_ray.scoring.pipeline).
 """
@@ -9,36 +11,25 @@ import hashlib
 import json
 
 import pyarrow as pa
-import pyarrow.dataset as pads
-import pyarrow.json as pajson
+
+from p2d_ray.data.ingest import list_data_files, parquet_dataset, read_source_table
 
 
-def read_table(path: str) -> pa.Table:
-    """Read a Parquet file/directory/glob or a ``.jsonl`` / ``.json`` file into one Arrow table."""
-    try:
-        if path.endswith((".jsonl", ".json")):
-            import pyarrow.fs as pafs
-
-            fs, inner = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
-            with fs.open_input_stream(inner) as f:
-                return pajson.read_json(f)
-        return pads.dataset(path, format="parquet").to_table()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no such file or directory: {path}") from None
-    except (pa.ArrowInvalid, OSError) as err:
-        raise ValueError(f"cannot read {path}: {err}") from None
+def read_table(path: str, what: str = "table") -> pa.Table:
+    """The whole table at ``path`` (small by construction). Raises ValueError naming ``what`` and the path."""
+    return read_source_table(path, what)
 
 
-def read_rows(path: str, limit: int | None = None) -> list[dict]:
-    """The first ``limit`` rows (all when None); a Parquet corpus is read only as far as needed."""
-    if limit is not None and not path.endswith((".jsonl", ".json")):
-        try:
-            return pads.dataset(path, format="parquet").head(limit).to_pylist()
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no such file or directory: {path}") from None
-        except (pa.ArrowInvalid, OSError) as err:
-            raise ValueError(f"cannot read {path}: {err}") from None
-    table = read_table(path)
+def read_rows(path: str, limit: int | None = None, what: str = "table") -> list[dict]:
+    """The first ``limit`` rows (all when None); a Parquet source is read only as far as needed."""
+    if limit is not None:
+        source = list_data_files(path, what)
+        if source.kind == "parquet":
+            try:
+                return parquet_dataset(source).head(limit).to_pylist()
+            except (pa.ArrowInvalid, OSError) as err:
+                raise ValueError(f"cannot read {what}={path!r}: {str(err).splitlines()[0][:300]}") from None
+    table = read_table(path, what)
     if limit is not None:
         table = table.slice(0, limit)
     return table.to_pylist()

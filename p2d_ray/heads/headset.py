@@ -84,6 +84,20 @@ class HeadSet:
                 f"but this model has {geometry.to_dict()}"
             )
 
+    def check_model(self, fingerprint: str, name: str = "this model") -> None:
+        """Raise ValueError if heads.json records another model's weights fingerprint (same shape or not).
+
+        Refused rather than warned: heads localised on other weights are not this model's task heads, so
+        scores and deltas built on them are silently meaningless, while re-localising costs minutes.
+        A heads.json without a recorded fingerprint (hand-written, the random-heads control) is accepted.
+        """
+        recorded = self.meta.get("model_fingerprint")
+        if recorded is not None and recorded != fingerprint:
+            raise ValueError(
+                f"heads were localised on a model with fingerprint {recorded}, but {name} has fingerprint "
+                f"{fingerprint} (same geometry, other weights); rerun `p2d-ray localize` for this model"
+            )
+
     # -- heads.json -------------------------------------------------------------------------------
     def to_json(self) -> dict:
         return {
@@ -105,7 +119,7 @@ class HeadSet:
             geometry = AttentionGeometry(**data["geometry"])
             heads = [tuple(h) for h in data["heads"]]
         except (KeyError, TypeError) as err:
-            raise ValueError(f"not a heads.json document: {err}") from None
+            raise ValueError(f"not a heads.json document (missing or bad {err})") from None
         meta = {k: v for k, v in data.items() if k not in ("heads", "geometry", "fingerprint")}
         return cls(tuple(heads), geometry, meta)
 
@@ -114,4 +128,11 @@ class HeadSet:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"heads file not found: {path} (run `p2d-ray localize` first)")
-        return cls.from_json(json.loads(path.read_text()))
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); rerun `p2d-ray localize`") from None
+        try:
+            return cls.from_json(data)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None

@@ -316,8 +316,9 @@ def _available_cpus() -> int:
 
 def run_localize(cfg: P2DConfig) -> dict:
     """``p2d-ray localize``: write ``<run_dir>/heads.json`` and ``heads.png``; returns a summary."""
+    from p2d_ray.data.ingest import corpus_parquet as corpus_path  # any corpus a user has, as Parquet
     from p2d_ray.data.io import read_rows, read_table
-    from p2d_ray.data.paths import corpus_path, probe_path
+    from p2d_ray.data.paths import probe_path
     from p2d_ray.heads.heatmap import save_heatmap
     from p2d_ray.models.loading import load_model, load_tokenizer
     from p2d_ray.rundir import RunDir, stage_fingerprint

@@ -94,7 +94,7 @@ def run_report(cfg: P2DConfig) -> dict:
     Raises:
         ValueError: a stage the AER needs has not run in this run directory.
     """
-    from p2d_ray.data.paths import corpus_path
+    from p2d_ray.data.ingest import corpus_parquet as corpus_path  # any corpus a user has, as Parquet
 
     run = RunDir(cfg.run_dir)
     timings = run.timings()

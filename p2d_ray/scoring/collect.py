@@ -92,6 +92,11 @@ class ShardCollector:
         }
         if record["rows_scored"] + record["rows_quarantined"] != record["rows_in"]:
             raise RuntimeError(f"shard {shard.key}: rows_in != rows_scored + rows_quarantined: {record}")
+        if "unreadable" in record["reasons"]:
+            log.warning(
+                "%s row group %d cannot be decoded: its %d rows are quarantined as unreadable",
+                shard.path, shard.row_group, shard.num_rows,
+            )
         self.store.write_shard(
             shard,
             score_table,

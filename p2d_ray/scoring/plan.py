@@ -45,6 +45,12 @@ def _context_length(hf_config) -> int | None:
     return getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
 
 
+def text_columns_for(d, names) -> list[str]:
+    """The columns encode_row reads: prompt and response when a row has both, else the text column."""
+    has_pr = d.prompt_column in names and d.response_column in names
+    return [d.prompt_column, d.response_column] if has_pr else [d.text_column]
+
+
 def pick_demos(probe_rows: list[dict], k: int, seed: int) -> list[dict]:
     """P2D's selection prompt: k probe-set demonstrations, fixed for a run by ``seed``."""
     if len(probe_rows) < k:
@@ -56,12 +62,17 @@ def pick_demos(probe_rows: list[dict], k: int, seed: int) -> list[dict]:
 def plan_score(cfg: P2DConfig) -> ScorePlan:
     """Resolve and check model, heads, corpus and prompt format. Raises ValueError before any work."""
     from p2d_ray.data.formatting import resolve_format
+    from p2d_ray.data.ingest import corpus_parquet, ingested
     from p2d_ray.data.io import read_rows, rows_hash
     from p2d_ray.data.paths import corpus_path, probe_path
     from p2d_ray.models.geometry import geometry_from_config
     from p2d_ray.models.loading import load_config_checked, model_fingerprint, resolve_path
+    from p2d_ray.validate import weights_problems
 
     d, s = cfg.data, cfg.score
+    problems = weights_problems(cfg.model)  # e.g. pickle-only weights: refused here, not inside an actor
+    if problems:
+        raise ValueError("; ".join(problems))
     hf_config = load_config_checked(cfg.model)
     ctx = _context_length(hf_config)
     if ctx is not None and d.max_length > ctx:
@@ -70,18 +81,17 @@ def plan_score(cfg: P2DConfig) -> ScorePlan:
     if USES_HEADS[s.scorer]:
         heads = HeadSet.load(RunDir(cfg.run_dir).heads_json)
         heads.check_fits(geometry_from_config(hf_config))
+        heads.check_model(model_fingerprint(cfg.model), cfg.model.name_or_path)
         if len(heads) == 0:
             raise ValueError(
                 f"{RunDir(cfg.run_dir).heads_json} lists no heads; scorer {s.scorer!r} needs some"
             )
 
-    corpus = corpus_path(cfg)
+    corpus = corpus_parquet(cfg)  # the source itself when Parquet, else its shards ingested into run_dir
     files = list_parquet_files(corpus)
     first = read_footer(files[0]).schema.to_arrow_schema()
     fmt = resolve_format(d, first.names)
-    # encode_row reads prompt/response when a row has both, else the text column.
-    has_pr = d.prompt_column in first.names and d.response_column in first.names
-    text_columns = [d.prompt_column, d.response_column] if has_pr else [d.text_column]
+    text_columns = text_columns_for(d, first.names)
     if s.scorer == "ifd" and fmt == "plain":
         raise ValueError(
             "score.scorer=ifd needs a prompt and a response per row (IFD = loss of the response given the "
@@ -106,14 +116,15 @@ def plan_score(cfg: P2DConfig) -> ScorePlan:
         probe_rows = read_rows(probe_path(cfg))
     demos: list[dict] = []
     if fmt == "icl":
-        demos = pick_demos(read_rows(probe_path(cfg)), d.icl_k, cfg.seed)
+        demos = pick_demos(read_rows(probe_path(cfg), what="data.probe_path"), d.icl_k, cfg.seed)
 
     model_json = cfg.model.model_copy(update={"name_or_path": resolve_path(cfg.model)}).model_dump_json()
     # What the scores depend on. Not: where the corpus lives (its shards are compared separately), resource
     # knobs, and settings the chosen format / scorer ignores (changing them must not block a resume).
     data = cfg.data.model_dump(
         mode="json",
-        exclude={"corpus_path", "probe_path"} | (set() if fmt == "icl" else {"icl_k", "icl_instruction"}),
+        exclude={"corpus_path", "corpus_config", "corpus_split", "probe_path"}
+        | (set() if fmt == "icl" else {"icl_k", "icl_instruction"}),
     )
     icl_keys = {k for k in type(s).model_fields if k.startswith("icl_")}
     score = cfg.score.model_dump(
@@ -139,6 +150,9 @@ def plan_score(cfg: P2DConfig) -> ScorePlan:
         "icl_demos": rows_hash(demos) if demos else None,
         "probe_gradient": grad_fp,
     }
+    ingest = ingested(cfg.run_dir) if corpus != corpus_path(cfg) else None
+    if ingest is not None:  # a changed JSONL / datasets source is re-ingested under the same file names
+        identity["corpus_source"] = ingest["fingerprint"]
     if probe_rows:  # only for icl_attention, so the other scorers' fingerprints stay as they were
         identity["icl_probe"] = rows_hash(probe_rows)
     fingerprint = _hash(identity)

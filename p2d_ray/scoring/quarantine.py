@@ -1,6 +1,7 @@
 """Rows that cannot be scored: found, counted by reason, written aside -- never silently dropped.
 
-Per-row reasons (``REASONS``): ``null_id``; ``duplicate_id`` (every occurrence of an id after its first, in
+Per-row reasons (``REASONS``): ``unreadable`` (a row group that cannot be decoded: every row of it,
+named by file and row group); ``bad_utf8``; ``null_id``; ``duplicate_id`` (every occurrence of an id after its first, in
 corpus order = shard order, then row order: deterministic and independent of how many actors ran);
 ``non_string`` / ``null`` / ``empty`` text; ``too_long`` (policy ``data.overlong=quarantine``); and
 ``no_target_tokens`` (nothing left to score, e.g. an empty response after truncation).
@@ -22,9 +23,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from p2d_ray.scoring.shards import POS_COL, ParquetShards, Shard, read_shard, shard_positions
+from p2d_ray.scoring.shards import POS_COL, ParquetShards, Shard, read_shard_or_nulls, shard_positions
 
-REASONS = ("null_id", "duplicate_id", "non_string", "null", "empty", "too_long", "no_target_tokens")
+REASONS = (
+    "unreadable",  # the row group could not be decoded (corrupt data page): file and row group in row_json
+    "bad_utf8",  # a string column holds bytes that are not valid UTF-8
+    "null_id",
+    "duplicate_id",
+    "non_string",
+    "null",
+    "empty",
+    "too_long",
+    "no_target_tokens",
+)
 
 
 def _later_occurrences(batch: pa.Table) -> pa.Table:
@@ -67,7 +78,7 @@ def duplicate_positions_local(shards: list[Shard], id_column: str, id_type: pa.D
 
     def ids(item):
         sid, shard = item
-        col = read_shard(shard, [id_column], id_type).column(id_column)
+        col = read_shard_or_nulls(shard, [id_column], id_type)[0].column(id_column)  # unreadable: null ids
         pos = (np.int64(sid) << 32) | np.arange(len(col), dtype=np.int64)
         return pa.table({"id": col, POS_COL: pos})
 

@@ -15,25 +15,24 @@ means one busy actor).
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from p2d_ray.data.ingest import resolve_fs
+
 SHARD_COL, ROW_COL, POS_COL = "_shard", "_row", "_pos"
 NONSTRING_COL = "_nonstring"  # bool: a text column of this row holds a non-string value
+UNREADABLE_COL = "_unreadable"  # string: why this row's shard could not be decoded (null when it could)
 RAW_COL = "_raw"  # JSON of such a row's original text values (for quarantine)
-_GLOB = re.compile(r"[*?\[]")
 
 
 @dataclass(frozen=True)
@@ -48,64 +47,15 @@ class Shard:
         return asdict(self)
 
 
-@lru_cache(maxsize=64)
-def resolve_fs(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or a URI: pyarrow's native filesystems (s3, gs, hdfs,
-    file) first, any other fsspec protocol through pyarrow's fsspec adapter."""
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), os.path.abspath(uri)
-    try:
-        return pafs.FileSystem.from_uri(uri)
-    except pa.ArrowInvalid:
-        import fsspec
-
-        fs, inner = fsspec.core.url_to_fs(uri)
-        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), inner
-
-
-def _join(uri: str, inner: str) -> str:
-    """The URI of ``inner`` on the same filesystem as ``uri``."""
-    if "://" not in uri:
-        return inner
-    scheme = uri.split("://", 1)[0]
-    return f"{scheme}://{inner.lstrip('/')}" if scheme != "file" else f"file://{inner}"
-
-
-def _hidden(name: str) -> bool:
-    # Same convention as pyarrow datasets / Spark: _SUCCESS, _state/, .tmp files are not data.
-    return name.startswith(("_", "."))
-
-
 def list_parquet_files(path: str) -> list[str]:
-    """Sorted Parquet files under ``path`` (file, directory searched recursively, or glob)."""
-    if _GLOB.search(path):
-        if "://" in path:
-            import fsspec
+    """Sorted Parquet files under ``path`` (file, directory searched recursively, or glob), by the one
+    listing rule every stage uses (``p2d_ray.data.ingest.list_data_files``)."""
+    from p2d_ray.data.ingest import list_data_files
 
-            fs, _ = fsspec.core.url_to_fs(path)
-            files = [_join(path, p) for p in fs.glob(path.split("://", 1)[1])]
-        else:
-            files = glob.glob(path, recursive=True)
-        files = [f for f in files if not _hidden(os.path.basename(f))]
-    else:
-        fs, inner = resolve_fs(path)
-        info = fs.get_file_info(inner)
-        if info.type == pafs.FileType.NotFound:
-            raise ValueError(f"data.corpus_path={path!r}: no such file or directory")
-        if info.type == pafs.FileType.Directory:
-            infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
-            files = [
-                _join(path, i.path)
-                for i in infos
-                if i.type == pafs.FileType.File
-                and i.path.endswith(".parquet")
-                and not any(_hidden(part) for part in os.path.relpath(i.path, inner).split(os.sep))
-            ]
-        else:
-            files = [path]
-    if not files:
-        raise ValueError(f"data.corpus_path={path!r}: no Parquet files found")
-    return sorted(files)
+    source = list_data_files(path)
+    if source.kind != "parquet":
+        raise ValueError(f"data.corpus_path={path!r} holds {source.kind} data, not Parquet (ingest it first)")
+    return source.files
 
 
 def shard_key(path: str, row_group: int) -> str:
@@ -185,6 +135,20 @@ def read_shard(shard: Shard, columns: list[str] | None, id_type: pa.DataType | N
     return table
 
 
+def read_shard_or_nulls(
+    shard: Shard, columns: list[str], id_type: pa.DataType | None = None
+) -> tuple[pa.Table, str | None]:
+    """:func:`read_shard`, or -- when the row group cannot be decoded (a corrupt data page behind an intact
+    footer) -- ``num_rows`` null rows and the error naming file and row group. The rows are then counted and
+    quarantined as ``unreadable`` instead of failing the whole pass."""
+    try:
+        return read_shard(shard, columns, id_type), None
+    except (OSError, pa.ArrowException) as err:
+        why = f"{shard.path} row group {shard.row_group}: {str(err).strip().splitlines()[0][:200]}"
+        types = [id_type or pa.string()] + [pa.string()] * (len(columns) - 1)
+        return pa.table({c: pa.nulls(shard.num_rows, t) for c, t in zip(columns, types, strict=True)}), why
+
+
 def normalize_text(table: pa.Table, text_columns: list[str]) -> pa.Table:
     """Make every text column ``string``: a column of another type (int, binary, ...) becomes nulls, its
     rows are flagged ``_nonstring`` and their original values kept as JSON in ``_raw`` (for quarantine)."""
@@ -259,9 +223,11 @@ class ParquetShards(Datasource):
         rows_per_block, positions = self.rows_per_block, self.positions
 
         def read():
-            table = read_shard(shard, columns, id_type)
+            table, unreadable = read_shard_or_nulls(shard, columns, id_type)
             if text_columns:
                 table = normalize_text(table, text_columns)
+                why = pa.array([unreadable] * table.num_rows, pa.string())
+                table = table.append_column(UNREADABLE_COL, why)
             n = table.num_rows
             rows = np.arange(n, dtype=np.int64)
             if positions:

@@ -6,8 +6,9 @@ string costs ~100 us of Python overhead, which alone would cap a core at ~3,000 
 a first pass records the strings ``encode_row`` asks for, one ``encode_batch`` tokenises them, and a
 second pass runs ``encode_row`` against the cache. Same code path, same ids (tested), a fraction of the cost.
 
-Quarantine reasons decided here, in priority order: ``null_id``, ``duplicate_id``, ``non_string`` (a text
-column of a non-string type), then encode_row's ``null`` / ``empty`` / ``non_string`` / ``too_long`` /
+Quarantine reasons decided here, in priority order: ``unreadable`` (the row group could not be decoded),
+``bad_utf8`` (a string column with bytes that are not UTF-8: Parquet does not check, Python's decode does),
+``null_id``, ``duplicate_id``, ``non_string`` (a text column of a non-string type), then encode_row's ``null`` / ``empty`` / ``non_string`` / ``too_long`` /
 ``no_target_tokens``.
 """
 
@@ -22,10 +23,11 @@ from itertools import chain
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from p2d_ray.config import DataConfig, ModelConfig
 from p2d_ray.data.formatting import Encoded, encode_row
-from p2d_ray.scoring.shards import NONSTRING_COL, RAW_COL
+from p2d_ray.scoring.shards import NONSTRING_COL, RAW_COL, UNREADABLE_COL
 
 DUP_COL = "_dup"
 REASON_COL = "reason"
@@ -93,6 +95,39 @@ def _tokenizer(model_json: str):
     return load_tokenizer(ModelConfig.model_validate_json(model_json))
 
 
+def invalid_utf8(column: pa.ChunkedArray | pa.Array) -> np.ndarray | None:
+    """Bool mask of rows whose string value is not valid UTF-8, or None when all are valid (one vectorised
+    check; the per-row decode runs only for a column that failed it)."""
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        return None
+    try:
+        column.validate(full=True)
+        return None
+    except pa.ArrowInvalid:
+        values = column.cast(pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary())
+        bad = np.zeros(len(column), dtype=bool)
+        for i, v in enumerate(values.to_pylist()):
+            if v is not None:
+                try:
+                    v.decode("utf-8")
+                except UnicodeDecodeError:
+                    bad[i] = True
+        return bad
+
+
+def _raw_json(block: pa.Table, columns: list[str], i: int) -> str:
+    """A bad_utf8 row's values as JSON, undecodable bytes shown as escapes."""
+    out = {}
+    for c in columns:
+        v = block.column(c)[i]
+        if pa.types.is_string(v.type) or pa.types.is_large_string(v.type):
+            b = v.cast(pa.binary()).as_py()
+            out[c] = None if b is None else b.decode("utf-8", errors="backslashreplace")
+        else:
+            out[c] = v.as_py()
+    return json.dumps(out, default=str)
+
+
 def tokenize_block(
     block: pa.Table,
     model_json: str,
@@ -117,8 +152,31 @@ def tokenize_block(
     null_id = ids.is_null().to_numpy(zero_copy_only=False)
     dup = block.column(DUP_COL).to_numpy(zero_copy_only=False) if DUP_COL in block.column_names else None
     nonstring = block.column(NONSTRING_COL).to_numpy(zero_copy_only=False)
+    unreadable = (
+        block.column(UNREADABLE_COL).to_pylist() if UNREADABLE_COL in block.column_names else [None] * n
+    )
+    raw = block.column(RAW_COL).to_pylist()
+    bad_utf8 = np.zeros(n, dtype=bool)
+    for c in [id_col, *text_columns]:
+        bad = invalid_utf8(block.column(c))
+        if bad is not None:
+            for i in np.flatnonzero(bad & ~bad_utf8):
+                raw[i] = _raw_json(block, [id_col, *text_columns], i)
+            bad_utf8 |= bad
+            if c != id_col:  # null the bad values so the rest of the block decodes
+                idx = block.schema.get_field_index(c)
+                block = block.set_column(
+                    idx, c, pc.if_else(pa.array(bad), None, block.column(c).cast(pa.string()))
+                )
+    if bad_utf8.any() and invalid_utf8(ids) is not None:
+        ids = pc.if_else(pa.array(bad_utf8), None, ids.cast(pa.binary())).cast(ids.type, safe=False)
     for i in range(n):
-        if null_id[i]:
+        if unreadable[i] is not None:
+            reasons[i] = "unreadable"
+            raw[i] = json.dumps({"error": unreadable[i]})
+        elif bad_utf8[i]:
+            reasons[i] = "bad_utf8"
+        elif null_id[i]:
             reasons[i] = "null_id"
         elif dup is not None and dup[i]:
             reasons[i] = "duplicate_id"
@@ -133,7 +191,6 @@ def tokenize_block(
             reasons[i] = enc
         else:
             encoded[i] = enc
-    raw = block.column(RAW_COL).to_pylist()
     row_json = [
         None
         if reasons[i] is None

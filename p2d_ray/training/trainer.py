@@ -231,7 +231,7 @@ def time_train_steps(cfg: P2DConfig, adaptation: str, n_steps: int, data_path: s
     Raises:
         ValueError: unknown adaptation, n_steps < 1, or no trainable rows.
     """
-    from p2d_ray.data.paths import corpus_path
+    from p2d_ray.data.ingest import corpus_parquet as corpus_path  # any corpus a user has, as Parquet
     from p2d_ray.models.loading import load_model, load_tokenizer
     from p2d_ray.models.loss import MaskedLM
     from p2d_ray.training.adaptation import ADAPTATIONS, prepare_model
