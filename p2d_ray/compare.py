@@ -4,9 +4,9 @@ Everything runs through the same stage functions as ``p2d-ray run`` (so it runs 
 unchanged on a cluster), in ``<run_dir>/compare/``:
 
     sources/<name>/        localize + score, once per scoring source (resumable like `p2d-ray run`)
-        task               influence under the localised task heads        -> p2d (and random: ids only)
+        task               score.scorer under the localised task heads     -> p2d (and random: ids only)
         task_contrastive   the same, localize.contrast=corpus              -> p2d_contrastive
-        random_heads_s<k>  influence under random heads (seed k)           -> random_heads
+        random_heads_s<k>  score.scorer under random heads (seed k)        -> random_heads
         perplexity         ungated loss                                    -> perplexity, perplexity_high
         ifd                IFD                                             -> ifd
     select/<selector>[_s<k>]/   scores -> subset (symlinked scores; seeded selectors once per seed)
@@ -75,14 +75,14 @@ def source_config(cfg: P2DConfig, root: Path, name: str) -> tuple[P2DConfig, tup
     """(config, stages) of a scoring source."""
     run_dir = root / "sources" / name
     if name == "task":
-        return _derive(cfg, run_dir, score={"scorer": "influence"}), ("localize", "score")
+        return _derive(cfg, run_dir, score={"scorer": cfg.score.scorer}), ("localize", "score")
     if name == "task_contrastive":
-        derived = _derive(cfg, run_dir, score={"scorer": "influence"}, localize={"contrast": "corpus"})
+        derived = _derive(cfg, run_dir, score={"scorer": cfg.score.scorer}, localize={"contrast": "corpus"})
         return derived, ("localize", "score")
     if name.startswith("random_heads_s"):
         seed = int(name.removeprefix("random_heads_s"))
         derived = _derive(
-            cfg, run_dir, seed=seed, score={"scorer": "influence"}, localize={"control": "random_heads"}
+            cfg, run_dir, seed=seed, score={"scorer": cfg.score.scorer}, localize={"control": "random_heads"}
         )
         return derived, ("localize", "score")
     if name in ("perplexity", "ifd"):

@@ -86,7 +86,7 @@ class LocalizeConfig(_Section):
 class ScoreConfig(_Section):
     scorer: Literal[
         "influence", "activation", "perplexity", "ifd", "icl_attention", "gradient_alignment", "noop"
-    ] = "influence"
+    ] = "gradient_alignment"  # the default by measurement (RESULTS.md)
     gate_mode: Literal["zero", "uniform"] = "zero"
     batch_size: int = Field(16, ge=1)
     # Actor pool: same shape drives 1 CPU actor on a laptop and 64 GPU actors on a fleet.
@@ -249,7 +249,7 @@ SELECTORS = ("p2d", "p2d_contrastive", "random_heads", "random", "perplexity", "
 class CompareConfig(_Section):
     """``p2d-ray compare``: every selector x adaptation x seed through the same select -> train -> evaluate.
 
-    Selectors: ``p2d`` (influence under the localised task heads, ``localize`` as configured),
+    Selectors: ``p2d`` (``score.scorer`` under the localised task heads, ``localize`` as configured),
     ``p2d_contrastive`` (the same with ``localize.contrast=corpus``), ``random_heads`` (the falsification
     control: P2D with random heads of the task heads' count per layer, new heads per seed), ``random``
     (seeded uniform), ``perplexity`` (lowest loss first), ``perplexity_high`` (highest first), ``ifd``.

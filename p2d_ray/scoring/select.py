@@ -335,7 +335,7 @@ def _check_inputs(cfg: P2DConfig, store: ScoreStore) -> tuple[dict, list[Shard]]
     sel = cfg.select
     needs = {
         "loss_gated": ("influence", "ifd"),
-        "loss_full": ("influence", "activation", "perplexity", "ifd"),
+        "loss_full": ("influence", "activation", "perplexity", "ifd", "gradient_alignment"),
     }
     if sel.score_column in needs and manifest["scorer"] not in needs[sel.score_column]:
         raise ValueError(
