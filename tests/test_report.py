@@ -61,6 +61,7 @@ def test_full_train_steps_match_the_subset_epochs():
 
 
 def test_baseline_config_is_full_finetuning_on_the_corpus(tmp_path):
+    _write(tmp_path / "corpus" / "part-0.parquet", [{"id": 0, "text": "a corpus the baseline trains on"}])
     cfg = build_config(
         {},
         [
@@ -165,6 +166,7 @@ def _lay_out_run(root, tiny_llama):
             "train.batch_size=4",
             "train.max_steps=1",
             "report.timing_steps=2",
+            "score.scorer=influence",  # names the variant ("heads x influence 10%")
         ],
     )
 
