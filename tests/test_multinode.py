@@ -35,6 +35,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 from conftest import save_tiny_model
+from helpers import write_parts, write_probe_and_heldout
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -282,22 +283,13 @@ def cluster():
 @pytest.fixture(scope="module")
 def job(cluster, tmp_path_factory):
     """The whole pipeline submitted as a Ray job; waits for it under a deadline."""
-    from p2d_ray.assets.synthetic import generate_corpus, generate_heldout, generate_probe
+    from p2d_ray.assets.synthetic import generate_corpus
 
     data = tmp_path_factory.mktemp("multinode_data")
     corpus = generate_corpus(N_CORPUS, seed=0)
-    (data / "corpus").mkdir()
-    half = N_CORPUS // 2
-    for i in range(2):  # 2 files x 2 row groups: 4 shards to spread over the actors
-        pq.write_table(
-            corpus.slice(i * half, half), data / "corpus" / f"part-{i}.parquet", row_group_size=100
-        )
-    used = corpus.column("prompt").to_pylist()
-    probe = generate_probe(used, n_rows=32)
-    pq.write_table(probe, data / "probe.parquet")
-    pq.write_table(
-        generate_heldout(used + probe.column("prompt").to_pylist(), n_rows=16), data / "heldout.parquet"
-    )
+    # 2 files x 2 row groups: 4 shards to spread over the actors
+    write_parts(data / "corpus", corpus, 2, row_group_size=100)
+    write_probe_and_heldout(data, corpus, n_probe=32, n_heldout=16)
     model = save_tiny_model(data / "model", "llama")
     run_dir = data / "run"
 

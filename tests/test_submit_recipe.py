@@ -28,6 +28,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from conftest import save_tiny_model
+from helpers import write_parts, write_probe_and_heldout
 from test_multinode import NODE_START_TIMEOUT_S, REPO, LocalRayCluster
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -55,17 +56,12 @@ def node():
 
 @pytest.fixture(scope="module")
 def submitted(node, tmp_path_factory):
-    from p2d_ray.assets.synthetic import generate_corpus, generate_heldout, generate_probe
+    from p2d_ray.assets.synthetic import generate_corpus
 
     data = tmp_path_factory.mktemp("recipe")
     corpus = generate_corpus(N_CORPUS, seed=0)
-    (data / "corpus").mkdir()
-    pq.write_table(corpus, data / "corpus" / "part-0.parquet", row_group_size=100)
-    used = corpus.column("prompt").to_pylist()
-    probe = generate_probe(used, n_rows=16)
-    pq.write_table(probe, data / "probe.parquet")
-    heldout = generate_heldout(used + probe.column("prompt").to_pylist(), n_rows=8)
-    pq.write_table(heldout, data / "heldout.parquet")
+    write_parts(data / "corpus", corpus, 1, row_group_size=100)
+    write_probe_and_heldout(data, corpus, n_probe=16, n_heldout=8)
     model = save_tiny_model(data / "model", "llama")
     run_dir = data / "run"
 
