@@ -34,6 +34,20 @@ def write_probe_and_heldout(root: Path, corpus: pa.Table, n_probe: int, n_heldou
     pq.write_table(heldout, root / "heldout.parquet")
 
 
+def write_job_inputs(root: Path, n_corpus: int, n_files: int, n_probe: int, n_heldout: int) -> str:
+    """What a submitted job reads, as a user would have it: the demo mixture as
+    ``root/corpus/part-{i}.parquet`` (``n_files`` files of row groups of 100 rows), ``root/probe.parquet``,
+    ``root/heldout.parquet``, and a tiny random Llama in ``root/model``. Returns the model's path."""
+    from conftest import save_tiny_model
+
+    from p2d_ray.assets.synthetic import generate_corpus
+
+    corpus = generate_corpus(n_corpus, seed=0)
+    write_parts(root / "corpus", corpus, n_files, row_group_size=100)
+    write_probe_and_heldout(root, corpus, n_probe, n_heldout)
+    return save_tiny_model(root / "model", "llama")
+
+
 def write_scores(run_dir: Path, corpus: Path, columns: Callable[[pa.ChunkedArray], dict]) -> None:
     """A complete scores directory for the Parquet ``corpus`` (one shard per row group, ``id`` keyed),
     written through the same ScoreStore API the pipeline uses (marker last). ``columns(ids)`` gives a
