@@ -13,7 +13,6 @@ Ray task per shard with the exact running merge on the driver. The result is che
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import resource
@@ -21,6 +20,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks import save_result, uptime
 
 
 def write_scored(root: Path, n_rows: int, n_shards: int) -> None:
@@ -139,13 +140,9 @@ def main(argv=None) -> dict:
         "runs": runs,
         "driver_peak_rss_mb_after_small": rss_small,
         "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "uptime": os.popen("uptime").read().strip(),
+        "uptime": uptime(),
     }
-    print(json.dumps(out, indent=1))
-    results = Path(__file__).resolve().parent / "results"
-    results.mkdir(exist_ok=True)
-    (results / "select_scale.json").write_text(json.dumps(out, indent=1))
-    return out
+    return save_result("select_scale", out)
 
 
 if __name__ == "__main__":
