@@ -28,7 +28,7 @@ def test_stage_help_says_what_it_reads_writes_and_its_keys_with_schema_defaults(
     assert rc == 0
     assert "reads:" in out and "data.corpus_path" in out and "scores/*.parquet" in out
     assert f"score.batch_size = {ScoreConfig().batch_size}  int" in out
-    assert 'score.scorer = "influence"  {influence, activation' in out
+    assert f'score.scorer = "{ScoreConfig().scorer}"  {{influence, activation' in out  # default + choices
     rc, train_help, _ = _run(capsys, "train", "--help")
     assert f"train.lr = {TrainConfig().lr}  float" in train_help and "score.batch_size =" not in train_help
     assert train_help != out  # each stage has its own help

@@ -67,7 +67,9 @@ def test_p2d_demo_name_loads_the_cached_model(demo_cache):
     text = "Tom has 3 apples and gets 4 more. How many apples does Tom have now?\n3 + 4 = 7. #### 7"
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == text
-    assert len(ids) < len(text) // 2  # BPE trained on the mixture: far shorter than bytes
+    # BPE trained on the mixture: far shorter than bytes (44 tokens for these 86 bytes with the two-target
+    # generator's wider vocabulary at vocab 384; 1 token per byte without merges)
+    assert len(ids) < 0.6 * len(text)
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits
     assert logits.shape == (1, len(ids), len(tok)) and torch.isfinite(logits).all()
