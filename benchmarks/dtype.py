@@ -13,10 +13,10 @@ of the top 10% by influence score.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 from pathlib import Path
+
+from benchmarks import save_result, uptime
 
 SMOLLM2 = "smollm2-135m"
 
@@ -100,13 +100,9 @@ def main(argv=None) -> dict:
         "influence_score_abs_diff_median": float(np.median(np.abs(sa - sb))),
         "spearman_influence_fp32_bf16": spearman(sa, sb),
         "top10pct_overlap_influence": top_overlap,
-        "uptime": os.popen("uptime").read().strip(),
+        "uptime": uptime(),
     }
-    print(json.dumps(out, indent=1))
-    results = Path(__file__).resolve().parent / "results"
-    results.mkdir(exist_ok=True)
-    (results / "dtype.json").write_text(json.dumps(out, indent=1))
-    return out
+    return save_result("dtype", out)
 
 
 if __name__ == "__main__":

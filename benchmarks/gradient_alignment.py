@@ -108,12 +108,16 @@ def precision(rows, values, task, frac=0.10, descending=True):
     return sum(rows[i]["kind"] == task for i in order[:k]) / k
 
 
-def quality(args):
+def setup(args):
+    """(tokenizer, model, mixture rows, their batches, config) for ``--model`` and ``--rows``."""
     cfg_model = ModelConfig(name_or_path=args.model)
     tok, model = load_tokenizer(cfg_model), load_model(cfg_model)
     rows = mixture(args.rows)
-    bl = batches(rows, tok)
-    cfg = build_config({"model": {"name_or_path": args.model}, "seed": 0})
+    return tok, model, rows, batches(rows, tok), build_config({"model": {"name_or_path": args.model}, "seed": 0})
+
+
+def quality(args):
+    tok, model, rows, bl, cfg = setup(args)
     results = {}
     for task in args.tasks:
         prows = probe(task, args.probe_rows)
@@ -147,11 +151,7 @@ def quality(args):
 
 
 def cost(args):
-    cfg_model = ModelConfig(name_or_path=args.model)
-    tok, model = load_tokenizer(cfg_model), load_model(cfg_model)
-    rows = mixture(args.rows)
-    bl = batches(rows, tok)
-    cfg = build_config({"model": {"name_or_path": args.model}, "seed": 0})
+    tok, model, rows, bl, cfg = setup(args)
     prows = probe("arith", args.probe_rows)
     heads = localize_heads(model, prows, tok, cfg)
     if args.min_layer:  # the same number of heads, the best-scoring ones at or above --min-layer

@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
 import resource
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks import save_result, uptime
 
 SMOLLM2 = "smollm2-135m"
 
@@ -82,7 +83,7 @@ def main(argv=None) -> dict:
         }
     )
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    load_before = os.popen("uptime").read().strip()
+    load_before = uptime()
     t, c = time.perf_counter(), time.process_time()
     out = run_score(cfg)
     score_wall, driver_cpu = time.perf_counter() - t, time.process_time() - c
@@ -108,13 +109,9 @@ def main(argv=None) -> dict:
         "n_selected": sel["n_selected"],
         "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "uptime_before": load_before,
-        "uptime_after": os.popen("uptime").read().strip(),
+        "uptime_after": uptime(),
     }
-    print(json.dumps(result, indent=1))
-    results = Path(__file__).resolve().parent / "results"
-    results.mkdir(exist_ok=True)
-    (results / f"score_scale_{args.rows}.json").write_text(json.dumps(result, indent=1))
-    return result
+    return save_result(f"score_scale_{args.rows}", result)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,15 @@ Ray task per shard with the exact running merge on the driver. The result is che
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks import save_result, uptime
 
 
 def write_scored(root: Path, n_rows: int, n_shards: int) -> None:
@@ -29,8 +31,8 @@ def write_scored(root: Path, n_rows: int, n_shards: int) -> None:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from p2d_ray.scoring.outputs import ScoreStore
-    from p2d_ray.scoring.shards import plan_shards, read_shard
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from helpers import write_scores
 
     corpus = root / "corpus"
     corpus.mkdir(parents=True)
@@ -47,31 +49,17 @@ def write_scored(root: Path, n_rows: int, n_shards: int) -> None:
                 pa.array(rng.integers(0, 4, len(ids)), pa.int8()), ["a", "b", "c", "d"]
             ).cast(pa.string())
             w.write_table(pa.table({"id": ids, "task": task, "text": text}), row_group_size=per)
-    shards, _ = plan_shards(str(corpus), ["id"])
-    store = ScoreStore(root / "run")
-    store.open(
-        {
-            "fingerprint": "f0",
-            "identity": {},
-            "scorer": "influence",
-            "corpus": str(corpus),
-            "icl_demos": [],
-            "shards": [s.to_dict() for s in shards],
-        }
-    )
-    for shard in shards:
-        ids = read_shard(shard, ["id"]).column("id")
+
+    def columns(ids) -> dict:
         n = len(ids)
-        scores = pa.table(
-            {
-                "id": ids,
-                "score": np.round(rng.normal(size=n), 3),  # 3 decimals: many ties, also at the threshold
-                "loss_full": rng.random(n),
-                "loss_gated": rng.random(n),
-                "n_tokens": np.full(n, 5, np.int64),
-            }
-        )
-        store.write_shard(shard, scores, pa.table({}), {"fingerprint": "f0"}, {"scorer": "influence"})
+        return {
+            "score": np.round(rng.normal(size=n), 3),  # 3 decimals: many ties, also at the threshold
+            "loss_full": rng.random(n),
+            "loss_gated": rng.random(n),
+            "n_tokens": np.full(n, 5, np.int64),
+        }
+
+    write_scores(root / "run", corpus, columns)
 
 
 def check(root: Path, out: dict) -> bool:
@@ -152,13 +140,9 @@ def main(argv=None) -> dict:
         "runs": runs,
         "driver_peak_rss_mb_after_small": rss_small,
         "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "uptime": os.popen("uptime").read().strip(),
+        "uptime": uptime(),
     }
-    print(json.dumps(out, indent=1))
-    results = Path(__file__).resolve().parent / "results"
-    results.mkdir(exist_ok=True)
-    (results / "select_scale.json").write_text(json.dumps(out, indent=1))
-    return out
+    return save_result("select_scale", out)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,11 @@ from p2d_ray.stages import REPORT, STAGE_BY_NAME, STAGE_TABLE, STAGES
 __all__ = ["RunDir", "STAGES", "stage_fingerprint"]
 
 
+def _entry(name: str) -> property:
+    """A read-only ``RunDir`` attribute: the path of ``name`` in the layout above."""
+    return property(lambda self: self.path(name), doc=f"<run_dir>/{name}")
+
+
 class RunDir:
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -36,29 +41,18 @@ class RunDir:
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
 
-    @property
-    def heads_json(self) -> Path:
-        return self.path("heads.json")
-
-    @property
-    def scores(self) -> Path:
-        return self.path("scores")
-
-    @property
-    def quarantine(self) -> Path:
-        return self.path("quarantine")
-
-    @property
-    def subset(self) -> Path:
-        return self.path("subset")
-
-    @property
-    def adapter(self) -> Path:
-        return self.path("adapter")
+    heads_json = _entry("heads.json")
+    scores = _entry("scores")
+    quarantine = _entry("quarantine")
+    subset = _entry("subset")
+    adapter = _entry("adapter")
 
     # -- stage records ----------------------------------------------------------------------------
+    def _record_path(self, stage: str) -> Path:
+        return self.path("stages", f"{stage}.json")
+
     def stage_record(self, stage: str) -> dict | None:
-        p = self.path("stages", f"{stage}.json")
+        p = self._record_path(stage)
         return json.loads(p.read_text()) if p.is_file() else None
 
     def stage_done(self, stage: str, fingerprint: str) -> bool:
@@ -66,7 +60,7 @@ class RunDir:
         return rec is not None and rec.get("fingerprint") == fingerprint
 
     def record_stage(self, stage: str, seconds: float, fingerprint: str, **extra) -> None:
-        p = self.path("stages", f"{stage}.json")
+        p = self._record_path(stage)
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(json.dumps({"stage": stage, "seconds": seconds, "fingerprint": fingerprint, **extra}))
 

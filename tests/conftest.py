@@ -12,6 +12,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 
+# The tiny GQA Llama shape every tiny model here shares: 2 layers x 4 query heads, 2 kv heads, hidden 64.
+TINY_LLAMA = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+)
+
+
 def save_tiny_model(path, family: str = "llama", seed: int = 0, **overrides):
     """Build a tiny random causal LM of ``family`` with the byte-level tokenizer and save it
     (safetensors) under ``path``. Returns the path as str."""
@@ -53,12 +60,7 @@ def save_tiny_model(path, family: str = "llama", seed: int = 0, **overrides):
             "mistral": (MistralConfig, MistralForCausalLM),
             "qwen2": (Qwen2Config, Qwen2ForCausalLM),
         }[family]
-        kw = dict(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
-        )
-        kw.update(overrides)
-        model = cls_model(cls_cfg(**common, **kw))
+        model = cls_model(cls_cfg(**common, **{**TINY_LLAMA, **overrides}))
     model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     return str(path)
@@ -68,6 +70,17 @@ def save_tiny_model(path, family: str = "llama", seed: int = 0, **overrides):
 def tiny_llama(tmp_path_factory) -> str:
     """Path of a tiny random Llama (2 layers x 4 query heads, 2 kv heads: GQA) with a byte tokenizer."""
     return save_tiny_model(tmp_path_factory.mktemp("tiny_llama"), "llama")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and on a busy 2-core machine two OpenMP threads
+    spinning for each other made the planted-model training ~20x slower (measured: 3-5 s vs 45-90 s).
+    A module asks for it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

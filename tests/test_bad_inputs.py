@@ -147,28 +147,22 @@ def run_missing_corpus(tmp, model):
     return Case("run", {"data.corpus_path": tmp / "nowhere"}, 2, "no such file or directory")
 
 
-def heads_other_model(tmp, model):
+def _score_refuses_heads(tmp, message: str) -> Case:
+    """Scoring a good corpus with a scorer that reads heads.json (the caller wrote a bad one): refused."""
     _write(tmp / "c" / "x.parquet", GOOD)
+    return Case("score", {"data.corpus_path": tmp / "c", "score.scorer": "influence"}, 2, message)
+
+
+def heads_other_model(tmp, model):
     geo = geometry_from_config(AutoConfig.from_pretrained(model))
     HeadSet(((0, 1),), geo, {"model_fingerprint": "0123456789abcdef"}).save(tmp / "run" / "heads.json")
-    return Case(
-        "score",
-        {"data.corpus_path": tmp / "c", "score.scorer": "influence"},
-        2,
-        "heads were localised on a model with fingerprint 0123456789abcdef",
-    )
+    return _score_refuses_heads(tmp, "heads were localised on a model with fingerprint 0123456789abcdef")
 
 
 def heads_not_json(tmp, model):
-    _write(tmp / "c" / "x.parquet", GOOD)
     (tmp / "run").mkdir()
     (tmp / "run" / "heads.json").write_text('{"heads": [[0, 1]')
-    return Case(
-        "score",
-        {"data.corpus_path": tmp / "c", "score.scorer": "influence"},
-        2,
-        "heads.json is not valid JSON",
-    )
+    return _score_refuses_heads(tmp, "heads.json is not valid JSON")
 
 
 def probe_without_responses(tmp, model):

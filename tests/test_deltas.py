@@ -8,10 +8,11 @@ from collections import Counter
 import pytest
 import torch
 from conftest import save_tiny_model
+from helpers import assert_only_heads_moved
 
 from p2d_ray.config import DataConfig
 from p2d_ray.heads.headset import HeadSet
-from p2d_ray.models.geometry import attention_geometry, head_params, slice_weight
+from p2d_ray.models.geometry import attention_geometry
 from p2d_ray.training.deltas import (
     HeadDelta,
     attach_head_deltas,
@@ -32,18 +33,6 @@ def _tokens(seed: int = 0, B: int = 3, T: int = 12, vocab: int = 200) -> dict:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, vocab, (B, T), generator=g)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
-def _selected_mask(model, heads: HeadSet, train_o_proj: bool = True) -> dict[str, torch.Tensor]:
-    """Per parameter name, a bool mask of the entries the selected heads own."""
-    geo = attention_geometry(model)
-    masks = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in model.named_parameters()}
-    names = {id(p): n for n, p in model.named_parameters()}
-    for layer, head in heads:
-        hp = head_params(model, geo, layer, head)
-        for ws in [hp.q, hp.k, hp.v] + ([hp.o] if train_o_proj else []):
-            slice_weight(ws, masks[names[id(ws.module.weight)]]).fill_(True)
-    return masks
 
 
 def test_gqa_group_trained_once_and_optimizer_holds_only_deltas(tiny_llama):
@@ -110,14 +99,8 @@ def test_training_moves_only_selected_slices_and_loss_falls(tiny_llama):
     assert not any(isinstance(m, HeadDelta) for m in model.modules())
     with torch.no_grad():
         torch.testing.assert_close(model(**x).logits, hooked, atol=1e-5, rtol=1e-5)
-    masks = _selected_mask(model, heads)
-    base_params = dict(base.named_parameters())
-    assert set(base_params) == {n for n, _ in model.named_parameters()}
-    for name, p in model.named_parameters():
-        b, m = base_params[name], masks[name]
-        assert torch.equal(p[~m], b[~m]), f"{name}: entries outside the selected heads changed"
-        if m.any():
-            assert not torch.equal(p[m], b[m]), f"{name}: selected entries did not move"
+    assert {n for n, _ in base.named_parameters()} == {n for n, _ in model.named_parameters()}
+    assert_only_heads_moved(model, base, heads)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "qwen2"])
@@ -136,13 +119,7 @@ def test_fused_and_biased_families_merge_equals_hooks(tmp_path, family):
         assert not torch.allclose(hooked, base(**x).logits, atol=1e-3)
         merge_head_deltas(model)
         torch.testing.assert_close(model(**x).logits, hooked, atol=1e-5, rtol=1e-5)
-    masks = _selected_mask(model, heads)
-    base_params = dict(base.named_parameters())
-    for name, p in model.named_parameters():
-        m = masks[name]
-        assert torch.equal(p[~m], base_params[name][~m]), name
-        if m.any():
-            assert not torch.equal(p[m], base_params[name][m]), name
+    assert_only_heads_moved(model, base, heads)
 
 
 def test_heads_from_another_model_are_rejected(tiny_llama, tmp_path):

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from helpers import write_parts
 
 from p2d_ray.cli import main
 from p2d_ray.rundir import STAGES, RunDir
@@ -38,14 +39,8 @@ def _rows(n: int, start: int, seed: int, noisy: bool) -> list[dict]:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_llama):
     root = tmp_path_factory.mktemp("e2e")
-    (root / "corpus").mkdir()
-    corpus = _rows(96, 0, 0, noisy=True)
-    for i in range(2):  # two files of two row groups: four shards
-        pq.write_table(
-            pa.Table.from_pylist(corpus[i * 48 : (i + 1) * 48]),
-            root / "corpus" / f"part-{i}.parquet",
-            row_group_size=24,
-        )
+    # two files of two row groups: four shards
+    write_parts(root / "corpus", pa.Table.from_pylist(_rows(96, 0, 0, noisy=True)), 2, row_group_size=24)
     pq.write_table(pa.Table.from_pylist(_rows(8, 1000, 1, noisy=False)), root / "probe.parquet")
     pq.write_table(pa.Table.from_pylist(_rows(8, 2000, 2, noisy=False)), root / "heldout.parquet")
     config = {

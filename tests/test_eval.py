@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_LLAMA
 
 from p2d_ray.config import build_config
 from p2d_ray.data.formatting import collate, encode_row
@@ -77,14 +78,8 @@ def save_answering_model(path, answer: str, seed: int = 0) -> str:
     assert len(ans) == 1 and hashes != tok.unk_token_id, "the tokenizer must merge '####' and ' <answer>'"
     torch.manual_seed(seed)
     cfg = LlamaConfig(
+        **{**TINY_LLAMA, "max_position_embeddings": 256},
         vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,

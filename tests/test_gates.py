@@ -14,16 +14,7 @@ from p2d_ray.models.geometry import attention_geometry, output_projections, valu
 from p2d_ray.models.loading import load_model
 
 FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from a second thread, and on a busy 2-core machine two OpenMP threads
-    spinning for each other made the planted-model training ~20x slower (measured: 3-5 s vs 45-90 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -42,6 +42,12 @@ def _batch(tok, rows):
     return collate(enc, tok.pad_token_id)
 
 
+def _row_losses(model, batch) -> torch.Tensor:
+    """Each row's mean response loss [B] from a plain full forward (the reference)."""
+    hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"])
+    return loss_from_hidden(model, hidden, batch["input_ids"], batch["loss_mask"]).mean
+
+
 def _model(tmp_path_factory, family, **kw):
     # 3 layers so that a head set starting at layer 1 or 2 really skips layers; init 0.3 so that shifting
     # or gating heads moves the loss far above the tolerances.
@@ -109,10 +115,7 @@ def test_influence_with_shared_layers_matches_full_forwards(llama, mode):
     heads = HeadSet(((1, 1), (2, 0), (2, 3)), attention_geometry(model))  # lowest gated layer 1 of 3
     batch = _batch(tok, ROWS)
     with torch.no_grad():
-        full = loss_from_hidden(
-            model, hidden_states(model, batch["input_ids"], batch["attention_mask"]),
-            batch["input_ids"], batch["loss_mask"],
-        ).mean
+        full = _row_losses(model, batch)
         logits = gated_forward(model, batch["input_ids"], batch["attention_mask"], heads.gates_off(), mode)
         logp = torch.log_softmax(logits.float(), -1)[:, :-1]
         nll = -logp.gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
@@ -141,10 +144,7 @@ def test_probe_gradient_is_the_unit_gradient_of_the_heads_slices(llama):
     flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
-    loss = loss_from_hidden(
-        model, hidden_states(model, batch["input_ids"], batch["attention_mask"]),
-        batch["input_ids"], batch["loss_mask"],
-    ).mean.mean()
+    loss = _row_losses(model, batch).mean()
     model.zero_grad()
     loss.backward()
     # Collect each head's slices' gradient once (GQA group shared by heads 0 and 1 counted once).
@@ -187,10 +187,7 @@ def _autograd_derivative(model, batch, pg):
         ws = [modules[s.module_name].weight for s in pg.specs]
         for w in ws:
             w.requires_grad_(True)
-        loss = loss_from_hidden(
-            model, hidden_states(model, row["input_ids"], row["attention_mask"]),
-            row["input_ids"], row["loss_mask"],
-        ).mean.sum()
+        loss = _row_losses(model, row).sum()
         grads = torch.autograd.grad(loss, ws)
         for w in ws:
             w.requires_grad_(False)

@@ -6,6 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import TINY_LLAMA
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from p2d_ray.config import LocalizeConfig, ModelConfig, build_config, load_config
@@ -27,16 +28,7 @@ from p2d_ray.models.geometry import attention_geometry, head_params
 PLANTED = (1, 2)  # layer 1, query head 2: kv group 1, shared with head 3 (GQA)
 VOCAB, BOS, SEP = 32, 0, 1
 KEYS = (2, 10)  # the token to recall is drawn from [2, 10); filler from [10, 32)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from a second thread, and on a busy 2-core machine two OpenMP threads
-    spinning for each other made the planted-model training ~20x slower (measured: 3-5 s vs 45-90 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def recall_batch(B: int, seed: int, n_fill: int = 8) -> dict[str, torch.Tensor]:
@@ -59,17 +51,7 @@ def planted_model():
     stream cannot look back) is PLANTED. Training with the others always off instead left the model
     sensitive to their untrained outputs, and then a random layer-0 head could out-rank PLANTED."""
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(cfg)
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, "vocab_size": VOCAB, "max_position_embeddings": 64}))
     geo = attention_geometry(model)
     frozen = []  # weight slices of the non-planted heads
     for layer in range(geo.n_layers):

@@ -34,7 +34,7 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 import pytest
-from conftest import save_tiny_model
+from helpers import write_job_inputs
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -225,6 +225,19 @@ class LocalRayCluster:
         found.pop(os.getpid(), None)
         return [p for p in found.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
+    @classmethod
+    @contextlib.contextmanager
+    def in_tempdir(cls, prefix: str, extra_env: dict[str, str]):
+        """A cluster rooted in a fresh short directory under /tmp (Ray's Unix sockets live under it and
+        socket paths are limited to 107 bytes); on exit its nodes are stopped and the directory removed."""
+        root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+        cluster = cls(root, extra_env)
+        try:
+            yield cluster
+        finally:
+            cluster.stop()
+            shutil.rmtree(root, ignore_errors=True)
+
     def stop(self) -> list[str]:
         """Stop our nodes only; returns descriptions of processes that needed SIGKILL.
 
@@ -255,50 +268,28 @@ class LocalRayCluster:
 
 @pytest.fixture(scope="module")
 def cluster():
-    # A short root: Ray's Unix sockets live under it and socket paths are limited to 107 bytes.
-    root = Path(tempfile.mkdtemp(prefix="p2dmn-", dir="/tmp"))
     cache = os.environ.get("P2D_RAY_CACHE") or str(REPO / ".cache" / "p2d-ray")
     ext = os.environ.get("TORCH_EXTENSIONS_DIR") or str(REPO / ".cache" / "torch_extensions")
-    c = LocalRayCluster(
-        root,
-        {
-            "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "P2D_RAY_CACHE": cache,
-            "TORCH_EXTENSIONS_DIR": ext,
-            "DS_ACCELERATOR": "cpu",
-        },
-    )
-    deadline = time.monotonic() + NODE_START_TIMEOUT_S
-    try:
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "P2D_RAY_CACHE": cache,
+        "TORCH_EXTENSIONS_DIR": ext,
+        "DS_ACCELERATOR": "cpu",
+    }
+    with LocalRayCluster.in_tempdir("p2dmn-", env) as c:
+        deadline = time.monotonic() + NODE_START_TIMEOUT_S
         c.start_head(num_cpus=2, deadline=deadline)
         c.nodes = c.add_node(num_cpus=2, deadline=deadline)
         yield c
-    finally:
-        c.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def job(cluster, tmp_path_factory):
     """The whole pipeline submitted as a Ray job; waits for it under a deadline."""
-    from p2d_ray.assets.synthetic import generate_corpus, generate_heldout, generate_probe
-
     data = tmp_path_factory.mktemp("multinode_data")
-    corpus = generate_corpus(N_CORPUS, seed=0)
-    (data / "corpus").mkdir()
-    half = N_CORPUS // 2
-    for i in range(2):  # 2 files x 2 row groups: 4 shards to spread over the actors
-        pq.write_table(
-            corpus.slice(i * half, half), data / "corpus" / f"part-{i}.parquet", row_group_size=100
-        )
-    used = corpus.column("prompt").to_pylist()
-    probe = generate_probe(used, n_rows=32)
-    pq.write_table(probe, data / "probe.parquet")
-    pq.write_table(
-        generate_heldout(used + probe.column("prompt").to_pylist(), n_rows=16), data / "heldout.parquet"
-    )
-    model = save_tiny_model(data / "model", "llama")
+    # 2 files x 2 row groups: 4 shards to spread over the actors
+    model = write_job_inputs(data, N_CORPUS, n_files=2, n_probe=32, n_heldout=16)
     run_dir = data / "run"
 
     submit = cluster.ray(

@@ -16,9 +16,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import write_probe_and_heldout
 
 from p2d_ray.assets import SMOLLM2, resolve_model
-from p2d_ray.assets.synthetic import generate_corpus, generate_heldout, generate_probe
+from p2d_ray.assets.synthetic import generate_corpus
 from p2d_ray.config import ScoreConfig, build_config
 from p2d_ray.heads.headset import HeadSet
 from p2d_ray.models.geometry import attention_geometry
@@ -40,12 +41,7 @@ def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("real_data")
     corpus = generate_corpus(24, seed=5)
     pq.write_table(corpus, root / "corpus.parquet", row_group_size=12)
-    used = corpus.column("prompt").to_pylist()
-    probe = generate_probe(used, n_rows=4)
-    pq.write_table(probe, root / "probe.parquet")
-    pq.write_table(
-        generate_heldout(used + probe.column("prompt").to_pylist(), n_rows=4), root / "heldout.parquet"
-    )
+    write_probe_and_heldout(root, corpus, n_probe=4, n_heldout=4)
     return root
 
 
@@ -183,29 +179,35 @@ def test_every_scorer_scores_every_row(tmp_path, data, localized, ray_local):
             assert values.std() > 0, f"{scorer}: a real model scores different rows differently"
 
 
-@pytest.fixture(scope="module")
-def trained_heads(tmp_path_factory, data, localized, ray_local):
-    """Head deltas trained through Ray Train + DeepSpeed (2 workers, 2 steps), with PEFT and merged export."""
+def _train(run: Path, data: Path, localized: Path, *overrides: str):
+    """``run_train`` through Ray Train + DeepSpeed (2 workers of half a CPU, batch 2) on the localised heads,
+    the whole corpus as the selected subset. Returns (cfg, summary)."""
     import shutil
 
     from p2d_ray.training.trainer import run_train
 
-    run = tmp_path_factory.mktemp("real_heads") / "run"
     (run / "subset").mkdir(parents=True)
     shutil.copy(localized / "heads.json", run / "heads.json")
     shutil.copy(data / "corpus.parquet", run / "subset" / "part-0.parquet")
     cfg = _cfg(
+        run, data, "train.num_workers=2", "train.cpus_per_worker=0.5", "train.batch_size=2", *overrides
+    )
+    return cfg, run_train(cfg)
+
+
+@pytest.fixture(scope="module")
+def trained_heads(tmp_path_factory, data, localized, ray_local):
+    """Head deltas trained through Ray Train + DeepSpeed (2 workers, 2 steps), with PEFT and merged export."""
+    run = tmp_path_factory.mktemp("real_heads") / "run"
+    return _train(
         run,
         data,
+        localized,
         "train.adaptation=heads",
-        "train.num_workers=2",
-        "train.cpus_per_worker=0.5",
-        "train.batch_size=2",
         "train.max_steps=2",
         "train.lr=0.01",
         "train.export_merged=true",
     )
-    return cfg, run_train(cfg)
 
 
 def test_head_deltas_train_and_peft_export_matches(trained_heads, model):
@@ -240,26 +242,16 @@ def test_head_deltas_train_and_peft_export_matches(trained_heads, model):
 
 @pytest.mark.parametrize("adaptation", ["lora", "full"])
 def test_lora_and_full_train_through_ray_train_deepspeed(tmp_path, data, localized, ray_local, adaptation):
-    import shutil
-
-    from p2d_ray.training.trainer import run_train
-
     run = tmp_path / "run"
-    (run / "subset").mkdir(parents=True)
-    shutil.copy(localized / "heads.json", run / "heads.json")
-    shutil.copy(data / "corpus.parquet", run / "subset" / "part-0.parquet")
-    cfg = _cfg(
+    _, summary = _train(
         run,
         data,
+        localized,
         f"train.adaptation={adaptation}",
-        "train.num_workers=2",
-        "train.cpus_per_worker=0.5",
-        "train.batch_size=2",
         "train.max_steps=1",
         "train.lora_r=4",
         "train.zero_stage=1" if adaptation == "full" else "train.zero_stage=2",
     )
-    summary = run_train(cfg)
     assert summary["steps"] == 1 and summary["world_size"] == 2 and summary["ranks_identical"] is True
     n_params = 134_515_008
     if adaptation == "full":

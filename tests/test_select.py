@@ -11,12 +11,11 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import write_scores
 
 from p2d_ray.config import build_config
 from p2d_ray.report.precision import selection_precision
-from p2d_ray.scoring.outputs import ScoreStore
 from p2d_ray.scoring.select import allocate, run_select, total_k
-from p2d_ray.scoring.shards import plan_shards, read_shard
 
 N = 60
 TASK_SIZES = {"a": 30, "b": 20, "c": 10}
@@ -37,6 +36,16 @@ def _known(i: int) -> tuple[float, float]:
     return (i * 7 % 10) / 10, ((i * 3) % 8) / 4
 
 
+def _known_columns(ids: pa.ChunkedArray) -> dict:
+    ids = ids.to_pylist()
+    return {
+        "score": [_known(i)[0] for i in ids],
+        "loss_full": [_known(i)[1] for i in ids],
+        "loss_gated": [0.0] * len(ids),
+        "n_tokens": [5] * len(ids),
+    }
+
+
 @pytest.fixture(scope="module")
 def scored_run(tmp_path_factory):
     """A corpus (2 files, 4 row groups) and a scores directory with known scores, written through the same
@@ -47,30 +56,7 @@ def scored_run(tmp_path_factory):
     rows = _corpus_rows()
     pq.write_table(pa.Table.from_pylist(rows[:36]), corpus / "a.parquet", row_group_size=18)
     pq.write_table(pa.Table.from_pylist(rows[36:]), corpus / "b.parquet", row_group_size=12)
-    shards, _ = plan_shards(str(corpus), ["id"])
-    store = ScoreStore(root / "run")
-    store.open(
-        {
-            "fingerprint": "f0",
-            "identity": {},
-            "scorer": "influence",
-            "corpus": str(corpus),
-            "icl_demos": [],
-            "shards": [s.to_dict() for s in shards],
-        }
-    )
-    for shard in shards:
-        ids = read_shard(shard, ["id"]).column("id").to_pylist()
-        scores = pa.table(
-            {
-                "id": ids,
-                "score": [_known(i)[0] for i in ids],
-                "loss_full": [_known(i)[1] for i in ids],
-                "loss_gated": [0.0] * len(ids),
-                "n_tokens": [5] * len(ids),
-            }
-        )
-        store.write_shard(shard, scores, pa.table({}), {"fingerprint": "f0"}, {"scorer": "influence"})
+    write_scores(root / "run", corpus, _known_columns)
     return root, rows
 
 

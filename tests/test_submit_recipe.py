@@ -19,15 +19,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import save_tiny_model
+from helpers import write_job_inputs
 from test_multinode import NODE_START_TIMEOUT_S, REPO, LocalRayCluster
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -41,32 +38,17 @@ GLOG_ERROR = re.compile(r"^\[[^\]]* E \d+ \d+\]|core_worker\.cc.*actor restart",
 
 @pytest.fixture(scope="module")
 def node():
-    root = Path(tempfile.mkdtemp(prefix="p2drc-", dir="/tmp"))  # short: Ray's socket paths are limited
-    cluster = LocalRayCluster(root, {"HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"})
-    for key in ("P2D_RAY_CACHE", "TORCH_EXTENSIONS_DIR"):  # only the job's runtime_env may bring them
-        cluster.env.pop(key, None)
-    try:
+    with LocalRayCluster.in_tempdir("p2drc-", {"HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}) as cluster:
+        for key in ("P2D_RAY_CACHE", "TORCH_EXTENSIONS_DIR"):  # only the job's runtime_env may bring them
+            cluster.env.pop(key, None)
         cluster.start_head(num_cpus=4, deadline=time.monotonic() + NODE_START_TIMEOUT_S)
         yield cluster
-    finally:
-        cluster.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def submitted(node, tmp_path_factory):
-    from p2d_ray.assets.synthetic import generate_corpus, generate_heldout, generate_probe
-
     data = tmp_path_factory.mktemp("recipe")
-    corpus = generate_corpus(N_CORPUS, seed=0)
-    (data / "corpus").mkdir()
-    pq.write_table(corpus, data / "corpus" / "part-0.parquet", row_group_size=100)
-    used = corpus.column("prompt").to_pylist()
-    probe = generate_probe(used, n_rows=16)
-    pq.write_table(probe, data / "probe.parquet")
-    heldout = generate_heldout(used + probe.column("prompt").to_pylist(), n_rows=8)
-    pq.write_table(heldout, data / "heldout.parquet")
-    model = save_tiny_model(data / "model", "llama")
+    model = write_job_inputs(data, N_CORPUS, n_files=1, n_probe=16, n_heldout=8)
     run_dir = data / "run"
 
     line = RECIPE.read_text().splitlines()[0].removeprefix("# ")

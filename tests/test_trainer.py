@@ -15,11 +15,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import assert_only_heads_moved, write_parts
 from peft import PeftModel
 
 from p2d_ray.config import build_config
 from p2d_ray.heads.headset import HeadSet
-from p2d_ray.models.geometry import attention_geometry, head_params, slice_weight
+from p2d_ray.models.geometry import attention_geometry
 from p2d_ray.models.loading import load_model
 from p2d_ray.rundir import RunDir
 from p2d_ray.training.trainer import TrainInputs, load_adapted_model, run_train, time_train_steps
@@ -42,9 +43,7 @@ def _make_run(tmp_path: Path, model_path: str, n_rows: int = 48) -> str:
         }
         for i in range(n_rows)
     ]
-    half = n_rows // 2
-    pq.write_table(pa.Table.from_pylist(rows[:half]), run / "subset" / "part-0.parquet")
-    pq.write_table(pa.Table.from_pylist(rows[half:]), run / "subset" / "part-1.parquet")
+    write_parts(run / "subset", pa.Table.from_pylist(rows), 2)
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "corpus.parquet")
     model = load_model(build_config({"model": {"name_or_path": model_path}}).model)
     HeadSet(HEADS, attention_geometry(model)).save(run / "heads.json")
@@ -61,17 +60,6 @@ def _cfg(run: str, model_path: str, *overrides: str):
         },
         base + list(overrides),
     )
-
-
-def _owned(model, heads: HeadSet) -> dict[str, torch.Tensor]:
-    geo = attention_geometry(model)
-    names = {id(p): n for n, p in model.named_parameters()}
-    masks = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in model.named_parameters()}
-    for layer, head in heads:
-        hp = head_params(model, geo, layer, head)
-        for ws in (hp.q, hp.k, hp.v, hp.o):
-            slice_weight(ws, masks[names[id(ws.module.weight)]]).fill_(True)
-    return masks
 
 
 def test_heads_zero2_two_workers_failure_resume_export(tmp_path, tiny_llama, ray_local, monkeypatch):
@@ -107,14 +95,7 @@ def test_heads_zero2_two_workers_failure_resume_export(tmp_path, tiny_llama, ray
     # Outside the selected heads every parameter is bitwise the base; inside, every slice moved.
     base = load_model(cfg.model)
     adapted = load_adapted_model(cfg)
-    heads = HeadSet.load(Path(run) / "heads.json")
-    masks = _owned(base, heads)
-    base_params = dict(base.named_parameters())
-    for name, p in adapted.named_parameters():
-        m = masks[name]
-        assert torch.equal(p[~m], base_params[name][~m]), name
-        if m.any():
-            assert not torch.equal(p[m], base_params[name][m]), name
+    assert_only_heads_moved(adapted, base, HeadSet.load(Path(run) / "heads.json"))
 
     # The PEFT export of the trained deltas reproduces the adapted model (fp32).
     x = torch.randint(5, 250, (2, 20), generator=torch.Generator().manual_seed(0))

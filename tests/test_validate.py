@@ -8,6 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import write_parts
 
 from p2d_ray.cli import main as cli_main
 from p2d_ray.config import build_config, load_config
@@ -34,13 +35,9 @@ def _statuses(report: dict, check: str) -> set[str]:
 def data_dir(tmp_path_factory) -> Path:
     """A 2-file prompt/response corpus with ids, a probe set (JSONL) and a held-out set."""
     root = tmp_path_factory.mktemp("validate_data")
-    (root / "corpus").mkdir()
-    for i in range(2):
-        ids = list(range(i * 50, (i + 1) * 50))
-        pq.write_table(
-            pa.table({"id": ids, "prompt": [f"q{j}" for j in ids], "response": [f"a{j}" for j in ids]}),
-            root / "corpus" / f"part-{i}.parquet",
-        )
+    ids = list(range(100))
+    corpus = pa.table({"id": ids, "prompt": [f"q{j}" for j in ids], "response": [f"a{j}" for j in ids]})
+    write_parts(root / "corpus", corpus, 2)
     (root / "probe.jsonl").write_text(
         "".join(json.dumps({"prompt": "q", "response": "a"}) + "\n" for _ in range(5))
     )
