@@ -100,7 +100,7 @@ def plan_contexts(
 
 def debias_positions(contexts: Sequence[Context], weights: Sequence[np.ndarray]) -> list[np.ndarray]:
     """Divide each weight by the mean weight of its slot (position in the context) over the contexts of its
-    group. Measured on SmolLM2 (issue 12): the slot nearest the queries draws far more attention than the
+    group (slots that only one context of the group fills are left as they are). Measured on SmolLM2 (issue 12): the slot nearest the queries draws far more attention than the
     first, whatever the row (recency), and without this the weights rank positions, not rows."""
     out = [np.asarray(w, dtype=np.float64).copy() for w in weights]
     groups = np.array([c.group for c in contexts])
@@ -111,7 +111,9 @@ def debias_positions(contexts: Sequence[Context], weights: Sequence[np.ndarray])
         for c in members:
             total[: len(out[c])] += out[c]
             count[: len(out[c])] += 1
-        mean = total / np.maximum(count, 1)
+        # A slot seen in one context only (a group of <= n_d rows, e.g. a small shard) says nothing about
+        # position vs row: dividing by it would set every such weight to 1. Leave those weights as they are.
+        mean = np.where(count >= 2, total / np.maximum(count, 1), 1.0)
         for c in members:
             out[c] = out[c] / np.maximum(mean[: len(out[c])], EPS)
     return out
