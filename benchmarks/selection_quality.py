@@ -9,6 +9,10 @@ top 10 % (the fraction of clean on-task rows, read from the hidden label by ``re
 Scorers that use heads also run under random heads with the task heads' count per layer
 (``HeadSet.random_like``, seeds ``--control-seeds``): the falsification control. ``random`` is the engine's
 seeded uniform selection (score_column=random) over the same rows. Writes ``results.json`` and ``table.md``.
+
+``--corpus-seeds 0 1 2`` repeats everything on independent draws of the mixture (corpus, probe and held-out
+set; seed 0 is the demo's own data), so a precision comes with its spread over data, not only over control
+heads. ``--set key=value`` applies config overrides to every run (e.g. ``score.alignment_method=forward``).
 """
 
 from __future__ import annotations
@@ -26,6 +30,28 @@ def _cfg(base: dict, run_dir: Path, **sections):
     from p2d_ray.config import P2DConfig, _merge
 
     return P2DConfig.model_validate(_merge(base, {"run_dir": str(run_dir), **sections}))
+
+
+def _data(target: str, seed: int, work: Path) -> dict:
+    """The ``data`` section for one draw of the mixture: the demo's cached assets for seed 0, else a draw
+    written once under ``work`` (same generator, seeds offset by ``seed``)."""
+    if seed == 0:
+        return {"demo_target": target}
+    from p2d_ray.assets.synthetic import write_demo_data
+
+    root = work / target / f"data-s{seed}"
+    if not (root / "probe.parquet").is_file():
+        tmp = root.with_name(root.name + ".tmp")
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_demo_data(tmp, target, seed_offset=seed)
+        tmp.rename(root)
+    return {
+        "corpus_path": str(root / "corpus"),
+        "probe_path": str(root / "probe.parquet"),
+        "demo_target": target,
+    }
 
 
 def _precision(cfg) -> dict:
@@ -55,8 +81,11 @@ def main() -> None:
     ap.add_argument("--work", default="runs/selection_quality")
     ap.add_argument("--out", default="benchmarks/results/selection_quality")
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--corpus-seeds", nargs="+", type=int, default=[0], help="draws of the mixture (0: the demo's)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every run")
     args = ap.parse_args()
 
+    from p2d_ray.config import _merge, parse_overrides
     from p2d_ray.demo import DEMO_KNOBS, DEMO_RAY_CPUS
     from p2d_ray.heads.headset import HeadSet
     from p2d_ray.pipeline import run_pipeline
@@ -67,27 +96,29 @@ def main() -> None:
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
-    for target in args.targets:
+    for target, cseed in [(t, c) for c in args.corpus_seeds for t in args.targets]:
         base = {k: v for k, v in DEMO_KNOBS.items() if k != "run_dir"}
-        base = {**base, "model": {"name_or_path": args.model}, "data": {**base["data"], "demo_target": target}}
-        loc = _cfg(base, work / target / "localize")
+        base = _merge(base, {"model": {"name_or_path": args.model}, "data": _data(target, cseed, work)})
+        base = _merge(base, parse_overrides(args.set))
+        here = work / target if cseed == 0 else work / target / f"s{cseed}"
+        loc = _cfg(base, here / "localize")
         t = time.perf_counter()
         run_pipeline(loc, stages=("localize",), report=False)
         task_heads = HeadSet.load(RunDir(loc.run_dir).heads_json)
-        print(f"[{target}] heads {task_heads.heads} ({time.perf_counter() - t:.0f} s)", flush=True)
+        print(f"[{target} s{cseed}] heads {task_heads.heads} ({time.perf_counter() - t:.0f} s)", flush=True)
         for scorer in args.scorers:
             head_sets = [("task", task_heads)] if scorer in HEAD_SCORERS else [("none", task_heads)]
             if scorer in HEAD_SCORERS:
                 seeds = args.control_seeds if scorer == args.scorers[0] else args.control_seeds[: args.control_seeds_other]
                 head_sets += [(f"random_s{s}", task_heads.random_like(s)) for s in seeds]
             for name, heads in head_sets:
-                cfg = _cfg(base, work / target / scorer / name, score={**base["score"], "scorer": scorer})
+                cfg = _cfg(base, here / scorer / name, score={**base["score"], "scorer": scorer})
                 _with_heads(cfg, heads)
                 t = time.perf_counter()
                 run_pipeline(cfg, stages=("score", "select"), report=False)
                 sp = _precision(cfg)
                 row = {
-                    "target": target, "scorer": scorer, "heads": name, "precision": sp["selected"],
+                    "target": target, "corpus_seed": cseed, "scorer": scorer, "heads": name, "precision": sp["selected"],
                     "base_rate": sp["base_rate"], "k": sp["k"], "n": sp["n_corpus"],
                     "perplexity_precision": sp.get("perplexity"), "seconds": round(time.perf_counter() - t, 1),
                 }
@@ -95,22 +126,26 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 (out / "results.json").write_text(json.dumps(results, indent=1))
         # The engine's seeded uniform selection over the same rows (reads ids only).
-        src = work / target / args.scorers[-1] / "none"
+        src = here / args.scorers[-1] / ("none" if args.scorers[-1] not in HEAD_SCORERS else "task")
         for seed in args.control_seeds:
-            cfg = _cfg(base, work / target / "random" / f"s{seed}", seed=seed, select={"score_column": "random"})
+            cfg = _cfg(base, here / "random" / f"s{seed}", seed=seed, select={"score_column": "random"})
             run = RunDir(cfg.run_dir)
             if not run.scores.exists():
                 run.root.mkdir(parents=True, exist_ok=True)
                 run.scores.symlink_to(RunDir(str(src)).scores.resolve())
             run_pipeline(cfg, stages=("select",), report=False)
             sp = _precision(cfg)
-            results.append({"target": target, "scorer": "random", "heads": f"s{seed}", "precision": sp["selected"],
+            results.append({"target": target, "corpus_seed": cseed, "scorer": "random", "heads": f"s{seed}", "precision": sp["selected"],
                             "base_rate": sp["base_rate"], "k": sp["k"], "n": sp["n_corpus"]})
         (out / "results.json").write_text(json.dumps(results, indent=1))
-    lines = ["| target | scorer | heads | top-10% precision | base rate | k / n | seconds |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| target | corpus seed | scorer | heads | top-10% precision | base rate | k / n | seconds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         lines.append(
-            f"| {r['target']} | {r['scorer']} | {r['heads']} | {r['precision']:.2f} | {r['base_rate']:.2f} | "
+            f"| {r['target']} | {r['corpus_seed']} | {r['scorer']} | {r['heads']} | {r['precision']:.2f} | "
+            f"{r['base_rate']:.2f} | "
             f"{r['k']} / {r['n']} | {r.get('seconds', '')} |"
         )
     (out / "table.md").write_text("\n".join(lines) + "\n")

@@ -20,7 +20,6 @@ from pathlib import Path
 
 from p2d_ray.config import P2DConfig, _merge
 
-DEMO_SCORER = "gradient_alignment"  # the demo's one scorer knob (score.scorer); the default, RESULTS.md
 # Demo-sized knobs, sized so the demo finishes in <= 10 min on 2 CPU cores with SmolLM2 (BENCHMARKS.md): the
 # two scoring passes (P2D and its random-heads control) over the corpus dominate. Anything set on the command
 # line (`p2d-ray demo train.epochs=2`) wins over these.
@@ -32,7 +31,6 @@ DEMO_KNOBS: dict = {
     "select": {"fraction": 0.10},
     # Two actors of half a CPU each leave room for the read/format tasks on 2 cores (MEASURED.md).
     "score": {
-        "scorer": DEMO_SCORER,
         "min_actors": 2,
         "max_actors": 2,
         "num_cpus_per_actor": 0.5,

@@ -13,6 +13,7 @@ what did not finish. The report comes last: its fingerprint covers the other sta
 from __future__ import annotations
 
 import importlib
+import sys
 
 from p2d_ray.config import P2DConfig
 from p2d_ray.rundir import RunDir, stage_fingerprint
@@ -49,7 +50,10 @@ def run_stage(cfg: P2DConfig, stage: str) -> dict:
     ``"skipped": True``."""
     run = RunDir(cfg.run_dir)
     if run.is_done(stage, stage_fingerprint(cfg, stage)):
+        print(f"{stage}: already done with this config (resume), skipped", file=sys.stderr, flush=True)
         return {"skipped": True, **(run.stage_record(stage) or {})}
+    # Every stage says what it starts; each ends with its own "<stage>: done in ...; wrote ..." line.
+    print(f"{stage}: {STAGE_BY_NAME[stage].summary}", file=sys.stderr, flush=True)
     return resolve(STAGE_BY_NAME[stage].function)(cfg)
 
 

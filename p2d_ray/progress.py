@@ -53,6 +53,8 @@ class Progress:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, desc=stage, unit=f" {unit}", file=self.stream, dynamic_ncols=True)
+        else:  # say at once what is coming: the first rows can take minutes (workers start, models load)
+            print(f"{stage}: 0/{total:,} {unit} ...", file=self.stream, flush=True)
 
     def line(self) -> str:
         elapsed = time.perf_counter() - self.t0

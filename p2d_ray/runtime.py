@@ -21,6 +21,7 @@ FORWARDED_ENV = (
     "HF_HOME",  # the Hugging Face cache the driver resolved models from
     "HF_HUB_OFFLINE",  # no network: never try to download in a worker either
     "TOKENIZERS_PARALLELISM",  # tokenizers' own thread pool fights Ray's workers for cores
+    "P2D_RAY_VERBOSE",  # --verbose: workers show their own chatter too (transformers load bars)
 )
 
 

@@ -224,6 +224,11 @@ def test_directional_derivative_matches_autograd_and_weights_restored(llama):
         torch.testing.assert_close(f, ref, rtol=0, atol=2e-2)
         assert (c - ref).abs().max() < (f - ref).abs().max(), "central must beat forward (O(eps^2) vs O(eps))"
         torch.testing.assert_close(central.score, central.extra[DERIVATIVE_COL] / central.loss_full)
+        # The shifted losses beside d_i: a central run also carries the forward estimate (L+ - L) / eps.
+        assert "loss_minus" not in forward.extra
+        torch.testing.assert_close(central.extra["loss_plus"], forward.extra["loss_plus"], rtol=0, atol=0)
+        torch.testing.assert_close((central.extra["loss_plus"] - central.loss_full) / 1e-2, forward.extra[DERIVATIVE_COL])
+        torch.testing.assert_close((central.extra["loss_plus"] - central.extra["loss_minus"]) / 2e-2, central.extra[DERIVATIVE_COL])
     finally:
         model.float()
 

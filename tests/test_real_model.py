@@ -291,3 +291,19 @@ def test_validate_accepts_the_short_name(tmp_path, smollm2, data):
     model = [f for f in report["findings"] if f["check"] == "model"][0]
     assert model["status"] == "ok", model
     assert (model["geometry"]["n_heads"], model["geometry"]["n_kv_heads"]) == (N_HEADS, N_KV)
+
+
+def test_chat_rows_carry_one_bos(smollm2):
+    """SmolLM2's chat template opens with its BOS token (`<|im_start|>`): a row must not get a second one, and
+    ICL segments keep the template's opening token (they strip only a BOS the encoding added)."""
+    from p2d_ray.config import DataConfig, ModelConfig
+    from p2d_ray.data.formatting import added_bos, encode_row
+    from p2d_ray.models.loading import load_tokenizer
+
+    tok = load_tokenizer(ModelConfig(name_or_path=SMOLLM2))
+    row = {"prompt": "What is 2 + 3?", "response": "5"}
+    chat = encode_row(row, tok, DataConfig(format="chat"), "chat").input_ids
+    assert chat[0] == tok.bos_token_id and chat[1] != tok.bos_token_id
+    assert tok.decode(chat).startswith("<|im_start|>system") and added_bos(tok, "chat") is None
+    plain = encode_row(row, tok, DataConfig(), "prompt_response").input_ids
+    assert plain[0] == tok.bos_token_id == added_bos(tok, "prompt_response")

@@ -428,17 +428,21 @@ def data_recipe(target: str) -> dict:
     }
 
 
-def write_demo_data(out: Path, target: str = DEFAULT_TARGET) -> dict:
-    """Write the corpus shards, probe and held-out sets under ``out``; returns counts for meta.json."""
-    corpus = generate_corpus(N_CORPUS, CORPUS_SEED, target=target)
+def write_demo_data(out: Path, target: str = DEFAULT_TARGET, seed_offset: int = 0) -> dict:
+    """Write the corpus shards, probe and held-out sets under ``out``; returns counts for meta.json.
+    ``seed_offset`` draws another corpus / probe / held-out set of the same mixture (the demo uses 0;
+    ``benchmarks/selection_quality.py --corpus-seeds`` repeats a measurement over independent draws)."""
+    corpus = generate_corpus(N_CORPUS, CORPUS_SEED + seed_offset, target=target)
     (out / "corpus").mkdir(parents=True)
     per_shard = -(-corpus.num_rows // N_SHARDS)
     for i in range(N_SHARDS):
         shard = corpus.slice(i * per_shard, per_shard)
         pq.write_table(shard, out / "corpus" / f"part-{i:05d}.parquet", row_group_size=ROW_GROUP_SIZE)
     used = corpus.column("prompt").to_pylist()
-    probe = generate_probe(used, target=target)
-    heldout = generate_heldout(used + probe.column("prompt").to_pylist(), target=target)
+    probe = generate_probe(used, seed=PROBE_SEED + seed_offset, target=target)
+    heldout = generate_heldout(
+        used + probe.column("prompt").to_pylist(), seed=HELDOUT_SEED + seed_offset, target=target
+    )
     pq.write_table(probe, out / "probe.parquet")
     pq.write_table(heldout, out / "heldout.parquet")
     return {

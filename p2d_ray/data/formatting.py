@@ -102,8 +102,11 @@ def encode_row(
         prefix = icl_prefix(demos, cfg) + prompt
     else:
         prefix = prompt
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    prefix_ids = bos + (tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else [])
+    prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
+    bos = tokenizer.bos_token_id
+    if bos is not None and not (prefix_ids and prefix_ids[0] == bos):
+        # One BOS per row: a chat template that opens with the BOS token (SmolLM2's `<|im_start|>`) has one.
+        prefix_ids = [bos, *prefix_ids]
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + eos
     ids = prefix_ids + target_ids
@@ -117,6 +120,18 @@ def encode_row(
     if enc.n_target == 0:
         raise ValueError("no_target_tokens")
     return enc
+
+
+def added_bos(tokenizer, fmt: str) -> int | None:
+    """The BOS id :func:`encode_row` puts in front of the row's own text, or None when it adds none (no BOS
+    token, or a chat template whose text opens with it). ICL contexts strip exactly this token from each
+    demonstration, keeping a template's own opening token."""
+    bos = tokenizer.bos_token_id
+    if bos is None or fmt != "chat":
+        return bos
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return None if ids and ids[0] == bos else bos
 
 
 def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:

@@ -321,6 +321,7 @@ def run_localize(cfg: P2DConfig) -> dict:
     from p2d_ray.data.paths import probe_path
     from p2d_ray.heads.heatmap import save_heatmap
     from p2d_ray.models.loading import load_model, load_tokenizer
+    from p2d_ray.progress import stage_summary
     from p2d_ray.rundir import RunDir, stage_fingerprint
 
     run = RunDir(cfg.run_dir)
@@ -354,6 +355,7 @@ def run_localize(cfg: P2DConfig) -> dict:
             )
     finally:
         torch.set_num_threads(threads)
+    stage_summary("localize", heads.meta["seconds"], f"{run.heads_json} ({len(heads)} heads), {png}")
     return {
         "method": heads.meta["method"],
         "contrast": cfg.localize.contrast,

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from p2d_ray.assets import resolve_model
 from p2d_ray.config import ModelConfig
 from p2d_ray.models.geometry import attention_geometry, geometry_from_config
+from p2d_ray.progress import verbose
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -64,6 +66,8 @@ def load_model(cfg: ModelConfig, device: torch.device | None = None) -> PreTrain
     """Load a causal LM for inference (eval mode, no grad on weights unless the caller enables it)."""
     device = device or resolve_device(cfg.device)
     load_config_checked(cfg)
+    if not verbose():  # transformers' per-load "Loading weights" bar, once per actor/worker: noise in a log
+        hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             resolve_path(cfg),

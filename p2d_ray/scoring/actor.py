@@ -73,7 +73,6 @@ class ScorerActor:
         model_cfg = ModelConfig.model_validate_json(model_json)
         tok = load_tokenizer(model_cfg)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-        self.tok_bos = tok.bos_token_id
         self.id_column = id_column
         self.model = None if self.cfg.scorer == "noop" else load_model(model_cfg)
         heads = HeadSet.from_json(heads_json) if heads_json is not None else None
@@ -141,7 +140,8 @@ class ScorerActor:
             if out.loss_gated is not None:
                 loss_gated[idx], has_gated = out.loss_gated.float().cpu().numpy(), True
             for c, values in components.items():
-                values[idx] = out.extra[c].float().cpu().numpy()
+                if c in out.extra:  # e.g. loss_minus only for a central difference: NaN otherwise
+                    values[idx] = out.extra[c].float().cpu().numpy()
             seconds[idx] = (time.perf_counter() - t0) / len(idx)
             padded[idx] = tensors["input_ids"].shape[1]
         valid = np.zeros(n, dtype=bool)
@@ -178,7 +178,7 @@ class ScorerActor:
         take = pa.array(ok.astype(np.int64))
         ids = batch.column("input_ids").take(take).to_pylist()
         masks = batch.column("loss_mask").take(take).to_pylist()
-        rows = [to_segment(i, m, self.tok_bos) for i, m in zip(ids, masks, strict=True)]
+        rows = [to_segment(i, m, self.icl.strip_bos) for i, m in zip(ids, masks, strict=True)]
         groups = np.stack(
             [batch.column("_shard").to_numpy()[ok], batch.column("_row").to_numpy()[ok] // self.cfg.icl_pool],
             axis=1,

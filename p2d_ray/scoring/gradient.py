@@ -47,6 +47,9 @@ FORMAT = "p2d-probe-gradient/1"
 FILENAME = "probe_gradient.safetensors"
 METHODS = ("central", "forward")
 DERIVATIVE_COL = "directional_derivative"
+# The shifted losses L_i(theta +- eps G) beside d_i: the central run also holds the forward estimate
+# (L+ - L) / eps, so both can be compared on one pass (loss_minus is NaN for alignment_method=forward).
+SHIFTED_COLS = ("loss_plus", "loss_minus")
 EPS = 1e-8
 
 
@@ -237,14 +240,15 @@ def alignment_score(
     plain = loss_from_hidden(model, shared.full(ids, am), ids, lm, chunk_tokens)
     with shift.shifted(eps):
         up = loss_from_hidden(model, shared.rerun(), ids, lm, chunk_tokens).mean
+    extra = {"loss_plus": up}
     if method == "central":
         with shift.shifted(-eps):
             down = loss_from_hidden(model, shared.rerun(), ids, lm, chunk_tokens).mean
-        deriv = (up - down) / (2 * eps)
+        deriv, extra["loss_minus"] = (up - down) / (2 * eps), down
     else:
         deriv = (up - plain.mean) / eps
     score = deriv / plain.mean.clamp(min=EPS)
-    return ScoreOutput(score, plain.n_tokens, loss_full=plain.mean, extra={DERIVATIVE_COL: deriv})
+    return ScoreOutput(score, plain.n_tokens, loss_full=plain.mean, extra={DERIVATIVE_COL: deriv, **extra})
 
 
 def prepare_probe_gradient(cfg, heads: HeadSet, fingerprint: str) -> ProbeGradient:

@@ -139,13 +139,14 @@ class ICLScorer:
         position_debias: bool = True,
         contexts_per_batch: int = 2,
         chunk_tokens: int = 1024,
+        strip_bos: int | None = None,  # the BOS encode_row put before each row's text (formatting.added_bos)
     ):
         if not probe:
             raise ValueError("icl_attention: the probe set has no usable rows (all empty or too long)")
         use_probe_attention(model)
         self.model, self.heads, self.probe = model, heads.by_layer(), list(probe)
         self.head_ = [int(b) for b in ([bos_id] if bos_id is not None else [])] + list(instruction_ids)
-        self.sep, self.pad_id = list(sep_ids), pad_id
+        self.sep, self.pad_id, self.strip_bos = list(sep_ids), pad_id, strip_bos
         self.n_d, self.n_q, self.repeats, self.seed = n_d, n_q, repeats, seed
         self.metric, self.contexts_per_batch, self.chunk_tokens = metric, contexts_per_batch, chunk_tokens
         self.position_debias = position_debias
@@ -245,17 +246,18 @@ def build_icl_scorer(
     ``cfg`` is the ScoreConfig. Probe rows ``encode_row`` rejects (empty, too long...) are left out of the pool.
     """
     from p2d_ray.config import DataConfig
-    from p2d_ray.data.formatting import encode_row
+    from p2d_ray.data.formatting import added_bos, encode_row
 
     data = DataConfig.model_validate_json(data_json)
     bos = tokenizer.bos_token_id
+    strip = added_bos(tokenizer, fmt)  # the BOS each encoded row carries in front of its own text
     probe = []
     for row in probe_rows:
         try:
             enc = encode_row(row, tokenizer, data, fmt)
         except ValueError:
             continue
-        probe.append(to_segment(np.asarray(enc.input_ids), np.asarray(enc.loss_mask), bos))
+        probe.append(to_segment(np.asarray(enc.input_ids), np.asarray(enc.loss_mask), strip))
     instruction = tokenizer(cfg.icl_instruction + "\n", add_special_tokens=False)["input_ids"]
     sep = tokenizer("\n", add_special_tokens=False)["input_ids"]
     return ICLScorer(
@@ -274,4 +276,5 @@ def build_icl_scorer(
         position_debias=cfg.icl_position_debias,
         contexts_per_batch=max(1, cfg.batch_size // cfg.icl_demos),
         chunk_tokens=cfg.loss_chunk_tokens,
+        strip_bos=strip,  # corpus rows are cut into segments the same way (ScorerActor)
     )

@@ -41,7 +41,7 @@ USES_HEADS["gradient_alignment"] = True
 USES_HEADS["icl_attention"] = True  # a context scorer: scoring/icl.py (built by the actor)
 # Per scorer, the [B] components written as score columns beside score / loss_full / loss_gated.
 COMPONENT_COLUMNS: dict[str, tuple[str, ...]] = {
-    "gradient_alignment": ("directional_derivative",),
+    "gradient_alignment": ("directional_derivative", "loss_plus", "loss_minus"),  # scoring/gradient.py
     "icl_attention": ("icl_weight", "icl_metric", "icl_contexts"),
 }
 EPS = 1e-8

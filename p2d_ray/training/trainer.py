@@ -31,6 +31,7 @@ from p2d_ray.config import P2DConfig
 from p2d_ray.data.formatting import task_format
 from p2d_ray.heads.headset import HeadSet
 from p2d_ray.models.geometry import geometry_from_config
+from p2d_ray.progress import ray_data_output, stage_summary
 from p2d_ray.rundir import RunDir, stage_fingerprint
 from p2d_ray.runtime import ensure_ray
 from p2d_ray.training.export import export_from_checkpoint, load_adapted_model
@@ -135,15 +136,21 @@ def fit(cfg: P2DConfig, data_path: str | None = None, *, fail_at_step: int | Non
     Raises:
         ValueError / FileNotFoundError: bad inputs, found before Ray starts.
     """
-    import ray
+    inputs = TrainInputs(cfg, data_path)
+    _ensure_ray(cfg)
+    # The dataset copies the DataContext when created: inside ray_data_output, the split coordinator's
+    # progress bars and INFO lines go to <run_dir>/logs (our rank-0 progress line says steps, rate, ETA).
+    with ray_data_output(cfg.run_dir):
+        return _trainer(cfg, inputs, fail_at_step).fit(), inputs
+
+
+def _trainer(cfg: P2DConfig, inputs: TrainInputs, fail_at_step: int | None):
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    inputs = TrainInputs(cfg, data_path)
-    _ensure_ray(cfg)
     t = cfg.train
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_func,
         train_loop_config={
             "cfg": cfg.model_dump(mode="json"),
@@ -166,7 +173,6 @@ def fit(cfg: P2DConfig, data_path: str | None = None, *, fail_at_step: int | Non
         ),
         datasets={"train": ray.data.read_parquet(inputs.data_path)},
     )
-    return trainer.fit(), inputs
 
 
 def run_train(cfg: P2DConfig, data_path: str | None = None) -> dict:
@@ -212,6 +218,11 @@ def run_train(cfg: P2DConfig, data_path: str | None = None) -> dict:
             title = f"{cfg.train.adaptation} on {inputs.n_rows} rows, {cfg.model.name_or_path}"
             plot_loss_curve(state["loss_curve"], run.path(LOSS_PNG), title)
         run.path("train_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    stage_summary(
+        "train",
+        time.perf_counter() - t0,
+        f"{Path(cfg.run_dir, 'adapter')} ({state['step']} steps), train_summary.json",
+    )
     return summary
 
 
