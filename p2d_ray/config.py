@@ -59,6 +59,9 @@ class DataConfig(_Section):
     response_column: str = "response"
     # auto: prompt/response if both columns exist, else plain text.
     format: Literal["auto", "plain", "prompt_response", "chat", "icl"] = "auto"
+    # format=chat: the system message. None = the chat template's own default (SmolLM2's adds ~20 tokens
+    # to every row: "You are a helpful AI assistant named SmolLM..."); "" = an empty system message.
+    system_prompt: str | None = None
     icl_k: int = Field(3, ge=0, le=32)  # demonstrations from the probe set for format=icl
     icl_instruction: str = "Here are examples of the target task."
     max_length: int = Field(256, ge=8)

@@ -26,7 +26,9 @@ from p2d_ray.config import P2DConfig, _merge
 DEMO_KNOBS: dict = {
     "run_dir": "runs/demo",
     "model": {"name_or_path": "smollm2-135m"},
-    "data": {"format": "chat", "max_length": 128},  # the model's own chat template
+    # The model's own chat template, with an empty system message: SmolLM2's default one is ~20 of a demo
+    # row's ~67 tokens (every stage's cost scales with tokens; BENCHMARKS.md).
+    "data": {"format": "chat", "max_length": 128, "system_prompt": ""},
     "localize": {"max_probe_samples": 32, "batch_size": 8},
     "select": {"fraction": 0.10},
     # Two actors of half a CPU each leave room for the read/format tasks on 2 cores (MEASURED.md).

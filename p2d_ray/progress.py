@@ -41,39 +41,75 @@ def duration(seconds: float) -> str:
 
 class Progress:
     """Rows (or any ``unit``) done / total with rate and ETA: a tqdm bar when stderr is a terminal,
-    else one plain line every ``every_s`` seconds and a last one at :meth:`close`."""
+    else a plain line at the start, every ``every_s`` seconds (and, with ``every_fraction``, every that
+    fraction of the total), and a last one at :meth:`close` (or when :meth:`set` reaches the total).
 
-    def __init__(self, stage: str, total: int, unit: str = "rows", every_s: float = EVERY_S, stream=None):
+    ``start``: units already done before this process (a resumed training run): the rate counts only new ones.
+    """
+
+    def __init__(
+        self,
+        stage: str,
+        total: int,
+        unit: str = "rows",
+        every_s: float = EVERY_S,
+        stream=None,
+        start: int = 0,
+        every_fraction: float | None = None,
+    ):
         self.stage, self.total, self.unit, self.every_s = stage, total, unit, every_s
         self.stream = stream or sys.stderr
-        self.done, self.t0 = 0, time.perf_counter()
-        self._last = self.t0
+        self.done = self.start = start
+        self.t0 = self._last = time.perf_counter()
+        self.note = ""
+        self.every_units = max(1, round(total * every_fraction)) if every_fraction else None
+        self._next = start + self.every_units if self.every_units else None
         self._bar = None
         if self.stream.isatty():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc=stage, unit=f" {unit}", file=self.stream, dynamic_ncols=True)
+            self._bar = tqdm(
+                total=total, initial=start, desc=stage, unit=f" {unit}", file=self.stream, dynamic_ncols=True
+            )
         else:  # say at once what is coming: the first rows can take minutes (workers start, models load)
-            print(f"{stage}: 0/{total:,} {unit} ...", file=self.stream, flush=True)
+            print(f"{stage}: {start:,}/{total:,} {unit} ...", file=self.stream, flush=True)
 
-    def line(self) -> str:
-        elapsed = time.perf_counter() - self.t0
-        rate = self.done / elapsed if elapsed > 0 else 0.0
+    def line(self, now: float | None = None) -> str:
+        elapsed = (time.perf_counter() if now is None else now) - self.t0
+        rate = (self.done - self.start) / elapsed if elapsed > 0 else 0.0
         pct = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
         eta = (
             f" ETA {duration((self.total - self.done) / rate)}" if rate > 0 and self.done < self.total else ""
         )
-        return f"{self.stage}: {self.done:,}/{self.total:,} {self.unit}{pct} {rate:.1f} {self.unit}/s{eta}"
+        speed = f"{rate:.1f}" if rate >= 1 or rate == 0 else f"{rate:.2g}"
+        note = f" {self.note}" if self.note else ""
+        return f"{self.stage}: {self.done:,}/{self.total:,} {self.unit}{pct} {speed} {self.unit}/s{eta}{note}"
 
-    def update(self, n: int) -> None:
-        self.done += n
+    def update(self, n: int, note: str = "") -> None:
+        """``n`` more units done."""
+        self.set(self.done + n, note)
+
+    def set(self, done: int, note: str = "") -> None:
+        """``done`` units done in all (e.g. the optimizer step); ``note`` ends the line (e.g. the loss)."""
         if self._bar is not None:
-            self._bar.update(n)
+            self._bar.update(done - self.done)
+            if note:
+                self._bar.set_postfix_str(note, refresh=False)
+            self.done, self.note = done, note
             return
+        self.done, self.note = done, note
         now = time.perf_counter()
-        if now - self._last >= self.every_s and self.done < self.total:  # the last line is close()'s
+        due = now - self._last >= self.every_s or (self._next is not None and done >= self._next)
+        if done >= self.total and self.every_units is not None:
+            due = True  # a stepped stage has no close(): its last step is its last line
+        elif done >= self.total:
+            return  # the last line is close()'s
+        if due:
             self._last = now
-            print(self.line(), file=self.stream, flush=True)
+            if self._next is not None:
+                while self._next <= done:
+                    self._next += self.every_units
+            print(self.line(now), file=self.stream, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:

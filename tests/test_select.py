@@ -206,7 +206,7 @@ def test_lower_bound_keeps_every_selected_row():
     shards = [np.round(rng.normal(size=n), 1) for n in (1000, 37, 5000, 1)]
     allv = np.concatenate(shards)
     for ascending in (False, True):
-        stats = [{"s": [len(v), len(v), None, None, pivots(pa.array(v), ascending, 16)]} for v in shards]
+        stats = [{"s": [len(v), len(v), pivots(pa.array(v), ascending, 16)]} for v in shards]
         for k in (1, 10, 600, len(allv)):
             bound = lower_bounds(stats, {"s": k}, ascending)["s"]
             kth = np.sort(allv)[k - 1] if ascending else np.sort(allv)[::-1][k - 1]

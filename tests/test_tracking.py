@@ -4,6 +4,8 @@ line, and a clear error for a configured tracker whose package is missing."""
 from __future__ import annotations
 
 import importlib.util
+import io
+import re
 import struct
 from pathlib import Path
 
@@ -12,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from p2d_ray.config import build_config
-from p2d_ray.training.tracking import Progress, check_tracking
+from p2d_ray.progress import Progress
+from p2d_ray.training.tracking import check_tracking
 
 
 def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -34,12 +37,21 @@ def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
-def test_progress_line_is_periodic_and_plain():
-    p = Progress(total=125, start_step=0)
-    p.t0 = p.t_last = 0.0
-    assert p.line(40, 1.234, now=21.05) == "train: 40/125 steps (32%) 1.9 steps/s ETA 45s loss 1.234"
-    # Due every ~10% of the steps (13 here) or 15 s, and at the last step; not every step.
-    assert not p.due(1, now=1.0) and p.due(13, now=2.0) and p.due(2, now=16.0) and p.due(125, now=3.0)
+def test_training_progress_lines_are_periodic_and_plain():
+    """The training line is the one Progress of every stage: at the start, every ~10 % of the steps (12 of
+    125 here) or ``every_s``, and at the last step (a stepped stage has no close), with the loss at the end."""
+    out = io.StringIO()
+    p = Progress("train", 125, unit="steps", every_s=3600, stream=out, start=0, every_fraction=0.1)
+    for step in range(1, 126):
+        p.set(step, f"loss {1 / step:.3f}")
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "train: 0/125 steps ..."
+    assert re.fullmatch(r"train: 12/125 steps \(10%\) [\d.e+-]+ steps/s ETA \S+ loss 0\.083", lines[1]), lines[1]
+    assert re.fullmatch(r"train: 125/125 steps \(100%\) [\d.e+-]+ steps/s loss 0\.008", lines[-1]), lines[-1]
+    assert len(lines) == 1 + 125 // 12 + 1  # not every step
+    resumed = io.StringIO()
+    Progress("train", 10, unit="steps", stream=resumed, start=4, every_fraction=0.1)
+    assert resumed.getvalue() == "train: 4/10 steps ...\n"
 
 
 def test_configured_tracker_without_its_package_is_a_clear_error(tmp_path):

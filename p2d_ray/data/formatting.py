@@ -88,15 +88,19 @@ def icl_prefix(demos: Sequence[dict], cfg: DataConfig) -> str:
     return "\n\n".join(blocks) + "\n\n"
 
 
-def encode_row(
-    row: dict, tokenizer, cfg: DataConfig, fmt: str, demos: Sequence[dict] = ()
-) -> Encoded:
+def chat_messages(prompt: str, cfg: DataConfig) -> list[dict]:
+    """The row's prompt as a chat: ``data.system_prompt`` (when set) then the user turn."""
+    system = [] if cfg.system_prompt is None else [{"role": "system", "content": cfg.system_prompt}]
+    return [*system, {"role": "user", "content": prompt}]
+
+
+def encode_row(row: dict, tokenizer, cfg: DataConfig, fmt: str, demos: Sequence[dict] = ()) -> Encoded:
     """Encode one row. Raises ValueError(reason) for rows that belong in quarantine
     (``null``, ``empty``, ``non_string``, ``too_long``, ``no_target_tokens``)."""
     prompt, target = row_parts(row, cfg)
     if fmt == "chat":
         prefix = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            chat_messages(prompt, cfg), tokenize=False, add_generation_prompt=True
         )
     elif fmt == "icl":
         prefix = icl_prefix(demos, cfg) + prompt
@@ -129,7 +133,9 @@ def added_bos(tokenizer, fmt: str) -> int | None:
     bos = tokenizer.bos_token_id
     if bos is None or fmt != "chat":
         return bos
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True
+    )
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return None if ids and ids[0] == bos else bos
 

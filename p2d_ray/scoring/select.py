@@ -16,8 +16,7 @@ of the corpus, and the driver holds about k + n / PIVOTS candidate rows at most:
    merges them as they arrive into a running top ``k_s`` (exact; memory ≤ k + one shard's candidates);
    its last row is the threshold ``(value*, id*)``: a row is selected iff it ranks at or before it.
 3. ``write_shard`` (per shard): reads the FULL corpus row group, keeps the rows that pass the threshold
-   and writes ``subset/<shard>.parquet`` (original columns + the score), returning only counts and a
-   histogram. Score files are aligned with corpus row groups, so no join or shuffle of the corpus.
+   and writes ``subset/<shard>.parquet`` (original columns + the score), returning only counts. Score files are aligned with corpus row groups, so no join or shuffle of the corpus.
 
 Small corpora (≤ ``LOCAL_MAX_ROWS`` rows) run the same three steps with pyarrow on the driver: Ray task
 start-up would cost more than the work.
@@ -53,7 +52,6 @@ VALUE, STRATUM, ROW = "_value", "_stratum", "_row"
 ALL = "<all>"
 RANDOM = "random"
 NULL_STRATUM = "<null>"
-BINS = 50
 PIVOTS = 256  # rank pivots per shard and stratum (step 1) for the candidates' lower bound (step 2)
 LOCAL_MAX_ROWS = 1_000_000  # up to this many scored rows, select on the driver (module-level: tests lower it)
 
@@ -141,7 +139,7 @@ def lower_bounds(per_shard: list[dict], k: dict[str, int], ascending: bool) -> d
                 (-v if ascending else v, r, i)
                 for i, st in enumerate(per_shard)
                 if s in st
-                for r, v in st[s][4]
+                for r, v in st[s][2]
             ),
             key=lambda p: -p[0],
         )
@@ -165,7 +163,7 @@ def keyed_shard(
     seed: int,
     ascending: bool,
 ) -> tuple[dict, pa.Table]:
-    """Step 1 for one shard: ({stratum: [rows, valid, min, max, pivots]}, (id, value, stratum, row) table).
+    """Step 1 for one shard: ({stratum: [rows, valid, pivots]}, (id, value, stratum, row) table).
 
     ``row``: the index of each scored row in the corpus row group (an id's scored row is its FIRST row
     there: a later row with the same id is a quarantined duplicate, and a null id is never scored)."""
@@ -193,8 +191,7 @@ def keyed_shard(
     stats = {}
     for s, part in _by_stratum(keyed).items():
         v = part.column(VALUE)
-        mm = pc.min_max(v).as_py()
-        stats[s] = [part.num_rows, part.num_rows - v.null_count, mm["min"], mm["max"], pivots(v, ascending)]
+        stats[s] = [part.num_rows, part.num_rows - v.null_count, pivots(v, ascending)]
     return stats, keyed
 
 
@@ -231,9 +228,9 @@ def write_shard(
     ascending: bool,
     out_dir: str,
     out_column: str,
-    edges: list[float],
 ) -> dict:
-    """Step 3 for one shard: write its selected FULL rows; return counts and histograms."""
+    """Step 3 for one shard: write its selected FULL rows; return its counts (histogram.png is drawn from
+    the score files by report/histogram.py, coloured by the corpus's groups)."""
     sh = Shard(**shard)
     corpus = read_shard(sh, None)  # the full row group: every original column
     values = keyed.column(VALUE)
@@ -249,11 +246,8 @@ def write_shard(
         tmp = path.with_name(f".{path.name}.tmp")
         pq.write_table(subset, tmp)
         os.replace(tmp, path)
-    v = values.to_numpy(zero_copy_only=False)
     return {
         "strata_selected": _count(keyed.column(STRATUM).filter(pa.array(keep))),
-        "hist_all": np.histogram(v, bins=edges)[0].tolist(),
-        "hist_selected": np.histogram(v[keep], bins=edges)[0].tolist(),
         "n_corpus_rows": corpus.num_rows,
     }
 
@@ -295,13 +289,10 @@ class _OnRay:
 def _merge_stats(per_shard: list[dict]) -> dict[str, list]:
     out: dict[str, list] = {}
     for stats in per_shard:
-        for s, (n, valid, lo, hi, _) in stats.items():
-            cur = out.setdefault(s, [0, 0, None, None])
+        for s, (n, valid, _) in stats.items():
+            cur = out.setdefault(s, [0, 0])
             cur[0] += n
             cur[1] += valid
-            if lo is not None:
-                cur[2] = lo if cur[2] is None else min(cur[2], lo)
-                cur[3] = hi if cur[3] is None else max(cur[3], hi)
     return out
 
 
@@ -373,7 +364,7 @@ def select_subset(cfg: P2DConfig) -> dict:
     ]
     stats, keyed = zip(*ex.run(keyed_shard, calls, num_returns=2), strict=True) if calls else ((), ())
     groups = _merge_stats(list(stats))
-    nulls = sum(n - valid for n, valid, _, _ in groups.values())
+    nulls = sum(n - valid for n, valid in groups.values())
     if nulls:
         raise ValueError(f"select.score_column={sel.score_column!r} is missing or NaN for {nulls} rows")
     counts = {s: g[0] for s, g in groups.items()}
@@ -386,15 +377,12 @@ def select_subset(cfg: P2DConfig) -> dict:
     thresholds = find_thresholds(cands, k, id_column, sel.ascending)
 
     # 3. write the selected full rows, per shard
-    lo = min((g[2] for g in groups.values() if g[2] is not None), default=0.0)
-    hi = max((g[3] for g in groups.values() if g[3] is not None), default=0.0)
-    edges = np.linspace(lo, hi if hi > lo else lo + 1.0, BINS + 1).tolist()
     corpus_names = read_footer(shards[0].path).schema.to_arrow_schema().names
     out_column = sel.score_column if sel.score_column not in corpus_names else f"p2d_{sel.score_column}"
     if run.subset.exists():
         shutil.rmtree(run.subset)  # never mix with an earlier selection
     run.subset.mkdir(parents=True)
-    args = (id_column, thresholds, sel.ascending, str(run.subset), out_column, edges)
+    args = (id_column, thresholds, sel.ascending, str(run.subset), out_column)
     recs = list(ex.run(write_shard, [(d, kd, *args) for d, kd in zip(shard_dicts, keyed, strict=True)]))
 
     selected = {s: sum(r["strata_selected"].get(s, 0) for r in recs) for s in counts}

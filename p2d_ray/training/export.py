@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -152,7 +153,9 @@ def save_peft_adapter(
     hf_config._name_or_path = base_name  # what PEFT records as base_model_name_or_path and in the card
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(hf_config)
-    model = get_peft_model(base, copy.deepcopy(config))
+    with warnings.catch_warnings():  # peft 0.21 calls a transformers 5 deprecated alias; not ours to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = get_peft_model(base, copy.deepcopy(config))
     model.peft_config["default"].base_model_name_or_path = base_name
     if card:
         # save_pretrained completes an existing README.md (base model, library, PEFT version) in place.
@@ -166,7 +169,9 @@ def save_peft_adapter(
         ): v.contiguous()
         for k, v in tensors.items()
     }
-    model.save_pretrained(str(out), state_dict=state)
+    # Embeddings are never adapted here: "auto" would look for the base's config under base_name (a short
+    # name such as smollm2-135m is no Hub id) only to warn.
+    model.save_pretrained(str(out), state_dict=state, save_embedding_layers=False)
     return out
 
 

@@ -16,10 +16,11 @@ Rank 0 of the Ray Train worker group owns one :class:`Tracker`:
 from __future__ import annotations
 
 import importlib.util
-import time
+import sys
 from pathlib import Path
 
 from p2d_ray.config import P2DConfig
+from p2d_ray.progress import Progress
 
 TB_SUBDIR = ("tensorboard", "train")  # under the run dir
 LOSS_PNG = "loss.png"
@@ -48,41 +49,6 @@ def check_tracking(cfg: P2DConfig) -> None:
             )
 
 
-class Progress:
-    """The periodic plain progress line (CI and ``ray job logs`` have no terminal for a bar)."""
-
-    def __init__(self, total: int, start_step: int = 0, every_fraction: float = 0.1, every_s: float = 15.0):
-        self.total, self.start_step = total, start_step
-        self.every_steps = max(1, round(total * every_fraction))
-        self.every_s = every_s
-        self.t0 = self.t_last = time.perf_counter()
-        self.next_step = start_step + self.every_steps
-
-    def line(self, step: int, loss: float, now: float | None = None) -> str:
-        now = time.perf_counter() if now is None else now
-        done = step - self.start_step
-        rate = done / max(now - self.t0, 1e-9)
-        eta = (self.total - step) / rate if rate > 0 else float("inf")
-        return (
-            f"train: {step}/{self.total} steps ({100 * step / max(self.total, 1):.0f}%) "
-            f"{rate:.2g} steps/s ETA {eta:.0f}s loss {loss:.3f}"
-        )
-
-    def due(self, step: int, now: float | None = None) -> bool:
-        now = time.perf_counter() if now is None else now
-        return step >= self.total or step >= self.next_step or now - self.t_last >= self.every_s
-
-    def update(self, step: int, loss: float) -> str | None:
-        """The line to print at ``step``, or None when it is not due yet."""
-        now = time.perf_counter()
-        if not self.due(step, now):
-            return None
-        self.t_last = now
-        while self.next_step <= step:
-            self.next_step += self.every_steps
-        return self.line(step, loss, now)
-
-
 class Tracker:
     """Rank 0's metric sinks. Other ranks get a tracker that does nothing (``enabled=False``)."""
 
@@ -91,9 +57,13 @@ class Tracker:
         self.writer = None
         self.sinks = []  # (name, log(metrics, step)) of MLflow / W&B
         self.closers = []  # their end-of-run calls
-        self.progress = Progress(total_steps, start_step)
+        self.progress = None
         if not enabled:
             return
+        # To stdout: Ray forwards a worker's stdout to the driver and to `ray job logs`.
+        self.progress = Progress(
+            "train", total_steps, unit="steps", every_s=15.0, stream=sys.stdout, start=start_step, every_fraction=0.1
+        )
         t = cfg.train
         if tb_dir:
             from tensorboardX import SummaryWriter
@@ -132,9 +102,7 @@ class Tracker:
                 self.writer.add_scalar(f"train/{key}", value, step)
         for _, log in self.sinks:
             log(kept, step)
-        line = self.progress.update(step, kept.get("loss", float("nan")))
-        if line:
-            print(line, flush=True)
+        self.progress.set(step, f"loss {kept['loss']:.3f}" if "loss" in kept else "")
 
     def close(self) -> None:
         if self.writer is not None:
