@@ -63,6 +63,29 @@ def _precision(cfg) -> dict:
     return selection_precision(corpus_path(cfg), str(run.subset), str(run.scores), cfg.data.id_column)
 
 
+def _forward_precision(cfg) -> float | None:
+    """A central-difference run also holds the forward estimate: rank rows by ``(L+ - L) / eps / L`` (what
+    ``score.alignment_method=forward`` computes) and return the clean on-task share of its top k, read the
+    same way as ``report/precision.py`` (the hidden label, joined on id)."""
+    import numpy as np
+    import pyarrow.dataset as pads
+
+    from p2d_ray.data.paths import corpus_path
+    from p2d_ray.rundir import RunDir
+
+    run = RunDir(cfg.run_dir)
+    scores = pads.dataset(str(run.scores), format="parquet", ignore_prefixes=["_", "."]).to_table()
+    if "loss_minus" not in scores.column_names:
+        return None
+    plus, loss = (scores.column(c).to_numpy(zero_copy_only=False) for c in ("loss_plus", "loss_full"))
+    alt = (plus - loss) / cfg.score.alignment_eps / np.maximum(loss, 1e-8)
+    k = json.loads(run.path("selection.json").read_text())["n_selected"]
+    top = scores.column(cfg.data.id_column).to_numpy(zero_copy_only=False)[np.argsort(-alt, kind="stable")[:k]]
+    corpus = pads.dataset(corpus_path(cfg), format="parquet").to_table(columns=[cfg.data.id_column, "is_clean_on_task"])
+    label = dict(zip(corpus.column(0).to_pylist(), corpus.column(1).to_pylist(), strict=True))
+    return float(np.mean([bool(label[i]) for i in top.tolist()]))
+
+
 def _with_heads(cfg, heads) -> None:
     """Place ``heads`` as the run's heads.json (a control run scores under them; no localisation)."""
     from p2d_ray.rundir import RunDir
@@ -121,6 +144,7 @@ def main() -> None:
                     "target": target, "corpus_seed": cseed, "scorer": scorer, "heads": name, "precision": sp["selected"],
                     "base_rate": sp["base_rate"], "k": sp["k"], "n": sp["n_corpus"],
                     "perplexity_precision": sp.get("perplexity"), "seconds": round(time.perf_counter() - t, 1),
+                    "forward_precision": _forward_precision(cfg) if scorer == "gradient_alignment" else None,
                 }
                 results.append(row)
                 print(json.dumps(row), flush=True)
@@ -139,13 +163,15 @@ def main() -> None:
                             "base_rate": sp["base_rate"], "k": sp["k"], "n": sp["n_corpus"]})
         (out / "results.json").write_text(json.dumps(results, indent=1))
     lines = [
-        "| target | corpus seed | scorer | heads | top-10% precision | base rate | k / n | seconds |",
-        "|---|---|---|---|---|---|---|---|",
+        "| target | corpus seed | scorer | heads | top-10% precision | forward-difference estimate | base rate "
+        "| k / n | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        fwd = r.get("forward_precision")
         lines.append(
             f"| {r['target']} | {r['corpus_seed']} | {r['scorer']} | {r['heads']} | {r['precision']:.2f} | "
-            f"{r['base_rate']:.2f} | "
+            f"{'' if fwd is None else f'{fwd:.2f}'} | {r['base_rate']:.2f} | "
             f"{r['k']} / {r['n']} | {r.get('seconds', '')} |"
         )
     (out / "table.md").write_text("\n".join(lines) + "\n")
