@@ -99,7 +99,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--targets", nargs="+", default=["arithmetic", "units"])
     ap.add_argument("--scorers", nargs="+", default=[*HEAD_SCORERS, *PLAIN_SCORERS])
-    ap.add_argument("--control-seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--control-seeds", nargs="*", type=int, default=[0, 1, 2], help="none: no random-heads control")
     ap.add_argument("--control-seeds-other", type=int, default=1, help="control seeds for non-default scorers")
     ap.add_argument("--work", default="runs/selection_quality")
     ap.add_argument("--out", default="benchmarks/results/selection_quality")

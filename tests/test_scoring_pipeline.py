@@ -330,3 +330,17 @@ def test_bad_input_fails_before_any_work(tiny_llama, corpus, tmp_path):
         run_score(cfg)
     with pytest.raises(FileNotFoundError, match="run `p2d-ray localize` first"):
         run_score(cfg.model_copy(update={"run_dir": str(tmp_path / "r8")}))
+
+
+def test_every_actor_gets_calls_on_a_small_corpus():
+    """A length-bucketing window larger than a block would bundle a small corpus into one actor call (the
+    300-row demo at 16 x 32 rows per call used 1 of its 2 actors); a call never exceeds a block."""
+    from p2d_ray.config import ScoreConfig
+    from p2d_ray.scoring.pipeline import actor_call_rows, rows_per_block
+
+    demo = ScoreConfig(batch_size=16, min_actors=2, max_actors=2)
+    block = rows_per_block(300, demo)
+    assert actor_call_rows(block, demo) == block == 38  # 300 / (2 actors x 4 blocks each), 8 calls
+    big = ScoreConfig(batch_size=16, max_actors=8)
+    assert actor_call_rows(rows_per_block(10_000_000, big), big) == 16 * 32  # the full bucketing window
+    assert actor_call_rows(4, ScoreConfig(batch_size=16)) == 16  # never below one micro-batch
