@@ -22,6 +22,8 @@ import json
 import time
 from pathlib import Path
 
+import pyarrow as pa
+
 HEAD_SCORERS = ("gradient_alignment", "icl_attention", "influence")
 PLAIN_SCORERS = ("perplexity", "ifd")
 
@@ -65,25 +67,26 @@ def _precision(cfg) -> dict:
 
 def _forward_precision(cfg) -> float | None:
     """A central-difference run also holds the forward estimate: rank rows by ``(L+ - L) / eps / L`` (what
-    ``score.alignment_method=forward`` computes) and return the clean on-task share of its top k, read the
-    same way as ``report/precision.py`` (the hidden label, joined on id)."""
-    import numpy as np
+    ``score.alignment_method=forward`` computes) and return the clean on-task share of its top k, with
+    ``report/precision.py``'s own helpers (the hidden label, joined on id; ties by id)."""
+    import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
     from p2d_ray.data.paths import corpus_path
+    from p2d_ray.report.precision import LABEL, label_rate, lowest_ids
     from p2d_ray.rundir import RunDir
 
-    run = RunDir(cfg.run_dir)
+    run, idc = RunDir(cfg.run_dir), cfg.data.id_column
     scores = pads.dataset(str(run.scores), format="parquet", ignore_prefixes=["_", "."]).to_table()
     if "loss_minus" not in scores.column_names:
         return None
-    plus, loss = (scores.column(c).to_numpy(zero_copy_only=False) for c in ("loss_plus", "loss_full"))
-    alt = (plus - loss) / cfg.score.alignment_eps / np.maximum(loss, 1e-8)
+    loss = pc.max_element_wise(scores.column("loss_full"), 1e-8)
+    alt = pc.divide(pc.divide(pc.subtract(scores.column("loss_plus"), scores.column("loss_full")),
+                              cfg.score.alignment_eps), loss)
     k = json.loads(run.path("selection.json").read_text())["n_selected"]
-    top = scores.column(cfg.data.id_column).to_numpy(zero_copy_only=False)[np.argsort(-alt, kind="stable")[:k]]
-    corpus = pads.dataset(corpus_path(cfg), format="parquet").to_table(columns=[cfg.data.id_column, "is_clean_on_task"])
-    label = dict(zip(corpus.column(0).to_pylist(), corpus.column(1).to_pylist(), strict=True))
-    return float(np.mean([bool(label[i]) for i in top.tolist()]))
+    top = lowest_ids(pa.table({idc: scores.column(idc), "neg": pc.negate(alt)}), "neg", k, idc)
+    labels = pads.dataset(corpus_path(cfg), format="parquet").to_table(columns=[idc, LABEL])
+    return label_rate(labels, top, idc)
 
 
 def _with_heads(cfg, heads) -> None:

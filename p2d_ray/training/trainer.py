@@ -221,7 +221,7 @@ def run_train(cfg: P2DConfig, data_path: str | None = None) -> dict:
     stage_summary(
         "train",
         time.perf_counter() - t0,
-        f"{Path(cfg.run_dir, 'adapter')} ({state['step']} steps), train_summary.json",
+        f"{run.adapter} ({state['step']} steps), train_summary.json",
     )
     return summary
 
