@@ -134,17 +134,25 @@ class ScoreConfig(_Section):
     icl_instruction: str = (
         "Below are some demonstrations of how to answer. Answer the questions after them the same way."
     )
-    # gradient_alignment (scoring/gradient.py): finite-difference step along the unit probe gradient, the
-    # difference scheme (central: O(eps^2) error, forward: O(eps) but one pass fewer), and how many probe
-    # rows make the gradient (computed once per run on the driver).
+    # gradient_alignment (scoring/gradient.py): how <g_i, G> is computed (exact: one batched backward with
+    # per-row gradient slices, also gives |g_i|; central / forward: finite differences of forwards, O(eps^2) /
+    # O(eps) error), the finite-difference step along the unit probe gradient, how the alignment is normalised
+    # (cosine: / |g_i|, needs exact; loss: / L_i; none), and how many probe rows make the gradient (computed
+    # once per run on the driver). exact + cosine by measurement (RESULTS.md, Session 5).
+    alignment_method: Literal["exact", "central", "forward"] = "exact"
     alignment_eps: float = Field(0.05, gt=0)
-    alignment_method: Literal["central", "forward"] = "central"
+    alignment_normalize: Literal["cosine", "loss", "none"] = "cosine"
     alignment_probe_rows: int = Field(100, ge=1)
 
     @model_validator(mode="after")
     def _pool(self) -> ScoreConfig:
         if self.min_actors > self.max_actors:
             raise ValueError(f"min_actors ({self.min_actors}) > max_actors ({self.max_actors})")
+        if self.alignment_normalize == "cosine" and self.alignment_method != "exact":
+            raise ValueError(
+                f"alignment_normalize=cosine needs the row gradient's norm, which only alignment_method=exact "
+                f"computes (got {self.alignment_method!r}); use alignment_normalize=loss with finite differences"
+            )
         return self
 
 

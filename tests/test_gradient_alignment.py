@@ -178,8 +178,11 @@ def test_probe_gradient_is_the_unit_gradient_of_the_heads_slices(llama):
         ProbeGradient.from_bytes(save({"x": torch.zeros(1)}, {"p2d": "{}"}))
 
 
-def _autograd_derivative(model, batch, pg):
-    """Per-row ``<grad L_i, G>`` by one backward per row (the reference the scorer avoids)."""
+def _autograd_derivative(model, batch, pg, norms: list | None = None):
+    """Per-row ``<grad L_i, G>`` by one backward per row (the reference the scorer avoids); appends each
+    row's ``|g_i|`` in the head subspace to ``norms`` if given."""
+    from transformers.pytorch_utils import Conv1D
+
     modules = dict(model.named_modules())
     out = []
     for i in range(batch["input_ids"].shape[0]):
@@ -191,12 +194,17 @@ def _autograd_derivative(model, batch, pg):
         grads = torch.autograd.grad(loss, ws)
         for w in ws:
             w.requires_grad_(False)
-        total = 0.0
+        total, sq = 0.0, 0.0
         for s, g in zip(pg.specs, grads, strict=True):
+            if isinstance(modules[s.module_name], Conv1D):  # [in, out] -> the [out, in] layout of Δ
+                g = g.T
             idx = torch.tensor(s.index)
             sl = g.index_select(0 if s.axis == "rows" else 1, idx)
             total += float((sl.double() * pg.direction[s.module_name].double()).sum())
+            sq += float((sl.double() ** 2).sum())
         out.append(total)
+        if norms is not None:
+            norms.append(sq**0.5)
     return torch.tensor(out, dtype=torch.float64)
 
 
@@ -213,8 +221,8 @@ def test_directional_derivative_matches_autograd_and_weights_restored(llama):
         before = {k: v.clone() for k, v in model.state_dict().items()}
         shift = HeadShift(model, pg)
         with torch.no_grad():
-            central = alignment_score(model, batch, shift, pg.first_layer, 1e-2, "central", 16)
-            forward = alignment_score(model, batch, shift, pg.first_layer, 1e-2, "forward", 16)
+            central = alignment_score(model, batch, shift, pg.first_layer, 1e-2, "central", 16, "loss")
+            forward = alignment_score(model, batch, shift, pg.first_layer, 1e-2, "forward", 16, "loss")
         for k, v in model.state_dict().items():
             assert torch.equal(v, before[k]), f"{k} not restored exactly"
         assert ref.abs().max() > 1e-2
@@ -231,6 +239,38 @@ def test_directional_derivative_matches_autograd_and_weights_restored(llama):
         torch.testing.assert_close((central.extra["loss_plus"] - central.extra["loss_minus"]) / 2e-2, central.extra[DERIVATIVE_COL])
     finally:
         model.float()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("first", [0, 1])
+def test_exact_alignment_equals_per_row_autograd(tmp_path_factory, family, first):
+    """``exact``: one batched backward gives every row's <g_i, G> and |g_i| as one backward per row does
+    (GQA groups in llama / qwen2 (q/k/v biases), gpt2's fused Conv1D c_attn), leaves no gradient behind,
+    and matches the central difference; the cosine is d_i / |g_i|."""
+    kw = {"num_key_value_heads": 2} if family != "gpt2" else {}
+    model, tok = _model(tmp_path_factory, family, **kw)
+    model = model.double()
+    geo = attention_geometry(model)
+    heads = HeadSet(((first, 0), (first, 1), (2, geo.n_heads - 1)), geo)
+    pg = _probe_gradient(model, tok, heads)
+    batch = _batch(tok, ROWS)
+    norms: list[float] = []
+    ref = _autograd_derivative(model, batch, pg, norms)
+    flags = [p.requires_grad for p in model.parameters()]
+    fn = build_scorer("gradient_alignment", model, heads, chunk_tokens=16, probe_gradient=pg)  # exact, cosine
+    out = fn(batch)
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())
+    torch.testing.assert_close(out.extra[DERIVATIVE_COL].double(), ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.extra["grad_norm"].double(), torch.tensor(norms, dtype=torch.float64), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.score, out.extra[DERIVATIVE_COL] / out.extra["grad_norm"])
+    torch.testing.assert_close(out.loss_full.double(), _row_losses(model, batch).double(), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        central = alignment_score(model, batch, HeadShift(model, pg), pg.first_layer, 1e-2, "central", 16, "loss")
+    # O(eps^2) truncation at this model's large weights (init 0.3): agreement, not equality
+    torch.testing.assert_close(central.extra[DERIVATIVE_COL].double(), ref, rtol=2e-2, atol=1e-3)
+    with pytest.raises(ValueError, match="cosine needs"):
+        build_scorer("gradient_alignment", model, heads, probe_gradient=pg, alignment_method="central")
 
 
 def test_a_probe_like_row_scores_above_random_tokens(llama):

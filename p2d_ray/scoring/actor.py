@@ -104,6 +104,7 @@ class ScorerActor:
             probe_gradient=pg,
             alignment_eps=self.cfg.alignment_eps,
             alignment_method=self.cfg.alignment_method,
+            alignment_normalize=self.cfg.alignment_normalize,
         )
         self.pid = os.getpid()
 

@@ -8,19 +8,24 @@ TracIn / LESS restricted to the head subspace, from forwards only.
    group shared by several heads counted once) -- normalised to unit length. Stored per projection module
    in the head-delta layout (rows: ``[r, in]``, cols: ``[out, r]``), so ``G`` is a direction in the very
    parameter space training moves in. Saved as ``probe_gradient.safetensors`` with its fingerprint.
-2. **Row score** (:func:`alignment_score`): the directional derivative of the row's mean loss along ``G``,
-   ``d_i = <grad L_i, G>``, by a finite difference of forwards with the head slices shifted in place, divided
-   by the row's own loss: ``score_i = d_i / L_i``.
+2. **Row score** (:func:`alignment_score`): the row's loss gradient ``g_i`` in the same subspace, compared with
+   ``G``. ``score.alignment_normalize``: ``cosine`` (default) = ``<g_i, G> / |g_i|``, the cosine of LESS
+   (Xia et al. 2024) restricted to the head subspace; ``loss`` = ``<g_i, G> / L_i``; ``none`` = ``<g_i, G>``.
 
-Sign: ``d_i > 0`` means the row's gradient points the same way as the probe's, so a descent step on the row
-(``theta -= lr * grad L_i``) changes the probe loss by ``-lr * |grad L_probe| * d_i < 0``: **a high score =
-training on the row lowers the probe loss.** Dividing by ``L_i`` (measured better than the raw ``d_i``,
-P2D_STAGE2.md) removes the advantage of rows that are simply hard (high loss, large gradients).
+Sign: ``d_i = <g_i, G> > 0`` means the row's gradient points the same way as the probe's, so a descent step on
+the row (``theta -= lr * g_i``) changes the probe loss by ``-lr * |grad L_probe| * d_i < 0``: **a high score =
+training on the row lowers the probe loss.** Why normalise (RESULTS.md, exact per-row gradients on SmolLM2):
+the raw ``d_i`` favours rows with large gradients (hard or long-tailed rows); dividing by ``L_i`` fixes that but
+lifts short, easy rows whose small loss makes a small alignment look large; the cosine asks only whether the
+row's gradient points the probe's way.
 
-Methods (``score.alignment_method``; all share the layers below the lowest task-head layer ``l_min``,
-models.shared_lower):
+Methods (``score.alignment_method``; all share the layers below the lowest task-head layer ``l_min``):
+- ``exact`` (default): one forward with autograd from layer ``l_min`` up and one backward to it, no weight
+  gradients: hooks on the heads' projections take each row's gradient slice ``sum_t delta_t^T x_t`` exactly
+  (:class:`RowGradients`), so ``<g_i, G>`` and ``|g_i|`` come from one batched pass. Cost ``1 + (L - l_min) / L``
+  forwards (a backward without weight gradients costs about one forward).
 - ``central``: ``(L_i(theta + eps G) - L_i(theta - eps G)) / 2 eps`` + the plain loss: error ``O(eps^2)``,
-  cost ``1 + 2 (L - l_min) / L`` forwards per row.
+  cost ``1 + 2 (L - l_min) / L`` forwards per row (models.shared_lower). No ``|g_i|``: ``cosine`` needs ``exact``.
 - ``forward``: ``(L_i(theta + eps G) - L_i(theta)) / eps`` reusing the plain loss: error ``O(eps)``,
   cost ``1 + (L - l_min) / L``.
 """
@@ -39,13 +44,16 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from p2d_ray.heads.headset import HeadSet
+from p2d_ray.models.geometry import decoder_layers
 from p2d_ray.models.loss import hidden_states, loss_from_hidden
 from p2d_ray.models.shared_lower import SharedLowerLayers
 from p2d_ray.training.deltas import DeltaSpec, attach_from_specs, head_deltas, plan_head_deltas
 
 FORMAT = "p2d-probe-gradient/1"
 FILENAME = "probe_gradient.safetensors"
-METHODS = ("central", "forward")
+METHODS = ("exact", "central", "forward")
+NORMALIZATIONS = ("cosine", "loss", "none")
+GRAD_NORM_COL = "grad_norm"  # |g_i|, the row gradient's norm in the head subspace (exact only)
 DERIVATIVE_COL = "directional_derivative"
 # The shifted losses L_i(theta +- eps G) beside d_i: the central run also holds the forward estimate
 # (L+ - L) / eps, so both can be compared on one pass (loss_minus is NaN for alignment_method=forward).
@@ -218,23 +226,133 @@ class HeadShift:
                     w.index_copy_(dim, idx, orig)
 
 
+class RowGradients:
+    """Each row's ``<g_i, G>`` and ``|g_i|^2`` in the head subspace from one batched forward + backward.
+
+    A projection ``y = x W^T`` (or Conv1D's ``x W``) seen by row ``i`` over its tokens ``t``: with
+    ``x [B, T, in]`` its input and ``delta [B, T, out] = dL/dy`` (rows do not interact, so the gradient of
+    the summed row losses gives every row's own ``delta``), row ``i``'s gradient of the trained slice in the
+    head-delta layout is
+        rows (q, k, v rows r):  ``P_i = sum_t delta[i, t, r]^T x[i, t]``          ``[|r|, in]``
+        cols (o_proj cols c):   ``P_i = sum_t delta[i, t]^T x[i, t, c]``          ``[out, |c|]``
+    so ``<g_i, G> = sum_modules <P_i, G_module>`` and ``|g_i|^2 = sum_modules |P_i|^2``. ``P`` is formed per
+    batch (``B x |r| x in`` floats: ~2 MB per head at B=16 on SmolLM2), a few percent of the forward's work.
+
+    Autograd starts at the input of layer ``l_min`` (a pre-hook makes it require grad) and no parameter
+    requires grad during the pass, so the lower layers build no graph and the backward computes activation
+    gradients only.
+    """
+
+    def __init__(self, model: nn.Module, pg: ProbeGradient):
+        modules = dict(model.named_modules())
+        self.model = model
+        self.first = decoder_layers(model)[pg.first_layer]
+        self._parts = []  # (module, axis, index [r], G [Δ shape] fp32)
+        for spec in pg.specs:
+            module = modules.get(spec.module_name)
+            if module is None:
+                raise ValueError(f"probe gradient targets {spec.module_name!r}, which this model does not have")
+            device = module.weight.device
+            idx = torch.tensor(spec.index, dtype=torch.long, device=device)
+            self._parts.append((module, spec.axis, idx, pg.direction[spec.module_name].to(device, torch.float32)))
+
+    def __call__(self, batch: dict[str, torch.Tensor], chunk_tokens: int = 1024):
+        """``(mean loss [B], target tokens [B], <g_i, G> [B], |g_i|^2 [B])`` for a collated batch."""
+        ids, am, lm = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+        seen: dict[int, list] = {}  # part index -> [x [B, T, in], delta [B, T, out]]
+
+        def start_graph(module, args, kwargs):
+            if args:
+                return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach().requires_grad_(True)}
+
+        def capture(k):
+            def hook(module, args, output):
+                y = output[0] if isinstance(output, tuple) else output
+                seen[k] = [args[0].detach(), None]
+                y.register_hook(lambda g: seen[k].__setitem__(1, g.detach()))
+
+            return hook
+
+        params = [(p, p.requires_grad) for p in self.model.parameters()]
+        handles = [self.first.register_forward_pre_hook(start_graph, with_kwargs=True)]
+        handles += [m.register_forward_hook(capture(k)) for k, (m, *_) in enumerate(self._parts)]
+        try:
+            for p, _ in params:
+                p.requires_grad_(False)
+            with torch.enable_grad():
+                loss = loss_from_hidden(self.model, hidden_states(self.model, ids, am), ids, lm, chunk_tokens)
+                loss.mean.sum().backward()  # every row's own delta (rows do not interact)
+        finally:
+            for h in handles:
+                h.remove()
+            for p, flag in params:
+                p.requires_grad_(flag)
+        B = ids.shape[0]
+        dot = torch.zeros(B, dtype=torch.float64, device=ids.device)
+        sq = torch.zeros(B, dtype=torch.float64, device=ids.device)
+        for k, (_, axis, idx, g) in enumerate(self._parts):
+            x, delta = seen[k]
+            if delta is None:  # the slice does not reach the loss (e.g. a head above every target token)
+                continue
+            x, delta = x.float(), delta.float()
+            if axis == "rows":
+                delta = delta.index_select(-1, idx)
+            else:
+                x = x.index_select(-1, idx)
+            per_row = torch.einsum("bto,bti->boi", delta, x)  # [B, out', in']: the Δ layout
+            dot += (per_row * g).sum(dim=(1, 2)).double()
+            sq += per_row.square().sum(dim=(1, 2)).double()
+        return loss.mean.detach(), loss.n_tokens, dot.float(), sq.float()
+
+
 def alignment_score(
     model: nn.Module,
     batch: dict[str, torch.Tensor],
-    shift: HeadShift,
+    compass: RowGradients | HeadShift,
     first_layer: int,
     eps: float = 0.05,
-    method: str = "central",
+    method: str = "exact",
     chunk_tokens: int = 1024,
+    normalize: str = "cosine",
 ):
-    """``score = d_i / L_i`` with ``d_i`` the finite-difference derivative of row i's loss along ``G``.
+    """``score = d_i / |g_i|`` (cosine), ``d_i / L_i`` (loss) or ``d_i`` (none), ``d_i = <g_i, G>``.
 
-    Returns a ScoreOutput with ``loss_full`` = the plain loss and ``extra[DERIVATIVE_COL]`` = ``d_i``.
+    ``compass`` is a :class:`RowGradients` for ``method="exact"``, a :class:`HeadShift` for the finite
+    differences. Returns a ScoreOutput with ``loss_full`` = the plain loss and the components in ``extra``:
+    ``d_i``, ``|g_i|`` (exact) or the shifted losses (finite differences).
     """
     from p2d_ray.scoring.scorers import ScoreOutput
 
+    check_alignment(method, normalize)
+    if method == "exact":
+        loss, n_tokens, deriv, sq = compass(batch, chunk_tokens)
+        extra = {GRAD_NORM_COL: sq.sqrt()}
+    else:
+        loss, n_tokens, deriv, extra = _finite_difference(model, batch, compass, first_layer, eps, method, chunk_tokens)
+    if normalize == "cosine":
+        score = deriv / extra[GRAD_NORM_COL].clamp(min=EPS)
+    elif normalize == "loss":
+        score = deriv / loss.clamp(min=EPS)
+    else:
+        score = deriv
+    return ScoreOutput(score, n_tokens, loss_full=loss, extra={DERIVATIVE_COL: deriv, **extra})
+
+
+def check_alignment(method: str, normalize: str) -> None:
     if method not in METHODS:
         raise ValueError(f"score.alignment_method={method!r} is not one of {METHODS}")
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"score.alignment_normalize={normalize!r} is not one of {NORMALIZATIONS}")
+    if normalize == "cosine" and method != "exact":
+        raise ValueError(
+            f"score.alignment_normalize=cosine needs the row gradient's norm, which only "
+            f"score.alignment_method=exact computes (got {method!r}); use normalize=loss with finite differences"
+        )
+
+
+def _finite_difference(model, batch, shift: HeadShift, first_layer: int, eps: float, method: str, chunk_tokens: int):
+    """``(plain loss [B], target tokens [B], d_i [B], shifted losses)`` from forwards with the slices shifted."""
     ids, am, lm = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
     shared = SharedLowerLayers(model, first_layer)
     plain = loss_from_hidden(model, shared.full(ids, am), ids, lm, chunk_tokens)
@@ -247,8 +365,7 @@ def alignment_score(
         deriv, extra["loss_minus"] = (up - down) / (2 * eps), down
     else:
         deriv = (up - plain.mean) / eps
-    score = deriv / plain.mean.clamp(min=EPS)
-    return ScoreOutput(score, plain.n_tokens, loss_full=plain.mean, extra={DERIVATIVE_COL: deriv, **extra})
+    return plain.mean, plain.n_tokens, deriv, extra
 
 
 def prepare_probe_gradient(cfg, heads: HeadSet, fingerprint: str) -> ProbeGradient:

@@ -20,7 +20,7 @@ from p2d_ray.rundir import RunDir
 from p2d_ray.scoring.scorers import USES_HEADS
 from p2d_ray.scoring.shards import Shard, list_parquet_files, plan_shards, read_footer
 
-ALIGNMENT_FIELDS = ("alignment_eps", "alignment_method", "alignment_probe_rows")
+ALIGNMENT_FIELDS = ("alignment_eps", "alignment_method", "alignment_normalize", "alignment_probe_rows")
 
 
 @dataclass

@@ -41,7 +41,7 @@ USES_HEADS["gradient_alignment"] = True
 USES_HEADS["icl_attention"] = True  # a context scorer: scoring/icl.py (built by the actor)
 # Per scorer, the [B] components written as score columns beside score / loss_full / loss_gated.
 COMPONENT_COLUMNS: dict[str, tuple[str, ...]] = {
-    "gradient_alignment": ("directional_derivative", "loss_plus", "loss_minus"),  # scoring/gradient.py
+    "gradient_alignment": ("directional_derivative", "grad_norm", "loss_plus", "loss_minus"),  # scoring/gradient.py
     "icl_attention": ("icl_weight", "icl_metric", "icl_contexts"),
 }
 EPS = 1e-8
@@ -182,24 +182,29 @@ def build_scorer(
     pad_id: int = 0,
     probe_gradient=None,
     alignment_eps: float = 0.05,
-    alignment_method: str = "central",
+    alignment_method: str = "exact",
+    alignment_normalize: str = "cosine",
 ) -> Callable[[dict[str, torch.Tensor]], ScoreOutput]:
-    """A function ``batch -> ScoreOutput`` for scorer ``name`` running under ``torch.inference_mode``."""
+    """A function ``batch -> ScoreOutput`` for scorer ``name`` running under ``torch.inference_mode`` (the
+    exact gradient alignment runs its own forward + backward with autograd instead)."""
     if name not in SCORERS:
         raise ValueError(f"score.scorer={name!r} is not one of {SCORERS}")
     if USES_HEADS[name] and heads is None:
         raise ValueError(f"scorer {name!r} needs the task heads (heads.json)")
+    needs_grad = False
     if name == "gradient_alignment":
-        from p2d_ray.scoring.gradient import HeadShift, alignment_score
+        from p2d_ray.scoring.gradient import HeadShift, RowGradients, alignment_score, check_alignment
 
         if probe_gradient is None:
             raise ValueError("scorer 'gradient_alignment' needs the probe gradient (probe_gradient.safetensors)")
         if probe_gradient.meta.get("heads_fingerprint") != heads.fingerprint():
             raise ValueError("the probe gradient was computed for other heads than heads.json")
-        shift = HeadShift(model, probe_gradient)
+        check_alignment(alignment_method, alignment_normalize)
+        needs_grad = alignment_method == "exact"
+        compass = RowGradients(model, probe_gradient) if needs_grad else HeadShift(model, probe_gradient)
         first = probe_gradient.first_layer
         fn = lambda b: alignment_score(  # noqa: E731
-            model, b, shift, first, alignment_eps, alignment_method, chunk_tokens
+            model, b, compass, first, alignment_eps, alignment_method, chunk_tokens, alignment_normalize
         )
     elif name == "influence":
         fn = lambda b: influence_score(model, b, heads, gate_mode, chunk_tokens, fused)  # noqa: E731
@@ -213,6 +218,8 @@ def build_scorer(
         fn = noop_score
 
     def run(batch: dict[str, torch.Tensor]) -> ScoreOutput:
+        if needs_grad:  # tensors made under inference_mode can never enter autograd
+            return fn(batch)
         with torch.inference_mode():
             return fn(batch)
 
