@@ -65,10 +65,11 @@ def _precision(cfg) -> dict:
     return selection_precision(corpus_path(cfg), str(run.subset), str(run.scores), cfg.data.id_column)
 
 
-def _forward_precision(cfg) -> float | None:
-    """A central-difference run also holds the forward estimate: rank rows by ``(L+ - L) / eps / L`` (what
-    ``score.alignment_method=forward`` computes) and return the clean on-task share of its top k, with
-    ``report/precision.py``'s own helpers (the hidden label, joined on id; ties by id)."""
+def _alternative_precision(cfg) -> float | None:
+    """The same run ranked by the other normalisation, from its own columns: an ``exact`` run (cosine) also
+    holds ``d_i / L_i`` (``alignment_normalize=loss``); a ``central`` run also holds the forward estimate
+    ``(L+ - L) / eps / L`` (``alignment_method=forward``). Returns the clean on-task share of that ranking's top
+    k, with ``report/precision.py``'s own helpers (the hidden label, joined on id; ties by id)."""
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
@@ -78,11 +79,14 @@ def _forward_precision(cfg) -> float | None:
 
     run, idc = RunDir(cfg.run_dir), cfg.data.id_column
     scores = pads.dataset(str(run.scores), format="parquet", ignore_prefixes=["_", "."]).to_table()
-    if "loss_minus" not in scores.column_names:
-        return None
     loss = pc.max_element_wise(scores.column("loss_full"), 1e-8)
-    alt = pc.divide(pc.divide(pc.subtract(scores.column("loss_plus"), scores.column("loss_full")),
-                              cfg.score.alignment_eps), loss)
+    if cfg.score.alignment_method == "exact":
+        alt = pc.divide(scores.column("directional_derivative"), loss)
+    elif cfg.score.alignment_method == "central":
+        alt = pc.divide(pc.divide(pc.subtract(scores.column("loss_plus"), scores.column("loss_full")),
+                                  cfg.score.alignment_eps), loss)
+    else:
+        return None
     k = json.loads(run.path("selection.json").read_text())["n_selected"]
     top = lowest_ids(pa.table({idc: scores.column(idc), "neg": pc.negate(alt)}), "neg", k, idc)
     labels = pads.dataset(corpus_path(cfg), format="parquet").to_table(columns=[idc, LABEL])
@@ -147,7 +151,7 @@ def main() -> None:
                     "target": target, "corpus_seed": cseed, "scorer": scorer, "heads": name, "precision": sp["selected"],
                     "base_rate": sp["base_rate"], "k": sp["k"], "n": sp["n_corpus"],
                     "perplexity_precision": sp.get("perplexity"), "seconds": round(time.perf_counter() - t, 1),
-                    "forward_precision": _forward_precision(cfg) if scorer == "gradient_alignment" else None,
+                    "alternative_precision": _alternative_precision(cfg) if scorer == "gradient_alignment" else None,
                 }
                 results.append(row)
                 print(json.dumps(row), flush=True)
@@ -166,12 +170,12 @@ def main() -> None:
                             "base_rate": sp["base_rate"], "k": sp["k"], "n": sp["n_corpus"]})
         (out / "results.json").write_text(json.dumps(results, indent=1))
     lines = [
-        "| target | corpus seed | scorer | heads | top-10% precision | forward-difference estimate | base rate "
+        "| target | corpus seed | scorer | heads | top-10% precision | same run, other normalisation (exact: d/L; central: forward) | base rate "
         "| k / n | seconds |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        fwd = r.get("forward_precision")
+        fwd = r.get("alternative_precision")
         lines.append(
             f"| {r['target']} | {r['corpus_seed']} | {r['scorer']} | {r['heads']} | {r['precision']:.2f} | "
             f"{'' if fwd is None else f'{fwd:.2f}'} | {r['base_rate']:.2f} | "

@@ -149,6 +149,11 @@ class ScoreConfig(_Section):
         if self.min_actors > self.max_actors:
             raise ValueError(f"min_actors ({self.min_actors}) > max_actors ({self.max_actors})")
         if self.alignment_normalize == "cosine" and self.alignment_method != "exact":
+            if "alignment_normalize" not in self.model_fields_set:
+                # A finite-difference method without a chosen normalisation (e.g. a run saved before
+                # `exact` existed) keeps the loss normalisation it always had.
+                self.alignment_normalize = "loss"
+                return self
             raise ValueError(
                 f"alignment_normalize=cosine needs the row gradient's norm, which only alignment_method=exact "
                 f"computes (got {self.alignment_method!r}); use alignment_normalize=loss with finite differences"

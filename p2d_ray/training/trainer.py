@@ -67,6 +67,8 @@ class TrainInputs:
             dataset = pads.dataset(self.data_path, format="parquet")
             self.n_rows = dataset.count_rows()
             columns = dataset.schema.names
+            # Uncompressed size from the Parquet footers (no data read): decides whether to cache it.
+            self.n_bytes = sum(rg.total_byte_size for f in dataset.get_fragments() for rg in f.row_groups)
         except Exception as err:  # pyarrow raises several types for unreadable data
             raise ValueError(f"cannot read training data {self.data_path}: {err}") from None
         t = cfg.train
@@ -120,6 +122,13 @@ class TrainInputs:
         return f"{cfg.train.adaptation}-{key}"
 
 
+# A training set up to this size (uncompressed Parquet) is read once into Ray's object store before the
+# workers start: every epoch then streams from memory instead of re-running the read tasks (measured on the
+# SmolLM2 demo: a 30-row subset paid ~15 s per epoch for the re-read on 2 cores, BENCHMARKS.md). Larger sets
+# stream from storage every epoch, as Ray Train's docs advise for data that does not fit.
+MATERIALIZE_MAX_BYTES = 1 << 30
+
+
 def _ensure_ray(cfg: P2DConfig) -> None:
     """Enough logical CPUs for the workers plus Ray Data's read tasks (two 1-CPU workers on a 2-CPU node
     would starve the reads)."""
@@ -145,7 +154,6 @@ def fit(cfg: P2DConfig, data_path: str | None = None, *, fail_at_step: int | Non
 
 
 def _trainer(cfg: P2DConfig, inputs: TrainInputs, fail_at_step: int | None):
-    import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -171,8 +179,15 @@ def _trainer(cfg: P2DConfig, inputs: TrainInputs, fail_at_step: int | None):
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.checkpoints_to_keep),
         ),
-        datasets={"train": ray.data.read_parquet(inputs.data_path)},
+        datasets={"train": _train_dataset(inputs)},
     )
+
+
+def _train_dataset(inputs: TrainInputs):
+    import ray.data
+
+    ds = ray.data.read_parquet(inputs.data_path)
+    return ds.materialize() if inputs.n_bytes <= MATERIALIZE_MAX_BYTES else ds
 
 
 def run_train(cfg: P2DConfig, data_path: str | None = None) -> dict:
