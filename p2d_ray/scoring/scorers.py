@@ -17,9 +17,9 @@ are None where a scorer does not compute them.
 - ``icl_attention`` (P2D's own Stage 2 scorer): task-head attention from probe queries to corpus rows placed
   as ICL demonstrations; scores contexts, not batches: see ``scoring/icl.py`` (built by the actor).
 - ``noop``: zeros, no model call: measures the pipeline's ceiling.
-- ``gradient_alignment`` (p2d_ray.scoring.gradient): the row's loss derivative along the probe's unit
-  gradient in the task heads' subspace, divided by the row's loss. High = training on the row lowers the
-  probe loss.
+- ``gradient_alignment`` (p2d_ray.scoring.gradient): the cosine between the row's loss gradient and the
+  probe's, both in the task heads' parameter subspace (or ``<g_i, G> / L_i`` with finite differences). High =
+  training on the row lowers the probe loss.
 """
 
 from __future__ import annotations
