@@ -93,6 +93,23 @@ def _alternative_precision(cfg) -> float | None:
     return label_rate(labels, top, idc)
 
 
+def write_table(results: list[dict], out: Path) -> None:
+    """``table.md`` from ``results.json``'s rows."""
+    lines = [
+        "| target | corpus seed | scorer | heads | top-10% precision | same run, other normalisation (exact: d/L; central: forward) | base rate "
+        "| k / n | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        fwd = r.get("alternative_precision")
+        lines.append(
+            f"| {r['target']} | {r['corpus_seed']} | {r['scorer']} | {r['heads']} | {r['precision']:.2f} | "
+            f"{'' if fwd is None else f'{fwd:.2f}'} | {r['base_rate']:.2f} | "
+            f"{r['k']} / {r['n']} | {r.get('seconds', '')} |"
+        )
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+
+
 def _with_heads(cfg, heads) -> None:
     """Place ``heads`` as the run's heads.json (a control run scores under them; no localisation)."""
     from p2d_ray.rundir import RunDir
@@ -169,20 +186,8 @@ def main() -> None:
             results.append({"target": target, "corpus_seed": cseed, "scorer": "random", "heads": f"s{seed}", "precision": sp["selected"],
                             "base_rate": sp["base_rate"], "k": sp["k"], "n": sp["n_corpus"]})
         (out / "results.json").write_text(json.dumps(results, indent=1))
-    lines = [
-        "| target | corpus seed | scorer | heads | top-10% precision | same run, other normalisation (exact: d/L; central: forward) | base rate "
-        "| k / n | seconds |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        fwd = r.get("alternative_precision")
-        lines.append(
-            f"| {r['target']} | {r['corpus_seed']} | {r['scorer']} | {r['heads']} | {r['precision']:.2f} | "
-            f"{'' if fwd is None else f'{fwd:.2f}'} | {r['base_rate']:.2f} | "
-            f"{r['k']} / {r['n']} | {r.get('seconds', '')} |"
-        )
-    (out / "table.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table(results, out)
+    print((out / "table.md").read_text())
 
 
 if __name__ == "__main__":
