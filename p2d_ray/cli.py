@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     for name in COMMANDS:
         h = HELP[name]
-        sub.add_parser(
+        p = sub.add_parser(
             name,
             parents=[common],
             help=h.summary,
@@ -188,6 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
             epilog=command_epilog(name),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
+        if name == "demo":
+            from typing import get_args
+
+            from p2d_ray.config import DataConfig
+
+            p.add_argument(
+                "--target",
+                choices=get_args(DataConfig.model_fields["demo_target"].annotation),
+                help="the demo corpus's target task (same as data.demo_target=...)",
+            )
     return parser
 
 
@@ -218,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.verbose:  # read by p2d_ray.progress (an env var, so Ray job entrypoints inherit it)
         os.environ["P2D_RAY_VERBOSE"] = "1"
+    if getattr(args, "target", None):  # `p2d-ray demo --target units`
+        args.overrides.append(f"data.demo_target={args.target}")
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:

@@ -23,6 +23,14 @@ def test_every_command_has_help():
     assert set(HELP) == set(COMMANDS)
 
 
+def test_demo_target_flag(capsys):
+    """`p2d-ray demo --target units` picks the demo corpus's other target task; a wrong one is refused."""
+    rc, out, _ = _run(capsys, "demo", "--target", "units", "--print-config")
+    assert rc == 0 and "demo_target: units" in out
+    rc, _, err = _run(capsys, "demo", "--target", "poetry")
+    assert rc == 2 and "invalid choice" in err and "arithmetic" in err
+
+
 def test_stage_help_says_what_it_reads_writes_and_its_keys_with_schema_defaults(capsys):
     rc, out, _ = _run(capsys, "score", "--help")
     assert rc == 0

@@ -67,7 +67,9 @@ def _cfg(run_dir, model, corpus, probe, heads=HEADS, **score):
 def test_gradient_alignment_on_ray_equals_in_process(ray_local, tiny_llama, setup, tmp_path):
     corpus, probe = setup
     out = run_score(_cfg(tmp_path, tiny_llama, corpus, probe))
-    assert out["rows_in"] == out["rows_scored"] == 50 and out["actors_used"] == 2, out
+    # Both actors start; which of them gets blocks is Ray Data's least-busy choice: a loaded machine that
+    # tokenizes slower than one tiny-model actor scores rightly gives every block to it (test_scoring_pipeline).
+    assert out["rows_in"] == out["rows_scored"] == 50 and 1 <= out["actors_used"] <= 2, out
     got = pq.read_table(tmp_path / "scores").sort_by("id")
     assert got.column("id").to_pylist() == list(range(50)), "one score per id"
     assert got.column("score").null_count == 0 and got.column(DERIVATIVE_COL).null_count == 0

@@ -68,7 +68,8 @@ def test_icl_attention_one_score_per_id_deterministic(ray_local, tiny_llama, fil
 
     # Two actors and a different block size (rows_per_block depends on the actor count): same scores.
     two = score_corpus(_cfg(tmp_path / "two", tiny_llama, files, min_actors=2, max_actors=2, max_rows_per_block=8))
-    assert two["actors_used"] == 2
+    # Both actors start; which of them gets blocks is Ray Data's least-busy choice (test_scoring_pipeline).
+    assert 1 <= two["actors_used"] <= 2
     b = _scores(tmp_path / "two")
     assert b.column("id").to_pylist() == one.column("id").to_pylist()
     for col in ("score", "icl_weight", "icl_metric"):
