@@ -235,8 +235,9 @@ class RowGradients:
     head-delta layout is
         rows (q, k, v rows r):  ``P_i = sum_t delta[i, t, r]^T x[i, t]``          ``[|r|, in]``
         cols (o_proj cols c):   ``P_i = sum_t delta[i, t]^T x[i, t, c]``          ``[out, |c|]``
-    so ``<g_i, G> = sum_modules <P_i, G_module>`` and ``|g_i|^2 = sum_modules |P_i|^2``. ``P`` is formed per
-    batch (``B x |r| x in`` floats: ~2 MB per head at B=16 on SmolLM2), a few percent of the forward's work.
+    so ``<g_i, G> = sum_modules <P_i, G_module>`` and ``|g_i|^2 = sum_modules |P_i|^2``. ``P`` is formed in the
+    backward hook of each projection and dropped at once (``B x |r| x in`` floats: ~2 MB per head at B=16 on
+    SmolLM2), a few percent of the forward's work; no ``[B, T, out]`` gradient is kept past its layer.
 
     Autograd starts at the input of layer ``l_min`` (a pre-hook makes it require grad) and no parameter
     requires grad during the pass, so the lower layers build no graph and the backward computes activation
@@ -259,24 +260,38 @@ class RowGradients:
     def __call__(self, batch: dict[str, torch.Tensor], chunk_tokens: int = 1024):
         """``(mean loss [B], target tokens [B], <g_i, G> [B], |g_i|^2 [B])`` for a collated batch."""
         ids, am, lm = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
-        seen: dict[int, list] = {}  # part index -> [x [B, T, in], delta [B, T, out]]
+        B = ids.shape[0]
+        dot = torch.zeros(B, dtype=torch.float64, device=ids.device)
+        sq = torch.zeros(B, dtype=torch.float64, device=ids.device)
 
         def start_graph(module, args, kwargs):
             if args:
                 return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach().requires_grad_(True)}
 
-        def capture(k):
+        def capture(axis: str, idx: torch.Tensor, g: torch.Tensor):
+            # Forward: keep the input slice the product needs (rows: the whole input, a view autograd keeps
+            # anyway; cols: the selected input features). Backward: form the per-row slice gradient at once and
+            # fold it into dot / sq, so no [B, T, out] gradient outlives its layer's backward.
             def hook(module, args, output):
+                x = args[0].detach()
+                x = x if axis == "rows" else x.index_select(-1, idx)  # [B, T, in']
+
+                def on_grad(delta):  # delta [B, T, out] = dL/dy
+                    d = delta.detach().float()
+                    d = d.index_select(-1, idx) if axis == "rows" else d  # [B, T, out']
+                    per_row = torch.einsum("bto,bti->boi", d, x.float())  # [B, out', in']: the Δ layout
+                    dot.add_((per_row * g).sum(dim=(1, 2)).double())
+                    sq.add_(per_row.square().sum(dim=(1, 2)).double())
+
                 y = output[0] if isinstance(output, tuple) else output
-                seen[k] = [args[0].detach(), None]
-                y.register_hook(lambda g: seen[k].__setitem__(1, g.detach()))
+                y.register_hook(on_grad)
 
             return hook
 
         params = [(p, p.requires_grad) for p in self.model.parameters()]
         handles = [self.first.register_forward_pre_hook(start_graph, with_kwargs=True)]
-        handles += [m.register_forward_hook(capture(k)) for k, (m, *_) in enumerate(self._parts)]
+        handles += [m.register_forward_hook(capture(axis, idx, g)) for m, axis, idx, g in self._parts]
         try:
             for p, _ in params:
                 p.requires_grad_(False)
@@ -288,21 +303,7 @@ class RowGradients:
                 h.remove()
             for p, flag in params:
                 p.requires_grad_(flag)
-        B = ids.shape[0]
-        dot = torch.zeros(B, dtype=torch.float64, device=ids.device)
-        sq = torch.zeros(B, dtype=torch.float64, device=ids.device)
-        for k, (_, axis, idx, g) in enumerate(self._parts):
-            x, delta = seen[k]
-            if delta is None:  # the slice does not reach the loss (e.g. a head above every target token)
-                continue
-            x, delta = x.float(), delta.float()
-            if axis == "rows":
-                delta = delta.index_select(-1, idx)
-            else:
-                x = x.index_select(-1, idx)
-            per_row = torch.einsum("bto,bti->boi", delta, x)  # [B, out', in']: the Δ layout
-            dot += (per_row * g).sum(dim=(1, 2)).double()
-            sq += per_row.square().sum(dim=(1, 2)).double()
+        # A slice whose output never reaches the loss gets no gradient hook call: it adds 0, as it should.
         return loss.mean.detach(), loss.n_tokens, dot.float(), sq.float()
 
 
