@@ -106,3 +106,14 @@ def test_resolved_config_round_trips(tmp_path):
     assert again.fingerprint() == cfg.fingerprint()
     assert again.fingerprint("localize") != P2DConfig().fingerprint("localize")
     assert again.fingerprint("train") == P2DConfig().fingerprint("train")
+
+
+def test_alignment_cosine_needs_the_exact_method():
+    """cosine divides by |g_i|, which only the exact method computes; a finite-difference config that never
+    chose a normalisation (a run saved before `exact` existed) keeps the loss normalisation it had."""
+    from p2d_ray.config import ScoreConfig
+
+    assert (ScoreConfig().alignment_method, ScoreConfig().alignment_normalize) == ("exact", "cosine")
+    assert ScoreConfig(alignment_method="central").alignment_normalize == "loss"
+    with pytest.raises(ValueError, match="cosine needs"):
+        ScoreConfig(alignment_method="forward", alignment_normalize="cosine")
