@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 from pathlib import Path
 
 
@@ -18,3 +19,12 @@ def save_result(name: str, out: dict) -> dict:
     results.mkdir(exist_ok=True)
     (results / f"{name}.json").write_text(text)
     return out
+
+
+_CPU = re.compile(r"Remote cpu time: .*?, ([\d.]+)(us|ms|s) total")
+
+
+def remote_cpu_seconds(ray_data_stats: str) -> float:
+    """Sum of every operator's "Remote cpu time ... total" in Ray Data's own stats report."""
+    scale = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+    return sum(float(v) * scale[u] for v, u in _CPU.findall(ray_data_stats))

@@ -25,8 +25,8 @@ from p2d_ray.heads.headset import HeadSet
 from p2d_ray.heads.localize import localize_heads, top_heads
 from p2d_ray.models.loading import load_model, load_tokenizer
 from p2d_ray.models.loss import sample_loss
-from p2d_ray.scoring.gradient import DERIVATIVE_COL, HeadShift, alignment_score, probe_gradient
-from p2d_ray.scoring.scorers import build_scorer, influence_score, perplexity_score
+from p2d_ray.scoring.gradient import DERIVATIVE_COL, HeadShift, probe_gradient
+from p2d_ray.scoring.scorers import alignment_score, build_scorer, influence_score, perplexity_score
 
 WORDS = [
     "cat", "dog", "fish", "bird", "tree", "river", "stone", "cloud",

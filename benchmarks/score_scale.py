@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import save_result, uptime
+from benchmarks import remote_cpu_seconds, save_result, uptime
 
 SMOLLM2 = "smollm2-135m"
 
@@ -60,7 +60,6 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     import ray
 
-    from benchmarks.scoring import _remote_cpu_seconds
     from p2d_ray.config import build_config
     from p2d_ray.scoring.pipeline import run_score
     from p2d_ray.scoring.select import run_select
@@ -88,7 +87,7 @@ def main(argv=None) -> dict:
     out = run_score(cfg)
     score_wall, driver_cpu = time.perf_counter() - t, time.process_time() - c
     st = json.loads((work / "run" / "score_stats.json").read_text())
-    workers_cpu = _remote_cpu_seconds(st["ray_data_stats"] or "")
+    workers_cpu = remote_cpu_seconds(st["ray_data_stats"] or "")
     t = time.perf_counter()
     sel = run_select(cfg)
     select_s = time.perf_counter() - t

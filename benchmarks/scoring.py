@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -33,6 +32,8 @@ from pathlib import Path
 
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+
+from benchmarks import remote_cpu_seconds
 
 
 def _model(choice: str, workdir: Path) -> str:
@@ -176,15 +177,6 @@ def bare_loop(model_path: str, corpus: str, batch_size: int, sort_by_length: boo
     }
 
 
-_CPU = re.compile(r"Remote cpu time: .*?, ([\d.]+)(us|ms|s) total")
-
-
-def _remote_cpu_seconds(ray_data_stats: str) -> float:
-    """Sum of every operator's "Remote cpu time ... total" in Ray Data's own stats report."""
-    scale = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
-    return sum(float(v) * scale[u] for v, u in _CPU.findall(ray_data_stats))
-
-
 def engine(workdir: Path, tag: str, model: str, corpus: str, batch_size: int, **score) -> dict:
     from p2d_ray.scoring.pipeline import run_score
 
@@ -199,7 +191,7 @@ def engine(workdir: Path, tag: str, model: str, corpus: str, batch_size: int, **
         "seconds": wall,
         "score_pass_s": st["wall_s"]["score_pass"],
         "driver_cpu_s": driver_cpu,
-        "workers_cpu_s": _remote_cpu_seconds(st["ray_data_stats"] or ""),
+        "workers_cpu_s": remote_cpu_seconds(st["ray_data_stats"] or ""),
         "actor_busy_s": st["busy_s"]["score"],
         "tokenize_busy_s": st["busy_s"]["tokenize"],
         "actors_used": st["actors"]["used"],

@@ -244,11 +244,6 @@ def _data_findings(cfg: P2DConfig, checks: set[str], deep: bool) -> list[dict]:
 
 
 # -- model ----------------------------------------------------------------------------------------------
-def _looks_local(name: str) -> bool:
-    """A filesystem path rather than a hub id (``org/name``)."""
-    return Path(name).expanduser().exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1
-
-
 def _hub_offline() -> bool:
     from huggingface_hub import constants
 
@@ -261,6 +256,7 @@ def _model_findings(cfg: P2DConfig) -> tuple[list[dict], object | None, str | No
 
     from p2d_ray.assets import is_asset_model, model_dir
     from p2d_ray.models.geometry import UnsupportedModelError, geometry_from_config
+    from p2d_ray.models.loading import looks_local
 
     name = path = cfg.model.name_or_path
     if is_asset_model(name):
@@ -273,7 +269,7 @@ def _model_findings(cfg: P2DConfig) -> tuple[list[dict], object | None, str | No
                 None,
             )
         path = str(built)
-    local = _looks_local(path)
+    local = looks_local(path)
     if local and not Path(path).expanduser().is_dir():
         return [_finding("model", "error", f"model.name_or_path={name!r}: no such directory")], None, None
     if not local:
@@ -326,32 +322,9 @@ def _model_findings(cfg: P2DConfig) -> tuple[list[dict], object | None, str | No
     return findings, geo, None
 
 
-def weights_problems(model, path: Path | None = None) -> list[str]:
-    """Local checkpoints: weight files the loader will accept (no pickle while ``use_safetensors``) and a
-    tokenizer. Hub names and the demo models (built by us) are not checked here. One line per problem."""
-    from p2d_ray.assets import is_asset_model
-
-    if path is None:
-        if is_asset_model(model.name_or_path) or not _looks_local(model.name_or_path):
-            return []
-        path = Path(model.name_or_path).expanduser()
-    if not path.is_dir():
-        return [f"model.name_or_path={model.name_or_path!r}: no such directory"]
-    out = []
-    if model.use_safetensors and not any(path.glob("*.safetensors")):
-        pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
-        found = f" (found pickle weights {pickles[:3]})" if pickles else ""
-        out.append(
-            f"{path}: no *.safetensors weights{found}; pickle weights can run arbitrary code, so "
-            "model.use_safetensors=true refuses them: convert the checkpoint to safetensors, or set "
-            "model.use_safetensors=false if you trust it"
-        )
-    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        out.append(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json / tokenizer.model)")
-    return out
-
-
 def _weights_findings(path: Path, cfg: P2DConfig) -> list[dict]:
+    from p2d_ray.models.loading import weights_problems
+
     return [_finding("model", "error", msg) for msg in weights_problems(cfg.model, path)]
 
 

@@ -22,10 +22,9 @@ from p2d_ray.scoring.gradient import (
     DERIVATIVE_COL,
     HeadShift,
     ProbeGradient,
-    alignment_score,
     probe_gradient,
 )
-from p2d_ray.scoring.scorers import build_scorer, influence_score
+from p2d_ray.scoring.scorers import alignment_score, build_scorer, influence_score
 
 ROWS = [
     ("Q: what is 2 plus 3? ", "A: 5. #### 5"),

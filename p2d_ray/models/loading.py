@@ -11,7 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
-from p2d_ray.assets import resolve_model
+from p2d_ray.assets import is_asset_model, resolve_model
 from p2d_ray.config import ModelConfig
 from p2d_ray.models.geometry import attention_geometry, geometry_from_config
 from p2d_ray.progress import verbose
@@ -106,3 +106,31 @@ def model_fingerprint(cfg: ModelConfig) -> str:
     else:
         h.update(json.dumps([path, cfg.revision]).encode())
     return h.hexdigest()[:16]
+
+
+def looks_local(name: str) -> bool:
+    """A filesystem path rather than a hub id (``org/name``)."""
+    return Path(name).expanduser().exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
+def weights_problems(model, path: Path | None = None) -> list[str]:
+    """Local checkpoints: weight files the loader will accept (no pickle while ``use_safetensors``) and a
+    tokenizer. Hub names and the demo models (built by us) are not checked here. One line per problem."""
+    if path is None:
+        if is_asset_model(model.name_or_path) or not looks_local(model.name_or_path):
+            return []
+        path = Path(model.name_or_path).expanduser()
+    if not path.is_dir():
+        return [f"model.name_or_path={model.name_or_path!r}: no such directory"]
+    out = []
+    if model.use_safetensors and not any(path.glob("*.safetensors")):
+        pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        found = f" (found pickle weights {pickles[:3]})" if pickles else ""
+        out.append(
+            f"{path}: no *.safetensors weights{found}; pickle weights can run arbitrary code, so "
+            "model.use_safetensors=true refuses them: convert the checkpoint to safetensors, or set "
+            "model.use_safetensors=false if you trust it"
+        )
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        out.append(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json / tokenizer.model)")
+    return out

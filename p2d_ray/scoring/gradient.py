@@ -8,7 +8,7 @@ TracIn / LESS restricted to the head subspace, from forwards only.
    group shared by several heads counted once) -- normalised to unit length. Stored per projection module
    in the head-delta layout (rows: ``[r, in]``, cols: ``[out, r]``), so ``G`` is a direction in the very
    parameter space training moves in. Saved as ``probe_gradient.safetensors`` with its fingerprint.
-2. **Row score** (:func:`alignment_score`): the row's loss gradient ``g_i`` in the same subspace, compared with
+2. **Row score** (``scoring.scorers.alignment_score``): the row's loss gradient ``g_i`` in the same subspace, compared with
    ``G``. ``score.alignment_normalize``: ``cosine`` (default) = ``<g_i, G> / |g_i|``, the cosine of LESS
    (Xia et al. 2024) restricted to the head subspace; ``loss`` = ``<g_i, G> / L_i``; ``none`` = ``<g_i, G>``.
 
@@ -307,39 +307,6 @@ class RowGradients:
         return loss.mean.detach(), loss.n_tokens, dot.float(), sq.float()
 
 
-def alignment_score(
-    model: nn.Module,
-    batch: dict[str, torch.Tensor],
-    compass: RowGradients | HeadShift,
-    first_layer: int,
-    eps: float = 0.05,
-    method: str = "exact",
-    chunk_tokens: int = 1024,
-    normalize: str = "cosine",
-):
-    """``score = d_i / |g_i|`` (cosine), ``d_i / L_i`` (loss) or ``d_i`` (none), ``d_i = <g_i, G>``.
-
-    ``compass`` is a :class:`RowGradients` for ``method="exact"``, a :class:`HeadShift` for the finite
-    differences. Returns a ScoreOutput with ``loss_full`` = the plain loss and the components in ``extra``:
-    ``d_i``, ``|g_i|`` (exact) or the shifted losses (finite differences).
-    """
-    from p2d_ray.scoring.scorers import ScoreOutput
-
-    check_alignment(method, normalize)
-    if method == "exact":
-        loss, n_tokens, deriv, sq = compass(batch, chunk_tokens)
-        extra = {GRAD_NORM_COL: sq.sqrt()}
-    else:
-        loss, n_tokens, deriv, extra = _finite_difference(model, batch, compass, first_layer, eps, method, chunk_tokens)
-    if normalize == "cosine":
-        score = deriv / extra[GRAD_NORM_COL].clamp(min=EPS)
-    elif normalize == "loss":
-        score = deriv / loss.clamp(min=EPS)
-    else:
-        score = deriv
-    return ScoreOutput(score, n_tokens, loss_full=loss, extra={DERIVATIVE_COL: deriv, **extra})
-
-
 def check_alignment(method: str, normalize: str) -> None:
     if method not in METHODS:
         raise ValueError(f"score.alignment_method={method!r} is not one of {METHODS}")
@@ -352,7 +319,7 @@ def check_alignment(method: str, normalize: str) -> None:
         )
 
 
-def _finite_difference(model, batch, shift: HeadShift, first_layer: int, eps: float, method: str, chunk_tokens: int):
+def finite_difference(model, batch, shift: HeadShift, first_layer: int, eps: float, method: str, chunk_tokens: int):
     """``(plain loss [B], target tokens [B], d_i [B], shifted losses)`` from forwards with the slices shifted."""
     ids, am, lm = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
     shared = SharedLowerLayers(model, first_layer)

@@ -66,8 +66,7 @@ def plan_score(cfg: P2DConfig) -> ScorePlan:
     from p2d_ray.data.io import read_rows, rows_hash
     from p2d_ray.data.paths import corpus_path, probe_path
     from p2d_ray.models.geometry import geometry_from_config
-    from p2d_ray.models.loading import load_config_checked, model_fingerprint, resolve_path
-    from p2d_ray.validate import weights_problems
+    from p2d_ray.models.loading import load_config_checked, model_fingerprint, resolve_path, weights_problems
 
     d, s = cfg.data, cfg.score
     problems = weights_problems(cfg.model)  # e.g. pickle-only weights: refused here, not inside an actor

@@ -165,6 +165,44 @@ def ifd_score(
     return ScoreOutput(score, cond.n_tokens, loss_full=cond.mean, loss_gated=alone.mean)
 
 
+def alignment_score(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    compass,
+    first_layer: int,
+    eps: float = 0.05,
+    method: str = "exact",
+    chunk_tokens: int = 1024,
+    normalize: str = "cosine",
+):
+    """``score = d_i / |g_i|`` (cosine), ``d_i / L_i`` (loss) or ``d_i`` (none), ``d_i = <g_i, G>``.
+
+    ``compass`` is a :class:`RowGradients` for ``method="exact"``, a :class:`HeadShift` for the finite
+    differences. Returns a ScoreOutput with ``loss_full`` = the plain loss and the components in ``extra``:
+    ``d_i``, ``|g_i|`` (exact) or the shifted losses (finite differences).
+    """
+    from p2d_ray.scoring.gradient import (
+        DERIVATIVE_COL,
+        GRAD_NORM_COL,
+        check_alignment,
+        finite_difference,
+    )
+
+    check_alignment(method, normalize)
+    if method == "exact":
+        loss, n_tokens, deriv, sq = compass(batch, chunk_tokens)
+        extra = {GRAD_NORM_COL: sq.sqrt()}
+    else:
+        loss, n_tokens, deriv, extra = finite_difference(model, batch, compass, first_layer, eps, method, chunk_tokens)
+    if normalize == "cosine":
+        score = deriv / extra[GRAD_NORM_COL].clamp(min=EPS)
+    elif normalize == "loss":
+        score = deriv / loss.clamp(min=EPS)
+    else:
+        score = deriv
+    return ScoreOutput(score, n_tokens, loss_full=loss, extra={DERIVATIVE_COL: deriv, **extra})
+
+
 def noop_score(batch: dict[str, torch.Tensor]) -> ScoreOutput:
     """No model call: the scorer for the pipeline-ceiling benchmark."""
     n = batch["loss_mask"][:, 1:].sum(dim=1)
@@ -193,7 +231,7 @@ def build_scorer(
         raise ValueError(f"scorer {name!r} needs the task heads (heads.json)")
     needs_grad = False
     if name == "gradient_alignment":
-        from p2d_ray.scoring.gradient import HeadShift, RowGradients, alignment_score, check_alignment
+        from p2d_ray.scoring.gradient import HeadShift, RowGradients, check_alignment
 
         if probe_gradient is None:
             raise ValueError("scorer 'gradient_alignment' needs the probe gradient (probe_gradient.safetensors)")
