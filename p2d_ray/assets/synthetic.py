@@ -428,11 +428,14 @@ def data_recipe(target: str) -> dict:
     }
 
 
-def write_demo_data(out: Path, target: str = DEFAULT_TARGET, seed_offset: int = 0) -> dict:
+def write_demo_data(
+    out: Path, target: str = DEFAULT_TARGET, seed_offset: int = 0, n_rows: int = N_CORPUS
+) -> dict:
     """Write the corpus shards, probe and held-out sets under ``out``; returns counts for meta.json.
     ``seed_offset`` draws another corpus / probe / held-out set of the same mixture (the demo uses 0;
-    ``benchmarks/selection_quality.py --corpus-seeds`` repeats a measurement over independent draws)."""
-    corpus = generate_corpus(N_CORPUS, CORPUS_SEED + seed_offset, target=target)
+    ``benchmarks/selection_quality.py --corpus-seeds`` repeats a measurement over independent draws);
+    ``n_rows`` a larger mixture of the same shares (``benchmarks/demo_draw.py``)."""
+    corpus = generate_corpus(n_rows, CORPUS_SEED + seed_offset, target=target)
     (out / "corpus").mkdir(parents=True)
     per_shard = -(-corpus.num_rows // N_SHARDS)
     for i in range(N_SHARDS):
