@@ -67,3 +67,12 @@ def ensure_ray(num_cpus: int | None = None, **init_kwargs) -> bool:
         cpus = max(os.cpu_count() or 1, num_cpus or 0)
         ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env, **init_kwargs)
     return True
+
+
+def available_cpus() -> int:
+    """Cores this process may run on (its affinity mask, e.g. a container's or Ray's share), for the
+    single-process stages' torch threads."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1

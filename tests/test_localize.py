@@ -297,7 +297,7 @@ def test_run_localize_stage(tiny_llama, tmp_path):
 def test_contrastive_scores_and_random_heads_control(tiny_llama):
     """contrast=corpus ranks by probe importance / reference importance; control=random_heads returns
     random heads with the task heads' count per layer, seeded, the task heads kept in the metadata."""
-    from p2d_ray.heads.localize import encode_probe, encode_reference, probe_batches
+    from p2d_ray.data.formatting import encode_probe, encode_reference, probe_batches
     from p2d_ray.models.loading import load_model, load_tokenizer
 
     base = {"model": {"name_or_path": tiny_llama}}

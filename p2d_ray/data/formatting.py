@@ -153,3 +153,52 @@ def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         attention_mask[i, :n] = 1
         loss_mask[i, :n] = torch.tensor(e.loss_mask)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+# -- probe / reference sets (Stage 1 and the probe gradient) -------------------------------------------------------------------------------------
+def encode_probe(rows: Sequence[dict], tokenizer, data: DataConfig) -> list[Encoded]:
+    """Encode the probe rows, loss on target tokens only. A bad probe row is an error, never dropped."""
+    if not rows:
+        raise ValueError("the probe set is empty")
+    # ICL demonstrations are drawn *from* the probe set to score the corpus; the probe rows themselves
+    # are encoded as plain task samples.
+    fmt = task_format(data, list(rows[0].keys()))
+    encoded, bad = [], []
+    for i, row in enumerate(rows):
+        try:
+            encoded.append(encode_row(row, tokenizer, data, fmt))
+        except ValueError as err:
+            bad.append(f"row {i}: {err}")
+    if bad:
+        shown = "; ".join(bad[:5]) + (f"; ... ({len(bad)} in all)" if len(bad) > 5 else "")
+        raise ValueError(f"probe set has rows that cannot be used: {shown}")
+    return encoded
+
+
+def encode_reference(rows: Sequence[dict], tokenizer, data: DataConfig) -> list[Encoded]:
+    """Encode general corpus rows for contrastive localisation. Unlike the probe, a corpus may hold rows
+    that cannot be scored (null, empty ...): they are skipped here (this is a sample, not the data
+    being scored) and the count used is recorded in heads.json."""
+    if not rows:
+        raise ValueError("localize.contrast=corpus: the corpus is empty")
+    fmt = task_format(data, list(rows[0].keys()))
+    out = []
+    for row in rows:
+        try:
+            out.append(encode_row(row, tokenizer, data, fmt))
+        except ValueError:
+            continue
+    if not out:
+        raise ValueError(
+            f"localize.contrast=corpus: none of the first {len(rows)} corpus rows can be encoded"
+        )
+    return out
+
+
+def probe_batches(encoded: Sequence[Encoded], batch_size: int, pad_id: int) -> list[dict]:
+    """Length-sorted (less padding), deterministic batches of ``[B, T]`` tensors."""
+    order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i].input_ids), i))
+    return [
+        collate([encoded[i] for i in order[s : s + batch_size]], pad_id)
+        for s in range(0, len(order), batch_size)
+    ]

@@ -16,7 +16,6 @@ depends only on ``gates[i]``, so ``d(sum_i L_i)/d gates[i] = dL_i/d gates[i]``.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
@@ -24,8 +23,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from p2d_ray.config import DataConfig, P2DConfig
-from p2d_ray.data.formatting import Encoded, collate, encode_row, resolve_format, task_format
+from p2d_ray.config import P2DConfig
+from p2d_ray.data.formatting import encode_probe, encode_reference, probe_batches, resolve_format
 from p2d_ray.heads.gates import HeadGates
 from p2d_ray.heads.headset import HeadSet
 from p2d_ray.models.geometry import attention_geometry, head_params, slice_weight
@@ -195,55 +194,6 @@ def top_heads(scores: torch.Tensor, count: int) -> list[tuple[int, int]]:
     return [(i // H, i % H) for i in order[:count]]
 
 
-# -- probe set -------------------------------------------------------------------------------------
-def encode_probe(rows: Sequence[dict], tokenizer, data: DataConfig) -> list[Encoded]:
-    """Encode the probe rows, loss on target tokens only. A bad probe row is an error, never dropped."""
-    if not rows:
-        raise ValueError("the probe set is empty")
-    # ICL demonstrations are drawn *from* the probe set to score the corpus; the probe rows themselves
-    # are encoded as plain task samples.
-    fmt = task_format(data, list(rows[0].keys()))
-    encoded, bad = [], []
-    for i, row in enumerate(rows):
-        try:
-            encoded.append(encode_row(row, tokenizer, data, fmt))
-        except ValueError as err:
-            bad.append(f"row {i}: {err}")
-    if bad:
-        shown = "; ".join(bad[:5]) + (f"; ... ({len(bad)} in all)" if len(bad) > 5 else "")
-        raise ValueError(f"probe set has rows that cannot be used: {shown}")
-    return encoded
-
-
-def encode_reference(rows: Sequence[dict], tokenizer, data: DataConfig) -> list[Encoded]:
-    """Encode general corpus rows for contrastive localisation. Unlike the probe, a corpus may hold rows
-    that cannot be scored (null, empty ...): they are skipped here (this is a sample, not the data
-    being scored) and the count used is recorded in heads.json."""
-    if not rows:
-        raise ValueError("localize.contrast=corpus: the corpus is empty")
-    fmt = task_format(data, list(rows[0].keys()))
-    out = []
-    for row in rows:
-        try:
-            out.append(encode_row(row, tokenizer, data, fmt))
-        except ValueError:
-            continue
-    if not out:
-        raise ValueError(
-            f"localize.contrast=corpus: none of the first {len(rows)} corpus rows can be encoded"
-        )
-    return out
-
-
-def probe_batches(encoded: Sequence[Encoded], batch_size: int, pad_id: int) -> list[dict]:
-    """Length-sorted (less padding), deterministic batches of ``[B, T]`` tensors."""
-    order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i].input_ids), i))
-    return [
-        collate([encoded[i] for i in order[s : s + batch_size]], pad_id)
-        for s in range(0, len(order), batch_size)
-    ]
-
-
 def localize_heads(
     model: nn.Module,
     probe_rows: Sequence[dict],
@@ -307,13 +257,6 @@ def localize_heads(
 
 
 # -- stage -----------------------------------------------------------------------------------------
-def _available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def run_localize(cfg: P2DConfig) -> dict:
     """``p2d-ray localize``: write ``<run_dir>/heads.json`` and ``heads.png``; returns a summary."""
     from p2d_ray.data.ingest import corpus_parquet as corpus_path  # any corpus a user has, as Parquet
@@ -323,6 +266,7 @@ def run_localize(cfg: P2DConfig) -> dict:
     from p2d_ray.models.loading import load_model, load_tokenizer
     from p2d_ray.progress import stage_summary
     from p2d_ray.rundir import RunDir, stage_fingerprint
+    from p2d_ray.runtime import available_cpus
 
     run = RunDir(cfg.run_dir)
     path = probe_path(cfg)
@@ -333,7 +277,7 @@ def run_localize(cfg: P2DConfig) -> dict:
     # (OpenMP threads spin waiting for each other): localize.torch_threads. The previous setting is given
     # back to whatever runs next in this process.
     threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.localize.torch_threads or _available_cpus())
+    torch.set_num_threads(cfg.localize.torch_threads or available_cpus())
     try:
         with run.timed("localize", stage_fingerprint(cfg, "localize")):
             rows = read_rows(path, limit=cfg.localize.max_probe_samples)

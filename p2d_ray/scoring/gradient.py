@@ -342,11 +342,12 @@ def prepare_probe_gradient(cfg, heads: HeadSet, fingerprint: str) -> ProbeGradie
 
     Driver cost: one model load and ``score.alignment_probe_rows`` rows of forward + backward.
     """
+    from p2d_ray.data.formatting import encode_probe, probe_batches
     from p2d_ray.data.io import read_rows, rows_hash
     from p2d_ray.data.paths import probe_path
-    from p2d_ray.heads.localize import _available_cpus, encode_probe, probe_batches
     from p2d_ray.models.loading import load_model, load_tokenizer, model_fingerprint
     from p2d_ray.rundir import RunDir
+    from p2d_ray.runtime import available_cpus
 
     path = RunDir(cfg.run_dir).path(FILENAME)
     if path.is_file():
@@ -358,7 +359,7 @@ def prepare_probe_gradient(cfg, heads: HeadSet, fingerprint: str) -> ProbeGradie
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     batches = probe_batches(encode_probe(rows, tok, cfg.data), cfg.localize.batch_size, pad_id)
     threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.localize.torch_threads or _available_cpus())
+    torch.set_num_threads(cfg.localize.torch_threads or available_cpus())
     try:
         model = load_model(cfg.model)
         meta = {
