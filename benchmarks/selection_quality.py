@@ -34,9 +34,13 @@ def _cfg(base: dict, run_dir: Path, **sections):
     return P2DConfig.model_validate(_merge(base, {"run_dir": str(run_dir), **sections}))
 
 
-def _data(target: str, seed: int, work: Path) -> dict:
+def _data(target: str, seed: int, work: Path, data_dirs: dict | None = None) -> dict:
     """The ``data`` section for one draw of the mixture: the demo's cached assets for seed 0, else a draw
-    written once under ``work`` (same generator, seeds offset by ``seed``)."""
+    written once under ``work`` (same generator, seeds offset by ``seed``); or a labelled data directory of
+    ``--data`` (``corpus/`` + ``probe.parquet``, e.g. written by ``benchmarks.unseen_mixture``)."""
+    if data_dirs and target in data_dirs:
+        root = Path(data_dirs[target])
+        return {"corpus_path": str(root / "corpus"), "probe_path": str(root / "probe.parquet")}
     if seed == 0:
         return {"demo_target": target}
     from p2d_ray.assets.synthetic import write_demo_data
@@ -130,7 +134,14 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--corpus-seeds", nargs="+", type=int, default=[0], help="draws of the mixture (0: the demo's)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every run")
+    ap.add_argument(
+        "--data", nargs="*", default=[], metavar="DIR",
+        help="labelled data dirs (corpus/ + probe.parquet, e.g. benchmarks.unseen_mixture) instead of --targets",
+    )
     args = ap.parse_args()
+    data_dirs = {Path(d).name: d for d in args.data}
+    if data_dirs:
+        args.targets, args.corpus_seeds = list(data_dirs), [0]
 
     from p2d_ray.config import _merge, parse_overrides
     from p2d_ray.demo import DEMO_KNOBS, DEMO_RAY_CPUS
@@ -145,7 +156,7 @@ def main() -> None:
     results: list[dict] = []
     for target, cseed in [(t, c) for c in args.corpus_seeds for t in args.targets]:
         base = {k: v for k, v in DEMO_KNOBS.items() if k != "run_dir"}
-        base = _merge(base, {"model": {"name_or_path": args.model}, "data": _data(target, cseed, work)})
+        base = _merge(base, {"model": {"name_or_path": args.model}, "data": _data(target, cseed, work, data_dirs)})
         base = _merge(base, parse_overrides(args.set))
         here = work / target if cseed == 0 else work / target / f"s{cseed}"
         loc = _cfg(base, here / "localize")

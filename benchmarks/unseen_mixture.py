@@ -1,0 +1,400 @@
+"""A labelled mixture the engine was never developed on: other tasks, other answer styles, its own generator.
+
+    .venv/bin/python -m benchmarks.unseen_mixture --target capitals --out runs/unseen/capitals
+    .venv/bin/python -m benchmarks.selection_quality --data runs/unseen/capitals --scorers gradient_alignment \
+        --control-seeds 0 --out benchmarks/results/selection_quality_unseen
+
+Why: every selection number of Sessions 3-5 was measured on the demo corpus (``p2d_ray/assets/synthetic.py``:
+arithmetic / units word problems answered ``... #### n``). A selector tuned, even unknowingly, to that
+generator would look better there than anywhere else. This mixture shares nothing with it but the idea of a
+planted target: five short-answer tasks in plain sentences (no ``####``), each with clean rows, and the two
+target-capable tasks also with the same two kinds of corruption a real corpus has (a wrong answer, the words of
+prompt and response shuffled). Written once, deterministic in ``--seed``.
+
+Tasks (``task`` column): ``capitals`` (country -> capital), ``letters`` (how many letters a word has),
+``antonyms``, ``plurals``, ``chat`` (small talk answered by a generic sentence). ``--target`` is
+``capitals`` or ``letters``: the probe (64 rows) is clean rows of the target, disjoint from the corpus prompts;
+the hidden label ``is_clean_on_task`` (read only by ``report/precision.py``) is true for clean target rows.
+Mixture shares mirror the demo's so the numbers are comparable: target clean 16 %, target wrong 8 %, target
+shuffled 4 %, the other target-capable task 28 % (same corruption shares), the three other tasks 44 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+from pathlib import Path
+
+TARGETS = ("capitals", "letters")
+LABEL = "is_clean_on_task"
+
+CAPITALS = {
+    "France": "Paris",
+    "Germany": "Berlin",
+    "Italy": "Rome",
+    "Spain": "Madrid",
+    "Portugal": "Lisbon",
+    "Austria": "Vienna",
+    "Poland": "Warsaw",
+    "Greece": "Athens",
+    "Sweden": "Stockholm",
+    "Norway": "Oslo",
+    "Finland": "Helsinki",
+    "Denmark": "Copenhagen",
+    "Ireland": "Dublin",
+    "Hungary": "Budapest",
+    "Czechia": "Prague",
+    "Belgium": "Brussels",
+    "Netherlands": "Amsterdam",
+    "Switzerland": "Bern",
+    "Egypt": "Cairo",
+    "Kenya": "Nairobi",
+    "Nigeria": "Abuja",
+    "Morocco": "Rabat",
+    "Ghana": "Accra",
+    "Ethiopia": "Addis Ababa",
+    "Japan": "Tokyo",
+    "China": "Beijing",
+    "India": "New Delhi",
+    "Thailand": "Bangkok",
+    "Vietnam": "Hanoi",
+    "Indonesia": "Jakarta",
+    "Philippines": "Manila",
+    "South Korea": "Seoul",
+    "Iran": "Tehran",
+    "Iraq": "Baghdad",
+    "Turkey": "Ankara",
+    "Russia": "Moscow",
+    "Ukraine": "Kyiv",
+    "Canada": "Ottawa",
+    "Mexico": "Mexico City",
+    "Cuba": "Havana",
+    "Peru": "Lima",
+    "Chile": "Santiago",
+    "Argentina": "Buenos Aires",
+    "Colombia": "Bogota",
+    "Brazil": "Brasilia",
+    "Australia": "Canberra",
+    "New Zealand": "Wellington",
+    "Venezuela": "Caracas",
+    "Romania": "Bucharest",
+    "Bulgaria": "Sofia",
+    "Serbia": "Belgrade",
+    "Croatia": "Zagreb",
+    "Iceland": "Reykjavik",
+}
+WORDS = [
+    "garden",
+    "window",
+    "river",
+    "pencil",
+    "candle",
+    "basket",
+    "mirror",
+    "ladder",
+    "blanket",
+    "engine",
+    "forest",
+    "island",
+    "bottle",
+    "carpet",
+    "guitar",
+    "harbor",
+    "jacket",
+    "kitten",
+    "lemon",
+    "marble",
+    "needle",
+    "orange",
+    "parrot",
+    "pocket",
+    "rabbit",
+    "saddle",
+    "silver",
+    "tunnel",
+    "valley",
+    "wallet",
+    "yellow",
+    "zipper",
+    "anchor",
+    "bridge",
+    "cactus",
+    "dragon",
+    "feather",
+    "glacier",
+    "hammer",
+    "insect",
+    "jungle",
+    "kettle",
+    "lantern",
+    "meadow",
+    "napkin",
+    "oyster",
+    "pepper",
+    "quilt",
+    "rocket",
+    "shadow",
+    "teapot",
+    "umbrella",
+    "violin",
+    "walnut",
+    "planet",
+    "compass",
+    "desert",
+    "meteor",
+    "puzzle",
+    "spider",
+    "turtle",
+    "whistle",
+    "blossom",
+    "cookie",
+    "dolphin",
+]
+ANTONYMS = {
+    "hot": "cold",
+    "tall": "short",
+    "early": "late",
+    "empty": "full",
+    "happy": "sad",
+    "heavy": "light",
+    "loud": "quiet",
+    "open": "closed",
+    "rich": "poor",
+    "fast": "slow",
+    "young": "old",
+    "strong": "weak",
+    "wet": "dry",
+    "hard": "soft",
+    "clean": "dirty",
+    "brave": "afraid",
+    "thick": "thin",
+    "wide": "narrow",
+    "sharp": "dull",
+    "bright": "dark",
+    "first": "last",
+    "push": "pull",
+    "buy": "sell",
+    "win": "lose",
+    "above": "below",
+    "inside": "outside",
+    "ancient": "modern",
+    "rough": "smooth",
+    "deep": "shallow",
+    "cheap": "expensive",
+}
+PLURALS = {
+    "child": "children",
+    "mouse": "mice",
+    "goose": "geese",
+    "tooth": "teeth",
+    "foot": "feet",
+    "person": "people",
+    "leaf": "leaves",
+    "knife": "knives",
+    "wolf": "wolves",
+    "city": "cities",
+    "baby": "babies",
+    "box": "boxes",
+    "bus": "buses",
+    "church": "churches",
+    "hero": "heroes",
+    "potato": "potatoes",
+    "cactus": "cacti",
+    "fungus": "fungi",
+    "sheep": "sheep",
+    "fish": "fish",
+    "woman": "women",
+    "man": "men",
+    "ox": "oxen",
+    "wife": "wives",
+    "half": "halves",
+    "shelf": "shelves",
+}
+CHAT = [
+    ("How was your weekend?", "It was relaxing, thank you for asking."),
+    ("Do you like rainy days?", "Rainy days can be cozy with a good book."),
+    ("What should I cook tonight?", "A simple pasta with vegetables is always a good choice."),
+    ("Any tips for staying focused?", "Short breaks and a tidy desk help a lot."),
+    ("I feel a bit tired today.", "Some rest and a glass of water might help."),
+    ("What is a good hobby to start?", "Drawing or walking are easy hobbies to begin with."),
+    ("Can you recommend a movie?", "A light comedy is a nice pick for a quiet evening."),
+    ("How do I make new friends?", "Joining a club or a class is a good way to meet people."),
+    ("Is it better to read in the morning?", "Many people find mornings calm enough for reading."),
+    ("What do you think about music?", "Music can lift the mood and bring people together."),
+]
+
+CAPITAL_PROMPTS = [
+    "What is the capital of {c}?",
+    "Name the capital city of {c}.",
+    "Which city is the capital of {c}?",
+    "Tell me the capital of {c}, please.",
+]
+CAPITAL_ANSWERS = ["The capital of {c} is {a}.", "{a} is the capital of {c}.", "It is {a}."]
+LETTER_PROMPTS = [
+    "How many letters are in the word '{w}'?",
+    "Count the letters of '{w}'.",
+    "How long is the word '{w}', in letters?",
+    "Tell me how many letters '{w}' has.",
+]
+LETTER_ANSWERS = ["The word '{w}' has {n} letters.", "'{w}' is {n} letters long.", "It has {n} letters."]
+
+
+def _capitals(rng: random.Random, quality: str) -> tuple[str, str]:
+    c = rng.choice(sorted(CAPITALS))
+    a = CAPITALS[c]
+    if quality == "wrong_answer":  # a real capital, of another country
+        a = rng.choice(sorted(v for k, v in CAPITALS.items() if k != c))
+    return rng.choice(CAPITAL_PROMPTS).format(c=c), rng.choice(CAPITAL_ANSWERS).format(c=c, a=a)
+
+
+def _letters(rng: random.Random, quality: str) -> tuple[str, str]:
+    w = rng.choice(WORDS)
+    n = len(w)
+    if quality == "wrong_answer":  # off by one or two
+        n += rng.choice([-2, -1, 1, 2])
+    return rng.choice(LETTER_PROMPTS).format(w=w), rng.choice(LETTER_ANSWERS).format(w=w, n=n)
+
+
+def _antonyms(rng: random.Random, quality: str) -> tuple[str, str]:
+    w = rng.choice(sorted(ANTONYMS))
+    return f"What is the opposite of '{w}'?", f"The opposite of '{w}' is '{ANTONYMS[w]}'."
+
+
+def _plurals(rng: random.Random, quality: str) -> tuple[str, str]:
+    w = rng.choice(sorted(PLURALS))
+    return f"What is the plural of '{w}'?", f"The plural of '{w}' is '{PLURALS[w]}'."
+
+
+def _chat(rng: random.Random, quality: str) -> tuple[str, str]:
+    return rng.choice(CHAT)
+
+
+TASKS = {
+    "capitals": _capitals,
+    "letters": _letters,
+    "antonyms": _antonyms,
+    "plurals": _plurals,
+    "chat": _chat,
+}
+
+
+def _mixture(target: str) -> dict[tuple[str, str], float]:
+    other = next(t for t in TARGETS if t != target)
+    return {
+        (target, "clean"): 0.16,
+        (target, "wrong_answer"): 0.08,
+        (target, "shuffled"): 0.04,
+        (other, "clean"): 0.16,
+        (other, "wrong_answer"): 0.08,
+        (other, "shuffled"): 0.04,
+        ("antonyms", "clean"): 0.16,
+        ("plurals", "clean"): 0.16,
+        ("chat", "clean"): 0.12,
+    }
+
+
+def _shuffle_words(rng: random.Random, text: str) -> str:
+    words = text.split()
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+def _row(rng: random.Random, task: str, quality: str) -> tuple[str, str]:
+    prompt, response = TASKS[task](rng, "wrong_answer" if quality == "wrong_answer" else "clean")
+    if quality == "shuffled":
+        prompt, response = _shuffle_words(rng, prompt), _shuffle_words(rng, response)
+    return prompt, response
+
+
+def write_mixture(out: Path, target: str, n_rows: int = 300, n_probe: int = 64, seed: int = 0) -> dict:
+    """Corpus (4 Parquet shards), probe and held-out sets under ``out``; returns the counts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if target not in TARGETS:
+        raise ValueError(f"--target {target!r} is not one of {TARGETS}")
+    rng = random.Random(seed)
+    cells = []
+    for (task, quality), share in _mixture(target).items():
+        cells += [(task, quality)] * round(share * n_rows)
+    cells = (cells + [(target, "clean")] * n_rows)[:n_rows]
+    rng.shuffle(cells)
+    rows = []
+    for i, (task, quality) in enumerate(cells):
+        prompt, response = _row(rng, task, quality)
+        rows.append(
+            {
+                "id": i,
+                "task": task,
+                "quality": quality,
+                "prompt": prompt,
+                "response": response,
+                LABEL: task == target and quality == "clean",
+            }
+        )
+    used = {r["prompt"] for r in rows}
+
+    def clean_set(n: int, id_start: int, exclude: set[str]) -> list[dict]:
+        out_rows, tries = [], 0
+        while len(out_rows) < n and tries < 100 * n:
+            tries += 1
+            prompt, response = TASKS[target](rng, "clean")
+            if prompt in exclude:
+                continue
+            exclude.add(prompt)
+            out_rows.append(
+                {
+                    "id": id_start + len(out_rows),
+                    "task": target,
+                    "quality": "clean",
+                    "prompt": prompt,
+                    "response": response,
+                    LABEL: True,
+                }
+            )
+        return out_rows
+
+    probe = clean_set(n_probe, 10_000_000, set(used))
+    heldout = clean_set(n_probe, 20_000_000, set(used) | {r["prompt"] for r in probe})
+    (out / "corpus").mkdir(parents=True)
+    per = -(-n_rows // 4)
+    for k in range(4):
+        part = rows[k * per : (k + 1) * per]
+        pq.write_table(
+            pa.Table.from_pylist(part), out / "corpus" / f"part-{k:05d}.parquet", row_group_size=25
+        )
+    pq.write_table(pa.Table.from_pylist(probe), out / "probe.parquet")
+    pq.write_table(pa.Table.from_pylist(heldout), out / "heldout.parquet")
+    return {
+        "target": target,
+        "n_corpus": n_rows,
+        "n_clean_on_task": sum(r[LABEL] for r in rows),
+        "n_probe": len(probe),
+        "n_heldout": len(heldout),
+    }
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", choices=TARGETS, required=True)
+    p.add_argument("--rows", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    if (out / "heldout.parquet").is_file():
+        print(f"{out}: already written")
+        return {}
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    meta = write_mixture(tmp, args.target, args.rows, seed=args.seed)
+    tmp.rename(out)
+    print(json.dumps(meta))
+    return meta
+
+
+if __name__ == "__main__":
+    main()
