@@ -10,9 +10,8 @@ held-out sets are the demo's sizes, disjoint from the corpus prompts). A config 
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
-from pathlib import Path
+
+from benchmarks import write_data_once
 
 
 def main(argv=None) -> dict:
@@ -24,17 +23,9 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0, help="seed offset of the draw (0: the demo's seeds)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    out = Path(args.out)
-    if (out / "heldout.parquet").is_file():
-        print(f"{out}: already written")
-        return {}
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    meta = write_demo_data(tmp, args.target, seed_offset=args.seed, n_rows=args.rows)
-    tmp.rename(out)
-    print(json.dumps(meta))
-    return meta
+    return write_data_once(
+        args.out, lambda tmp: write_demo_data(tmp, args.target, seed_offset=args.seed, n_rows=args.rows)
+    )
 
 
 if __name__ == "__main__":

@@ -22,10 +22,10 @@ shuffled 4 %, the other target-capable task 28 % (same corruption shares), the t
 from __future__ import annotations
 
 import argparse
-import json
 import random
-import shutil
 from pathlib import Path
+
+from benchmarks import write_data_once
 
 TARGETS = ("capitals", "letters")
 LABEL = "is_clean_on_task"
@@ -383,17 +383,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    out = Path(args.out)
-    if (out / "heldout.parquet").is_file():
-        print(f"{out}: already written")
-        return {}
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    meta = write_mixture(tmp, args.target, args.rows, seed=args.seed)
-    tmp.rename(out)
-    print(json.dumps(meta))
-    return meta
+    return write_data_once(args.out, lambda tmp: write_mixture(tmp, args.target, args.rows, seed=args.seed))
 
 
 if __name__ == "__main__":
