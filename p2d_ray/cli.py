@@ -18,6 +18,7 @@ defaults (taken from the config schema); ``--print-config`` prints the resolved 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import json
 import os
@@ -247,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     rc, result = _run_guarded(args.command, _resolve(COMMANDS[args.command]), cfg)
     if rc != 0:
         return rc
-    if result is not None and args.command not in ("demo", "compare"):  # these print their own summary
+    if result is not None and args.command not in HUMAN_OUTPUT:
         print(json.dumps(result, indent=1, default=str))
     if args.command == "run" and isinstance(result, dict) and result.get("report"):
         _print_run_summary(cfg, result["report"])
@@ -266,6 +267,7 @@ def _print_run_summary(cfg: P2DConfig, report: dict) -> None:
 
 
 # -- error and interrupt handling (one place, so every command behaves the same) ----------------------
+HUMAN_OUTPUT = ("demo", "compare")  # commands that print a summary for a person instead of a JSON result
 PREFLIGHT = {s: (s,) for s in ("localize", "score", "select", "train", "evaluate")}  # `run`: pipeline.py
 
 
@@ -301,7 +303,17 @@ def _run_guarded(command: str, func, cfg) -> tuple[int, object]:
         from p2d_ray.validate import preflight
 
         preflight(cfg, PREFLIGHT.get(command, ()))
-        return 0, func(cfg)
+        if command in HUMAN_OUTPUT:
+            return 0, func(cfg)
+        # stdout carries the command's JSON result alone. While the command runs, what would go there
+        # goes to stderr: Ray prints its workers' stdout on ours (DeepSpeed's op-build line, anything a
+        # library prints in a worker), and so would libraries in this process. A Ray this command started is
+        # shut down inside, so Ray's last buffered worker lines land on stderr too, not after the JSON.
+        with contextlib.redirect_stdout(sys.stderr):
+            result = func(cfg)
+            if not ray_before and "ray" in sys.modules and sys.modules["ray"].is_initialized():
+                sys.modules["ray"].shutdown()
+        return 0, result
     except KeyboardInterrupt:
         if debug:
             raise

@@ -25,6 +25,14 @@ VERBOSE_ENV = "P2D_RAY_VERBOSE"
 EVERY_S = 30.0  # plain-line interval when stderr is not a terminal (CI, `ray job logs`)
 
 
+def _say(text: str, stream) -> None:
+    """One line to ``stream``, written directly: Ray Train patches ``print`` in its workers to log through
+    the root logger AND tee to stderr, which put every line of a worker's progress twice on the console,
+    once on the driver's stdout (where a command's JSON result must stand alone)."""
+    stream.write(text + "\n")
+    stream.flush()
+
+
 def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false")
 
@@ -72,7 +80,7 @@ class Progress:
                 total=total, initial=start, desc=stage, unit=f" {unit}", file=self.stream, dynamic_ncols=True
             )
         else:  # say at once what is coming: the first rows can take minutes (workers start, models load)
-            print(f"{stage}: {start:,}/{total:,} {unit} ...", file=self.stream, flush=True)
+            _say(f"{stage}: {start:,}/{total:,} {unit} ...", self.stream)
 
     def line(self, now: float | None = None) -> str:
         elapsed = (time.perf_counter() if now is None else now) - self.t0
@@ -109,18 +117,18 @@ class Progress:
             if self._next is not None:
                 while self._next <= done:
                     self._next += self.every_units
-            print(self.line(now), file=self.stream, flush=True)
+            _say(self.line(now), self.stream)
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
         else:
-            print(f"{self.line()} in {duration(time.perf_counter() - self.t0)}", file=self.stream, flush=True)
+            _say(f"{self.line()} in {duration(time.perf_counter() - self.t0)}", self.stream)
 
 
 def stage_summary(stage: str, seconds: float, wrote: str, stream=None) -> None:
     """The closing line of a stage: what it wrote and how long it took."""
-    print(f"{stage}: done in {duration(seconds)}; wrote {wrote}", file=stream or sys.stderr, flush=True)
+    _say(f"{stage}: done in {duration(seconds)}; wrote {wrote}", stream or sys.stderr)
 
 
 @contextmanager

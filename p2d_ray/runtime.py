@@ -65,8 +65,27 @@ def ensure_ray(num_cpus: int | None = None, **init_kwargs) -> bool:
         ray.init(address=address, runtime_env=runtime_env, **init_kwargs)
     else:
         cpus = max(os.cpu_count() or 1, num_cpus or 0)
+        # No dashboard on a local Ray: nothing listens on a port the user did not ask for. Without it the
+        # State API is down, so Ray Train's placement-group cleaner (a safety net for a crashed controller,
+        # idle here: the placement groups die with this local Ray) would warn every second of every
+        # training; the setup hook quiets that one logger in every worker process.
+        runtime_env["worker_process_setup_hook"] = "p2d_ray.runtime.quiet_local_workers"
         ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env, **init_kwargs)
     return True
+
+
+# Ray Train's placement-group cleaner: polls the State API every second and warns when it is unavailable.
+PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_local_workers() -> None:
+    """``worker_process_setup_hook`` of a local Ray (see :func:`ensure_ray`); ``--verbose`` keeps it all."""
+    import logging
+
+    from p2d_ray.progress import verbose
+
+    if not verbose():
+        logging.getLogger(PG_CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
 def available_cpus() -> int:

@@ -458,3 +458,26 @@ def test_ctrl_c_during_scoring(ray_local, tiny_llama, probe, tmp_path):
     assert json.loads(out)["rows_in"] == 20 * n_shards
     stats = json.loads((tmp_path / "run" / "score_stats.json").read_text())
     assert stats["shards"]["already_done"] == n_done
+
+
+def test_stdout_is_the_json_result_alone(ray_local, tiny_llama, probe, tmp_path):
+    """A real ``p2d-ray train`` process that joins a Ray cluster gets its workers' output forwarded (Ray's
+    log_to_driver): stdout still parses as the command's JSON result, and the training progress line is
+    on stderr once per update. (Before: the workers' DeepSpeed and progress lines landed on stdout, and
+    Ray Train's patched ``print`` doubled every progress line.)"""
+    base = _base(tmp_path, tiny_llama, probe)
+    args = [f"{k}={v}" for k, v in base.items()]
+    rc, _, err = cli("localize", *args)
+    assert rc == 0, err
+    _write(tmp_path / "run" / "subset" / "part-0.parquet", GOOD[:16])
+    address = ray_local.get_runtime_context().gcs_address
+    p = _cli_proc(
+        ["train", *args, "train.epochs=1", "train.num_workers=1", "train.cpus_per_worker=0.5"],
+        env={**_env(), "RAY_ADDRESS": address},
+    )
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err
+    result = json.loads(out)  # nothing but the result
+    assert result["rows"] == 16 and result["steps"] >= 1
+    opening = [x for x in err.splitlines() if "train: 0/" in x]
+    assert len(opening) == 1, err

@@ -60,9 +60,17 @@ class Tracker:
         self.progress = None
         if not enabled:
             return
-        # To stdout: Ray forwards a worker's stdout to the driver and to `ray job logs`.
+        # To the process's own stderr: Ray forwards it to the driver's stderr and to `ray job logs`; the
+        # driver's stdout is the command's JSON result. (sys.__stderr__, not sys.stderr: Ray Train wraps the
+        # latter in its workers and re-routes what is written to it.)
         self.progress = Progress(
-            "train", total_steps, unit="steps", every_s=15.0, stream=sys.stdout, start=start_step, every_fraction=0.1
+            "train",
+            total_steps,
+            unit="steps",
+            every_s=15.0,
+            stream=sys.__stderr__,
+            start=start_step,
+            every_fraction=0.1,
         )
         t = cfg.train
         if tb_dir:

@@ -154,8 +154,10 @@ def fit(cfg: P2DConfig, data_path: str | None = None, *, fail_at_step: int | Non
 
 
 def _trainer(cfg: P2DConfig, inputs: TrainInputs, fail_at_step: int | None):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from p2d_ray.progress import verbose
 
     t = cfg.train
     return TorchTrainer(
@@ -178,6 +180,9 @@ def _trainer(cfg: P2DConfig, inputs: TrainInputs, fail_at_step: int | None):
             storage_path=inputs.storage_path,
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.checkpoints_to_keep),
+            # Ray Train's INFO lines (worker group start, checkpoint reports) stay in Ray's log files; our
+            # rank-0 progress line says steps, rate, ETA and loss. --verbose shows them.
+            logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
         ),
         datasets={"train": _train_dataset(inputs)},
     )
