@@ -426,12 +426,13 @@ def test_ctrl_c_during_scoring(ray_local, tiny_llama, probe, tmp_path):
     base.update({"score.batch_size": 4, "score.bucket_batches": 1, "score.max_rows_per_block": 20})
     args = [f"{k}={v}" for k, v in base.items()]
     address = ray_local.get_runtime_context().gcs_address
-    assert not _alive_scorer_actors(ray_local)
+    # An earlier test's pool can still be shutting down: wait for an actor of THIS run.
+    before = {a["ActorID"] for a in _alive_scorer_actors(ray_local)}
     p = _cli_proc(["score", *args], start_new_session=True, env={**_env(), "RAY_ADDRESS": address})
     from p2d_ray.scoring.outputs import ScoreStore
 
     deadline = time.monotonic() + 600
-    while not _alive_scorer_actors(ray_local):
+    while not {a["ActorID"] for a in _alive_scorer_actors(ray_local)} - before:
         assert p.poll() is None, p.communicate()
         assert time.monotonic() < deadline, "no scoring actor started"
         time.sleep(0.2)  # polling Ray's actor table, not timing
@@ -481,3 +482,26 @@ def test_stdout_is_the_json_result_alone(ray_local, tiny_llama, probe, tmp_path)
     assert result["rows"] == 16 and result["steps"] >= 1
     opening = [x for x in err.splitlines() if "train: 0/" in x]
     assert len(opening) == 1, err
+
+
+def test_a_swallowed_ctrl_c_is_still_seen():
+    """The CLI's guard against a KeyboardInterrupt that something swallowed (it happened inside Ray once):
+    a SIGINT whose handler does nothing is still raised at the next ``raise_if_interrupted``; none before it,
+    and the previous handler and wakeup fd are given back."""
+    from p2d_ray.runtime import raise_if_interrupted, sigint_seen
+
+    before = signal.getsignal(signal.SIGINT)
+    fd_before = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(fd_before)
+    with sigint_seen():
+        raise_if_interrupted()  # nothing arrived yet
+        signal.signal(signal.SIGINT, lambda *_: None)  # a handler that swallows Ctrl-C
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            with pytest.raises(KeyboardInterrupt):
+                raise_if_interrupted()
+            raise_if_interrupted()  # seen once, not again
+        finally:
+            signal.signal(signal.SIGINT, before)
+    assert signal.set_wakeup_fd(fd_before) == fd_before  # ours was removed, the old one is back
+    raise_if_interrupted()  # outside the guard: a no-op
