@@ -300,18 +300,16 @@ def _run_guarded(command: str, func, cfg) -> tuple[int, object]:
     ray_before = "ray" in sys.modules and sys.modules["ray"].is_initialized()
     debug = os.environ.get("P2D_RAY_DEBUG") == "1"
     try:
-        from p2d_ray.runtime import sigint_seen
         from p2d_ray.validate import preflight
 
         preflight(cfg, PREFLIGHT.get(command, ()))
         if command in HUMAN_OUTPUT:
-            with sigint_seen():
-                return 0, func(cfg)
+            return 0, func(cfg)
         # stdout carries the command's JSON result alone. While the command runs, what would go there
         # goes to stderr: Ray prints its workers' stdout on ours (DeepSpeed's op-build line, anything a
         # library prints in a worker), and so would libraries in this process. A Ray this command started is
         # shut down inside, so Ray's last buffered worker lines land on stderr too, not after the JSON.
-        with contextlib.redirect_stdout(sys.stderr), sigint_seen():
+        with contextlib.redirect_stdout(sys.stderr):
             result = func(cfg)
             if not ray_before and "ray" in sys.modules and sys.modules["ray"].is_initialized():
                 sys.modules["ray"].shutdown()

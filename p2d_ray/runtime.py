@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import threading
-from contextlib import contextmanager
 
 # Environment the workers need, forwarded from the driver when set. Why each one:
 FORWARDED_ENV = (
@@ -98,45 +95,3 @@ def available_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
-
-
-# -- Ctrl-C that Ray swallowed -------------------------------------------------------------------------
-_SIGNAL_PIPE: int | None = None  # read end of the wakeup pipe while sigint_seen() is active
-
-
-@contextmanager
-def sigint_seen():
-    """For the duration, remember every SIGINT this process receives, whatever Python handler is in place
-    when it arrives: the interpreter's C-level handler writes the signal number to a wakeup pipe
-    (``signal.set_wakeup_fd``). Why: Ray can swallow the KeyboardInterrupt a Ctrl-C raises in the driver
-    (seen once in CI: a Ctrl-C during scoring's warm-up on a loaded machine, and the run went on to finish), so
-    the driver loops of long stages call :func:`raise_if_interrupted` once per block. Main thread only
-    (elsewhere a no-op, as signals are only handled there)."""
-    global _SIGNAL_PIPE
-    if threading.current_thread() is not threading.main_thread() or _SIGNAL_PIPE is not None:
-        yield
-        return
-    r, w = os.pipe()
-    os.set_blocking(r, False)
-    os.set_blocking(w, False)
-    old = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-    _SIGNAL_PIPE = r
-    try:
-        yield
-    finally:
-        signal.set_wakeup_fd(old)
-        _SIGNAL_PIPE = None
-        os.close(r)
-        os.close(w)
-
-
-def raise_if_interrupted() -> None:
-    """Raise KeyboardInterrupt if a SIGINT arrived inside :func:`sigint_seen` (even one Ray swallowed)."""
-    if _SIGNAL_PIPE is None:
-        return
-    try:
-        data = os.read(_SIGNAL_PIPE, 512)
-    except BlockingIOError:
-        return
-    if signal.SIGINT in data:
-        raise KeyboardInterrupt

@@ -202,7 +202,7 @@ def evaluate_on_ray(cfg: P2DConfig, table: pa.Table, fmt: str, answers: bool, va
     """Run :class:`HeldoutEvaluator` over ``table`` on a Ray Data actor pool; rows sorted by id."""
     import ray
 
-    from p2d_ray.runtime import ensure_ray, raise_if_interrupted
+    from p2d_ray.runtime import ensure_ray
 
     ensure_ray()  # the cluster in RAY_ADDRESS, or a local Ray
     ev = cfg.evaluate
@@ -230,7 +230,6 @@ def evaluate_on_ray(cfg: P2DConfig, table: pa.Table, fmt: str, answers: bool, va
         )
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             parts.append(batch)
-            raise_if_interrupted()  # a Ctrl-C that Ray swallowed stops here
             bar.update(batch.num_rows)
     bar.close()
     out = pa.concat_tables(parts)

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from p2d_ray.config import P2DConfig
 from p2d_ray.progress import Progress, ray_data_output, stage_summary
 from p2d_ray.rundir import RunDir, stage_fingerprint
-from p2d_ray.runtime import ensure_ray, raise_if_interrupted
+from p2d_ray.runtime import ensure_ray
 from p2d_ray.scoring.actor import ScorerActor
 from p2d_ray.scoring.collect import ShardCollector, summarize
 from p2d_ray.scoring.outputs import ScoreStore
@@ -182,7 +182,6 @@ def score_corpus(cfg: P2DConfig, on_shard_done: Callable[[Shard], None] | None =
                     wall.setdefault("first_result", time.perf_counter() - t)
                     collector.add(block)
                     bar.update(block.num_rows)
-                    raise_if_interrupted()  # a Ctrl-C that Ray swallowed stops the run here
             except ray.exceptions.GetTimeoutError as err:
                 # NB (Ray 2.60): the actors of a pool that timed out keep their resources for ~2 minutes in a
                 # long-lived driver; the CLI exits, which frees them at once.
