@@ -363,8 +363,12 @@ def _env() -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def _cli_proc(args: list[str], env: dict | None = None, **kw) -> subprocess.Popen:
+def _cli_proc(args: list[str], env: dict | None = None, default_sigint: bool = False, **kw) -> subprocess.Popen:
+    """The CLI in a real process. ``default_sigint``: Ctrl-C raises KeyboardInterrupt in it, as when started
+    from a terminal, even if this test process was started with SIGINT ignored (see the Ctrl-C test)."""
     code = "import sys; from p2d_ray.cli import main; sys.exit(main())"
+    if default_sigint:
+        code = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); " + code
     return subprocess.Popen(
         [sys.executable, "-c", code, *args],
         env=env or _env(),
@@ -406,10 +410,6 @@ def _alive_scorer_actors(ray) -> list:
     ]
 
 
-def _default_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def test_ctrl_c_during_scoring(ray_local, tiny_llama, probe, tmp_path):
     """SIGINT to a real CLI process while its scoring actors are working: one line, rc 130, nothing of the
     run left behind, and the rerun resumes from exactly the shards the interrupted run finished.
@@ -435,10 +435,10 @@ def test_ctrl_c_during_scoring(ray_local, tiny_llama, probe, tmp_path):
         ["score", *args],
         start_new_session=True,
         env={**_env(), "RAY_ADDRESS": address},
-        # As in a terminal: Ctrl-C's default action. A suite started in the background (`make test &`, a
-        # runner without job control) has SIGINT ignored, the child inherits that, and Python (rightly) keeps
-        # an inherited SIG_IGN: the CLI then never sees the signal and scores to the end (rc 0).
-        preexec_fn=_default_sigint,
+        # As in a terminal. A suite started in the background (`make test &`, a runner without job control)
+        # has SIGINT ignored, the child inherits that, and Python (rightly) keeps an inherited SIG_IGN: the
+        # CLI then never sees the signal and scores to the end (rc 0).
+        default_sigint=True,
     )
     from p2d_ray.scoring.outputs import ScoreStore
 
