@@ -155,7 +155,7 @@ def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
 
 
-# -- probe / reference sets (Stage 1 and the probe gradient) -------------------------------------------------------------------------------------
+# -- probe / reference sets (Stage 1 and the probe gradient) ----------------------------------------
 def encode_probe(rows: Sequence[dict], tokenizer, data: DataConfig) -> list[Encoded]:
     """Encode the probe rows, loss on target tokens only. A bad probe row is an error, never dropped."""
     if not rows:
