@@ -9,8 +9,8 @@ TracIn / LESS restricted to the head subspace, from forwards only.
    in the head-delta layout (rows: ``[r, in]``, cols: ``[out, r]``), so ``G`` is a direction in the very
    parameter space training moves in. Saved as ``probe_gradient.safetensors`` with its fingerprint.
 2. **Row score** (``scoring.scorers.alignment_score``): the row's loss gradient ``g_i`` in the same
-   subspace, compared with ``G``. ``score.alignment_normalize``: ``cosine`` (default) = ``<g_i, G> / |g_i|``, the cosine of LESS
-   (Xia et al. 2024) restricted to the head subspace; ``loss`` = ``<g_i, G> / L_i``; ``none`` = ``<g_i, G>``.
+   subspace, compared with ``G``. ``score.alignment_normalize``: ``cosine`` (default) =
+   ``<g_i, G> / |g_i|``, the cosine of LESS (Xia et al. 2024) restricted to the head subspace; ``loss`` = ``<g_i, G> / L_i``; ``none`` = ``<g_i, G>``.
 
 Sign: ``d_i = <g_i, G> > 0`` means the row's gradient points the same way as the probe's, so a descent step on
 the row (``theta -= lr * g_i``) changes the probe loss by ``-lr * |grad L_probe| * d_i < 0``: **a high score =
