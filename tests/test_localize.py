@@ -14,7 +14,6 @@ from p2d_ray.heads.gates import HeadGates
 from p2d_ray.heads.headset import HeadSet
 from p2d_ray.heads.localize import (
     alps_distances,
-    attention_projections,
     gate_gradients,
     head_importance,
     localize_heads,
@@ -23,7 +22,7 @@ from p2d_ray.heads.localize import (
     top_heads,
     wasserstein1,
 )
-from p2d_ray.models.geometry import attention_geometry, head_params
+from p2d_ray.models.geometry import attention_geometry, attention_map, head_params
 
 PLANTED = (1, 2)  # layer 1, query head 2: kv group 1, shared with head 3 (GQA)
 VOCAB, BOS, SEP = 32, 0, 1
@@ -120,12 +119,12 @@ def test_per_sample_gate_gradients_in_one_backward(planted_model):
     batch["attention_mask"][2, -4:] = 0  # right-pad sample 2: drop SEP+A, score a filler token instead
     batch["loss_mask"][2] = 0
     batch["loss_mask"][2, 7] = 1
-    batched = gate_gradients(planted_model, [batch])  # [3, L, H]
+    batched = gate_gradients(planted_model, attention_map(planted_model), [batch])  # [3, L, H]
     for i in range(3):
         n = int(batch["attention_mask"][i].sum())
         alone = {k: v[i : i + 1, :n] for k, v in batch.items()}
         torch.testing.assert_close(
-            batched[i], gate_gradients(planted_model, [alone])[0], rtol=1e-4, atol=1e-7
+            batched[i], gate_gradients(planted_model, attention_map(planted_model), [alone])[0], rtol=1e-4, atol=1e-7
         )
     assert not torch.allclose(batched[0], batched[2])
 
@@ -133,18 +132,19 @@ def test_per_sample_gate_gradients_in_one_backward(planted_model):
 def test_alps_gqa_mapping_uses_the_kv_group(planted_model):
     """Moving only kv group 1's key rows in layer 0 changes the operators of query heads 2 and 3 only."""
     geo = attention_geometry(planted_model)
-    base = {m: m.weight.detach().clone() for m in attention_projections(planted_model)}
+    attention = attention_map(planted_model)
+    base = {m: m.weight.detach().clone() for m in attention.projections}
     attn = planted_model.model.layers[0].self_attn
     try:
         with torch.no_grad():
             attn.k_proj.weight[16:32] += 0.05  # kv group 1 = heads 2, 3 (head_dim 16)
-        moved = alps_distances(planted_model, base) > 0
+        moved = alps_distances(attention, base) > 0
         expected = torch.zeros(2, 4, dtype=torch.bool)
         expected[0, 2:] = True
         assert torch.equal(moved, expected), moved
         with torch.no_grad():
             attn.o_proj.weight[:, 16:32] += 0.05  # o columns of query head 1 only
-        moved = alps_distances(planted_model, base) > 0
+        moved = alps_distances(attention, base) > 0
         expected[0, 1] = True
         assert torch.equal(moved, expected), moved
     finally:

@@ -123,6 +123,50 @@ def _length_bucketed_batches(lengths: list[int], batch_size: int, steps: int, ge
     return out[:steps]
 
 
+def _pretrain(
+    model, train: list, pad_id: int, steps: int, batch_size: int, lr: float, warmup: int, weight_decay: float,
+    seed: int,
+) -> list[list]:
+    """AdamW pre-training of ``model`` on the encoded rows ``train`` for ``steps`` length-bucketed batches
+    (linear warm-up, cosine decay to 10 % of ``lr``). Returns the loss curve: ``[step, mean loss]`` over
+    ~10 % windows."""
+    # No weight decay on norms (1-D params): decaying RMSNorm gains toward 0 only hurts.
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.95),
+    )
+
+    def lr_at(step: int) -> float:  # linear warm-up, then cosine decay to 10% of lr
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    gen = torch.Generator().manual_seed(seed)
+    batches = _length_bucketed_batches([len(e.input_ids) for e in train], batch_size, steps, gen)
+    curve, window, window_n = [], 0.0, 0
+    every = max(1, steps // 10)
+    model.train()
+    for step, idx in enumerate(batches):
+        batch = collate([train[i] for i in idx], pad_id)
+        nll, n = _lm_loss(model, batch, on="all")
+        loss = nll / n
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        window, window_n = window + loss.item(), window_n + 1
+        if (step + 1) % every == 0 or step + 1 == steps:
+            curve.append([step + 1, round(window / window_n, 4)])
+            window, window_n = 0.0, 0
+    return curve
+
+
 def build_demo_model(
     out_dir: str | Path,
     *,
@@ -191,40 +235,7 @@ def build_demo_model(
             mean_loss(model, tok, heldout[:n_eval]),
         )
 
-        # No weight decay on norms (1-D params): decaying RMSNorm gains toward 0 only hurts.
-        decay = [p for p in model.parameters() if p.ndim >= 2]
-        no_decay = [p for p in model.parameters() if p.ndim < 2]
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=lr,
-            betas=(0.9, 0.95),
-        )
-
-        def lr_at(step: int) -> float:  # linear warm-up, then cosine decay to 10% of lr
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = (step - warmup) / max(1, steps - warmup)
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-        gen = torch.Generator().manual_seed(seed)
-        batches = _length_bucketed_batches([len(e.input_ids) for e in train], batch_size, steps, gen)
-        curve, window, window_n = [], 0.0, 0
-        every = max(1, steps // 10)
-        model.train()
-        for step, idx in enumerate(batches):
-            batch = collate([train[i] for i in idx], tok.pad_token_id)
-            nll, n = _lm_loss(model, batch, on="all")
-            loss = nll / n
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            window, window_n = window + loss.item(), window_n + 1
-            if (step + 1) % every == 0 or step + 1 == steps:
-                curve.append([step + 1, round(window / window_n, 4)])
-                window, window_n = 0.0, 0
+        curve = _pretrain(model, train, tok.pad_token_id, steps, batch_size, lr, warmup, weight_decay, seed)
         train_seconds = time.perf_counter() - t0
 
         mix_after, loss_after = mean_loss(model, tok, mixture, "all"), mean_loss(model, tok, heldout[:n_eval])

@@ -21,12 +21,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from p2d_ray.models.geometry import (
-    AttentionGeometry,
-    attention_geometry,
-    output_projections,
-    value_projection,
-)
+from p2d_ray.models.geometry import AttentionGeometry, AttentionMap, attention_map
 
 GateMode = Literal["zero", "uniform"]
 
@@ -47,11 +42,14 @@ class HeadGates:
         gates: torch.Tensor | None = None,
         mode: GateMode = "zero",
         capture: bool = False,
+        attention: AttentionMap | None = None,
     ):
+        """``attention``: the model's map when the caller already holds one (found once per piece of work)."""
         if mode not in ("zero", "uniform"):
             raise ValueError(f"gate mode must be 'zero' or 'uniform', got {mode!r}")
         self.model = model
-        self.geometry: AttentionGeometry = attention_geometry(model)
+        self.attention = attention or attention_map(model)
+        self.geometry: AttentionGeometry = self.attention.geometry
         self.mode = mode
         self.gates = gates
         # uniform mode needs the padding mask [B, T] so padded positions are not averaged in.
@@ -65,11 +63,10 @@ class HeadGates:
 
     # -- hooks ------------------------------------------------------------------------------------
     def _install(self) -> None:
-        for layer, o_proj in enumerate(output_projections(self.model)):
-            self._handles.append(o_proj.register_forward_pre_hook(self._make_pre_hook(layer)))
+        for layer, la in enumerate(self.attention.layers):
+            self._handles.append(la.o_proj.register_forward_pre_hook(self._make_pre_hook(layer)))
             if self.mode == "uniform":
-                module, _, _ = value_projection(self.model, layer)
-                self._handles.append(module.register_forward_hook(self._make_value_hook(layer)))
+                self._handles.append(la.values.register_forward_hook(self._make_value_hook(layer)))
 
     def remove(self) -> None:
         for h in self._handles:
@@ -116,8 +113,8 @@ class HeadGates:
         return hook
 
     def _make_value_hook(self, layer: int):
-        _, sl, layout = value_projection(self.model, layer)
-        geo = self.geometry
+        la, geo = self.attention.layers[layer], self.geometry
+        sl, layout = la.v_slice, la.v_layout
 
         def hook(module, args, output):
             B, T = output.shape[:2]

@@ -27,7 +27,7 @@ from p2d_ray.config import P2DConfig
 from p2d_ray.data.formatting import encode_probe, encode_reference, probe_batches, resolve_format
 from p2d_ray.heads.gates import HeadGates
 from p2d_ray.heads.headset import HeadSet
-from p2d_ray.models.geometry import attention_geometry, head_params, slice_weight
+from p2d_ray.models.geometry import AttentionMap, attention_map, slice_weight
 from p2d_ray.models.loss import sample_loss
 
 METHODS = ("gradient", "fisher", "alps")
@@ -59,9 +59,9 @@ def _frozen(model: nn.Module, trainable: Sequence[nn.Parameter] = ()):
 
 
 # -- gradient / fisher -----------------------------------------------------------------------------
-def gate_gradients(model: nn.Module, batches: Iterable[dict]) -> torch.Tensor:
+def gate_gradients(model: nn.Module, attention: AttentionMap, batches: Iterable[dict]) -> torch.Tensor:
     """Per-sample gradients of the loss w.r.t. all-ones head gates: ``[N, L, H]`` over all batches."""
-    geo = attention_geometry(model)
+    geo = attention.geometry
     device = next(model.parameters()).device
     grads = []
     with _frozen(model), torch.enable_grad():  # also under a caller's no_grad()
@@ -69,7 +69,7 @@ def gate_gradients(model: nn.Module, batches: Iterable[dict]) -> torch.Tensor:
             batch = {k: v.to(device) for k, v in batch.items()}
             B = batch["input_ids"].shape[0]
             gates = torch.ones(B, geo.n_layers, geo.n_heads, device=device, requires_grad=True)
-            with HeadGates(model, gates, mode="zero"):
+            with HeadGates(model, gates, mode="zero", attention=attention):
                 loss = per_sample_loss(model, batch)  # [B]
             (grad,) = torch.autograd.grad(loss.sum(), gates)  # [B, L, H]; row i = dL_i / d gates[i]
             grads.append(grad.float().cpu())
@@ -77,27 +77,16 @@ def gate_gradients(model: nn.Module, batches: Iterable[dict]) -> torch.Tensor:
 
 
 # -- alps ------------------------------------------------------------------------------------------
-def attention_projections(model: nn.Module) -> list[nn.Module]:
-    """Every module holding q/k/v/o weights (fused ones once), in layer order."""
-    geo = attention_geometry(model)
-    out: dict[int, nn.Module] = {}
-    for layer in range(geo.n_layers):
-        hp = head_params(model, geo, layer, 0)
-        for ws in (hp.q, hp.k, hp.v, hp.o):
-            out.setdefault(id(ws.module), ws.module)
-    return list(out.values())
-
-
 def wasserstein1(a: torch.Tensor, b: torch.Tensor) -> float:
     """W1 between the empirical distributions of two equal-size samples: ``mean |sort(a) - sort(b)|``."""
     assert a.numel() == b.numel(), f"W1 needs equal-size samples, got {a.numel()} and {b.numel()}"
     return float((a.flatten().float().sort().values - b.flatten().float().sort().values).abs().mean())
 
 
-def head_operator(model: nn.Module, geo, layer: int, head: int, weights: dict | None = None) -> torch.Tensor:
+def head_operator(attention: AttentionMap, layer: int, head: int, weights: dict | None = None) -> torch.Tensor:
     """Flat weight entries of query head ``head``'s operator: its q rows, its GQA group's k/v rows and its
     o columns. ``weights`` maps module -> a stored weight (e.g. the base snapshot); default: current."""
-    hp = head_params(model, geo, layer, head)
+    hp = attention.layers[layer].heads[head]
     parts = []
     for ws in (hp.q, hp.k, hp.v, hp.o):
         w = None if weights is None else weights[ws.module]
@@ -106,21 +95,23 @@ def head_operator(model: nn.Module, geo, layer: int, head: int, weights: dict | 
 
 
 def alps_distances(
-    model: nn.Module, base_weights: dict[nn.Module, torch.Tensor], tuned_weights: dict | None = None
+    attention: AttentionMap, base_weights: dict[nn.Module, torch.Tensor], tuned_weights: dict | None = None
 ) -> torch.Tensor:
     """Per head W1 between the base and the tuned operator (default: the model's current weights): ``[L, H]``."""
-    geo = attention_geometry(model)
+    geo = attention.geometry
     scores = torch.zeros(geo.n_layers, geo.n_heads)
     for layer in range(geo.n_layers):
         for head in range(geo.n_heads):
             scores[layer, head] = wasserstein1(
-                head_operator(model, geo, layer, head, base_weights),
-                head_operator(model, geo, layer, head, tuned_weights),
+                head_operator(attention, layer, head, base_weights),
+                head_operator(attention, layer, head, tuned_weights),
             )
     return scores
 
 
-def alps_scores(model: nn.Module, batches: Sequence[dict], steps: int, lr: float) -> torch.Tensor:
+def alps_scores(
+    model: nn.Module, attention: AttentionMap, batches: Sequence[dict], steps: int, lr: float
+) -> torch.Tensor:
     """Proxy fine-tune q/k/v/o weights for ``steps`` minibatches, score heads by W1, restore the weights.
 
     Optimiser: plain SGD, deliberately. Adam divides each step by a running RMS of the gradient, so every
@@ -130,7 +121,7 @@ def alps_scores(model: nn.Module, batches: Sequence[dict], steps: int, lr: float
     The steps accumulate in fp32 master copies: in a bf16 model (GPU default) an update of lr * grad is
     often below bf16's resolution and would vanish, leaving W1 = 0.
     """
-    modules = attention_projections(model)
+    modules = list(attention.projections)
     params = [m.weight for m in modules]
     base = {m: m.weight.detach().float().clone() for m in modules}  # also restores the caller's weights
     tuned = {m: w.clone() for m, w in base.items()}  # fp32 masters
@@ -147,7 +138,7 @@ def alps_scores(model: nn.Module, batches: Sequence[dict], steps: int, lr: float
                     for m in modules:
                         tuned[m].add_(m.weight.grad.float(), alpha=-lr)  # SGD step on the master
                         m.weight.copy_(tuned[m])  # the next forward sees the (rounded) tuned weights
-        return alps_distances(model, base, tuned)
+        return alps_distances(attention, base, tuned)
     finally:
         with torch.no_grad():
             for m, w in base.items():
@@ -157,19 +148,27 @@ def alps_scores(model: nn.Module, batches: Sequence[dict], steps: int, lr: float
 
 
 def head_importance(
-    model: nn.Module, batches: Sequence[dict], method: str, *, alps_steps: int = 20, alps_lr: float = 1e-2
+    model: nn.Module,
+    batches: Sequence[dict],
+    method: str,
+    *,
+    alps_steps: int = 20,
+    alps_lr: float = 1e-2,
+    attention: AttentionMap | None = None,
 ) -> torch.Tensor:
     """Score every query head: ``[L, H]`` float32 on CPU, higher = more task-sensitive.
 
     ``batches``: dicts of ``input_ids`` / ``attention_mask`` / ``loss_mask`` ``[B, T]`` (``collate``).
-    The model's weights and ``requires_grad`` flags are left exactly as they were.
+    ``attention``: the model's map, when the caller holds one. The model's weights and ``requires_grad``
+    flags are left exactly as they were.
     """
     if method not in METHODS:
         raise ValueError(f"localize.method={method!r} is not one of {', '.join(METHODS)}")
+    attention = attention or attention_map(model)
     if method == "alps":
-        scores = alps_scores(model, batches, alps_steps, alps_lr)
+        scores = alps_scores(model, attention, batches, alps_steps, alps_lr)
     else:
-        grads = gate_gradients(model, batches)  # [N, L, H]
+        grads = gate_gradients(model, attention, batches)  # [N, L, H]
         scores = grads.abs().mean(0) if method == "gradient" else grads.pow(2).mean(0)
     if not bool(torch.isfinite(scores).all()):
         raise RuntimeError(f"{method} head scores are not finite (the probe loss diverged?)")
@@ -212,32 +211,27 @@ def localize_heads(
 
     loc = cfg.localize
     t0 = time.perf_counter()
-    geo = attention_geometry(model)
-    count = n_selected(geo.total_heads, loc.top_fraction, loc.top_k)
-    encoded = encode_probe(probe_rows, tokenizer, cfg.data)
+    # Data first (fails on bad rows before any backward), then the model's heads, found once.
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    batches = probe_batches(encoded, loc.batch_size, pad_id)
+    batches = probe_batches(encode_probe(probe_rows, tokenizer, cfg.data), loc.batch_size, pad_id)
+    ref = encode_reference(reference_rows, tokenizer, cfg.data) if reference_rows else []  # encodable rows
+    attention = attention_map(model)
+    geo = attention.geometry
+    count = n_selected(geo.total_heads, loc.top_fraction, loc.top_k)
+    importance = dict(alps_steps=loc.alps_steps, alps_lr=loc.alps_lr, attention=attention)
     torch.manual_seed(cfg.seed)
-    scores = head_importance(model, batches, loc.method, alps_steps=loc.alps_steps, alps_lr=loc.alps_lr)
-    contrast = None
-    if reference_rows:
+    scores = head_importance(model, batches, loc.method, **importance)
+    if ref:
         # Contrastive: heads that matter for the task MORE than for general corpus text. Plain importance
         # favours heads every input needs (measured on the demo: layer-0 heads, used by dialogue even more
         # than by arithmetic); dividing by the same method's importance on reference rows removes them.
-        ref = encode_reference(reference_rows, tokenizer, cfg.data)
         torch.manual_seed(cfg.seed)
-        contrast = head_importance(
-            model,
-            probe_batches(ref, loc.batch_size, pad_id),
-            loc.method,
-            alps_steps=loc.alps_steps,
-            alps_lr=loc.alps_lr,
-        )
+        contrast = head_importance(model, probe_batches(ref, loc.batch_size, pad_id), loc.method, **importance)
         scores = scores / contrast.clamp(min=1e-6 * float(contrast.max()) + 1e-12)  # [L, H]
     meta = {
         "method": loc.method,
         "contrast": "corpus" if reference_rows else None,
-        "n_reference": len(ref) if reference_rows else 0,
+        "n_reference": len(ref),
         "scores": scores.tolist(),  # [L][H]
         "model": cfg.model.name_or_path,
         "model_fingerprint": model_fingerprint(cfg.model),
@@ -281,11 +275,11 @@ def run_localize(cfg: P2DConfig) -> dict:
     try:
         with run.timed("localize", stage_fingerprint(cfg, "localize")):
             rows = read_rows(path, limit=cfg.localize.max_probe_samples)
-            tokenizer = load_tokenizer(cfg.model)
-            model = load_model(cfg.model)
             reference = None
             if cfg.localize.contrast == "corpus":
                 reference = read_rows(corpus_path(cfg), limit=cfg.localize.contrast_samples)
+            tokenizer = load_tokenizer(cfg.model)
+            model = load_model(cfg.model)
             heads = localize_heads(model, rows, tokenizer, cfg, reference)
             heads.meta["probe_path"] = path
             heads.save(run.heads_json)

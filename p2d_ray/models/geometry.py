@@ -248,3 +248,47 @@ def slice_weight(ws: WeightSlice, weight: torch.Tensor | None = None) -> torch.T
     """The sub-tensor of ``weight`` (default: the module's current weight) that ``ws`` names."""
     w = ws.module.weight if weight is None else weight
     return w.narrow(ws.dim, ws.start, ws.stop - ws.start)
+
+
+@dataclass(frozen=True)
+class LayerAttention:
+    """One decoder layer's attention modules and head slices, as plain data."""
+
+    o_proj: nn.Module  # input: the concatenated heads [B, T, H*D]
+    values: nn.Module  # output holds V; cut it out with ``v_layout`` / ``v_slice`` (see value_projection)
+    v_layout: str  # "separate" | "neox" | "gpt2"
+    v_slice: slice | None
+    heads: tuple[HeadParams, ...]  # per query head; k/v are its GQA group's slices
+
+
+@dataclass(frozen=True)
+class AttentionMap:
+    """Where a loaded model's heads live, found once: its geometry and, per layer, the modules and weight
+    slices that the gates, the localisation and the head deltas hook or read.
+
+    Built on demand by :func:`attention_map` and held by the caller for one piece of work (not cached on
+    the model: wrapping a projection, e.g. by PEFT, would make a cached map stale)."""
+
+    geometry: AttentionGeometry
+    layers: tuple[LayerAttention, ...]
+
+    @property
+    def projections(self) -> tuple[nn.Module, ...]:
+        """Every module holding q/k/v/o weights (fused ones once), in layer order."""
+        out: dict[int, nn.Module] = {}
+        for layer in self.layers:
+            hp = layer.heads[0]
+            for ws in (hp.q, hp.k, hp.v, hp.o):
+                out.setdefault(id(ws.module), ws.module)
+        return tuple(out.values())
+
+
+def attention_map(model: nn.Module) -> AttentionMap:
+    """The model's :class:`AttentionMap` (checks the geometry against the modules, as attention_geometry)."""
+    geo = attention_geometry(model)
+    layers = []
+    for layer, o_proj in enumerate(output_projections(model)):
+        values, v_slice, layout = value_projection(model, layer)
+        heads = tuple(head_params(model, geo, layer, h) for h in range(geo.n_heads))
+        layers.append(LayerAttention(o_proj, values, layout, v_slice, heads))
+    return AttentionMap(geo, tuple(layers))

@@ -32,7 +32,7 @@ from p2d_ray.scoring.quarantine import duplicate_positions, duplicate_positions_
 from p2d_ray.scoring.shards import ParquetShards, Shard
 from p2d_ray.scoring.tokenize import DUP_COL, tokenize_block
 
-__all__ = ["ScorePlan", "ensure_ray", "pick_demos", "plan_score", "run_score", "score_corpus"]
+__all__ = ["ScorePlan", "pick_demos", "plan_score", "run_score", "score_corpus"]
 
 log = logging.getLogger("p2d_ray.score")
 
@@ -95,13 +95,12 @@ def check_pool_fits(s) -> None:
 
 def score_corpus(cfg: P2DConfig, on_shard_done: Callable[[Shard], None] | None = None) -> dict:
     """The body of ``p2d-ray score`` (see module docstring). ``on_shard_done`` is called after each shard's
-    files and marker are written (progress hooks; tests use it to interrupt a run part-way)."""
-    import ray
-    import ray.data
+    files and marker are written (progress hooks; tests use it to interrupt a run part-way).
 
+    Steps: plan (driver, no Ray) -> the shards not done yet -> probe gradient (gradient_alignment) -> Ray ->
+    duplicate flags -> one Ray Data pass -> summary and stats files."""
     t_start = time.perf_counter()
     wall: dict[str, float] = {}
-    s = cfg.score
     plan = plan_score(cfg)
     store = ScoreStore(cfg.run_dir)
     store.open(plan.manifest)
@@ -110,88 +109,12 @@ def score_corpus(cfg: P2DConfig, on_shard_done: Callable[[Shard], None] | None =
     collector = ShardCollector(store, plan, todo, cfg.data.id_column, on_shard_done)
     ray_stats = None
     if todo:
-        probe_gradient = None
-        if s.scorer == "gradient_alignment":
-            from p2d_ray.scoring.gradient import prepare_probe_gradient
-
-            t = time.perf_counter()
-            pg = prepare_probe_gradient(cfg, plan.heads, plan.gradient_fingerprint)
-            wall["probe_gradient"] = time.perf_counter() - t
-        ensure_ray()
-        if s.scorer == "gradient_alignment":
-            probe_gradient = [ray.put(pg.to_bytes())]  # one copy in the object store for every actor
-        check_pool_fits(s)
-        t = time.perf_counter()
-        n_rows = sum(sh.num_rows for sh in plan.shards)
-        find = duplicate_positions_local if n_rows <= s.local_dedup_max_rows else duplicate_positions
-        dups = find(plan.shards, cfg.data.id_column, plan.id_type)
-        wall["duplicates"] = time.perf_counter() - t
-        n_todo = sum(sh.num_rows for sh in todo.values())
-        block_rows = rows_per_block(n_todo, s)
-        icl = s.scorer == "icl_attention"
-        if icl:  # blocks hold whole ICL groups (rows // icl_pool of a shard); each actor call gets one block
-            block_rows = -(-block_rows // s.icl_pool) * s.icl_pool
-        source = ParquetShards(
-            list(todo.values()),
-            list(todo),
-            [cfg.data.id_column, *plan.text_columns],
-            plan.id_type,
-            tuple(plan.text_columns),
-            block_rows,
-            flags={DUP_COL: dups},
-        )
+        probe_gradient, dups = _start_pass(cfg, plan, wall)
+        s = cfg.score
         with ray_data_output(cfg.run_dir), _wait_for_actors(s.actor_start_timeout_s):  # read at creation
-            ds = ray.data.read_datasource(source).map_batches(
-                tokenize_block,
-                batch_format="pyarrow",
-                batch_size=None,
-                num_cpus=s.num_cpus_per_tokenize_task,
-                fn_kwargs={
-                    "model_json": plan.model_json,
-                    "data_json": cfg.data.model_dump_json(),
-                    "fmt": plan.fmt,
-                    "demos": plan.demos,
-                    "text_columns": plan.text_columns,
-                },
-            )
-            ds = ds.map_batches(
-                ScorerActor,
-                batch_format="pyarrow",
-                batch_size=None if icl else actor_call_rows(block_rows, s),
-                compute=ray.data.ActorPoolStrategy(min_size=s.min_actors, max_size=s.max_actors),
-                num_cpus=s.num_cpus_per_actor,
-                num_gpus=s.num_gpus_per_actor,
-                fn_constructor_kwargs={
-                    "model_json": plan.model_json,
-                    "score_json": s.model_dump_json(),
-                    "heads_json": plan.heads.to_json() if plan.heads is not None else None,
-                    "id_column": cfg.data.id_column,
-                    "icl_json": {
-                        "data_json": cfg.data.model_dump_json(), "fmt": plan.fmt, "probe_rows": plan.probe_rows
-                    }
-                    if icl
-                    else None,
-                    "probe_gradient": probe_gradient,
-                },
-            )
+            ds = _score_dataset(cfg, plan, todo, dups, probe_gradient)
             t = time.perf_counter()
-            bar = Progress("score", n_todo)
-            try:
-                for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                    # pipeline fill: plan + actor start-up (imports, model load) + the first block's work
-                    wall.setdefault("first_result", time.perf_counter() - t)
-                    collector.add(block)
-                    bar.update(block.num_rows)
-            except ray.exceptions.GetTimeoutError as err:
-                # NB (Ray 2.60): the actors of a pool that timed out keep their resources for ~2 minutes in a
-                # long-lived driver; the CLI exits, which frees them at once.
-                raise RuntimeError(
-                    f"score: {s.min_actors} actor(s) of {s.num_cpus_per_actor} CPU / {s.num_gpus_per_actor} "
-                    f"GPU did not start within score.actor_start_timeout_s={s.actor_start_timeout_s}s "
-                    f"(cluster: {ray.cluster_resources()}); lower score.min_actors or the per-actor "
-                    "resources, or wait longer for the autoscaler"
-                ) from err
-            bar.close()
+            _drain(ds, collector, sum(sh.num_rows for sh in todo.values()), s, wall)
         collector.check_complete()
         wall["score_pass"] = time.perf_counter() - t
         wall["write"] = collector.write_seconds
@@ -199,9 +122,121 @@ def score_corpus(cfg: P2DConfig, on_shard_done: Callable[[Shard], None] | None =
     summary = summarize(store, plan)
     RunDir(cfg.run_dir).path("score_summary.json").write_text(json.dumps(summary, indent=1))
     wall["total"] = time.perf_counter() - t_start
-    st = collector.stats
+    stats = _pass_stats(cfg, plan, todo, collector, wall, ray_stats)
+    RunDir(cfg.run_dir).path("score_stats.json").write_text(json.dumps(stats, indent=1, default=str))
+    return {k: summary[k] for k in ("rows_in", "rows_scored", "rows_quarantined", "quarantine_reasons")} | {
+        "rows_per_s": stats["rows_per_s"],
+        "actors_used": stats["actors"]["used"],
+        "scores": str(store.scores),
+    }
+
+
+def _start_pass(cfg: P2DConfig, plan: ScorePlan, wall: dict) -> tuple[list | None, dict]:
+    """Before the pass: the probe gradient (gradient_alignment; on the driver, before Ray starts, shipped
+    once through the object store), Ray, the minimum pool's placement, and the corpus's duplicate-id flags.
+    Returns ``(probe_gradient object refs or None, duplicate positions)``."""
+    import ray
+
+    s = cfg.score
+    probe_gradient = None
+    if s.scorer == "gradient_alignment":
+        from p2d_ray.scoring.gradient import prepare_probe_gradient
+
+        t = time.perf_counter()
+        pg = prepare_probe_gradient(cfg, plan.heads, plan.gradient_fingerprint)
+        wall["probe_gradient"] = time.perf_counter() - t
+    ensure_ray()
+    if s.scorer == "gradient_alignment":
+        probe_gradient = [ray.put(pg.to_bytes())]  # one copy in the object store for every actor
+    check_pool_fits(s)
+    t = time.perf_counter()
+    n_rows = sum(sh.num_rows for sh in plan.shards)
+    find = duplicate_positions_local if n_rows <= s.local_dedup_max_rows else duplicate_positions
+    dups = find(plan.shards, cfg.data.id_column, plan.id_type)
+    wall["duplicates"] = time.perf_counter() - t
+    return probe_gradient, dups
+
+
+def _score_dataset(cfg: P2DConfig, plan: ScorePlan, todo: dict[int, Shard], dups: dict, probe_gradient):
+    """The lazy Ray Data pipeline over the shards in ``todo``: read -> tokenize tasks -> scorer actor pool."""
+    import ray.data
+
+    s = cfg.score
+    block_rows = rows_per_block(sum(sh.num_rows for sh in todo.values()), s)
+    icl = s.scorer == "icl_attention"
+    if icl:  # blocks hold whole ICL groups (rows // icl_pool of a shard); each actor call gets one block
+        block_rows = -(-block_rows // s.icl_pool) * s.icl_pool
+    source = ParquetShards(
+        list(todo.values()),
+        list(todo),
+        [cfg.data.id_column, *plan.text_columns],
+        plan.id_type,
+        tuple(plan.text_columns),
+        block_rows,
+        flags={DUP_COL: dups},
+    )
+    ds = ray.data.read_datasource(source).map_batches(
+        tokenize_block,
+        batch_format="pyarrow",
+        batch_size=None,
+        num_cpus=s.num_cpus_per_tokenize_task,
+        fn_kwargs={
+            "model_json": plan.model_json,
+            "data_json": cfg.data.model_dump_json(),
+            "fmt": plan.fmt,
+            "demos": plan.demos,
+            "text_columns": plan.text_columns,
+        },
+    )
+    icl_json = {"data_json": cfg.data.model_dump_json(), "fmt": plan.fmt, "probe_rows": plan.probe_rows}
+    return ds.map_batches(
+        ScorerActor,
+        batch_format="pyarrow",
+        batch_size=None if icl else actor_call_rows(block_rows, s),
+        compute=ray.data.ActorPoolStrategy(min_size=s.min_actors, max_size=s.max_actors),
+        num_cpus=s.num_cpus_per_actor,
+        num_gpus=s.num_gpus_per_actor,
+        fn_constructor_kwargs={
+            "model_json": plan.model_json,
+            "score_json": s.model_dump_json(),
+            "heads_json": plan.heads.to_json() if plan.heads is not None else None,
+            "id_column": cfg.data.id_column,
+            "icl_json": icl_json if icl else None,
+            "probe_gradient": probe_gradient,
+        },
+    )
+
+
+def _drain(ds, collector: ShardCollector, n_todo: int, s, wall: dict) -> None:
+    """Run the pass: hand each result block to the collector (which writes finished shards) and show
+    progress. Fails with a clear error if the pool's ``min_actors`` never start."""
+    import ray
+
+    t = time.perf_counter()
+    bar = Progress("score", n_todo)
+    try:
+        for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            # pipeline fill: plan + actor start-up (imports, model load) + the first block's work
+            wall.setdefault("first_result", time.perf_counter() - t)
+            collector.add(block)
+            bar.update(block.num_rows)
+    except ray.exceptions.GetTimeoutError as err:
+        # NB (Ray 2.60): the actors of a pool that timed out keep their resources for ~2 minutes in a
+        # long-lived driver; the CLI exits, which frees them at once.
+        raise RuntimeError(
+            f"score: {s.min_actors} actor(s) of {s.num_cpus_per_actor} CPU / {s.num_gpus_per_actor} "
+            f"GPU did not start within score.actor_start_timeout_s={s.actor_start_timeout_s}s "
+            f"(cluster: {ray.cluster_resources()}); lower score.min_actors or the per-actor "
+            "resources, or wait longer for the autoscaler"
+        ) from err
+    bar.close()
+
+
+def _pass_stats(cfg: P2DConfig, plan: ScorePlan, todo: dict, collector: ShardCollector, wall: dict, ray_stats):
+    """``score_stats.json``: shards, rows, throughput, padding, actors, wall and busy seconds."""
+    s, st = cfg.score, collector.stats
     pass_s = wall.get("score_pass", 0.0)
-    stats = {
+    return {
         "scorer": s.scorer,
         "shards": {
             "total": len(plan.shards),
@@ -219,12 +254,6 @@ def score_corpus(cfg: P2DConfig, on_shard_done: Callable[[Shard], None] | None =
         "busy_s": {"tokenize": st["tokenize_s"], "score": st["score_s"]},
         "icl_demo_ids": plan.provenance["icl_demo_ids"],
         "ray_data_stats": ray_stats,
-    }
-    RunDir(cfg.run_dir).path("score_stats.json").write_text(json.dumps(stats, indent=1, default=str))
-    return {k: summary[k] for k in ("rows_in", "rows_scored", "rows_quarantined", "quarantine_reasons")} | {
-        "rows_per_s": stats["rows_per_s"],
-        "actors_used": stats["actors"]["used"],
-        "scores": str(store.scores),
     }
 
 

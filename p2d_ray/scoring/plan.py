@@ -61,72 +61,132 @@ def pick_demos(probe_rows: list[dict], k: int, seed: int) -> list[dict]:
 
 def plan_score(cfg: P2DConfig) -> ScorePlan:
     """Resolve and check model, heads, corpus and prompt format. Raises ValueError before any work."""
-    from p2d_ray.data.formatting import resolve_format
-    from p2d_ray.data.ingest import corpus_parquet, ingested
-    from p2d_ray.data.io import read_rows, rows_hash
-    from p2d_ray.data.paths import corpus_path, probe_path
-    from p2d_ray.models.geometry import geometry_from_config
-    from p2d_ray.models.loading import load_config_checked, model_fingerprint, resolve_path, weights_problems
+    from p2d_ray.data.io import read_rows
+    from p2d_ray.data.paths import probe_path
+    from p2d_ray.models.loading import resolve_path
 
     d, s = cfg.data, cfg.score
+    hf_config, ctx = _check_model(cfg)
+    heads = _check_heads(cfg, hf_config) if USES_HEADS[s.scorer] else None
+    corpus, shards, id_type, fmt, text_columns = _corpus_layout(cfg)
+    probe_rows = _icl_query_pool(cfg, fmt, ctx) if s.scorer == "icl_attention" else []
+    demos: list[dict] = []
+    if fmt == "icl":
+        demos = pick_demos(read_rows(probe_path(cfg), what="data.probe_path"), d.icl_k, cfg.seed)
+    identity = _identity(cfg, corpus, fmt, heads, demos, probe_rows)
+    fingerprint = _hash(identity)
+    manifest = {
+        "fingerprint": fingerprint,
+        "identity": identity,
+        "scorer": s.scorer,
+        "corpus": corpus,
+        "icl_demos": demos,
+        "shards": [sh.to_dict() for sh in shards],
+    }
+    provenance = {
+        "scorer": s.scorer,
+        "gate_mode": s.gate_mode if heads is not None else None,
+        "heads_fingerprint": identity["heads"],
+        "config_fingerprint": fingerprint,
+        "model_fingerprint": identity["model_fingerprint"],
+        "format": fmt,
+        "icl_demo_ids": [r.get(d.id_column) for r in demos],
+        "probe_gradient_fingerprint": identity["probe_gradient"],
+    }
+    model_json = cfg.model.model_copy(update={"name_or_path": resolve_path(cfg.model)}).model_dump_json()
+    return ScorePlan(
+        shards, id_type, fmt, text_columns, demos, heads, model_json, manifest, fingerprint, provenance,
+        probe_rows, identity["probe_gradient"],
+    )
+
+
+def _check_model(cfg: P2DConfig):
+    """The model's weights are loadable safely and its family is supported; ``data.max_length`` fits its
+    context. Returns ``(hf_config, context length or None)``."""
+    from p2d_ray.models.loading import load_config_checked, weights_problems
+
     problems = weights_problems(cfg.model)  # e.g. pickle-only weights: refused here, not inside an actor
     if problems:
         raise ValueError("; ".join(problems))
     hf_config = load_config_checked(cfg.model)
     ctx = _context_length(hf_config)
-    if ctx is not None and d.max_length > ctx:
-        raise ValueError(f"data.max_length={d.max_length} exceeds the model's context length ({ctx})")
-    heads = None
-    if USES_HEADS[s.scorer]:
-        heads = HeadSet.load(RunDir(cfg.run_dir).heads_json)
-        heads.check_fits(geometry_from_config(hf_config))
-        heads.check_model(model_fingerprint(cfg.model), cfg.model.name_or_path)
-        if len(heads) == 0:
-            raise ValueError(
-                f"{RunDir(cfg.run_dir).heads_json} lists no heads; scorer {s.scorer!r} needs some"
-            )
+    if ctx is not None and cfg.data.max_length > ctx:
+        raise ValueError(f"data.max_length={cfg.data.max_length} exceeds the model's context length ({ctx})")
+    return hf_config, ctx
 
+
+def _check_heads(cfg: P2DConfig, hf_config) -> HeadSet:
+    """``<run_dir>/heads.json``, checked to fit this model (shape and fingerprint) and to be non-empty."""
+    from p2d_ray.models.geometry import geometry_from_config
+    from p2d_ray.models.loading import model_fingerprint
+
+    path = RunDir(cfg.run_dir).heads_json
+    heads = HeadSet.load(path)
+    heads.check_fits(geometry_from_config(hf_config))
+    heads.check_model(model_fingerprint(cfg.model), cfg.model.name_or_path)
+    if len(heads) == 0:
+        raise ValueError(f"{path} lists no heads; scorer {cfg.score.scorer!r} needs some")
+    return heads
+
+
+def _corpus_layout(cfg: P2DConfig):
+    """The corpus as Parquet shards (footers only) and its prompt format.
+    Returns ``(corpus path, shards, id type, format, text columns)``."""
+    from p2d_ray.data.formatting import resolve_format
+    from p2d_ray.data.ingest import corpus_parquet
+
+    d = cfg.data
     corpus = corpus_parquet(cfg)  # the source itself when Parquet, else its shards ingested into run_dir
     files = list_parquet_files(corpus)
     first = read_footer(files[0]).schema.to_arrow_schema()
     fmt = resolve_format(d, first.names)
     text_columns = text_columns_for(d, first.names)
-    if s.scorer == "ifd" and fmt == "plain":
+    if cfg.score.scorer == "ifd" and fmt == "plain":
         raise ValueError(
             "score.scorer=ifd needs a prompt and a response per row (IFD = loss of the response given the "
             f"prompt / loss of the response alone); data.format resolved to 'plain' for columns {first.names}"
         )
     shards, schema = plan_shards(corpus, [d.id_column, *text_columns], files=files)
-    id_type = canonical_id_type(schema.field(d.id_column).type)
+    return corpus, shards, canonical_id_type(schema.field(d.id_column).type), fmt, text_columns
 
-    probe_rows: list[dict] = []
-    if s.scorer == "icl_attention":
-        if fmt == "icl":
-            raise ValueError(
-                "score.scorer=icl_attention builds its own ICL contexts; data.format=icl would nest probe "
-                "demonstrations inside every row: use chat, prompt_response or plain"
-            )
-        need = (s.icl_demos + s.icl_queries) * d.max_length + 64
-        if ctx is not None and need > ctx:
-            raise ValueError(
-                f"score.icl_demos + score.icl_queries = {s.icl_demos + s.icl_queries} rows of up to "
-                f"data.max_length={d.max_length} tokens ({need}) exceed the model's context length ({ctx})"
-            )
-        probe_rows = read_rows(probe_path(cfg))
-    demos: list[dict] = []
+
+def _icl_query_pool(cfg: P2DConfig, fmt: str, ctx: int | None) -> list[dict]:
+    """icl_attention: its contexts fit the model, and the probe rows it draws queries from."""
+    from p2d_ray.data.io import read_rows
+    from p2d_ray.data.paths import probe_path
+
+    s, d = cfg.score, cfg.data
     if fmt == "icl":
-        demos = pick_demos(read_rows(probe_path(cfg), what="data.probe_path"), d.icl_k, cfg.seed)
+        raise ValueError(
+            "score.scorer=icl_attention builds its own ICL contexts; data.format=icl would nest probe "
+            "demonstrations inside every row: use chat, prompt_response or plain"
+        )
+    need = (s.icl_demos + s.icl_queries) * d.max_length + 64
+    if ctx is not None and need > ctx:
+        raise ValueError(
+            f"score.icl_demos + score.icl_queries = {s.icl_demos + s.icl_queries} rows of up to "
+            f"data.max_length={d.max_length} tokens ({need}) exceed the model's context length ({ctx})"
+        )
+    return read_rows(probe_path(cfg))
 
-    model_json = cfg.model.model_copy(update={"name_or_path": resolve_path(cfg.model)}).model_dump_json()
-    # What the scores depend on. Not: where the corpus lives (its shards are compared separately), resource
-    # knobs, and settings the chosen format / scorer ignores (changing them must not block a resume).
+
+def _identity(cfg: P2DConfig, corpus: str, fmt: str, heads, demos: list[dict], probe_rows: list[dict]) -> dict:
+    """What the scores depend on (hashed into the run's fingerprint; a resume must match it). Not: where the
+    corpus lives (its shards are compared separately), resource knobs, and settings the chosen format /
+    scorer ignores (changing them must not block a resume)."""
+    from p2d_ray.data.ingest import ingested
+    from p2d_ray.data.io import read_rows, rows_hash
+    from p2d_ray.data.paths import corpus_path, probe_path
+    from p2d_ray.models.loading import model_fingerprint
+
+    s = cfg.score
     data = cfg.data.model_dump(
         mode="json",
         exclude={"corpus_path", "corpus_config", "corpus_split", "probe_path"}
         | (set() if fmt == "icl" else {"icl_k", "icl_instruction"}),
     )
     icl_keys = {k for k in type(s).model_fields if k.startswith("icl_")}
-    score = cfg.score.model_dump(
+    score = s.model_dump(
         mode="json",
         exclude=set(SCORE_RESOURCE_FIELDS)
         | (set() if s.scorer == "influence" else {"gate_mode"})
@@ -154,30 +214,7 @@ def plan_score(cfg: P2DConfig) -> ScorePlan:
         identity["corpus_source"] = ingest["fingerprint"]
     if probe_rows:  # only for icl_attention, so the other scorers' fingerprints stay as they were
         identity["icl_probe"] = rows_hash(probe_rows)
-    fingerprint = _hash(identity)
-    demo_ids = [r.get(d.id_column) for r in demos]
-    manifest = {
-        "fingerprint": fingerprint,
-        "identity": identity,
-        "scorer": s.scorer,
-        "corpus": corpus,
-        "icl_demos": demos,
-        "shards": [sh.to_dict() for sh in shards],
-    }
-    provenance = {
-        "scorer": s.scorer,
-        "gate_mode": s.gate_mode if heads is not None else None,
-        "heads_fingerprint": identity["heads"],
-        "config_fingerprint": fingerprint,
-        "model_fingerprint": identity["model_fingerprint"],
-        "format": fmt,
-        "icl_demo_ids": demo_ids,
-        "probe_gradient_fingerprint": grad_fp,
-    }
-    return ScorePlan(
-        shards, id_type, fmt, text_columns, demos, heads, model_json, manifest, fingerprint, provenance,
-        probe_rows, grad_fp,
-    )
+    return identity
 
 
 def canonical_id_type(t: pa.DataType) -> pa.DataType:

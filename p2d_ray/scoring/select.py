@@ -352,7 +352,7 @@ def select_subset(cfg: P2DConfig) -> dict:
     if sum(s.num_rows for s in shards) <= LOCAL_MAX_ROWS:
         ex = _Local()
     else:
-        from p2d_ray.scoring.pipeline import ensure_ray
+        from p2d_ray.runtime import ensure_ray
 
         ensure_ray()
         ex = _OnRay()
@@ -396,7 +396,15 @@ def select_subset(cfg: P2DConfig) -> dict:
         "score" if sel.score_column == RANDOM else sel.score_column,
         manifest.get("corpus"),
     )
-    out = {
+    out = _record(cfg, manifest, out_column, recs, counts, k, selected, thresholds)
+    run.path("selection.json").write_text(json.dumps(out, indent=1, default=str))
+    return out
+
+
+def _record(cfg: P2DConfig, manifest: dict, out_column: str, recs, counts, k, selected, thresholds) -> dict:
+    """``selection.json``: what was asked, what was selected per stratum, and the thresholds."""
+    sel, run = cfg.select, RunDir(cfg.run_dir)
+    return {
         "score_column": sel.score_column,
         "subset_score_column": out_column,
         "ascending": sel.ascending,
@@ -407,7 +415,7 @@ def select_subset(cfg: P2DConfig) -> dict:
         "scorer": manifest["scorer"],
         "scores_fingerprint": manifest["fingerprint"],
         "n_corpus": sum(r["n_corpus_rows"] for r in recs),
-        "n_scored": n_scored,
+        "n_scored": sum(counts.values()),
         "n_selected": sum(selected.values()),
         "threshold": thresholds[ALL][0] if sel.stratify_by is None and ALL in thresholds else None,
         "strata": {
@@ -423,8 +431,6 @@ def select_subset(cfg: P2DConfig) -> dict:
         "subset_dir": str(run.subset),
         "histogram": str(run.path("histogram.png")),
     }
-    run.path("selection.json").write_text(json.dumps(out, indent=1, default=str))
-    return out
 
 
 def run_select(cfg: P2DConfig) -> dict:

@@ -128,24 +128,10 @@ def _raw_json(block: pa.Table, columns: list[str], i: int) -> str:
     return json.dumps(out, default=str)
 
 
-def tokenize_block(
-    block: pa.Table,
-    model_json: str,
-    data_json: str,
-    fmt: str,
-    demos: list[dict],
-    text_columns: list[str],
-) -> pa.Table:
-    """Ray Data map_batches task: a block of corpus rows -> token ids + loss mask, or a quarantine reason.
-
-    Output columns: id, ``input_ids`` list<int32>, ``loss_mask`` list<int8>, ``length``, ``truncated``,
-    ``reason`` (null when the row is scorable), ``row_json`` (the quarantined row's values), ``_shard``,
-    ``_row``, ``_t_tokenize``.
-    """
-    t0 = time.perf_counter()
-    cfg = DataConfig.model_validate_json(data_json)
-    tok = BatchedTokenizer(_tokenizer(model_json))
-    id_col = cfg.id_column
+def _row_problems(block: pa.Table, id_col: str, text_columns: list[str]):
+    """What is wrong with each row before tokenising: unreadable, bad_utf8, null_id, duplicate_id, non_string
+    (first match wins). Bad UTF-8 values are nulled so the rest of the block decodes, and the row's raw bytes
+    kept for its quarantine row. Returns ``(block, ids, reasons [n] (None: fine), raw row JSON [n])``."""
     n = block.num_rows
     ids = block.column(id_col)
     reasons: list[str | None] = [None] * n
@@ -182,28 +168,18 @@ def tokenize_block(
             reasons[i] = "duplicate_id"
         elif nonstring[i]:
             reasons[i] = "non_string"
-    text = {c: block.column(c).to_pylist() for c in text_columns}
-    todo = [i for i in range(n) if reasons[i] is None]
-    rows = [{c: text[c][i] for c in text_columns} for i in todo]
-    encoded: list[Encoded | None] = [None] * n
-    for i, enc in zip(todo, tok.encode_rows(rows, cfg, fmt, demos), strict=True):
-        if isinstance(enc, str):
-            reasons[i] = enc
-        else:
-            encoded[i] = enc
-    row_json = [
-        None
-        if reasons[i] is None
-        else (raw[i] or json.dumps({c: text[c][i] for c in text_columns}, default=str))
-        for i in range(n)
-    ]
+    return block, ids, reasons, raw
+
+
+def _token_table(block: pa.Table, id_col: str, ids, encoded: list, reasons: list, row_json: list) -> pa.Table:
+    """The tokenize task's output table (see :func:`tokenize_block`), one row per input row."""
     lengths = np.array([len(e.input_ids) if e else 0 for e in encoded], dtype=np.int32)
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
     kept = [e for e in encoded if e]
     # Flat values + offsets: building list<int> columns row by row costs more than the tokenizer.
     ids_flat = pa.array(list(chain.from_iterable(e.input_ids for e in kept)), pa.int32())
     mask_flat = pa.array(list(chain.from_iterable(e.loss_mask for e in kept)), pa.int8())
-    out = pa.table(
+    return pa.table(
         {
             id_col: ids,
             "input_ids": pa.ListArray.from_arrays(offsets, ids_flat),
@@ -216,5 +192,42 @@ def tokenize_block(
             "_row": block.column("_row"),
         }
     )
+
+
+def tokenize_block(
+    block: pa.Table,
+    model_json: str,
+    data_json: str,
+    fmt: str,
+    demos: list[dict],
+    text_columns: list[str],
+) -> pa.Table:
+    """Ray Data map_batches task: a block of corpus rows -> token ids + loss mask, or a quarantine reason.
+
+    Output columns: id, ``input_ids`` list<int32>, ``loss_mask`` list<int8>, ``length``, ``truncated``,
+    ``reason`` (null when the row is scorable), ``row_json`` (the quarantined row's values), ``_shard``,
+    ``_row``, ``_t_tokenize``.
+    """
+    t0 = time.perf_counter()
+    cfg = DataConfig.model_validate_json(data_json)
+    tok = BatchedTokenizer(_tokenizer(model_json))
+    n = block.num_rows
+    block, ids, reasons, raw = _row_problems(block, cfg.id_column, text_columns)
+    text = {c: block.column(c).to_pylist() for c in text_columns}
+    todo = [i for i in range(n) if reasons[i] is None]
+    rows = [{c: text[c][i] for c in text_columns} for i in todo]
+    encoded: list[Encoded | None] = [None] * n
+    for i, enc in zip(todo, tok.encode_rows(rows, cfg, fmt, demos), strict=True):
+        if isinstance(enc, str):
+            reasons[i] = enc  # null, empty, too_long, no_target_tokens: the encoder's reason
+        else:
+            encoded[i] = enc
+    row_json = [
+        None
+        if reasons[i] is None
+        else (raw[i] or json.dumps({c: text[c][i] for c in text_columns}, default=str))
+        for i in range(n)
+    ]
+    out = _token_table(block, cfg.id_column, ids, encoded, reasons, row_json)
     per_row = (time.perf_counter() - t0) / max(n, 1)
     return out.append_column(TOKENIZE_TIME_COL, pa.array(np.full(n, per_row, dtype=np.float32)))

@@ -32,7 +32,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from p2d_ray.heads.headset import HeadSet
-from p2d_ray.models.geometry import attention_geometry, head_params
+from p2d_ray.models.geometry import attention_map
 
 DELTA_CHILD = "head_delta"  # attribute name of the HeadDelta child inside its projection module
 
@@ -82,8 +82,8 @@ def plan_head_deltas(model: nn.Module, heads: HeadSet, train_o_proj: bool = True
     Index sets are unions, so a GQA key/value group shared by several selected heads appears once.
     Raises ValueError if ``heads`` was localised on a model of another shape, or is empty.
     """
-    geo = attention_geometry(model)
-    heads.check_fits(geo)
+    attention = attention_map(model)
+    heads.check_fits(attention.geometry)
     if len(heads) == 0:
         raise ValueError("heads.json selects no heads: nothing to train with train.adaptation=heads")
     names = {id(m): n for n, m in model.named_modules()}
@@ -91,7 +91,7 @@ def plan_head_deltas(model: nn.Module, heads: HeadSet, train_o_proj: bool = True
     cols: dict[int, set[int]] = {}  # id(module) -> input-feature indices
     modules: dict[int, nn.Module] = {}
     for layer, head in heads:
-        hp = head_params(model, geo, layer, head)
+        hp = attention.layers[layer].heads[head]
         slices = [hp.q, hp.k, hp.v] + ([hp.o] if train_o_proj else [])
         for ws in slices:
             target = rows if ws.is_output_axis else cols
