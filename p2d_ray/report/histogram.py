@@ -15,7 +15,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-LABEL = "is_clean_on_task"
+from p2d_ray.report.precision import LABEL
+
 GROUP_COLUMNS = (LABEL, "task")  # first one present colours the rows
 MAX_ROWS = 2_000_000  # a histogram needs no more; beyond it, the first MAX_ROWS scored rows are drawn
 MAX_GROUPS = 8  # more task values than this: the largest ones, the rest as "other"

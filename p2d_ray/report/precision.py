@@ -1,7 +1,8 @@
 """Selection precision on a labelled corpus: how much of the selected subset is clean on-task data.
 
 Only for corpora that carry a hidden label column (the demo corpus's ``is_clean_on_task``); the label is
-read here, for evaluation, and never by scoring or selection. Three numbers side by side:
+read here, for evaluation (and by ``histogram.py``, to colour the selection's picture), never to score or
+rank a row. Three numbers side by side:
 
 - ``selected``: the label's rate in the subset P2D selected;
 - ``base_rate``: its rate in the whole corpus (what a random subset would get);
