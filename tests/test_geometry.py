@@ -148,3 +148,20 @@ def test_model_fingerprint_tracks_weights(tmp_path):
     fa = model_fingerprint(ModelConfig(name_or_path=a))
     assert fa == model_fingerprint(ModelConfig(name_or_path=a))
     assert fa != model_fingerprint(ModelConfig(name_or_path=b))
+
+
+def test_model_fingerprint_ignores_the_cache_build_record(tmp_path):
+    """Two conversions of the same weights differ only in the cache's build record (timings): same model.
+    Seen: every `make install` re-converted SmolLM2 to a new fingerprint, so a heads.json from another
+    install was refused as "other weights"."""
+    from p2d_ray.assets.cache import META_FILE
+
+    a = save_tiny_model(tmp_path / "a", "llama", seed=0)
+    before = model_fingerprint(ModelConfig(name_or_path=a))
+    (Path(a) / META_FILE).write_text('{"recipe_hash": "x", "convert_seconds": 34.4}')
+    assert model_fingerprint(ModelConfig(name_or_path=a)) == before
+    (Path(a) / META_FILE).write_text('{"recipe_hash": "x", "convert_seconds": 35.1}')
+    assert model_fingerprint(ModelConfig(name_or_path=a)) == before
+    cfg = json.loads((Path(a) / "config.json").read_text())
+    (Path(a) / "config.json").write_text(json.dumps({**cfg, "rms_norm_eps": 1e-3}))
+    assert model_fingerprint(ModelConfig(name_or_path=a)) != before

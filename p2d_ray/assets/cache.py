@@ -12,6 +12,10 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
+# The cache's own record of a build (recipe, its hash, timings): beside what was built, never part of it, so a
+# rebuild of the same recipe is the same model to everything that fingerprints it (models/loading.py).
+META_FILE = "meta.json"
+
 
 def cache_root() -> Path:
     """``$P2D_RAY_CACHE`` (the Makefile points it at ``.cache/p2d-ray`` in the repo), else ``~/.cache/p2d-ray``."""
@@ -24,7 +28,7 @@ def recipe_hash(recipe: dict) -> str:
 
 def _is_built(target: Path, digest: str) -> bool:
     try:
-        return json.loads((target / "meta.json").read_text()).get("recipe_hash") == digest
+        return json.loads((target / META_FILE).read_text()).get("recipe_hash") == digest
     except (OSError, ValueError):
         return False
 
@@ -64,7 +68,7 @@ def build_once(target: Path, recipe: dict, build: Callable[[Path], dict | None])
         tmp.mkdir(parents=True)
         info = build(tmp) or {}
         meta = {"recipe_hash": digest, "recipe": recipe, **info}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
         if target.exists():
             target.rename(old)
         tmp.rename(target)

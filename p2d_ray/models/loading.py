@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.utils import logging as hf_logging
 
 from p2d_ray.assets import is_asset_model, resolve_model
+from p2d_ray.assets.cache import META_FILE
 from p2d_ray.config import ModelConfig
 from p2d_ray.models.geometry import attention_geometry, geometry_from_config
 from p2d_ray.progress import verbose
@@ -90,12 +91,15 @@ def load_model(cfg: ModelConfig, device: torch.device | None = None) -> PreTrain
 
 
 def model_fingerprint(cfg: ModelConfig) -> str:
-    """Identifies the weights: hub name + revision, or a hash of a local directory's weight files."""
+    """Identifies the weights: hub name + revision, or a hash of a local directory's weight files (names and
+    sizes, its JSON configs, the first MiB of the weights). The asset cache's build record is left out: it
+    holds timings, so every conversion of the same model would otherwise be "another model"."""
     path = resolve_path(cfg)
     h = hashlib.sha256()
     p = Path(path)
     if p.is_dir():
-        for f in sorted(p.glob("*.safetensors")) + sorted(p.glob("*.json")):
+        files = sorted(p.glob("*.safetensors")) + sorted(p.glob("*.json"))
+        for f in [f for f in files if f.name != META_FILE]:
             st = os.stat(f)
             h.update(f"{f.name}:{st.st_size}".encode())
             if f.suffix == ".json":
