@@ -192,13 +192,16 @@ def value_projection(model: nn.Module, layer: int) -> tuple[nn.Module, slice | N
     Returns ``(module, sl, layout)``: layout ``"separate"`` (output is V ``[B, T, KV*D]``), ``"neox"``
     (output ``[B, T, H, 3D]``, V is ``[..., 2D:3D]``) or ``"gpt2"`` (output ``[B, T, 3*H*D]``, V is ``sl``).
     """
-    layout = FAMILIES[model_family(model)].qkv
-    attn = attention_modules(model)[layer]
+    return _value_source(attention_modules(model)[layer], FAMILIES[model_family(model)].qkv, model.config)
+
+
+def _value_source(attn: nn.Module, layout: str, config) -> tuple[nn.Module, slice | None, str]:
+    """:func:`value_projection` for one attention module already found."""
     if layout == "separate":
         return attn.v_proj, None, layout
     if layout == "neox":
         return attn.query_key_value, None, layout
-    hidden = model.config.n_embd
+    hidden = config.n_embd
     return attn.c_attn, slice(2 * hidden, 3 * hidden), layout
 
 
@@ -286,9 +289,11 @@ class AttentionMap:
 def attention_map(model: nn.Module) -> AttentionMap:
     """The model's :class:`AttentionMap` (checks the geometry against the modules, as attention_geometry)."""
     geo = attention_geometry(model)
+    spec = FAMILIES[geo.family]
+    slices = _HEAD_SLICES[spec.qkv]
     layers = []
-    for layer, o_proj in enumerate(output_projections(model)):
-        values, v_slice, layout = value_projection(model, layer)
-        heads = tuple(head_params(model, geo, layer, h) for h in range(geo.n_heads))
-        layers.append(LayerAttention(o_proj, values, layout, v_slice, heads))
+    for attn in attention_modules(model):  # one walk of the module tree (HeadGates builds a map per batch)
+        values, v_slice, layout = _value_source(attn, spec.qkv, model.config)
+        heads = tuple(slices(attn, geo, h, geo.kv_group(h)) for h in range(geo.n_heads))
+        layers.append(LayerAttention(getattr(attn, spec.o_proj), values, layout, v_slice, heads))
     return AttentionMap(geo, tuple(layers))

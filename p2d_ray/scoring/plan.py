@@ -180,6 +180,7 @@ def _identity(cfg: P2DConfig, corpus: str, fmt: str, heads, demos: list[dict], p
     from p2d_ray.models.loading import model_fingerprint
 
     s = cfg.score
+    fingerprint = model_fingerprint(cfg.model)  # reads the weights' first MiB: once
     data = cfg.data.model_dump(
         mode="json",
         exclude={"corpus_path", "corpus_config", "corpus_split", "probe_path"}
@@ -198,10 +199,10 @@ def _identity(cfg: P2DConfig, corpus: str, fmt: str, heads, demos: list[dict], p
         from p2d_ray.scoring.gradient import gradient_fingerprint
 
         probe_hash = rows_hash(read_rows(probe_path(cfg), limit=s.alignment_probe_rows))
-        grad_fp = gradient_fingerprint(model_fingerprint(cfg.model), heads, probe_hash, data)
+        grad_fp = gradient_fingerprint(fingerprint, heads, probe_hash, data)
     identity = {
         "model": cfg.model.model_dump(mode="json", exclude={"device"}),
-        "model_fingerprint": model_fingerprint(cfg.model),
+        "model_fingerprint": fingerprint,
         "data": data,
         "format": fmt,
         "score": score,
