@@ -336,16 +336,19 @@ def finite_difference(model, batch, shift: HeadShift, first_layer: int, eps: flo
     return plain.mean, plain.n_tokens, deriv, extra
 
 
-def prepare_probe_gradient(cfg, heads: HeadSet, fingerprint: str) -> ProbeGradient:
+def prepare_probe_gradient(
+    cfg, heads: HeadSet, fingerprint: str, rows: list[dict], model_fp: str
+) -> ProbeGradient:
     """The run's probe gradient: ``<run_dir>/probe_gradient.safetensors`` if it carries ``fingerprint``
-    (a resumed run, or `p2d-ray compare` reusing a run), else computed on the driver and saved there.
+    (a resumed run, or `p2d-ray compare` reusing a run), else computed on the driver from ``rows`` (the
+    plan's probe rows, whose hash is in ``fingerprint``) and saved there.
 
     Driver cost: one model load and ``score.alignment_probe_rows`` rows of forward + backward.
     """
     from p2d_ray.data.formatting import encode_probe, probe_batches
-    from p2d_ray.data.io import read_rows, rows_hash
+    from p2d_ray.data.io import rows_hash
     from p2d_ray.data.paths import probe_path
-    from p2d_ray.models.loading import load_model, load_tokenizer, model_fingerprint
+    from p2d_ray.models.loading import load_model, load_tokenizer
     from p2d_ray.rundir import RunDir
     from p2d_ray.runtime import available_cpus
 
@@ -354,7 +357,6 @@ def prepare_probe_gradient(cfg, heads: HeadSet, fingerprint: str) -> ProbeGradie
         old = ProbeGradient.load(path)
         if old.fingerprint == fingerprint:
             return old
-    rows = read_rows(probe_path(cfg), limit=cfg.score.alignment_probe_rows)
     tok = load_tokenizer(cfg.model)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     batches = probe_batches(encode_probe(rows, tok, cfg.data), cfg.localize.batch_size, pad_id)
@@ -364,7 +366,7 @@ def prepare_probe_gradient(cfg, heads: HeadSet, fingerprint: str) -> ProbeGradie
         model = load_model(cfg.model)
         meta = {
             "fingerprint": fingerprint,
-            "model_fingerprint": model_fingerprint(cfg.model),
+            "model_fingerprint": model_fp,
             "probe_hash": rows_hash(rows),
             "probe_path": probe_path(cfg),
         }

@@ -143,7 +143,8 @@ def _start_pass(cfg: P2DConfig, plan: ScorePlan, wall: dict) -> tuple[list | Non
         from p2d_ray.scoring.gradient import prepare_probe_gradient
 
         t = time.perf_counter()
-        pg = prepare_probe_gradient(cfg, plan.heads, plan.gradient_fingerprint)
+        model_fp = plan.provenance["model_fingerprint"]
+        pg = prepare_probe_gradient(cfg, plan.heads, plan.gradient_fingerprint, plan.probe_rows, model_fp)
         wall["probe_gradient"] = time.perf_counter() - t
     ensure_ray()
     if s.scorer == "gradient_alignment":

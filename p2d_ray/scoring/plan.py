@@ -37,7 +37,8 @@ class ScorePlan:
     manifest: dict
     fingerprint: str
     provenance: dict = field(default_factory=dict)
-    probe_rows: list[dict] = field(default_factory=list)  # icl_attention's query pool
+    # The probe rows the scorer uses: icl_attention's query pool, gradient_alignment's probe-gradient rows
+    probe_rows: list[dict] = field(default_factory=list)
     gradient_fingerprint: str | None = None  # gradient_alignment: which probe gradient the scores need
 
 
@@ -61,19 +62,20 @@ def pick_demos(probe_rows: list[dict], k: int, seed: int) -> list[dict]:
 
 def plan_score(cfg: P2DConfig) -> ScorePlan:
     """Resolve and check model, heads, corpus and prompt format. Raises ValueError before any work."""
-    from p2d_ray.data.io import read_rows
-    from p2d_ray.data.paths import probe_path
     from p2d_ray.models.loading import resolve_path
 
     d, s = cfg.data, cfg.score
-    hf_config, ctx = _check_model(cfg)
-    heads = _check_heads(cfg, hf_config) if USES_HEADS[s.scorer] else None
+    model = _check_model(cfg)
+    heads = _check_heads(cfg, model) if USES_HEADS[s.scorer] else None
     corpus, shards, id_type, fmt, text_columns = _corpus_layout(cfg)
-    probe_rows = _icl_query_pool(cfg, fmt, ctx) if s.scorer == "icl_attention" else []
-    demos: list[dict] = []
-    if fmt == "icl":
-        demos = pick_demos(read_rows(probe_path(cfg), what="data.probe_path"), d.icl_k, cfg.seed)
-    identity = _identity(cfg, corpus, fmt, heads, demos, probe_rows)
+    if s.scorer == "icl_attention":
+        _check_icl_contexts(cfg, fmt, model.context)
+    probe = _read_probe(cfg, fmt)
+    demos = pick_demos(probe, d.icl_k, cfg.seed) if fmt == "icl" else []
+    # The probe rows the scorer itself uses: icl_attention's query pool, or the rows of the probe gradient.
+    # They travel in the plan, so what is hashed into the fingerprint is exactly what gets used.
+    probe_rows = {"icl_attention": probe, "gradient_alignment": probe[: s.alignment_probe_rows]}.get(s.scorer, [])
+    identity = _identity(cfg, corpus, fmt, heads, demos, probe_rows, model.fingerprint)
     fingerprint = _hash(identity)
     manifest = {
         "fingerprint": fingerprint,
@@ -88,7 +90,7 @@ def plan_score(cfg: P2DConfig) -> ScorePlan:
         "gate_mode": s.gate_mode if heads is not None else None,
         "heads_fingerprint": identity["heads"],
         "config_fingerprint": fingerprint,
-        "model_fingerprint": identity["model_fingerprint"],
+        "model_fingerprint": model.fingerprint,
         "format": fmt,
         "icl_demo_ids": [r.get(d.id_column) for r in demos],
         "probe_gradient_fingerprint": identity["probe_gradient"],
@@ -100,10 +102,20 @@ def plan_score(cfg: P2DConfig) -> ScorePlan:
     )
 
 
-def _check_model(cfg: P2DConfig):
+@dataclass(frozen=True)
+class ModelFacts:
+    """What planning needs of the model, read once: its HF config, context length (tokens; None when the
+    config names none) and fingerprint (hashes the weights' first MiB)."""
+
+    hf_config: object
+    context: int | None
+    fingerprint: str
+
+
+def _check_model(cfg: P2DConfig) -> ModelFacts:
     """The model's weights are loadable safely and its family is supported; ``data.max_length`` fits its
-    context. Returns ``(hf_config, context length or None)``."""
-    from p2d_ray.models.loading import load_config_checked, weights_problems
+    context."""
+    from p2d_ray.models.loading import load_config_checked, model_fingerprint, weights_problems
 
     problems = weights_problems(cfg.model)  # e.g. pickle-only weights: refused here, not inside an actor
     if problems:
@@ -112,18 +124,17 @@ def _check_model(cfg: P2DConfig):
     ctx = _context_length(hf_config)
     if ctx is not None and cfg.data.max_length > ctx:
         raise ValueError(f"data.max_length={cfg.data.max_length} exceeds the model's context length ({ctx})")
-    return hf_config, ctx
+    return ModelFacts(hf_config, ctx, model_fingerprint(cfg.model))
 
 
-def _check_heads(cfg: P2DConfig, hf_config) -> HeadSet:
+def _check_heads(cfg: P2DConfig, model: ModelFacts) -> HeadSet:
     """``<run_dir>/heads.json``, checked to fit this model (shape and fingerprint) and to be non-empty."""
     from p2d_ray.models.geometry import geometry_from_config
-    from p2d_ray.models.loading import model_fingerprint
 
     path = RunDir(cfg.run_dir).heads_json
     heads = HeadSet.load(path)
-    heads.check_fits(geometry_from_config(hf_config))
-    heads.check_model(model_fingerprint(cfg.model), cfg.model.name_or_path)
+    heads.check_fits(geometry_from_config(model.hf_config))
+    heads.check_model(model.fingerprint, cfg.model.name_or_path)
     if len(heads) == 0:
         raise ValueError(f"{path} lists no heads; scorer {cfg.score.scorer!r} needs some")
     return heads
@@ -150,11 +161,8 @@ def _corpus_layout(cfg: P2DConfig):
     return corpus, shards, canonical_id_type(schema.field(d.id_column).type), fmt, text_columns
 
 
-def _icl_query_pool(cfg: P2DConfig, fmt: str, ctx: int | None) -> list[dict]:
-    """icl_attention: its contexts fit the model, and the probe rows it draws queries from."""
-    from p2d_ray.data.io import read_rows
-    from p2d_ray.data.paths import probe_path
-
+def _check_icl_contexts(cfg: P2DConfig, fmt: str, ctx: int | None) -> None:
+    """icl_attention: its own contexts are the prompt format, and they fit the model."""
     s, d = cfg.score, cfg.data
     if fmt == "icl":
         raise ValueError(
@@ -167,20 +175,30 @@ def _icl_query_pool(cfg: P2DConfig, fmt: str, ctx: int | None) -> list[dict]:
             f"score.icl_demos + score.icl_queries = {s.icl_demos + s.icl_queries} rows of up to "
             f"data.max_length={d.max_length} tokens ({need}) exceed the model's context length ({ctx})"
         )
-    return read_rows(probe_path(cfg))
 
 
-def _identity(cfg: P2DConfig, corpus: str, fmt: str, heads, demos: list[dict], probe_rows: list[dict]) -> dict:
+def _read_probe(cfg: P2DConfig, fmt: str) -> list[dict]:
+    """The probe set, read once when anything of the run uses it (ICL demonstrations, icl_attention's
+    queries, the probe gradient); else ``[]``."""
+    from p2d_ray.data.io import read_rows
+    from p2d_ray.data.paths import probe_path
+
+    if fmt != "icl" and cfg.score.scorer not in ("icl_attention", "gradient_alignment"):
+        return []
+    return read_rows(probe_path(cfg), what="data.probe_path")
+
+
+def _identity(
+    cfg: P2DConfig, corpus: str, fmt: str, heads, demos: list[dict], probe_rows: list[dict], model_fp: str
+) -> dict:
     """What the scores depend on (hashed into the run's fingerprint; a resume must match it). Not: where the
     corpus lives (its shards are compared separately), resource knobs, and settings the chosen format /
     scorer ignores (changing them must not block a resume)."""
     from p2d_ray.data.ingest import ingested
-    from p2d_ray.data.io import read_rows, rows_hash
-    from p2d_ray.data.paths import corpus_path, probe_path
-    from p2d_ray.models.loading import model_fingerprint
+    from p2d_ray.data.io import rows_hash
+    from p2d_ray.data.paths import corpus_path
 
     s = cfg.score
-    fingerprint = model_fingerprint(cfg.model)  # reads the weights' first MiB: once
     data = cfg.data.model_dump(
         mode="json",
         exclude={"corpus_path", "corpus_config", "corpus_split", "probe_path"}
@@ -198,11 +216,10 @@ def _identity(cfg: P2DConfig, corpus: str, fmt: str, heads, demos: list[dict], p
     if s.scorer == "gradient_alignment":
         from p2d_ray.scoring.gradient import gradient_fingerprint
 
-        probe_hash = rows_hash(read_rows(probe_path(cfg), limit=s.alignment_probe_rows))
-        grad_fp = gradient_fingerprint(fingerprint, heads, probe_hash, data)
+        grad_fp = gradient_fingerprint(model_fp, heads, rows_hash(probe_rows), data)
     identity = {
         "model": cfg.model.model_dump(mode="json", exclude={"device"}),
-        "model_fingerprint": fingerprint,
+        "model_fingerprint": model_fp,
         "data": data,
         "format": fmt,
         "score": score,
@@ -213,7 +230,7 @@ def _identity(cfg: P2DConfig, corpus: str, fmt: str, heads, demos: list[dict], p
     ingest = ingested(cfg.run_dir) if corpus != corpus_path(cfg) else None
     if ingest is not None:  # a changed JSONL / datasets source is re-ingested under the same file names
         identity["corpus_source"] = ingest["fingerprint"]
-    if probe_rows:  # only for icl_attention, so the other scorers' fingerprints stay as they were
+    if s.scorer == "icl_attention":  # only here, so the other scorers' fingerprints stay as they were
         identity["icl_probe"] = rows_hash(probe_rows)
     return identity
 
