@@ -3,6 +3,10 @@ on a planted two-target mixture with the random-heads control. In one process, n
 
     python benchmarks/gradient_alignment.py cost    --model smollm2-135m --rows 64
     python benchmarks/gradient_alignment.py quality --model smollm2-135m --rows 160
+    python benchmarks/gradient_alignment.py recompute --rows 48 --repeats 3
+
+``recompute``: the exact scorer as shipped vs with its single LM-head loss chunk checkpointed (recomputed in
+backward, as before Session 8), interleaved in one process, at l_min = 0 and 15.
 
 The planted mixture is built here (not the demo generator): two target tasks (arithmetic word sums, list
 reversal), corrupted rows of each (wrong answers), and distractor rows (facts, echo answers, chat).
@@ -196,9 +200,48 @@ def cost(args):
                       "forwards_per_row_cpu": {k: round(v / ppl_cpu, 2) for k, v in cpu.items()}}, indent=1))
 
 
+def recompute(args):
+    import inspect
+    import textwrap
+
+    import p2d_ray.models.loss as loss_module
+    import p2d_ray.scoring.gradient as gradient_module
+
+    # The previous loss_from_hidden: every chunk checkpointed, even a single one.
+    src = textwrap.dedent(inspect.getsource(loss_module.loss_from_hidden))
+    src = src.replace(" and h.shape[0] > chunk_tokens", "").replace("def loss_from_hidden", "def always_checkpointed")
+    ns = dict(vars(loss_module))
+    exec(src, ns)
+    variants = {"checkpointed": ns["always_checkpointed"], "shipped": loss_module.loss_from_hidden}
+    tok, model, rows, bl, cfg = setup(args)
+    prows = probe("arith", args.probe_rows)
+    task = localize_heads(model, prows, tok, cfg)
+    for min_layer in (0, 15):
+        scores = torch.tensor(task.meta["scores"])
+        scores[:min_layer] = -float("inf")
+        heads = HeadSet(tuple(top_heads(scores, len(task))), task.geometry)
+        pg = probe_gradient(model, heads, [b for _, b in batches(prows, tok, 8)], {"fingerprint": "bench"})
+        exact = build_scorer("gradient_alignment", model, heads, probe_gradient=pg)
+        cpu = {"perplexity": float("inf"), **{k: float("inf") for k in variants}}
+        try:
+            for _ in range(args.repeats):  # interleaved, CPU seconds, best of repeats
+                for k in cpu:
+                    gradient_module.loss_from_hidden = variants.get(k, variants["shipped"])
+                    c = time.process_time()
+                    with torch.inference_mode(k == "perplexity"):
+                        for _, b in bl:
+                            perplexity_score(model, b) if k == "perplexity" else exact(b)
+                    cpu[k] = min(cpu[k], time.process_time() - c)
+        finally:
+            gradient_module.loss_from_hidden = variants["shipped"]
+        print(json.dumps({"l_min": pg.first_layer, "cpu_seconds": {k: round(v, 2) for k, v in cpu.items()},
+                          "forwards_per_row": {k: round(v / cpu["perplexity"], 2) for k, v in cpu.items()},
+                          "shipped_over_checkpointed": round(cpu["shipped"] / cpu["checkpointed"], 3)}), flush=True)
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["cost", "quality"])
+    p.add_argument("what", choices=["cost", "quality", "recompute"])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--rows", type=int, default=160)
     p.add_argument("--probe-rows", type=int, default=32)
@@ -212,4 +255,4 @@ if __name__ == "__main__":
     p.add_argument("--tasks", nargs="+", default=["arith", "reverse"], choices=["arith", "reverse"])
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    quality(a) if a.what == "quality" else cost(a)
+    {"cost": cost, "quality": quality, "recompute": recompute}[a.what](a)

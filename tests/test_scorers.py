@@ -81,8 +81,10 @@ def test_chunked_loss_equals_full_logits_reference(tmp_path, family, overrides):
     assert ((per_tok != 0) == batch["loss_mask"].bool()).all()
 
 
-def test_chunked_loss_gradients_match_full_logits(llama):
-    """With grad on, each chunk is checkpointed: the gradients must still be the full-logit ones."""
+@pytest.mark.parametrize("chunk_tokens", [5, 1024])
+def test_chunked_loss_gradients_match_full_logits(llama, chunk_tokens):
+    """With grad on and several chunks, each chunk is checkpointed (5); one chunk is not (1024): either way the
+    gradients must be the full-logit ones."""
     model, tok = llama
     batch = _batch(tok)
     model.zero_grad()
@@ -91,7 +93,7 @@ def test_chunked_loss_gradients_match_full_logits(llama):
     ref = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     sample_loss(
-        model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], 5
+        model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], chunk_tokens
     ).mean.sum().backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref[n], rtol=1e-4, atol=1e-6, msg=n)

@@ -123,7 +123,10 @@ def loss_from_hidden(
     targets = input_ids[:, 1:][sel]  # [N]
     head = lm_head(model)
     softcap = getattr(_unwrap(model).config, "final_logit_softcapping", None)
-    use_ckpt = torch.is_grad_enabled() and h.requires_grad
+    # Checkpointing bounds memory when there are several chunks; with one chunk its logits exist at the same
+    # peak either way, and recomputing them in backward would only cost another LM-head forward (~0.13 of a
+    # SmolLM2 forward per row in the exact gradient scorer, BENCHMARKS.md).
+    use_ckpt = torch.is_grad_enabled() and h.requires_grad and h.shape[0] > chunk_tokens
     parts = []
     for start in range(0, h.shape[0], chunk_tokens):
         hc, tc = h[start : start + chunk_tokens], targets[start : start + chunk_tokens]

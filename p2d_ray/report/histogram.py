@@ -64,13 +64,7 @@ def save_selection_histogram(
     matplotlib.use("Agg")  # headless
     import matplotlib.pyplot as plt
 
-    scores = _dataset(scores_path).head(MAX_ROWS, columns=[id_column, value_column])
-    ids = scores.column(id_column).combine_chunks()
-    values = scores.column(value_column).to_numpy(zero_copy_only=False).astype(float)
-    subset = _dataset(subset_path) if Path(subset_path).is_dir() else None
-    chosen = subset.to_table(columns=[id_column]).column(id_column) if subset is not None else pa.array([])
-    selected = pc.is_in(ids, value_set=chosen.combine_chunks() if len(chosen) else pa.array([], ids.type))
-    selected = selected.to_numpy(zero_copy_only=False)
+    ids, values, selected = _scored(scores_path, subset_path, id_column, value_column)
     column, groups = _groups(corpus_path, id_column, ids) if corpus_path else (None, None)
 
     finite = np.isfinite(values)
@@ -83,36 +77,7 @@ def save_selection_histogram(
             ax.hist(values[finite & selected], bins=edges, alpha=0.9, label=f"selected ({selected.sum():,})")
             title = "score histogram"
         else:
-            names = np.asarray(groups.to_pylist(), dtype=object)
-            kinds, counts = np.unique(names, return_counts=True)
-            order = [k for _, k in sorted(zip(-counts, kinds, strict=True))]
-            if column == LABEL:  # on-task first, in a colour that stands out
-                order = sorted(order, key=lambda k: (k != "on-task", k))
-            if len(order) > MAX_GROUPS:
-                keep = set(order[: MAX_GROUPS - 1])
-                names = np.where(np.isin(names, list(keep)), names, "other")
-                order = order[: MAX_GROUPS - 1] + ["other"]
-            colours = {k: f"C{i}" for i, k in enumerate(order)}
-            data = [values[finite & (names == k)] for k in order]
-            ax.hist(
-                data,
-                bins=edges,
-                stacked=True,
-                alpha=0.35,
-                color=[colours[k] for k in order],
-                label=[f"{k}: {len(d):,} scored" for k, d in zip(order, data, strict=True)],
-            )
-            for k in order:
-                sel = values[finite & selected & (names == k)]
-                if len(sel):
-                    ax.hist(
-                        sel,
-                        bins=edges,
-                        histtype="step",
-                        linewidth=1.8,
-                        color=colours[k],
-                        label=f"{k}: {len(sel):,} selected",
-                    )
+            _stacked_by_group(ax, values, finite, selected, np.asarray(groups.to_pylist(), dtype=object), column, edges)
             title = f"score histogram by {column} (filled: all scored, outline: selected)"
         ax.set_xlabel(value_column)
         ax.set_ylabel("rows")
@@ -127,3 +92,41 @@ def save_selection_histogram(
     finally:
         plt.close(fig)
     return path
+
+
+def _scored(scores_path: str, subset_path: str, id_column: str, value_column: str):
+    """``(ids [N], values [N] float, selected [N] bool)`` of the first ``MAX_ROWS`` score rows."""
+    scores = _dataset(scores_path).head(MAX_ROWS, columns=[id_column, value_column])
+    ids = scores.column(id_column).combine_chunks()
+    values = scores.column(value_column).to_numpy(zero_copy_only=False).astype(float)
+    subset = _dataset(subset_path) if Path(subset_path).is_dir() else None
+    chosen = subset.to_table(columns=[id_column]).column(id_column) if subset is not None else pa.array([])
+    selected = pc.is_in(ids, value_set=chosen.combine_chunks() if len(chosen) else pa.array([], ids.type))
+    return ids, values, selected.to_numpy(zero_copy_only=False)
+
+
+def _stacked_by_group(ax, values, finite, selected, names, column: str, edges) -> None:
+    """Filled stacked bars of every group's scored rows, each group's selected rows as an outline on top.
+    ``values``, ``finite``, ``selected``, ``names``: ``[N]``; the largest groups first (at most MAX_GROUPS)."""
+    kinds, counts = np.unique(names, return_counts=True)
+    order = [k for _, k in sorted(zip(-counts, kinds, strict=True))]
+    if column == LABEL:  # on-task first, in a colour that stands out
+        order = sorted(order, key=lambda k: (k != "on-task", k))
+    if len(order) > MAX_GROUPS:
+        keep = set(order[: MAX_GROUPS - 1])
+        names = np.where(np.isin(names, list(keep)), names, "other")
+        order = order[: MAX_GROUPS - 1] + ["other"]
+    colours = {k: f"C{i}" for i, k in enumerate(order)}
+    data = [values[finite & (names == k)] for k in order]
+    ax.hist(
+        data,
+        bins=edges,
+        stacked=True,
+        alpha=0.35,
+        color=[colours[k] for k in order],
+        label=[f"{k}: {len(d):,} scored" for k, d in zip(order, data, strict=True)],
+    )
+    for k in order:
+        sel = values[finite & selected & (names == k)]
+        if len(sel):
+            ax.hist(sel, bins=edges, histtype="step", linewidth=1.8, color=colours[k], label=f"{k}: {len(sel):,} selected")

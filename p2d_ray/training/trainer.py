@@ -246,6 +246,15 @@ def run_train(cfg: P2DConfig, data_path: str | None = None) -> dict:
     return summary
 
 
+def _timing_rows(cfg: P2DConfig, path: str, n: int) -> tuple[list[dict], str]:
+    """The first ``n`` rows of the Parquet data at ``path`` and their prompt format."""
+    dataset = pads.dataset(path, format="parquet")
+    rows = dataset.head(n).to_pylist()
+    if not rows:
+        raise ValueError(f"time_train_steps: no rows in {path}")
+    return rows, task_format(cfg.data, dataset.schema.names)
+
+
 def time_train_steps(cfg: P2DConfig, adaptation: str, n_steps: int, data_path: str | None = None) -> dict:
     """Seconds per optimizer step of ``adaptation`` ("heads" | "lora" | "full"), timed in this process.
 
@@ -273,13 +282,8 @@ def time_train_steps(cfg: P2DConfig, adaptation: str, n_steps: int, data_path: s
     if n_steps < 1:
         raise ValueError(f"n_steps must be >= 1, got {n_steps}")
     t = cfg.train.model_copy(update={"adaptation": adaptation})
-    path = data_path or corpus_path(cfg)
     per_step = t.batch_size * t.grad_accum
-    dataset = pads.dataset(path, format="parquet")
-    rows = dataset.head((n_steps + 1) * per_step).to_pylist()
-    if not rows:
-        raise ValueError(f"time_train_steps: no rows in {path}")
-    fmt = task_format(cfg.data, dataset.schema.names)
+    rows, fmt = _timing_rows(cfg, data_path or corpus_path(cfg), (n_steps + 1) * per_step)
     heads = HeadSet.load(RunDir(cfg.run_dir).heads_json) if adaptation == "heads" else None
 
     prev_threads = torch.get_num_threads()
