@@ -183,9 +183,12 @@ def _read_probe(cfg: P2DConfig, fmt: str) -> list[dict]:
     from p2d_ray.data.io import read_rows
     from p2d_ray.data.paths import probe_path
 
-    if fmt != "icl" and cfg.score.scorer not in ("icl_attention", "gradient_alignment"):
+    s = cfg.score
+    if fmt != "icl" and s.scorer not in ("icl_attention", "gradient_alignment"):
         return []
-    return read_rows(probe_path(cfg), what="data.probe_path")
+    # The probe gradient alone needs only its first rows (a Parquet probe is read only that far).
+    limit = s.alignment_probe_rows if fmt != "icl" and s.scorer == "gradient_alignment" else None
+    return read_rows(probe_path(cfg), limit=limit, what="data.probe_path")
 
 
 def _identity(
