@@ -149,14 +149,19 @@ def quality(args):
     print(json.dumps({"base_rate": base, "results": results}, indent=1))
 
 
+def at_or_above(task: HeadSet, min_layer: int) -> HeadSet:
+    """The same number of heads as ``task``, the best-scoring ones at or above ``min_layer``."""
+    if not min_layer:
+        return task
+    scores = torch.tensor(task.meta["scores"])
+    scores[:min_layer] = -float("inf")
+    return HeadSet(tuple(top_heads(scores, len(task))), task.geometry)
+
+
 def cost(args):
     tok, model, rows, bl, cfg = setup(args)
     prows = probe("arith", args.probe_rows)
-    heads = localize_heads(model, prows, tok, cfg)
-    if args.min_layer:  # the same number of heads, the best-scoring ones at or above --min-layer
-        scores = torch.tensor(heads.meta["scores"])
-        scores[: args.min_layer] = -float("inf")
-        heads = HeadSet(tuple(top_heads(scores, len(heads))), heads.geometry)
+    heads = at_or_above(localize_heads(model, prows, tok, cfg), args.min_layer)
     pg = probe_gradient(model, heads, [b for _, b in batches(prows, tok, 8)], {"fingerprint": "bench"})
     shift = HeadShift(model, pg)
     L, lmin = heads.geometry.n_layers, pg.first_layer
@@ -209,7 +214,10 @@ def recompute(args):
 
     # The previous loss_from_hidden: every chunk checkpointed, even a single one.
     src = textwrap.dedent(inspect.getsource(loss_module.loss_from_hidden))
-    src = src.replace(" and h.shape[0] > chunk_tokens", "").replace("def loss_from_hidden", "def always_checkpointed")
+    condition = " and h.shape[0] > chunk_tokens"
+    if condition not in src:  # the shipped rule changed: this comparison no longer means what it says
+        raise SystemExit(f"loss_from_hidden no longer has {condition.strip()!r}; update this benchmark")
+    src = src.replace(condition, "").replace("def loss_from_hidden", "def always_checkpointed")
     ns = dict(vars(loss_module))
     exec(src, ns)
     variants = {"checkpointed": ns["always_checkpointed"], "shipped": loss_module.loss_from_hidden}
@@ -217,9 +225,7 @@ def recompute(args):
     prows = probe("arith", args.probe_rows)
     task = localize_heads(model, prows, tok, cfg)
     for min_layer in (0, 15):
-        scores = torch.tensor(task.meta["scores"])
-        scores[:min_layer] = -float("inf")
-        heads = HeadSet(tuple(top_heads(scores, len(task))), task.geometry)
+        heads = at_or_above(task, min_layer)
         pg = probe_gradient(model, heads, [b for _, b in batches(prows, tok, 8)], {"fingerprint": "bench"})
         exact = build_scorer("gradient_alignment", model, heads, probe_gradient=pg)
         cpu = {"perplexity": float("inf"), **{k: float("inf") for k in variants}}
