@@ -47,10 +47,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
+    from p2d_ray.assets.paths import probe_path
     from p2d_ray.config import build_config
     from p2d_ray.data.formatting import encode_probe, probe_batches
     from p2d_ray.data.io import read_rows
-    from p2d_ray.data.paths import probe_path
     from p2d_ray.heads.localize import head_importance, n_selected, top_heads
     from p2d_ray.models.geometry import attention_geometry
     from p2d_ray.models.loading import load_model, load_tokenizer

@@ -61,7 +61,7 @@ def _data(target: str, seed: int, work: Path, data_dirs: dict | None = None) -> 
 
 
 def _precision(cfg) -> dict:
-    from p2d_ray.data.paths import corpus_path
+    from p2d_ray.assets.paths import corpus_path
     from p2d_ray.report.precision import selection_precision
     from p2d_ray.rundir import RunDir
 
@@ -77,7 +77,7 @@ def _alternative_precision(cfg) -> float | None:
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
-    from p2d_ray.data.paths import corpus_path
+    from p2d_ray.assets.paths import corpus_path
     from p2d_ray.report.precision import LABEL, label_rate, lowest_ids
     from p2d_ray.rundir import RunDir
 

@@ -41,7 +41,7 @@ def _config(run_dir: str, model: str, corpus: str, batch_size: int):
 
 def _setup(workdir: Path, model_choice: str, n_rows: int) -> tuple[str, str, str]:
     """(model path, run dir with heads.json + subset/, corpus file)."""
-    from p2d_ray.data.paths import corpus_path
+    from p2d_ray.assets.paths import corpus_path
     from p2d_ray.heads.headset import HeadSet
     from p2d_ray.models.geometry import geometry_from_config
     from p2d_ray.models.loading import load_config_checked

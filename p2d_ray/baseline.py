@@ -96,11 +96,11 @@ def _baseline_key(cfg: P2DConfig, n_full_rows: int, n_steps: int, mode: str) -> 
 def baseline_config(cfg: P2DConfig, n_steps: int, n_full_rows: int) -> P2DConfig:
     """The full fine-tuning baseline: same model, data and trainer, all weights, ``n_steps`` optimizer steps
     over the whole corpus (the subset run's epochs), in ``<run_dir>/full_baseline``."""
-    from p2d_ray.data.ingest import corpus_parquet as corpus_path  # any corpus a user has, as Parquet
+    from p2d_ray.assets.paths import corpus_parquet
 
     data = cfg.model_dump(mode="json")
     data["run_dir"] = str(Path(cfg.run_dir) / BASELINE_DIR)
-    data["data"]["corpus_path"] = corpus_path(cfg)
+    data["data"]["corpus_path"] = corpus_parquet(cfg)
     data["report"]["full_baseline"] = False
     per_epoch = math.ceil(n_full_rows / global_batch(cfg.train))
     data["train"].update(

@@ -260,7 +260,7 @@ def full_finetune_seconds(cfg: P2DConfig, root: Path, cells: list[dict]) -> dict
 
 def _precision(cfg: P2DConfig, sel_dir: Path) -> float | None:
     """The hidden label's rate in the selection (None for an unlabelled corpus): read by report/ only."""
-    from p2d_ray.data.paths import corpus_path
+    from p2d_ray.assets.paths import corpus_path
     from p2d_ray.report.precision import selection_precision
 
     run = RunDir(sel_dir)

@@ -165,7 +165,7 @@ def run_control(cfg: P2DConfig) -> dict | None:
     without the hidden label). The random heads are drawn from the main run's task heads (same count per
     layer, ``HeadSet.random_like`` seeded by the run seed, as ``localize.control=random_heads`` does), so the
     control does not pay for a second localisation."""
-    from p2d_ray.data.paths import corpus_path
+    from p2d_ray.assets.paths import corpus_path
     from p2d_ray.heads.headset import HeadSet
     from p2d_ray.pipeline import run_pipeline
     from p2d_ray.report.precision import selection_precision

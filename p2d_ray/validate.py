@@ -151,9 +151,9 @@ def _decode(shards, columns: list[str]) -> tuple[list[str], int]:
 
 def _corpus_findings(cfg: P2DConfig, deep: bool) -> list[dict]:
     """The corpus exactly as ``score`` reads it: listing rule, ingest, every footer, (deep) every page."""
-    from p2d_ray.data import paths
+    from p2d_ray.assets import paths
     from p2d_ray.data.formatting import resolve_format
-    from p2d_ray.data.ingest import corpus_parquet, list_data_files
+    from p2d_ray.data.ingest import list_data_files
     from p2d_ray.scoring.plan import text_columns_for
     from p2d_ray.scoring.shards import plan_shards, read_footer
 
@@ -164,7 +164,7 @@ def _corpus_findings(cfg: P2DConfig, deep: bool) -> list[dict]:
         return _table_findings("corpus", path, _probe_remote([path])[path], cfg, True)
     try:
         source = list_data_files(path)
-        parquet = corpus_parquet(cfg)  # a JSONL / CSV / datasets corpus: ingested into run_dir once, here
+        parquet = paths.corpus_parquet(cfg)  # a JSONL / CSV / datasets corpus: ingested into run_dir once, here
         files = list_data_files(parquet).files
         names = read_footer(files[0]).schema.to_arrow_schema().names
         fmt = resolve_format(cfg.data, names)
@@ -229,7 +229,7 @@ def _small_table_findings(check: str, what: str, path: str, cfg: P2DConfig, need
 
 
 def _data_findings(cfg: P2DConfig, checks: set[str], deep: bool) -> list[dict]:
-    from p2d_ray.data import paths
+    from p2d_ray.assets import paths
 
     findings = []
     if "corpus" in checks:

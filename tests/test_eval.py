@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from conftest import TINY_LLAMA
 
 from p2d_ray.config import build_config
+from p2d_ray.data.answers import cut_at_stop, exact_match, is_answer_format, parse_answer
 from p2d_ray.data.formatting import collate, encode_row
-from p2d_ray.eval.answers import cut_at_stop, exact_match, is_answer_format, parse_answer
 from p2d_ray.eval.evaluate import (
     HeldoutEvaluator,
     eval_variants,

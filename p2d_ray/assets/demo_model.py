@@ -24,8 +24,8 @@ from p2d_ray.assets.cache import build_once, cache_root
 from p2d_ray.assets.synthetic import RECIPE_VERSION, generate_corpus, generate_heldout
 from p2d_ray.assets.tokenizer import build_tokenizer
 from p2d_ray.config import DataConfig
+from p2d_ray.data.answers import exact_match
 from p2d_ray.data.formatting import collate, encode_row
-from p2d_ray.eval.answers import exact_match
 
 PRETRAIN_SEED = 100  # corpus generator seed of the pre-training mixture (the demo corpus uses 0)
 PRETRAIN_ID_START = 50_000_000

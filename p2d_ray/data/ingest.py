@@ -361,21 +361,12 @@ def ingest(
     return record
 
 
-def corpus_parquet(cfg) -> str:
-    """The corpus as Parquet: the source itself when it is Parquet, else ``<run_dir>/corpus`` (ingested
-    once). Every stage that reads the corpus goes through here."""
-    from p2d_ray.data.paths import corpus_path
-
-    path = corpus_path(cfg)
+def as_parquet(path: str, run_dir: str, data) -> str:
+    """The corpus at ``path`` as Parquet: ``path`` itself when it is Parquet, else ``<run_dir>/corpus``
+    (ingested once; ``data``: the config's ``data`` section, for the id column and a hub dataset's config /
+    split)."""
     source = list_data_files(path)
     if source.kind == "parquet":
         return path
-    d = cfg.data
-    ingest(
-        source,
-        cfg.run_dir,
-        d.id_column,
-        d.corpus_config,
-        d.corpus_split,
-    )
-    return str(Path(cfg.run_dir, INGEST_DIR))
+    ingest(source, run_dir, data.id_column, data.corpus_config, data.corpus_split)
+    return str(Path(run_dir, INGEST_DIR))

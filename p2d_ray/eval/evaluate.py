@@ -25,9 +25,9 @@ import pyarrow.parquet as pq
 import torch
 
 from p2d_ray.config import P2DConfig
+from p2d_ray.data.answers import cut_at_stop, exact_match, is_answer_format
 from p2d_ray.data.formatting import Encoded, collate, encode_row, row_parts, task_format
 from p2d_ray.data.io import read_table
-from p2d_ray.eval.answers import cut_at_stop, exact_match, is_answer_format
 from p2d_ray.progress import stage_summary
 from p2d_ray.rundir import RunDir, stage_fingerprint
 
@@ -44,7 +44,7 @@ def read_heldout(cfg: P2DConfig) -> tuple[pa.Table, str, bool]:
         ValueError: missing id/text columns, an empty held-out set, duplicate ids, or a row that cannot be
             encoded (null / empty / non-string text, too long, nothing to score), named by id.
     """
-    from p2d_ray.data.paths import heldout_path
+    from p2d_ray.assets.paths import heldout_path
     from p2d_ray.models.loading import load_tokenizer
 
     path = heldout_path(cfg)

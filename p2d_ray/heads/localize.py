@@ -253,9 +253,8 @@ def localize_heads(
 # -- stage -----------------------------------------------------------------------------------------
 def run_localize(cfg: P2DConfig) -> dict:
     """``p2d-ray localize``: write ``<run_dir>/heads.json`` and ``heads.png``; returns a summary."""
-    from p2d_ray.data.ingest import corpus_parquet as corpus_path  # any corpus a user has, as Parquet
+    from p2d_ray.assets.paths import corpus_parquet, probe_path
     from p2d_ray.data.io import read_rows, read_table
-    from p2d_ray.data.paths import probe_path
     from p2d_ray.heads.heatmap import save_heatmap
     from p2d_ray.models.loading import load_model, load_tokenizer
     from p2d_ray.progress import stage_summary
@@ -277,7 +276,7 @@ def run_localize(cfg: P2DConfig) -> dict:
             rows = read_rows(path, limit=cfg.localize.max_probe_samples)
             reference = None
             if cfg.localize.contrast == "corpus":
-                reference = read_rows(corpus_path(cfg), limit=cfg.localize.contrast_samples)
+                reference = read_rows(corpus_parquet(cfg), limit=cfg.localize.contrast_samples)
             tokenizer = load_tokenizer(cfg.model)
             model = load_model(cfg.model)
             heads = localize_heads(model, rows, tokenizer, cfg, reference)

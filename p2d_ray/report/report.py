@@ -94,7 +94,7 @@ def run_report(cfg: P2DConfig) -> dict:
     Raises:
         ValueError: a stage the AER needs has not run in this run directory.
     """
-    from p2d_ray.data.ingest import corpus_parquet as corpus_path  # any corpus a user has, as Parquet
+    from p2d_ray.assets.paths import corpus_parquet
 
     run = RunDir(cfg.run_dir)
     timings = run.timings()
@@ -125,7 +125,7 @@ def run_report(cfg: P2DConfig) -> dict:
             "eval": evaluation,
             "full_baseline_eval": full.get("baseline_eval"),
             "selection_precision": selection_precision(
-                corpus_path(cfg), str(run.subset), str(run.scores), cfg.data.id_column
+                corpus_parquet(cfg), str(run.subset), str(run.scores), cfg.data.id_column
             ),
         }
         run.path("report.json").write_text(json.dumps(report, indent=1, default=str))

@@ -345,9 +345,9 @@ def prepare_probe_gradient(
 
     Driver cost: one model load and ``score.alignment_probe_rows`` rows of forward + backward.
     """
+    from p2d_ray.assets.paths import probe_path
     from p2d_ray.data.formatting import encode_probe, probe_batches
     from p2d_ray.data.io import rows_hash
-    from p2d_ray.data.paths import probe_path
     from p2d_ray.models.loading import load_model, load_tokenizer
     from p2d_ray.rundir import RunDir
     from p2d_ray.runtime import available_cpus

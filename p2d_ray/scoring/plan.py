@@ -143,8 +143,8 @@ def _check_heads(cfg: P2DConfig, model: ModelFacts) -> HeadSet:
 def _corpus_layout(cfg: P2DConfig):
     """The corpus as Parquet shards (footers only) and its prompt format.
     Returns ``(corpus path, shards, id type, format, text columns)``."""
+    from p2d_ray.assets.paths import corpus_parquet
     from p2d_ray.data.formatting import resolve_format
-    from p2d_ray.data.ingest import corpus_parquet
 
     d = cfg.data
     corpus = corpus_parquet(cfg)  # the source itself when Parquet, else its shards ingested into run_dir
@@ -180,8 +180,8 @@ def _check_icl_contexts(cfg: P2DConfig, fmt: str, ctx: int | None) -> None:
 def _read_probe(cfg: P2DConfig, fmt: str) -> list[dict]:
     """The probe set, read once when anything of the run uses it (ICL demonstrations, icl_attention's
     queries, the probe gradient); else ``[]``."""
+    from p2d_ray.assets.paths import probe_path
     from p2d_ray.data.io import read_rows
-    from p2d_ray.data.paths import probe_path
 
     s = cfg.score
     if fmt != "icl" and s.scorer not in ("icl_attention", "gradient_alignment"):
@@ -197,9 +197,9 @@ def _identity(
     """What the scores depend on (hashed into the run's fingerprint; a resume must match it). Not: where the
     corpus lives (its shards are compared separately), resource knobs, and settings the chosen format /
     scorer ignores (changing them must not block a resume)."""
+    from p2d_ray.assets.paths import corpus_path
     from p2d_ray.data.ingest import ingested
     from p2d_ray.data.io import rows_hash
-    from p2d_ray.data.paths import corpus_path
 
     s = cfg.score
     data = cfg.data.model_dump(

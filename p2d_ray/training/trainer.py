@@ -271,7 +271,7 @@ def time_train_steps(cfg: P2DConfig, adaptation: str, n_steps: int, data_path: s
     Raises:
         ValueError: unknown adaptation, n_steps < 1, or no trainable rows.
     """
-    from p2d_ray.data.ingest import corpus_parquet as corpus_path  # any corpus a user has, as Parquet
+    from p2d_ray.assets.paths import corpus_parquet
     from p2d_ray.models.loading import load_model, load_tokenizer
     from p2d_ray.models.loss import MaskedLM
     from p2d_ray.training.adaptation import ADAPTATIONS, prepare_model
@@ -283,7 +283,7 @@ def time_train_steps(cfg: P2DConfig, adaptation: str, n_steps: int, data_path: s
         raise ValueError(f"n_steps must be >= 1, got {n_steps}")
     t = cfg.train.model_copy(update={"adaptation": adaptation})
     per_step = t.batch_size * t.grad_accum
-    rows, fmt = _timing_rows(cfg, data_path or corpus_path(cfg), (n_steps + 1) * per_step)
+    rows, fmt = _timing_rows(cfg, data_path or corpus_parquet(cfg), (n_steps + 1) * per_step)
     heads = HeadSet.load(RunDir(cfg.run_dir).heads_json) if adaptation == "heads" else None
 
     prev_threads = torch.get_num_threads()
