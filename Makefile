@@ -35,6 +35,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check p2d_ray jobs tests benchmarks
+	$(VENV)/bin/ruff format --check p2d_ray jobs tests benchmarks
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)

@@ -39,7 +39,10 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         build = "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()"
         subprocess.run(
-            [sys.executable, "-c", build], env=dict(env, DS_ACCELERATOR="cpu"), check=True, capture_output=True
+            [sys.executable, "-c", build],
+            env=dict(env, DS_ACCELERATOR="cpu"),
+            check=True,
+            capture_output=True,
         )
         print(f"install step (DeepSpeed CPU comm op build): {time.perf_counter() - t0:.1f} s")
     load0 = os.getloadavg()

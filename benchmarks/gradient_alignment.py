@@ -33,10 +33,35 @@ from p2d_ray.scoring.gradient import DERIVATIVE_COL, HeadShift, probe_gradient
 from p2d_ray.scoring.scorers import alignment_score, build_scorer, influence_score, perplexity_score
 
 WORDS = [
-    "cat", "dog", "fish", "bird", "tree", "river", "stone", "cloud",
-    "apple", "lamp", "chair", "book", "road", "hill", "moon", "star",
+    "cat",
+    "dog",
+    "fish",
+    "bird",
+    "tree",
+    "river",
+    "stone",
+    "cloud",
+    "apple",
+    "lamp",
+    "chair",
+    "book",
+    "road",
+    "hill",
+    "moon",
+    "star",
 ]
-TOPICS = ["the ocean", "volcanoes", "bees", "the moon", "bread", "trains", "glaciers", "owls", "copper", "tea"]
+TOPICS = [
+    "the ocean",
+    "volcanoes",
+    "bees",
+    "the moon",
+    "bread",
+    "trains",
+    "glaciers",
+    "owls",
+    "copper",
+    "tea",
+]
 
 
 def _arith(rng, clean):
@@ -57,7 +82,10 @@ def _distractor(rng):
     kind = rng.randint(0, 2)
     t = rng.choice(TOPICS)
     if kind == 0:
-        return {"prompt": f"Tell me one fact about {t}.", "response": f"Here is a fact about {t}: it is studied by many."}
+        return {
+            "prompt": f"Tell me one fact about {t}.",
+            "response": f"Here is a fact about {t}: it is studied by many.",
+        }
     if kind == 1:
         q = f"Is {t} interesting?"
         return {"prompt": q, "response": q}  # an answer that repeats the question
@@ -67,7 +95,7 @@ def _distractor(rng):
 def mixture(n: int, seed: int = 0) -> list[dict]:
     """20 % clean arithmetic, 20 % clean reversal, 7.5 % corrupted of each, 45 % distractors."""
     rng = random.Random(seed)
-    kinds = (["arith"] * 8 + ["reverse"] * 8 + ["arith_bad"] * 3 + ["reverse_bad"] * 3 + ["other"] * 18)
+    kinds = ["arith"] * 8 + ["reverse"] * 8 + ["arith_bad"] * 3 + ["reverse_bad"] * 3 + ["other"] * 18
     rows = []
     for i in range(n):
         k = kinds[i % len(kinds)]
@@ -91,8 +119,10 @@ def batches(rows, tok, bs=16, max_length=128):
     cfg = DataConfig(max_length=max_length)
     enc = [encode_row(r, tok, cfg, "prompt_response") for r in rows]
     order = sorted(range(len(enc)), key=lambda i: len(enc[i].input_ids))
-    return [(order[s : s + bs], collate([enc[i] for i in order[s : s + bs]], tok.pad_token_id))
-            for s in range(0, len(order), bs)]
+    return [
+        (order[s : s + bs], collate([enc[i] for i in order[s : s + bs]], tok.pad_token_id))
+        for s in range(0, len(order), bs)
+    ]
 
 
 def score_all(fn, bl, n):
@@ -101,8 +131,11 @@ def score_all(fn, bl, n):
     for idx, b in bl:
         o = fn(b)
         for j, i in enumerate(idx):
-            out[i] = {"score": float(o.score[j]), "loss": float(o.loss_full[j]),
-                      **({"deriv": float(o.extra[DERIVATIVE_COL][j])} if o.extra else {})}
+            out[i] = {
+                "score": float(o.score[j]),
+                "loss": float(o.loss_full[j]),
+                **({"deriv": float(o.extra[DERIVATIVE_COL][j])} if o.extra else {}),
+            }
     return [out[i] for i in range(n)]
 
 
@@ -117,7 +150,13 @@ def setup(args):
     cfg_model = ModelConfig(name_or_path=args.model)
     tok, model = load_tokenizer(cfg_model), load_model(cfg_model)
     rows = mixture(args.rows)
-    return tok, model, rows, batches(rows, tok), build_config({"model": {"name_or_path": args.model}, "seed": 0})
+    return (
+        tok,
+        model,
+        rows,
+        batches(rows, tok),
+        build_config({"model": {"name_or_path": args.model}, "seed": 0}),
+    )
 
 
 def quality(args):
@@ -129,9 +168,18 @@ def quality(args):
         task_heads = localize_heads(model, prows, tok, cfg)
         head_sets = {"task": task_heads} | {f"random_s{s}": task_heads.random_like(s) for s in args.seeds}
         for name, heads in head_sets.items():
-            pg = probe_gradient(model, heads, [b for _, b in batches(prows, tok, 8)], {"fingerprint": "bench"})
-            fn = build_scorer("gradient_alignment", model, heads, probe_gradient=pg, alignment_eps=args.eps,
-                              alignment_method=args.method, alignment_normalize=args.normalize)
+            pg = probe_gradient(
+                model, heads, [b for _, b in batches(prows, tok, 8)], {"fingerprint": "bench"}
+            )
+            fn = build_scorer(
+                "gradient_alignment",
+                model,
+                heads,
+                probe_gradient=pg,
+                alignment_eps=args.eps,
+                alignment_method=args.method,
+                alignment_normalize=args.normalize,
+            )
             t1 = time.perf_counter()
             s = score_all(fn, bl, len(rows))
             r = {
@@ -178,9 +226,15 @@ def cost(args):
         "perplexity": lambda b: perplexity_score(model, b),
         "influence_shared": lambda b: influence_score(model, b, heads, "zero"),
         "influence_unshared": influence_unshared,
-        "alignment_central_shared": lambda b: alignment_score(model, b, shift, lmin, args.eps, "central", 1024, "loss"),
-        "alignment_central_unshared": lambda b: alignment_score(model, b, shift, 0, args.eps, "central", 1024, "loss"),
-        "alignment_forward_shared": lambda b: alignment_score(model, b, shift, lmin, args.eps, "forward", 1024, "loss"),
+        "alignment_central_shared": lambda b: alignment_score(
+            model, b, shift, lmin, args.eps, "central", 1024, "loss"
+        ),
+        "alignment_central_unshared": lambda b: alignment_score(
+            model, b, shift, 0, args.eps, "central", 1024, "loss"
+        ),
+        "alignment_forward_shared": lambda b: alignment_score(
+            model, b, shift, lmin, args.eps, "forward", 1024, "loss"
+        ),
     }
     exact = build_scorer("gradient_alignment", model, heads, probe_gradient=pg)  # exact + cosine (autograd)
     best = {k: float("inf") for k in fns}
@@ -196,13 +250,24 @@ def cost(args):
             best[k] = min(best[k], time.perf_counter() - t)
             cpu[k] = min(cpu[k], time.process_time() - c)
     ppl, ppl_cpu = best["perplexity"], cpu["perplexity"]
-    print(json.dumps({"rows": len(rows), "L": L, "l_min": lmin, "heads": len(heads),
-                      "bound_central": 1 + 2 * (L - lmin) / L, "bound_forward": 1 + (L - lmin) / L,
-                      "bound_exact": 1 + (L - lmin) / L,
-                      "seconds": {k: round(v, 2) for k, v in best.items()},
-                      "cpu_seconds": {k: round(v, 2) for k, v in cpu.items()},
-                      "forwards_per_row_wall": {k: round(v / ppl, 2) for k, v in best.items()},
-                      "forwards_per_row_cpu": {k: round(v / ppl_cpu, 2) for k, v in cpu.items()}}, indent=1))
+    print(
+        json.dumps(
+            {
+                "rows": len(rows),
+                "L": L,
+                "l_min": lmin,
+                "heads": len(heads),
+                "bound_central": 1 + 2 * (L - lmin) / L,
+                "bound_forward": 1 + (L - lmin) / L,
+                "bound_exact": 1 + (L - lmin) / L,
+                "seconds": {k: round(v, 2) for k, v in best.items()},
+                "cpu_seconds": {k: round(v, 2) for k, v in cpu.items()},
+                "forwards_per_row_wall": {k: round(v / ppl, 2) for k, v in best.items()},
+                "forwards_per_row_cpu": {k: round(v / ppl_cpu, 2) for k, v in cpu.items()},
+            },
+            indent=1,
+        )
+    )
 
 
 def recompute(args):
@@ -240,9 +305,17 @@ def recompute(args):
                     cpu[k] = min(cpu[k], time.process_time() - c)
         finally:
             gradient_module.loss_from_hidden = variants["shipped"]
-        print(json.dumps({"l_min": pg.first_layer, "cpu_seconds": {k: round(v, 2) for k, v in cpu.items()},
-                          "forwards_per_row": {k: round(v / cpu["perplexity"], 2) for k, v in cpu.items()},
-                          "shipped_over_checkpointed": round(cpu["shipped"] / cpu["checkpointed"], 3)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "l_min": pg.first_layer,
+                    "cpu_seconds": {k: round(v, 2) for k, v in cpu.items()},
+                    "forwards_per_row": {k: round(v / cpu["perplexity"], 2) for k, v in cpu.items()},
+                    "shipped_over_checkpointed": round(cpu["shipped"] / cpu["checkpointed"], 3),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -80,9 +80,7 @@ def main() -> None:
     sc = scorers["icl"]
     from p2d_ray.scoring.icl import plan_contexts
 
-    ctx_tokens = sum(
-        len(sc._assemble(c, segs)[0]) for c in plan_contexts(groups, 8, 2, 1, 0, len(sc.probe))
-    )
+    ctx_tokens = sum(len(sc._assemble(c, segs)[0]) for c in plan_contexts(groups, 8, 2, 1, 0, len(sc.probe)))
     print(
         json.dumps(
             {

@@ -87,8 +87,12 @@ def _alternative_precision(cfg) -> float | None:
     if cfg.score.alignment_method == "exact":
         alt = pc.divide(scores.column("directional_derivative"), loss)
     elif cfg.score.alignment_method == "central":
-        alt = pc.divide(pc.divide(pc.subtract(scores.column("loss_plus"), scores.column("loss_full")),
-                                  cfg.score.alignment_eps), loss)
+        alt = pc.divide(
+            pc.divide(
+                pc.subtract(scores.column("loss_plus"), scores.column("loss_full")), cfg.score.alignment_eps
+            ),
+            loss,
+        )
     else:
         return None
     k = json.loads(run.path("selection.json").read_text())["n_selected"]
@@ -127,15 +131,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--targets", nargs="+", default=["arithmetic", "units"])
     ap.add_argument("--scorers", nargs="+", default=[*HEAD_SCORERS, *PLAIN_SCORERS])
-    ap.add_argument("--control-seeds", nargs="*", type=int, default=[0, 1, 2], help="none: no random-heads control")
-    ap.add_argument("--control-seeds-other", type=int, default=1, help="control seeds for non-default scorers")
+    ap.add_argument(
+        "--control-seeds", nargs="*", type=int, default=[0, 1, 2], help="none: no random-heads control"
+    )
+    ap.add_argument(
+        "--control-seeds-other", type=int, default=1, help="control seeds for non-default scorers"
+    )
     ap.add_argument("--work", default="runs/selection_quality")
     ap.add_argument("--out", default="benchmarks/results/selection_quality")
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--corpus-seeds", nargs="+", type=int, default=[0], help="draws of the mixture (0: the demo's)")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every run")
     ap.add_argument(
-        "--data", nargs="*", default=[], metavar="DIR",
+        "--corpus-seeds", nargs="+", type=int, default=[0], help="draws of the mixture (0: the demo's)"
+    )
+    ap.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every run"
+    )
+    ap.add_argument(
+        "--data",
+        nargs="*",
+        default=[],
+        metavar="DIR",
         help="labelled data dirs (corpus/ + probe.parquet, e.g. benchmarks.unseen_mixture) instead of --targets",
     )
     args = ap.parse_args()
@@ -156,7 +171,9 @@ def main() -> None:
     results: list[dict] = []
     for target, cseed in [(t, c) for c in args.corpus_seeds for t in args.targets]:
         base = {k: v for k, v in DEMO_KNOBS.items() if k != "run_dir"}
-        base = _merge(base, {"model": {"name_or_path": args.model}, "data": _data(target, cseed, work, data_dirs)})
+        base = _merge(
+            base, {"model": {"name_or_path": args.model}, "data": _data(target, cseed, work, data_dirs)}
+        )
         base = _merge(base, parse_overrides(args.set))
         here = work / target if cseed == 0 else work / target / f"s{cseed}"
         loc = _cfg(base, here / "localize")
@@ -167,7 +184,11 @@ def main() -> None:
         for scorer in args.scorers:
             head_sets = [("task", task_heads)] if scorer in HEAD_SCORERS else [("none", task_heads)]
             if scorer in HEAD_SCORERS:
-                seeds = args.control_seeds if scorer == args.scorers[0] else args.control_seeds[: args.control_seeds_other]
+                seeds = (
+                    args.control_seeds
+                    if scorer == args.scorers[0]
+                    else args.control_seeds[: args.control_seeds_other]
+                )
                 head_sets += [(f"random_s{s}", task_heads.random_like(s)) for s in seeds]
             for name, heads in head_sets:
                 cfg = _cfg(base, here / scorer / name, score={**base["score"], "scorer": scorer})
@@ -176,10 +197,19 @@ def main() -> None:
                 run_pipeline(cfg, stages=("score", "select"), report=False)
                 sp = _precision(cfg)
                 row = {
-                    "target": target, "corpus_seed": cseed, "scorer": scorer, "heads": name, "precision": sp["selected"],
-                    "base_rate": sp["base_rate"], "k": sp["k"], "n": sp["n_corpus"],
-                    "perplexity_precision": sp.get("perplexity"), "seconds": round(time.perf_counter() - t, 1),
-                    "alternative_precision": _alternative_precision(cfg) if scorer == "gradient_alignment" else None,
+                    "target": target,
+                    "corpus_seed": cseed,
+                    "scorer": scorer,
+                    "heads": name,
+                    "precision": sp["selected"],
+                    "base_rate": sp["base_rate"],
+                    "k": sp["k"],
+                    "n": sp["n_corpus"],
+                    "perplexity_precision": sp.get("perplexity"),
+                    "seconds": round(time.perf_counter() - t, 1),
+                    "alternative_precision": _alternative_precision(cfg)
+                    if scorer == "gradient_alignment"
+                    else None,
                 }
                 results.append(row)
                 print(json.dumps(row), flush=True)
@@ -194,8 +224,18 @@ def main() -> None:
                 run.scores.symlink_to(RunDir(str(src)).scores.resolve())
             run_pipeline(cfg, stages=("select",), report=False)
             sp = _precision(cfg)
-            results.append({"target": target, "corpus_seed": cseed, "scorer": "random", "heads": f"s{seed}", "precision": sp["selected"],
-                            "base_rate": sp["base_rate"], "k": sp["k"], "n": sp["n_corpus"]})
+            results.append(
+                {
+                    "target": target,
+                    "corpus_seed": cseed,
+                    "scorer": "random",
+                    "heads": f"s{seed}",
+                    "precision": sp["selected"],
+                    "base_rate": sp["base_rate"],
+                    "k": sp["k"],
+                    "n": sp["n_corpus"],
+                }
+            )
         (out / "results.json").write_text(json.dumps(results, indent=1))
     write_table(results, out)
     print((out / "table.md").read_text())

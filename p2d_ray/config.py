@@ -89,8 +89,8 @@ class LocalizeConfig(_Section):
 class ScoreConfig(_Section):
     scorer: Literal[
         "influence", "activation", "perplexity", "ifd", "icl_attention", "gradient_alignment", "noop"
-    # Default by measurement (RESULTS.md): head-subspace gradient alignment is the only scorer that selects the
-    # task on the demo corpus with SmolLM2; influence / perplexity / ifd / icl_attention stay as baselines.
+        # Default by measurement (RESULTS.md): head-subspace gradient alignment is the only scorer that selects the
+        # task on the demo corpus with SmolLM2; influence / perplexity / ifd / icl_attention stay as baselines.
     ] = "gradient_alignment"
     gate_mode: Literal["zero", "uniform"] = "zero"
     batch_size: int = Field(16, ge=1)

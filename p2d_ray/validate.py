@@ -164,7 +164,9 @@ def _corpus_findings(cfg: P2DConfig, deep: bool) -> list[dict]:
         return _table_findings("corpus", path, _probe_remote([path])[path], cfg, True)
     try:
         source = list_data_files(path)
-        parquet = paths.corpus_parquet(cfg)  # a JSONL / CSV / datasets corpus: ingested into run_dir once, here
+        parquet = paths.corpus_parquet(
+            cfg
+        )  # a JSONL / CSV / datasets corpus: ingested into run_dir once, here
         files = list_data_files(parquet).files
         names = read_footer(files[0]).schema.to_arrow_schema().names
         fmt = resolve_format(cfg.data, names)

@@ -363,7 +363,9 @@ def _env() -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def _cli_proc(args: list[str], env: dict | None = None, default_sigint: bool = False, **kw) -> subprocess.Popen:
+def _cli_proc(
+    args: list[str], env: dict | None = None, default_sigint: bool = False, **kw
+) -> subprocess.Popen:
     """The CLI in a real process. ``default_sigint``: Ctrl-C raises KeyboardInterrupt in it, as when started
     from a terminal, even if this test process was started with SIGINT ignored (see the Ctrl-C test)."""
     code = "import sys; from p2d_ray.cli import main; sys.exit(main())"
@@ -493,4 +495,3 @@ def test_stdout_is_the_json_result_alone(ray_local, tiny_llama, probe, tmp_path)
     assert result["rows"] == 16 and result["steps"] >= 1
     opening = [x for x in err.splitlines() if "train: 0/" in x]
     assert len(opening) == 1, err
-

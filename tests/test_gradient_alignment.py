@@ -234,8 +234,12 @@ def test_directional_derivative_matches_autograd_and_weights_restored(llama):
         # The shifted losses beside d_i: a central run also carries the forward estimate (L+ - L) / eps.
         assert "loss_minus" not in forward.extra
         torch.testing.assert_close(central.extra["loss_plus"], forward.extra["loss_plus"], rtol=0, atol=0)
-        torch.testing.assert_close((central.extra["loss_plus"] - central.loss_full) / 1e-2, forward.extra[DERIVATIVE_COL])
-        torch.testing.assert_close((central.extra["loss_plus"] - central.extra["loss_minus"]) / 2e-2, central.extra[DERIVATIVE_COL])
+        torch.testing.assert_close(
+            (central.extra["loss_plus"] - central.loss_full) / 1e-2, forward.extra[DERIVATIVE_COL]
+        )
+        torch.testing.assert_close(
+            (central.extra["loss_plus"] - central.extra["loss_minus"]) / 2e-2, central.extra[DERIVATIVE_COL]
+        )
     finally:
         model.float()
 
@@ -261,11 +265,17 @@ def test_exact_alignment_equals_per_row_autograd(tmp_path_factory, family, first
     assert [p.requires_grad for p in model.parameters()] == flags
     assert all(p.grad is None for p in model.parameters())
     torch.testing.assert_close(out.extra[DERIVATIVE_COL].double(), ref, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(out.extra["grad_norm"].double(), torch.tensor(norms, dtype=torch.float64), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        out.extra["grad_norm"].double(), torch.tensor(norms, dtype=torch.float64), rtol=1e-4, atol=1e-6
+    )
     torch.testing.assert_close(out.score, out.extra[DERIVATIVE_COL] / out.extra["grad_norm"])
-    torch.testing.assert_close(out.loss_full.double(), _row_losses(model, batch).double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        out.loss_full.double(), _row_losses(model, batch).double(), rtol=1e-5, atol=1e-6
+    )
     with torch.no_grad():
-        central = alignment_score(model, batch, HeadShift(model, pg), pg.first_layer, 1e-2, "central", 16, "loss")
+        central = alignment_score(
+            model, batch, HeadShift(model, pg), pg.first_layer, 1e-2, "central", 16, "loss"
+        )
     # O(eps^2) truncation at this model's large weights (init 0.3): agreement, not equality
     torch.testing.assert_close(central.extra[DERIVATIVE_COL].double(), ref, rtol=2e-2, atol=1e-3)
     with pytest.raises(ValueError, match="cosine needs"):

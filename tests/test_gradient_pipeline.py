@@ -30,11 +30,19 @@ HEADS = ((1, 0), (1, 3))  # layer 1 of 2: the scorer re-runs one layer per shift
 def _rows(start: int, n: int, task: bool) -> list[dict]:
     if task:
         return [
-            {"id": i, "prompt": f"What is {i} plus {i % 7}? ", "response": f"It is {i + i % 7}. #### {i + i % 7}"}
+            {
+                "id": i,
+                "prompt": f"What is {i} plus {i % 7}? ",
+                "response": f"It is {i + i % 7}. #### {i + i % 7}",
+            }
             for i in range(start, start + n)
         ]
     return [
-        {"id": i, "prompt": f"Tell me about item {i}{' please' * (i % 4)}. ", "response": f"Item {i} is blue."}
+        {
+            "id": i,
+            "prompt": f"Tell me about item {i}{' please' * (i % 4)}. ",
+            "response": f"Item {i} is blue.",
+        }
         for i in range(start, start + n)
     ]
 
@@ -44,8 +52,11 @@ def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("galign")
     corpus = d / "corpus"
     corpus.mkdir()
-    pq.write_table(pa.Table.from_pylist(_rows(0, 30, True) + _rows(30, 20, False)), corpus / "a.parquet",
-                   row_group_size=25)
+    pq.write_table(
+        pa.Table.from_pylist(_rows(0, 30, True) + _rows(30, 20, False)),
+        corpus / "a.parquet",
+        row_group_size=25,
+    )
     probe = d / "probe.jsonl"
     probe.write_text("\n".join(json.dumps(r) for r in _rows(1000, 12, True)))
     return corpus, probe

@@ -20,8 +20,14 @@ pytestmark = pytest.mark.ray
 
 
 def _rows(start, n):
-    return [{"id": i, "prompt": f"What is {i} plus {i % 7}{' and more' * (i % 4)}? ",
-             "response": f"It is {i + i % 7}." if i != 13 else "  "} for i in range(start, start + n)]
+    return [
+        {
+            "id": i,
+            "prompt": f"What is {i} plus {i % 7}{' and more' * (i % 4)}? ",
+            "response": f"It is {i + i % 7}." if i != 13 else "  ",
+        }
+        for i in range(start, start + n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +36,9 @@ def files(tmp_path_factory):
     (d / "corpus").mkdir()
     pq.write_table(pa.Table.from_pylist(_rows(0, 45)), d / "corpus" / "a.parquet", row_group_size=30)
     pq.write_table(pa.Table.from_pylist(_rows(45, 5)), d / "corpus" / "b.parquet")  # smaller than n_d
-    probe = [{"id": 900 + i, "prompt": f"What is {i} plus 1? ", "response": f"It is {i + 1}."} for i in range(6)]
+    probe = [
+        {"id": 900 + i, "prompt": f"What is {i} plus 1? ", "response": f"It is {i + 1}."} for i in range(6)
+    ]
     pq.write_table(pa.Table.from_pylist(probe), d / "probe.parquet")
     return d
 
@@ -39,14 +47,30 @@ def _cfg(run, model, d, **score):
     HeadSet(((0, 1), (1, 2)), geometry_from_config(AutoConfig.from_pretrained(model))).save(
         Path(run) / "heads.json"
     )
-    knobs = {"scorer": "icl_attention", "icl_demos": 4, "icl_queries": 2, "icl_repeats": 2, "icl_pool": 8,
-             "icl_metric": "likelihood",
-             "batch_size": 8, "max_rows_per_block": 16, "min_actors": 1, "max_actors": 1}
-    return build_config({
-        "run_dir": str(run), "model": {"name_or_path": model},
-        "data": {"corpus_path": str(d / "corpus"), "probe_path": str(d / "probe.parquet"), "max_length": 64},
-        "score": {**knobs, **score},
-    })
+    knobs = {
+        "scorer": "icl_attention",
+        "icl_demos": 4,
+        "icl_queries": 2,
+        "icl_repeats": 2,
+        "icl_pool": 8,
+        "icl_metric": "likelihood",
+        "batch_size": 8,
+        "max_rows_per_block": 16,
+        "min_actors": 1,
+        "max_actors": 1,
+    }
+    return build_config(
+        {
+            "run_dir": str(run),
+            "model": {"name_or_path": model},
+            "data": {
+                "corpus_path": str(d / "corpus"),
+                "probe_path": str(d / "probe.parquet"),
+                "max_length": 64,
+            },
+            "score": {**knobs, **score},
+        }
+    )
 
 
 def _scores(run):
@@ -67,7 +91,9 @@ def test_icl_attention_one_score_per_id_deterministic(ray_local, tiny_llama, fil
     np.testing.assert_allclose(one.column("score").to_numpy(), w * m, rtol=0.5)  # score ~ w x m per context
 
     # Two actors and a different block size (rows_per_block depends on the actor count): same scores.
-    two = score_corpus(_cfg(tmp_path / "two", tiny_llama, files, min_actors=2, max_actors=2, max_rows_per_block=8))
+    two = score_corpus(
+        _cfg(tmp_path / "two", tiny_llama, files, min_actors=2, max_actors=2, max_rows_per_block=8)
+    )
     # Both actors start; which of them gets blocks is Ray Data's least-busy choice (test_scoring_pipeline).
     assert 1 <= two["actors_used"] <= 2
     b = _scores(tmp_path / "two")
@@ -80,7 +106,9 @@ def test_icl_attention_one_score_per_id_deterministic(ray_local, tiny_llama, fil
         score_corpus(_cfg(tmp_path / "one", tiny_llama, files, icl_seed=1))
     other = _cfg(tmp_path / "seed1", tiny_llama, files, icl_seed=1)
     score_corpus(other)
-    assert not np.allclose(_scores(tmp_path / "seed1").column("score").to_numpy(), one.column("score").to_numpy())
+    assert not np.allclose(
+        _scores(tmp_path / "seed1").column("score").to_numpy(), one.column("score").to_numpy()
+    )
 
 
 def test_icl_attention_rejects_contexts_longer_than_the_model(tiny_llama, files, tmp_path):

@@ -52,15 +52,19 @@ def test_position_debias_makes_every_slot_mean_one_per_group():
     # a group small enough for ONE context keeps its within-context weights (not all 1: real-model test)
     one = plan_contexts(np.array([[0, 0]] * 4), n_d=4, n_q=1, repeats=1, seed=0, n_probe=3)
     assert len(one) == 1
-    np.testing.assert_allclose(debias_positions(one, [np.array([0.5, 1.5, 1.0, 1.0])])[0], [0.5, 1.5, 1.0, 1.0])
+    np.testing.assert_allclose(
+        debias_positions(one, [np.array([0.5, 1.5, 1.0, 1.0])])[0], [0.5, 1.5, 1.0, 1.0]
+    )
     # a pure position effect (same slot, same weight) is removed completely
     flat = debias_positions(ctxs, [1 + 0.3 * np.arange(len(c.demos)) for c in ctxs])
     assert all(np.allclose(o, 1.0) for o in flat)
 
 
 def _rows(n):
-    return [{"prompt": f"Q{i}: what is {i} times {i % 4}{' please' * (i % 3)}? ", "response": f"{i * (i % 4)}"}
-            for i in range(n)]
+    return [
+        {"prompt": f"Q{i}: what is {i} times {i % 4}{' please' * (i % 3)}? ", "response": f"{i * (i % 4)}"}
+        for i in range(n)
+    ]
 
 
 @pytest.mark.parametrize("metric", ["likelihood", "none"])
@@ -71,8 +75,15 @@ def test_scores_equal_brute_force_eager(tiny_llama, metric):
 
     tok = build_tokenizer()
     heads = HeadSet(((0, 1), (1, 3)), geometry_from_config(AutoConfig.from_pretrained(tiny_llama)))
-    cfg = ScoreConfig(scorer="icl_attention", icl_demos=4, icl_queries=2, icl_repeats=2, icl_metric=metric,
-                      icl_position_debias=False, batch_size=8)
+    cfg = ScoreConfig(
+        scorer="icl_attention",
+        icl_demos=4,
+        icl_queries=2,
+        icl_repeats=2,
+        icl_metric=metric,
+        icl_position_debias=False,
+        batch_size=8,
+    )
     data = DataConfig(max_length=64)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     probe = [{"prompt": f"P{i} ", "response": f"ans {i}"} for i in range(5)]

@@ -50,7 +50,9 @@ def planted_model():
     stream cannot look back) is PLANTED. Training with the others always off instead left the model
     sensitive to their untrained outputs, and then a random layer-0 head could out-rank PLANTED."""
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, "vocab_size": VOCAB, "max_position_embeddings": 64}))
+    model = LlamaForCausalLM(
+        LlamaConfig(**{**TINY_LLAMA, "vocab_size": VOCAB, "max_position_embeddings": 64})
+    )
     geo = attention_geometry(model)
     frozen = []  # weight slices of the non-planted heads
     for layer in range(geo.n_layers):
@@ -124,7 +126,10 @@ def test_per_sample_gate_gradients_in_one_backward(planted_model):
         n = int(batch["attention_mask"][i].sum())
         alone = {k: v[i : i + 1, :n] for k, v in batch.items()}
         torch.testing.assert_close(
-            batched[i], gate_gradients(planted_model, attention_map(planted_model), [alone])[0], rtol=1e-4, atol=1e-7
+            batched[i],
+            gate_gradients(planted_model, attention_map(planted_model), [alone])[0],
+            rtol=1e-4,
+            atol=1e-7,
         )
     assert not torch.allclose(batched[0], batched[2])
 

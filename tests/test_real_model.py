@@ -310,5 +310,7 @@ def test_chat_rows_carry_one_bos(smollm2):
     # data.system_prompt replaces the template's default system message (the demo's "" saves ~20 tokens/row)
     empty = encode_row(row, tok, DataConfig(format="chat", system_prompt=""), "chat")
     assert "SmolLM" in tok.decode(chat) and "SmolLM" not in tok.decode(empty.input_ids)
-    assert tok.decode(empty.input_ids).startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\nWhat is 2 + 3?")
+    assert tok.decode(empty.input_ids).startswith(
+        "<|im_start|>system\n<|im_end|>\n<|im_start|>user\nWhat is 2 + 3?"
+    )
     assert len(chat) - len(empty.input_ids) >= 15 and empty.n_target == 2  # "5" + <|im_end|>

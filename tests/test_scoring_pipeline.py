@@ -55,8 +55,14 @@ def corpus(tmp_path_factory) -> str:
 def _cfg(run_dir, model, corpus, **score):
     HeadSet(HEADS, geometry_from_config(AutoConfig.from_pretrained(model))).save(Path(run_dir) / "heads.json")
     # influence: these tests compare score, loss_full and loss_gated across runs (the engine, not the scorer)
-    knobs = {"scorer": "influence", "batch_size": 8, "bucket_batches": 4, "max_rows_per_block": 40,
-             "min_actors": 1, "max_actors": 1}
+    knobs = {
+        "scorer": "influence",
+        "batch_size": 8,
+        "bucket_batches": 4,
+        "max_rows_per_block": 40,
+        "min_actors": 1,
+        "max_actors": 1,
+    }
     return build_config(
         {
             "run_dir": str(run_dir),

@@ -139,7 +139,9 @@ def test_select_refuses_unusable_scores(scored_run, tmp_path):
     shutil.copytree(root / "run" / "scores", other / "scores")
     shutil.copytree(root / "run" / "_state", other / "_state")  # the markers and manifest beside scores/
     manifest = json.loads((other / "_state" / "scores" / "manifest.json").read_text())
-    (other / "_state" / "scores" / "manifest.json").write_text(json.dumps({**manifest, "scorer": "perplexity"}))
+    (other / "_state" / "scores" / "manifest.json").write_text(
+        json.dumps({**manifest, "scorer": "perplexity"})
+    )
     with pytest.raises(ValueError, match="'loss_gated' is not produced by scorer 'perplexity'"):
         run_select(build_config({"run_dir": str(other), "select": {"score_column": "loss_gated"}}))
     next((other / "_state" / "scores" / "done").glob("*.json")).unlink()

@@ -46,7 +46,9 @@ def test_training_progress_lines_are_periodic_and_plain():
         p.set(step, f"loss {1 / step:.3f}")
     lines = out.getvalue().splitlines()
     assert lines[0] == "train: 0/125 steps ..."
-    assert re.fullmatch(r"train: 12/125 steps \(10%\) [\d.e+-]+ steps/s ETA \S+ loss 0\.083", lines[1]), lines[1]
+    assert re.fullmatch(r"train: 12/125 steps \(10%\) [\d.e+-]+ steps/s ETA \S+ loss 0\.083", lines[1]), (
+        lines[1]
+    )
     assert re.fullmatch(r"train: 125/125 steps \(100%\) [\d.e+-]+ steps/s loss 0\.008", lines[-1]), lines[-1]
     assert len(lines) == 1 + 125 // 12 + 1  # not every step
     resumed = io.StringIO()

@@ -124,7 +124,14 @@ def _length_bucketed_batches(lengths: list[int], batch_size: int, steps: int, ge
 
 
 def _pretrain(
-    model, train: list, pad_id: int, steps: int, batch_size: int, lr: float, warmup: int, weight_decay: float,
+    model,
+    train: list,
+    pad_id: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    warmup: int,
+    weight_decay: float,
     seed: int,
 ) -> list[list]:
     """AdamW pre-training of ``model`` on the encoded rows ``train`` for ``steps`` length-bucketed batches

@@ -256,5 +256,7 @@ def run_evaluate(cfg: P2DConfig) -> dict:
             **summarize(samples, variants, answers),
         }
         Path(run.path("eval.json")).write_text(json.dumps(result, indent=1))
-    stage_summary("evaluate", time.perf_counter() - t0, f"{run.path('eval.json')} ({samples.num_rows:,} rows)")
+    stage_summary(
+        "evaluate", time.perf_counter() - t0, f"{run.path('eval.json')} ({samples.num_rows:,} rows)"
+    )
     return result

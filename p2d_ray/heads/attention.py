@@ -79,14 +79,22 @@ def _probe(module: nn.Module, query, key, attention_mask, scaling, probe: Attent
     probe.result[layer] = attn @ probe.spans.to(attn.device, torch.float32)[:, None]  # [B, h, R, S]
 
 
-def p2d_sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
-                     **kwargs):
+def p2d_sdpa_forward(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
+):
     """``sdpa_attention_forward`` + the task heads' attention when ``p2d_probe`` is passed."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     probe: AttentionProbe | None = kwargs.pop("p2d_probe", None)
     out = sdpa_attention_forward(
-        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
+        module,
+        query,
+        key,
+        value,
+        attention_mask,
+        dropout=dropout,
+        scaling=scaling,
+        is_causal=is_causal,
         **kwargs,
     )
     if probe is not None and module.layer_idx in probe.heads:

@@ -70,7 +70,11 @@ class HeadSet:
             pool = others if len(others) >= len(heads) else list(range(self.geometry.n_heads))
             order = torch.randperm(len(pool), generator=gen).tolist()
             picked += [(layer, pool[i]) for i in order[: len(heads)]]
-        return HeadSet(tuple(picked), self.geometry, {"method": "random", "seed": seed, "control_for": self.fingerprint()})
+        return HeadSet(
+            tuple(picked),
+            self.geometry,
+            {"method": "random", "seed": seed, "control_for": self.fingerprint()},
+        )
 
     def fingerprint(self) -> str:
         payload = json.dumps({"heads": self.heads, "geometry": self.geometry.to_dict()}, sort_keys=True)

@@ -83,7 +83,9 @@ def wasserstein1(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.flatten().float().sort().values - b.flatten().float().sort().values).abs().mean())
 
 
-def head_operator(attention: AttentionMap, layer: int, head: int, weights: dict | None = None) -> torch.Tensor:
+def head_operator(
+    attention: AttentionMap, layer: int, head: int, weights: dict | None = None
+) -> torch.Tensor:
     """Flat weight entries of query head ``head``'s operator: its q rows, its GQA group's k/v rows and its
     o columns. ``weights`` maps module -> a stored weight (e.g. the base snapshot); default: current."""
     hp = attention.layers[layer].heads[head]
@@ -226,7 +228,9 @@ def localize_heads(
         # favours heads every input needs (measured on the demo: layer-0 heads, used by dialogue even more
         # than by arithmetic); dividing by the same method's importance on reference rows removes them.
         torch.manual_seed(cfg.seed)
-        contrast = head_importance(model, probe_batches(ref, loc.batch_size, pad_id), loc.method, **importance)
+        contrast = head_importance(
+            model, probe_batches(ref, loc.batch_size, pad_id), loc.method, **importance
+        )
         scores = scores / contrast.clamp(min=1e-6 * float(contrast.max()) + 1e-12)  # [L, H]
     meta = {
         "method": loc.method,

@@ -47,7 +47,9 @@ def resolve_path(cfg: ModelConfig) -> str:
 def load_config_checked(cfg: ModelConfig):
     """The HF config, with the family checked before any weights are read."""
     path = resolve_path(cfg)
-    hf_config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    hf_config = AutoConfig.from_pretrained(
+        path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+    )
     geometry_from_config(hf_config)  # raises UnsupportedModelError naming the family
     return hf_config
 

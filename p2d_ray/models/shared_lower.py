@@ -27,10 +27,10 @@ WIRED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 class SharedLowerLayers:
     """Usage (hooks exist only inside :meth:`full`)::
 
-        shared = SharedLowerLayers(model, first_layer=l_min)
-        h0 = shared.full(input_ids, attention_mask)    # [B, T, E] final hidden states, one full forward
-        with something_that_changes_layers_from(l_min):
-            h1 = shared.rerun()                          # [B, T, E], layers l_min..L-1 only
+    shared = SharedLowerLayers(model, first_layer=l_min)
+    h0 = shared.full(input_ids, attention_mask)    # [B, T, E] final hidden states, one full forward
+    with something_that_changes_layers_from(l_min):
+        h1 = shared.rerun()                          # [B, T, E], layers l_min..L-1 only
     """
 
     def __init__(self, model: nn.Module, first_layer: int):

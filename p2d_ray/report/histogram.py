@@ -77,7 +77,9 @@ def save_selection_histogram(
             ax.hist(values[finite & selected], bins=edges, alpha=0.9, label=f"selected ({selected.sum():,})")
             title = "score histogram"
         else:
-            _stacked_by_group(ax, values, finite, selected, np.asarray(groups.to_pylist(), dtype=object), column, edges)
+            _stacked_by_group(
+                ax, values, finite, selected, np.asarray(groups.to_pylist(), dtype=object), column, edges
+            )
             title = f"score histogram by {column} (filled: all scored, outline: selected)"
         ax.set_xlabel(value_column)
         ax.set_ylabel("rows")
@@ -129,4 +131,11 @@ def _stacked_by_group(ax, values, finite, selected, names, column: str, edges) -
     for k in order:
         sel = values[finite & selected & (names == k)]
         if len(sel):
-            ax.hist(sel, bins=edges, histtype="step", linewidth=1.8, color=colours[k], label=f"{k}: {len(sel):,} selected")
+            ax.hist(
+                sel,
+                bins=edges,
+                histtype="step",
+                linewidth=1.8,
+                color=colours[k],
+                label=f"{k}: {len(sel):,} selected",
+            )

@@ -91,20 +91,24 @@ class ScorerActor:
 
             # icl_json = {"data_json", "fmt", "probe_rows"}: the probe pool is tokenised here, once per actor.
             self.icl = build_icl_scorer(self.model, heads, self.cfg, tok, **icl_json)
-        self.score = None if self.icl is not None else build_scorer(
-            self.cfg.scorer,
-            self.model,
-            heads,
-            self.cfg.gate_mode,
-            self.cfg.loss_chunk_tokens,
-            self.cfg.influence_fused,
-            # ifd's "response alone" starts from BOS (EOS for tokenizers without one, e.g. GPT-2's).
-            bos_id=tok.bos_token_id if tok.bos_token_id is not None else (tok.eos_token_id or 0),
-            pad_id=self.pad_id,
-            probe_gradient=pg,
-            alignment_eps=self.cfg.alignment_eps,
-            alignment_method=self.cfg.alignment_method,
-            alignment_normalize=self.cfg.alignment_normalize,
+        self.score = (
+            None
+            if self.icl is not None
+            else build_scorer(
+                self.cfg.scorer,
+                self.model,
+                heads,
+                self.cfg.gate_mode,
+                self.cfg.loss_chunk_tokens,
+                self.cfg.influence_fused,
+                # ifd's "response alone" starts from BOS (EOS for tokenizers without one, e.g. GPT-2's).
+                bos_id=tok.bos_token_id if tok.bos_token_id is not None else (tok.eos_token_id or 0),
+                pad_id=self.pad_id,
+                probe_gradient=pg,
+                alignment_eps=self.cfg.alignment_eps,
+                alignment_method=self.cfg.alignment_method,
+                alignment_normalize=self.cfg.alignment_normalize,
+            )
         )
         self.pid = os.getpid()
 

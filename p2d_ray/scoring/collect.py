@@ -95,7 +95,9 @@ class ShardCollector:
         if "unreadable" in record["reasons"]:
             log.warning(
                 "%s row group %d cannot be decoded: its %d rows are quarantined as unreadable",
-                shard.path, shard.row_group, shard.num_rows,
+                shard.path,
+                shard.row_group,
+                shard.num_rows,
             )
         self.store.write_shard(
             shard,

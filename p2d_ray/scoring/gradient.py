@@ -198,7 +198,9 @@ class HeadShift:
         for spec in pg.specs:
             module = modules.get(spec.module_name)
             if module is None:
-                raise ValueError(f"probe gradient targets {spec.module_name!r}, which this model does not have")
+                raise ValueError(
+                    f"probe gradient targets {spec.module_name!r}, which this model does not have"
+                )
             w = module.weight
             g = pg.direction[spec.module_name]
             # Δ layout -> weight layout (as HeadDelta.merge_into): Conv1D stores weights [in, out].
@@ -210,7 +212,9 @@ class HeadShift:
             idx = torch.tensor(spec.index, dtype=torch.long, device=w.device)
             orig = w.detach().index_select(dim, idx).clone()
             if tuple(orig.shape) != tuple(g.shape):
-                raise ValueError(f"{spec.module_name}: probe gradient {tuple(g.shape)} != slice {tuple(orig.shape)}")
+                raise ValueError(
+                    f"{spec.module_name}: probe gradient {tuple(g.shape)} != slice {tuple(orig.shape)}"
+                )
             self._parts.append((w, dim, idx, orig, g.to(device=w.device, dtype=torch.float32)))
 
     @contextmanager
@@ -252,10 +256,14 @@ class RowGradients:
         for spec in pg.specs:
             module = modules.get(spec.module_name)
             if module is None:
-                raise ValueError(f"probe gradient targets {spec.module_name!r}, which this model does not have")
+                raise ValueError(
+                    f"probe gradient targets {spec.module_name!r}, which this model does not have"
+                )
             device = module.weight.device
             idx = torch.tensor(spec.index, dtype=torch.long, device=device)
-            self._parts.append((module, spec.axis, idx, pg.direction[spec.module_name].to(device, torch.float32)))
+            self._parts.append(
+                (module, spec.axis, idx, pg.direction[spec.module_name].to(device, torch.float32))
+            )
 
     def __call__(self, batch: dict[str, torch.Tensor], chunk_tokens: int = 1024):
         """``(mean loss [B], target tokens [B], <g_i, G> [B], |g_i|^2 [B])`` for a collated batch."""
@@ -319,7 +327,9 @@ def check_alignment(method: str, normalize: str) -> None:
         )
 
 
-def finite_difference(model, batch, shift: HeadShift, first_layer: int, eps: float, method: str, chunk_tokens: int):
+def finite_difference(
+    model, batch, shift: HeadShift, first_layer: int, eps: float, method: str, chunk_tokens: int
+):
     """``(plain loss [B], target tokens [B], d_i [B], shifted losses)`` from forwards with the slices shifted."""
     ids, am, lm = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
     shared = SharedLowerLayers(model, first_layer)

@@ -224,7 +224,10 @@ class ICLScorer:
             idx = order[start : start + self.contexts_per_batch]
             w, metric = self._run([built[c] for c in idx])
             for b, c in enumerate(idx):
-                weights[c], metrics[c] = w[b, : len(contexts[c].demos)].numpy().astype(np.float64), float(metric[b])
+                weights[c], metrics[c] = (
+                    w[b, : len(contexts[c].demos)].numpy().astype(np.float64),
+                    float(metric[b]),
+                )
         if self.position_debias:
             weights = debias_positions(contexts, weights)
         w_sum, wm_sum, m_sum = np.zeros(n), np.zeros(n), np.zeros(n)

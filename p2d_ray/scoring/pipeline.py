@@ -233,7 +233,9 @@ def _drain(ds, collector: ShardCollector, n_todo: int, s, wall: dict) -> None:
     bar.close()
 
 
-def _pass_stats(cfg: P2DConfig, plan: ScorePlan, todo: dict, collector: ShardCollector, wall: dict, ray_stats):
+def _pass_stats(
+    cfg: P2DConfig, plan: ScorePlan, todo: dict, collector: ShardCollector, wall: dict, ray_stats
+):
     """``score_stats.json``: shards, rows, throughput, padding, actors, wall and busy seconds."""
     s, st = cfg.score, collector.stats
     pass_s = wall.get("score_pass", 0.0)

@@ -74,7 +74,9 @@ def plan_score(cfg: P2DConfig) -> ScorePlan:
     demos = pick_demos(probe, d.icl_k, cfg.seed) if fmt == "icl" else []
     # The probe rows the scorer itself uses: icl_attention's query pool, or the rows of the probe gradient.
     # They travel in the plan, so what is hashed into the fingerprint is exactly what gets used.
-    probe_rows = {"icl_attention": probe, "gradient_alignment": probe[: s.alignment_probe_rows]}.get(s.scorer, [])
+    probe_rows = {"icl_attention": probe, "gradient_alignment": probe[: s.alignment_probe_rows]}.get(
+        s.scorer, []
+    )
     identity = _identity(cfg, corpus, fmt, heads, demos, probe_rows, model.fingerprint)
     fingerprint = _hash(identity)
     manifest = {
@@ -97,8 +99,18 @@ def plan_score(cfg: P2DConfig) -> ScorePlan:
     }
     model_json = cfg.model.model_copy(update={"name_or_path": resolve_path(cfg.model)}).model_dump_json()
     return ScorePlan(
-        shards, id_type, fmt, text_columns, demos, heads, model_json, manifest, fingerprint, provenance,
-        probe_rows, identity["probe_gradient"],
+        shards,
+        id_type,
+        fmt,
+        text_columns,
+        demos,
+        heads,
+        model_json,
+        manifest,
+        fingerprint,
+        provenance,
+        probe_rows,
+        identity["probe_gradient"],
     )
 
 

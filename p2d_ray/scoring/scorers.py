@@ -41,7 +41,12 @@ USES_HEADS["gradient_alignment"] = True
 USES_HEADS["icl_attention"] = True  # a context scorer: scoring/icl.py (built by the actor)
 # Per scorer, the [B] components written as score columns beside score / loss_full / loss_gated.
 COMPONENT_COLUMNS: dict[str, tuple[str, ...]] = {
-    "gradient_alignment": ("directional_derivative", "grad_norm", "loss_plus", "loss_minus"),  # scoring/gradient.py
+    "gradient_alignment": (
+        "directional_derivative",
+        "grad_norm",
+        "loss_plus",
+        "loss_minus",
+    ),  # scoring/gradient.py
     "icl_attention": ("icl_weight", "icl_metric", "icl_contexts"),
 }
 EPS = 1e-8
@@ -193,7 +198,9 @@ def alignment_score(
         loss, n_tokens, deriv, sq = compass(batch, chunk_tokens)
         extra = {GRAD_NORM_COL: sq.sqrt()}
     else:
-        loss, n_tokens, deriv, extra = finite_difference(model, batch, compass, first_layer, eps, method, chunk_tokens)
+        loss, n_tokens, deriv, extra = finite_difference(
+            model, batch, compass, first_layer, eps, method, chunk_tokens
+        )
     if normalize == "cosine":
         score = deriv / extra[GRAD_NORM_COL].clamp(min=EPS)
     elif normalize == "loss":
@@ -234,7 +241,9 @@ def build_scorer(
         from p2d_ray.scoring.gradient import HeadShift, RowGradients, check_alignment
 
         if probe_gradient is None:
-            raise ValueError("scorer 'gradient_alignment' needs the probe gradient (probe_gradient.safetensors)")
+            raise ValueError(
+                "scorer 'gradient_alignment' needs the probe gradient (probe_gradient.safetensors)"
+            )
         if probe_gradient.meta.get("heads_fingerprint") != heads.fingerprint():
             raise ValueError("the probe gradient was computed for other heads than heads.json")
         check_alignment(alignment_method, alignment_normalize)

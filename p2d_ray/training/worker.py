@@ -82,7 +82,9 @@ def _export_update(engine, cfg: P2DConfig, heads, out: Path, rank: int) -> None:
         specs, values = delta_state(module)
         save_head_deltas(specs, values, heads, out / "heads")
     elif adaptation == "lora":
-        module.save_pretrained(str(out / "peft"), state_dict=state, save_embedding_layers=False)  # never adapted
+        module.save_pretrained(
+            str(out / "peft"), state_dict=state, save_embedding_layers=False
+        )  # never adapted
     else:
         module.save_pretrained(str(out / "model"), state_dict=state, safe_serialization=True)
         load_tokenizer(cfg.model).save_pretrained(str(out / "model"))
