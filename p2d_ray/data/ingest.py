@@ -38,6 +38,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from p2d_ray.config import DataConfig
+
 ROW_GROUP_ROWS = 10_000  # rows per shard of an ingested corpus
 FILE_ROWS = 100_000  # rows per ingested Parquet file
 INGEST_DIR, INGEST_RECORD = "corpus", "corpus_ingest.json"
@@ -361,10 +363,9 @@ def ingest(
     return record
 
 
-def as_parquet(path: str, run_dir: str, data) -> str:
+def as_parquet(path: str, run_dir: str, data: DataConfig) -> str:
     """The corpus at ``path`` as Parquet: ``path`` itself when it is Parquet, else ``<run_dir>/corpus``
-    (ingested once; ``data``: the config's ``data`` section, for the id column and a hub dataset's config /
-    split)."""
+    (ingested once; ``data`` gives the id column and a hub dataset's config / split)."""
     source = list_data_files(path)
     if source.kind == "parquet":
         return path
