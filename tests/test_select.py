@@ -61,7 +61,8 @@ def scored_run(tmp_path_factory):
 
 
 def _cfg(root, **select):
-    return build_config({"run_dir": str(root / "run"), "select": select})
+    # the exact top k by one column (the quality re-rank of issue 29 is tests/test_quality_select.py's)
+    return build_config({"run_dir": str(root / "run"), "select": {"rule": "relevance", **select}})
 
 
 def _subset(root) -> pa.Table:

@@ -46,9 +46,11 @@ from p2d_ray.progress import stage_summary
 from p2d_ray.report.histogram import save_selection_histogram
 from p2d_ray.rundir import RunDir, stage_fingerprint
 from p2d_ray.scoring.outputs import ScoreStore
+from p2d_ray.scoring.quality import band_size, pick_in_band
 from p2d_ray.scoring.shards import Shard, read_footer, read_shard
 
 VALUE, STRATUM, ROW = "_value", "_stratum", "_row"
+QUALITY = "_quality"  # the quality column's value (relevance_then_quality: scoring/quality.py)
 ALL = "<all>"
 RANDOM = "random"
 NULL_STRATUM = "<null>"
@@ -162,13 +164,17 @@ def keyed_shard(
     stratify_by: str | None,
     seed: int,
     ascending: bool,
+    quality_column: str | None = None,
 ) -> tuple[dict, pa.Table]:
     """Step 1 for one shard: ({stratum: [rows, valid, pivots]}, (id, value, stratum, row) table).
 
     ``row``: the index of each scored row in the corpus row group (an id's scored row is its FIRST row
     there: a later row with the same id is a quarantined duplicate, and a null id is never scored)."""
     sh = Shard(**shard)
-    scores = pq.read_table(score_file, columns=[id_column] + ([] if column == RANDOM else [column]))
+    cols = [id_column] + ([] if column == RANDOM else [column])
+    names = pq.read_schema(score_file).names
+    quality = quality_column if quality_column in names else None  # absent: ranked by relevance only
+    scores = pq.read_table(score_file, columns=cols + ([quality] if quality and quality not in cols else []))
     corpus = read_shard(sh, [id_column] + ([stratify_by] if stratify_by else []))
     idx = pc.index_in(scores.column(id_column), value_set=corpus.column(id_column))
     if idx.null_count:
@@ -188,6 +194,9 @@ def keyed_shard(
             ROW: idx.combine_chunks() if isinstance(idx, pa.ChunkedArray) else idx,
         }
     )
+    if quality_column is not None:
+        q = _values(scores, quality, id_column, seed) if quality else pa.nulls(scores.num_rows, pa.float64())
+        keyed = keyed.append_column(QUALITY, q)
     stats = {}
     for s, part in _by_stratum(keyed).items():
         v = part.column(VALUE)
@@ -206,11 +215,17 @@ def shard_candidates(
             continue
         v = part.column(VALUE)
         part = part.filter(pc.less_equal(v, bounds[s]) if ascending else pc.greater_equal(v, bounds[s]))
-        parts.append(_top(part, k[s], id_column, ascending).select([id_column, VALUE, STRATUM]))
-    return pa.concat_tables(parts) if parts else keyed.select([id_column, VALUE, STRATUM]).slice(0, 0)
+        parts.append(_top(part, k[s], id_column, ascending).select(_carried(keyed, id_column)))
+    return pa.concat_tables(parts) if parts else keyed.select(_carried(keyed, id_column)).slice(0, 0)
+
+
+def _carried(keyed: pa.Table, id_column: str) -> list[str]:
+    return [id_column, VALUE, STRATUM] + ([QUALITY] if QUALITY in keyed.column_names else [])
 
 
 def _selected_mask(values: pa.Array, ids: pa.Array, strata: pa.Array, thresholds: dict, ascending: bool):
+    if isinstance(thresholds, pa.Array):  # relevance_then_quality: the picked ids themselves
+        return pc.is_in(ids, value_set=thresholds).to_numpy(zero_copy_only=False)
     mask = np.zeros(len(values), dtype=bool)
     for s, (tv, tid) in thresholds.items():
         in_s = pc.equal(strata, s)
@@ -228,6 +243,7 @@ def write_shard(
     ascending: bool,
     out_dir: str,
     out_column: str,
+    quality_out: str | None = None,
 ) -> dict:
     """Step 3 for one shard: write its selected FULL rows; return its counts (histogram.png is drawn from
     the score files by report/histogram.py, coloured by the corpus's groups)."""
@@ -241,6 +257,8 @@ def write_shard(
     subset = corpus.take(pa.array(rows[order], pa.int64())).append_column(
         out_column, values.take(pa.array(picked[order], pa.int64()))
     )
+    if quality_out is not None:  # the quality term beside the relevance it was selected by
+        subset = subset.append_column(quality_out, keyed.column(QUALITY).take(pa.array(picked[order])))
     if subset.num_rows:
         path = Path(out_dir, f"{sh.key}.parquet")
         tmp = path.with_name(f".{path.name}.tmp")
@@ -296,10 +314,13 @@ def _merge_stats(per_shard: list[dict]) -> dict[str, list]:
     return out
 
 
-def find_thresholds(candidates, k: dict[str, int], id_column: str, ascending: bool) -> dict[str, tuple]:
+def find_thresholds(
+    candidates, k: dict[str, int], id_column: str, ascending: bool, tops: dict | None = None
+) -> dict[str, tuple]:
     """Per stratum, its k-th row ``(value*, id*)`` in rank order, from the shards' candidate tables
-    (an iterable: merged into a running top ``k_s`` as they arrive)."""
-    best: dict[str, pa.Table] = {}
+    (an iterable: merged into a running top ``k_s`` as they arrive). ``tops``: filled with each stratum's
+    top ``k_s`` rows themselves (relevance_then_quality's band)."""
+    best: dict[str, pa.Table] = {} if tops is None else tops
     for cand in candidates:
         for s, part in _by_stratum(cand).items():
             merged = pa.concat_tables([best[s], part]) if s in best else part
@@ -358,8 +379,9 @@ def select_subset(cfg: P2DConfig) -> dict:
         ex = _OnRay()
 
     # 1. keyed rows per shard (stay where they were made) + per-stratum counts -> k per stratum
+    quality = sel.quality_column if uses_quality(sel) else None
     calls = [
-        (d, f, id_column, sel.score_column, sel.stratify_by, cfg.seed, sel.ascending)
+        (d, f, id_column, sel.score_column, sel.stratify_by, cfg.seed, sel.ascending, quality)
         for d, f in zip(shard_dicts, files, strict=True)
     ]
     stats, keyed = zip(*ex.run(keyed_shard, calls, num_returns=2), strict=True) if calls else ((), ())
@@ -371,18 +393,23 @@ def select_subset(cfg: P2DConfig) -> dict:
     n_scored = sum(counts.values())
     k = allocate(counts, total_k(n_scored, sel.fraction, sel.top_k))
 
-    # 2. per-shard top k_s -> exact running merge on the driver -> thresholds
-    bounds = lower_bounds(list(stats), k, sel.ascending)  # shards send ~k + n/PIVOTS rows, not k each
-    cands = ex.run(shard_candidates, [(kd, k, bounds, id_column, sel.ascending) for kd in keyed])
-    thresholds = find_thresholds(cands, k, id_column, sel.ascending)
+    # 2. per-shard top k_s -> exact running merge on the driver -> thresholds; relevance_then_quality:
+    # the same for the band's k_s (band_factor x k_s rows), then the quality re-rank in it on the driver
+    kb = k if quality is None else {s: band_size(k[s], counts[s], sel.band_factor) for s in k}
+    bounds = lower_bounds(list(stats), kb, sel.ascending)  # shards send ~k + n/PIVOTS rows, not k each
+    cands = ex.run(shard_candidates, [(kd, kb, bounds, id_column, sel.ascending) for kd in keyed])
+    band: dict[str, pa.Table] = {}
+    thresholds = find_thresholds(cands, kb, id_column, sel.ascending, tops=band)
+    picked, rule = (thresholds, None) if quality is None else _rerank_bands(band, k, id_column, sel)
 
     # 3. write the selected full rows, per shard
     corpus_names = read_footer(shards[0].path).schema.to_arrow_schema().names
     out_column = sel.score_column if sel.score_column not in corpus_names else f"p2d_{sel.score_column}"
+    q_out = None if quality is None else quality if quality not in corpus_names else f"p2d_{quality}"
     if run.subset.exists():
         shutil.rmtree(run.subset)  # never mix with an earlier selection
     run.subset.mkdir(parents=True)
-    args = (id_column, thresholds, sel.ascending, str(run.subset), out_column)
+    args = (id_column, picked, sel.ascending, str(run.subset), out_column, q_out)
     recs = list(ex.run(write_shard, [(d, kd, *args) for d, kd in zip(shard_dicts, keyed, strict=True)]))
 
     selected = {s: sum(r["strata_selected"].get(s, 0) for r in recs) for s in counts}
@@ -396,9 +423,47 @@ def select_subset(cfg: P2DConfig) -> dict:
         "score" if sel.score_column == RANDOM else sel.score_column,
         manifest.get("corpus"),
     )
+    if quality is not None:  # the second term's picture: the same rows and selection, by quality
+        save_selection_histogram(
+            run.path("histogram_quality.png"),
+            str(run.scores),
+            str(run.subset),
+            id_column,
+            quality,
+            manifest.get("corpus"),
+        )
     out = _record(cfg, manifest, out_column, recs, counts, k, selected, thresholds)
+    out["rule"] = rule or {"name": "relevance"}
     run.path("selection.json").write_text(json.dumps(out, indent=1, default=str))
     return out
+
+
+def uses_quality(sel) -> bool:
+    """relevance_then_quality applies to the scorer's own ranking (score_column ``score``) only: a random
+    or a loss-column selection is what it says."""
+    return sel.rule == "relevance_then_quality" and sel.score_column == "score"
+
+
+def _rerank_bands(band: dict[str, pa.Table], k: dict[str, int], id_column: str, sel) -> tuple[pa.Array, dict]:
+    """The ids relevance_then_quality picks in each stratum's band (scoring/quality.py), and the record."""
+    ids, per = [], {}
+    for s, t in sorted(band.items()):
+        q = pc.fill_null(t.column(QUALITY), float("nan")).to_numpy(zero_copy_only=False)
+        rel = t.column(VALUE).to_numpy(zero_copy_only=False)
+        tid = t.column(id_column).to_numpy(zero_copy_only=False)
+        pick, per[s] = pick_in_band(rel, q, tid, k[s], sel.band_factor, sel.band_guard, sel.ascending)
+        ids.append(tid[pick])
+    picked = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+    rule = {
+        "name": "relevance_then_quality",
+        "relevance": sel.score_column,
+        "quality_column": sel.quality_column,
+        "quality_order": "ascending",
+        "band_factor": sel.band_factor,
+        "band_guard": sel.band_guard,
+        "strata": per,
+    }
+    return pa.array(picked), rule
 
 
 def _record(cfg: P2DConfig, manifest: dict, out_column: str, recs, counts, k, selected, thresholds) -> dict:
