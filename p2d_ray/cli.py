@@ -299,9 +299,15 @@ def _run_guarded(command: str, func, cfg) -> tuple[int, object]:
 
     ray_before = "ray" in sys.modules and sys.modules["ray"].is_initialized()
     debug = os.environ.get("P2D_RAY_DEBUG") == "1"
+    locked = None
     try:
+        from p2d_ray import runlock
         from p2d_ray.validate import preflight
 
+        # One writer per run directory (p2d_ray/runlock.py); taking it also checks the directory is writable.
+        locked = runlock.run_dir_of(cfg, command)
+        if locked:
+            runlock.acquire(locked, command)
         preflight(cfg, PREFLIGHT.get(command, ()))
         if command in HUMAN_OUTPUT:
             return 0, func(cfg)
@@ -332,6 +338,9 @@ def _run_guarded(command: str, func, cfg) -> tuple[int, object]:
             raise
         print(f"p2d-ray {command}: error: {err} (P2D_RAY_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1, None
+    finally:
+        if locked:  # on success, error, Ctrl-C and SIGTERM alike
+            runlock.release(locked)
 
 
 if __name__ == "__main__":
