@@ -2,8 +2,9 @@
 
 ``__init__`` runs once per actor (load the model, set torch threads deliberately: Ray sets
 ``OMP_NUM_THREADS`` from the actor's CPU share, 1 for a fractional CPU); ``__call__`` scores one batch
-of tokenised rows. A call receives ``batch_size * bucket_batches`` rows, sorts them by length and scores
-them in micro-batches of ``batch_size`` (length bucketing: padding stays small without a global sort).
+of tokenised rows. A call receives one block of whole bucketing windows (:func:`micro_batch_rows`), sorts
+each window by length and scores it in micro-batches of ``batch_size`` (length bucketing: padding stays
+small without a global sort, and a row's micro-batch depends on its shard alone).
 Rows that arrive with a quarantine ``reason`` pass through unscored.
 """
 
@@ -21,7 +22,8 @@ from p2d_ray.config import ModelConfig, ScoreConfig
 from p2d_ray.scoring.scorers import COMPONENT_COLUMNS, build_scorer
 
 SCORE_TIME_COL = "_t_score"  # per-row share of its micro-batch's model seconds (for stats)
-ACTOR_COL = "_actor"  # pid of the actor that scored the row (actor count in stats)
+ACTOR_COL = "_actor"  # Ray actor id of the actor that scored the row (actor count in stats)
+PID_COL = "_pid"  # pid of its process (a restarted actor: a new pid under the same actor id)
 PAD_COL = "_padded"  # padded length of the row's micro-batch (padding overhead in stats)
 
 
@@ -53,6 +55,43 @@ def collate_arrow(
     return {k: torch.from_numpy(v) for k, v in out.items()}
 
 
+def micro_batch_rows(batch: pa.Table, ok: np.ndarray, batch_size: int, window_rows: int | None) -> list:
+    """The rows ``ok`` of ``batch`` cut into micro-batches, as a function of each row's shard and row alone.
+
+    Rows are bucketed by window, ``(_shard, _row // window_rows)``: fixed stretches of each shard (the pipeline
+    aligns blocks to them and hands a call whole blocks). Within a window they are sorted by length, longest
+    first (ties by row), and cut every ``batch_size`` rows; a micro-batch never spans two windows. So a row is
+    always scored beside the same rows with the same padding, whichever actor gets its block, how the blocks
+    were cut, or which shards a resumed run had left: scores are bit-identical (padding changes float
+    rounding: ~3e-6 when micro-batches depended on what else a call held). The longest micro-batch goes first,
+    so an out-of-memory shows at once rather than at the end of a run.
+    """
+    if len(ok) == 0:
+        return []
+    all_lengths = batch.column("length").to_numpy()
+    lengths = all_lengths[ok]
+    rows = batch.column("_row").to_numpy()[ok].astype(np.int64)
+    shards = batch.column("_shard").to_numpy()[ok].astype(np.int64)
+    windows = rows // window_rows if window_rows else np.zeros_like(rows)
+    order = np.lexsort((rows, -lengths, windows, shards))
+    idx, keys = ok[order], np.stack([shards[order], windows[order]], axis=1)
+    cuts = np.flatnonzero(np.any(keys[1:] != keys[:-1], axis=1)) + 1
+    out = []
+    for window in np.split(idx, cuts):
+        out += [window[s : s + batch_size] for s in range(0, len(window), batch_size)]
+    out.sort(key=lambda mb: -int(all_lengths[mb[0]]))  # stable: equal lengths keep their window order
+    return out
+
+
+def _actor_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_actor_id() or f"pid-{os.getpid()}"
+    except Exception:  # outside Ray (unit tests call the class directly)
+        return f"pid-{os.getpid()}"
+
+
 class ScorerActor:
     def __init__(
         self,
@@ -62,9 +101,11 @@ class ScorerActor:
         id_column: str = "id",
         icl_json: dict | None = None,
         probe_gradient: list | None = None,
+        window_rows: int | None = None,
     ):
         """``probe_gradient``: ``[bytes or ObjectRef of ProbeGradient.to_bytes()]`` (gradient_alignment); a
-        list so that Ray hands the actor the reference and the actor fetches it once, here."""
+        list so that Ray hands the actor the reference and the actor fetches it once, here.
+        ``window_rows``: the length-bucketing window (see :func:`micro_batch_rows`); None: the whole call."""
         from p2d_ray.heads.headset import HeadSet
         from p2d_ray.models.loading import load_model, load_tokenizer
 
@@ -110,7 +151,10 @@ class ScorerActor:
                 alignment_normalize=self.cfg.alignment_normalize,
             )
         )
+        self.window_rows = window_rows
         self.pid = os.getpid()
+        # A restarted actor (max_restarts) keeps its Ray actor id but not its pid: stats count actors by id.
+        self.actor_id = _actor_id()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
@@ -123,16 +167,13 @@ class ScorerActor:
         has_full = has_gated = False
         components = {c: np.full(n, np.nan) for c in COMPONENT_COLUMNS.get(self.cfg.scorer, ())}
         ok = np.flatnonzero(batch.column("reason").is_null().to_numpy(zero_copy_only=False))
-        lengths = batch.column("length").to_numpy()
-        # Longest first: the first micro-batch shows an OOM at once rather than at the end of a run.
-        order = ok[np.argsort(-lengths[ok], kind="stable")]
         input_ids = batch.column("input_ids")
         loss_mask = batch.column("loss_mask")
+        micro_batches = micro_batch_rows(batch, ok, self.cfg.batch_size, self.window_rows)
         if self.icl is not None:  # contexts span rows: the whole call at once, components filled there
-            order = []
+            micro_batches = []
             components.update(self._score_icl(batch, ok, score, n_tokens, seconds, padded))
-        for start in range(0, len(order), self.cfg.batch_size):
-            idx = order[start : start + self.cfg.batch_size]
+        for idx in micro_batches:
             t0 = time.perf_counter()
             tensors = {
                 k: v.to(self.device) for k, v in collate_arrow(input_ids, loss_mask, idx, self.pad_id).items()
@@ -158,7 +199,8 @@ class ScorerActor:
             "n_tokens": pa.array(n_tokens),
             **{c: pa.array(values, mask=~valid) for c, values in components.items()},
             SCORE_TIME_COL: pa.array(seconds),
-            ACTOR_COL: pa.array(np.full(n, self.pid, dtype=np.int64)),
+            ACTOR_COL: pa.array([self.actor_id] * n, pa.string()),
+            PID_COL: pa.array(np.full(n, self.pid, dtype=np.int64)),
             PAD_COL: pa.array(padded),
         }
         keep = [c for c in batch.column_names if c not in ("input_ids", "loss_mask")]

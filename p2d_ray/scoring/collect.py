@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from p2d_ray.scoring.actor import ACTOR_COL, PAD_COL, SCORE_TIME_COL
+from p2d_ray.scoring.actor import ACTOR_COL, PAD_COL, PID_COL, SCORE_TIME_COL
 from p2d_ray.scoring.outputs import SCORE_COLUMNS, ScoreStore
 from p2d_ray.scoring.plan import ScorePlan
 from p2d_ray.scoring.quarantine import count_reasons, quarantine_table
@@ -52,7 +52,8 @@ class ShardCollector:
             "tokenize_s": 0.0,
             "score_s": 0.0,
         }
-        self.actors: set[int] = set()
+        self.actors: set[str] = set()  # Ray actor ids: a killed and restarted actor counts once
+        self.pids: set[int] = set()  # its processes: one more per restart
 
     def add(self, block: pa.Table) -> None:
         sids = block.column("_shard").to_numpy()
@@ -114,7 +115,8 @@ class ShardCollector:
         st["padded_tokens"] += int(pc.sum(scored.column(PAD_COL)).as_py() or 0)
         st["tokenize_s"] += float(pc.sum(table.column(TOKENIZE_TIME_COL)).as_py() or 0.0)
         st["score_s"] += float(pc.sum(table.column(SCORE_TIME_COL)).as_py() or 0.0)
-        self.actors.update(int(a) for a in pc.unique(scored.column(ACTOR_COL)).to_pylist())
+        self.actors.update(pc.unique(scored.column(ACTOR_COL)).to_pylist())
+        self.pids.update(int(p) for p in pc.unique(scored.column(PID_COL)).to_pylist())
         self.finished.append(sid)
         self.write_seconds += time.perf_counter() - t0
         log.info("scored shard %s (%d/%d this run)", shard.key, len(self.finished), len(self.todo))

@@ -43,12 +43,14 @@ def rows_per_block(n_rows: int, cfg) -> int:
     return max(cfg.batch_size, min(target, cfg.max_rows_per_block))
 
 
-def actor_call_rows(block_rows: int, cfg) -> int:
-    """Rows per actor call: a length-bucketing window of ``batch_size * bucket_batches`` rows, but never
-    more than a block. Ray Data bundles blocks up to a call's size, so a window larger than the corpus's
-    share per actor hands a small corpus to ONE actor (measured: the 300-row demo at 512 rows per call
-    used 1 of 2 actors, half the machine)."""
-    return max(cfg.batch_size, min(cfg.batch_size * cfg.bucket_batches, block_rows))
+WINDOWS_MIN = 16  # a small corpus is cut into at least this many bucketing windows (blocks for the actors)
+
+
+def window_rows(n_rows: int, cfg) -> int:
+    """The length-bucketing window: ``batch_size * bucket_batches`` rows, but on a small corpus at most
+    ``1 / WINDOWS_MIN`` of it, so blocks of whole windows still reach every actor. A function of the corpus
+    size and the two knobs only (never of the actor count or of what a resumed run had left)."""
+    return max(cfg.batch_size, min(cfg.batch_size * cfg.bucket_batches, math.ceil(n_rows / WINDOWS_MIN)))
 
 
 @contextmanager
@@ -163,9 +165,14 @@ def _score_dataset(cfg: P2DConfig, plan: ScorePlan, todo: dict[int, Shard], dups
     import ray.data
 
     s = cfg.score
-    block_rows = rows_per_block(sum(sh.num_rows for sh in todo.values()), s)
+    # Blocks and windows from the WHOLE corpus (not the shards left to do), cut from each shard's row 0, and
+    # each actor call gets one block: a row's micro-batch depends on its shard alone, so a resumed run or
+    # another actor count gives bit-identical scores (actor.micro_batch_rows).
+    n_rows = sum(sh.num_rows for sh in plan.shards)
+    window = window_rows(n_rows, s)
+    block_rows = max(window, rows_per_block(n_rows, s) // window * window)
     icl = s.scorer == "icl_attention"
-    if icl:  # blocks hold whole ICL groups (rows // icl_pool of a shard); each actor call gets one block
+    if icl:  # blocks hold whole ICL groups (rows // icl_pool of a shard)
         block_rows = -(-block_rows // s.icl_pool) * s.icl_pool
     source = ParquetShards(
         list(todo.values()),
@@ -176,7 +183,9 @@ def _score_dataset(cfg: P2DConfig, plan: ScorePlan, todo: dict[int, Shard], dups
         block_rows,
         flags={DUP_COL: dups},
     )
-    ds = ray.data.read_datasource(source).map_batches(
+    # One read task per shard, its blocks cut as above: override_num_blocks stops Ray Data from splitting
+    # them further by a factor that depends on how many shards are left (SplitBlocks(k) cut windows apart).
+    ds = ray.data.read_datasource(source, override_num_blocks=len(todo)).map_batches(
         tokenize_block,
         batch_format="pyarrow",
         batch_size=None,
@@ -193,7 +202,7 @@ def _score_dataset(cfg: P2DConfig, plan: ScorePlan, todo: dict[int, Shard], dups
     return ds.map_batches(
         ScorerActor,
         batch_format="pyarrow",
-        batch_size=None if icl else actor_call_rows(block_rows, s),
+        batch_size=None,  # one block per call: whole windows (and whole ICL groups)
         compute=ray.data.ActorPoolStrategy(min_size=s.min_actors, max_size=s.max_actors),
         num_cpus=s.num_cpus_per_actor,
         num_gpus=s.num_gpus_per_actor,
@@ -204,6 +213,7 @@ def _score_dataset(cfg: P2DConfig, plan: ScorePlan, todo: dict[int, Shard], dups
             "id_column": cfg.data.id_column,
             "icl_json": icl_json if icl else None,
             "probe_gradient": probe_gradient,
+            "window_rows": window,
         },
     )
 
@@ -252,7 +262,12 @@ def _pass_stats(
         "tokens_per_s": st["tokens"] / pass_s if pass_s else None,
         "target_tokens_per_s": st["target_tokens"] / pass_s if pass_s else None,
         "padding_fraction": 1 - st["tokens"] / st["padded_tokens"] if st["padded_tokens"] else None,
-        "actors": {"min": s.min_actors, "max": s.max_actors, "used": len(collector.actors)},
+        "actors": {
+            "min": s.min_actors,
+            "max": s.max_actors,
+            "used": len(collector.actors),  # by Ray actor id: a restarted actor is the same actor
+            "processes": len(collector.pids),  # used + one per restart that scored rows
+        },
         "wall_s": wall,
         "busy_s": {"tokenize": st["tokenize_s"], "score": st["score_s"]},
         "icl_demo_ids": plan.provenance["icl_demo_ids"],
