@@ -42,6 +42,10 @@ class ModelConfig(_Section):
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
 
 
+# Roles a dataset's columns play (DataConfig's *_column fields; the keys of a column map).
+COLUMN_ROLES = ("id", "prompt", "response", "text", "input", "messages")
+
+
 class DataConfig(_Section):
     """Where the probe set and the corpus live, and how a row becomes tokens."""
 
@@ -53,11 +57,20 @@ class DataConfig(_Section):
     corpus_split: str = "train"  # dataset name / save_to_disk only: the split
     # The demo's target task when probe/corpus/held-out paths are None (p2d_ray.assets.synthetic.TARGETS).
     demo_target: Literal["arithmetic", "units"] = "arithmetic"
+    # The corpus's columns by role (the probe / held-out sets use them too unless mapped otherwise).
     id_column: str = "id"
     text_column: str = "text"
     prompt_column: str = "prompt"
     response_column: str = "response"
-    # auto: prompt/response if both columns exist, else plain text.
+    # Alpaca's `input`: when a row has it (non-empty), it is appended to the prompt ("<prompt>\n\n<input>").
+    input_column: str = "input"
+    # Chat rows (HF / TRL): a list of {role, content}; the last turn (assistant) is the scored target, the
+    # turns before it the prompt, rendered by the chat template. Used when a row has no prompt/response.
+    messages_column: str = "messages"
+    # torchtune-style column map of the probe set, {role: the probe's column}, roles id / prompt / response /
+    # text / input / messages: e.g. {prompt: question, response: answer} when the probe names them so.
+    probe_column_map: dict[Literal[COLUMN_ROLES], str] = Field(default_factory=dict)  # type: ignore[valid-type]
+    # auto: prompt/response if both columns exist, else chat if a messages column exists, else plain text.
     format: Literal["auto", "plain", "prompt_response", "chat", "icl"] = "auto"
     # format=chat: the system message. None = the chat template's own default (SmolLM2's adds ~20 tokens
     # to every row: "You are a helpful AI assistant named SmolLM..."); "" = an empty system message.
@@ -250,6 +263,8 @@ class EvalConfig(_Section):
     """Held-out evaluation (``p2d-ray evaluate``): base vs adapted model on a Ray Data actor pool."""
 
     heldout_path: str | None = None  # None = demo held-out set
+    # The held-out set's column map, {role: its column} (see data.probe_column_map); unmapped roles use data's.
+    heldout_column_map: dict[Literal[COLUMN_ROLES], str] = Field(default_factory=dict)  # type: ignore[valid-type]
     n_samples: int = Field(64, ge=1)  # the first n rows of the held-out set
     max_new_tokens: int = Field(48, ge=1)  # greedy answer length cap (a worked `#### n` solution)
     batch_size: int = Field(16, ge=1)

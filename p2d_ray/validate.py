@@ -152,6 +152,7 @@ def _decode(shards, columns: list[str]) -> tuple[list[str], int]:
 def _corpus_findings(cfg: P2DConfig, deep: bool) -> list[dict]:
     """The corpus exactly as ``score`` reads it: listing rule, ingest, every footer, (deep) every page."""
     from p2d_ray.assets import paths
+    from p2d_ray.data.columns import unread_columns
     from p2d_ray.data.formatting import resolve_format
     from p2d_ray.data.ingest import list_data_files
     from p2d_ray.scoring.plan import text_columns_for
@@ -180,6 +181,8 @@ def _corpus_findings(cfg: P2DConfig, deep: bool) -> list[dict]:
     via = "" if source.kind == "parquet" else f" (ingested from {source.kind} {path})"
     msg = f"{parquet}{via}: {len(files)} file(s), {len(shards)} shard(s), {rows} rows, format {fmt}"
     msg += source.skipped_note()
+    unread = unread_columns(cfg.data, fmt, names)
+    msg += f"; column(s) {unread} hold text but are not read" if unread else ""
     if deep:
         problems, bad_utf8 = _decode(shards, [cfg.data.id_column, *text])
         if problems:
@@ -194,13 +197,15 @@ def _small_table_findings(check: str, what: str, path: str, cfg: P2DConfig, need
     """A probe or held-out set, read whole (small by construction); every row must have usable text."""
     from collections import Counter
 
+    from p2d_ray.data.columns import unread_columns
     from p2d_ray.data.formatting import resolve_format, row_parts
     from p2d_ray.data.io import read_table
 
     if is_remote(path):
         return _table_findings(check, path, _probe_remote([path])[path], cfg, need_id)
+    column_map = cfg.data.probe_column_map if check == "probe" else cfg.evaluate.heldout_column_map
     try:
-        table = read_table(path, what)
+        table = read_table(path, what, cfg.data, column_map)
         cols = table.column_names
         if table.num_rows == 0:
             raise ValueError(f"{what}={path!r} has 0 rows")
@@ -227,6 +232,8 @@ def _small_table_findings(check: str, what: str, path: str, cfg: P2DConfig, need
         msg = f"data.icl_k={cfg.data.icl_k} but {what}={path!r} has only {len(rows)} rows"
         return [_finding(check, "error", msg)]
     msg = f"{path}: {len(rows)} rows, format {fmt}"
+    unread = unread_columns(cfg.data, fmt, cols)
+    msg += f"; column(s) {unread} hold text but are not read" if unread else ""
     return [_finding(check, "ok", msg, columns=cols, rows=len(rows), files=1, format=fmt)]
 
 

@@ -18,17 +18,22 @@ FORMATS = ("plain", "prompt_response", "chat", "icl")
 
 
 def resolve_format(cfg: DataConfig, columns: Sequence[str]) -> str:
-    """``auto`` -> prompt_response if both prompt/response columns exist, else plain. Checks columns."""
+    """``auto`` -> prompt_response if both prompt/response columns exist, else chat if a messages column
+    exists, else plain. Checks columns."""
     cols = set(columns)
     has_pr = cfg.prompt_column in cols and cfg.response_column in cols
+    has_msgs = cfg.messages_column in cols and not has_pr
     fmt = cfg.format
     if fmt == "auto":
-        fmt = "prompt_response" if has_pr else "plain"
-    if fmt in ("prompt_response", "chat") and not has_pr:
+        fmt = "prompt_response" if has_pr else "chat" if has_msgs else "plain"
+    if has_msgs and fmt != "chat":
         raise ValueError(
-            f"data.format={fmt} needs columns {cfg.prompt_column!r} and {cfg.response_column!r}; "
-            f"found {sorted(cols)}"
+            f"data.format={fmt} cannot read chat rows (column {cfg.messages_column!r}): use format chat or auto"
         )
+    if fmt == "prompt_response" and not has_pr or fmt == "chat" and not (has_pr or has_msgs):
+        need = f"{cfg.prompt_column!r} and {cfg.response_column!r}"
+        need += f" (or {cfg.messages_column!r})" if fmt == "chat" else ""
+        raise ValueError(f"data.format={fmt} needs columns {need}; found {sorted(cols)}")
     if fmt in ("plain", "icl") and not has_pr and cfg.text_column not in cols:
         raise ValueError(
             f"data.format={fmt} needs column {cfg.text_column!r} (or {cfg.prompt_column!r}+"
@@ -61,14 +66,24 @@ class Encoded:
 
 
 def row_parts(row: dict, cfg: DataConfig) -> tuple[str, str]:
-    """(prompt, target) text of a row; plain rows have an empty prompt. Raises ValueError on bad values."""
+    """(prompt, target) text of a row; plain rows have an empty prompt, chat rows (``messages``) their turns
+    before the last as ``role: content`` lines (:func:`row_chat` keeps them as messages). An Alpaca ``input``
+    is appended to the prompt. Raises ValueError(reason) on bad values."""
     if cfg.prompt_column in row and cfg.response_column in row:
         prompt, response = row[cfg.prompt_column], row[cfg.response_column]
         if not isinstance(prompt, str) or not isinstance(response, str):
             raise ValueError("non_string")
         if not response.strip():
             raise ValueError("empty")
+        extra = row.get(cfg.input_column)
+        if extra is not None and not isinstance(extra, str):
+            raise ValueError("non_string")
+        if extra and extra.strip():  # Alpaca: instruction, then its input (most rows have an empty one)
+            prompt = f"{prompt}\n\n{extra}" if prompt else extra
         return prompt, response
+    if cfg.messages_column in row:
+        turns, target = row_chat(row, cfg)
+        return "".join(f"{m['role']}: {m['content']}\n" for m in turns), target
     text = row.get(cfg.text_column)
     if text is None:
         raise ValueError("null")
@@ -77,6 +92,44 @@ def row_parts(row: dict, cfg: DataConfig) -> tuple[str, str]:
     if not text.strip():
         raise ValueError("empty")
     return "", text
+
+
+def is_chat_row(row: dict, cfg: DataConfig) -> bool:
+    """A row read from its ``messages`` (it has no prompt/response pair)."""
+    return cfg.messages_column in row and not (cfg.prompt_column in row and cfg.response_column in row)
+
+
+def row_chat(row: dict, cfg: DataConfig) -> tuple[list[dict], str]:
+    """A chat row's ``messages`` (a list of ``{role, content}``, or that list as JSON text, as the scoring
+    pipeline carries it): (the turns before the last, the last turn's content). The last turn must be the
+    assistant's: it is the target. Raises ValueError(reason): ``null``, ``non_string`` (not a list of
+    string role / content pairs, or a last turn that is not the assistant's), ``empty``."""
+    import json
+
+    value = row.get(cfg.messages_column)
+    if value is None:
+        raise ValueError("null")
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ValueError("non_string") from None
+    if not isinstance(value, list) or not value:
+        raise ValueError("empty" if isinstance(value, list) else "non_string")
+    turns = []
+    for m in value:
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("role"), str)
+            or not isinstance(m.get("content"), str)
+        ):
+            raise ValueError("non_string")
+        turns.append({"role": m["role"], "content": m["content"]})
+    if turns[-1]["role"] != "assistant":
+        raise ValueError("non_string")
+    if not turns[-1]["content"].strip():
+        raise ValueError("empty")
+    return turns[:-1], turns[-1]["content"]
 
 
 def icl_prefix(demos: Sequence[dict], cfg: DataConfig) -> str:
@@ -88,10 +141,13 @@ def icl_prefix(demos: Sequence[dict], cfg: DataConfig) -> str:
     return "\n\n".join(blocks) + "\n\n"
 
 
-def chat_messages(prompt: str, cfg: DataConfig) -> list[dict]:
-    """The row's prompt as a chat: ``data.system_prompt`` (when set) then the user turn."""
-    system = [] if cfg.system_prompt is None else [{"role": "system", "content": cfg.system_prompt}]
-    return [*system, {"role": "user", "content": prompt}]
+def chat_messages(prompt: str | list[dict], cfg: DataConfig) -> list[dict]:
+    """The row's prompt as a chat: ``data.system_prompt`` (when set, and the turns have no system message of
+    their own) then the user turn, or a chat row's own turns."""
+    turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if cfg.system_prompt is None or (turns and turns[0]["role"] == "system"):
+        return turns
+    return [{"role": "system", "content": cfg.system_prompt}, *turns]
 
 
 def encode_row(row: dict, tokenizer, cfg: DataConfig, fmt: str, demos: Sequence[dict] = ()) -> Encoded:
@@ -99,8 +155,9 @@ def encode_row(row: dict, tokenizer, cfg: DataConfig, fmt: str, demos: Sequence[
     (``null``, ``empty``, ``non_string``, ``too_long``, ``no_target_tokens``)."""
     prompt, target = row_parts(row, cfg)
     if fmt == "chat":
+        turns = row_chat(row, cfg)[0] if is_chat_row(row, cfg) else prompt
         prefix = tokenizer.apply_chat_template(
-            chat_messages(prompt, cfg), tokenize=False, add_generation_prompt=True
+            chat_messages(turns, cfg), tokenize=False, add_generation_prompt=True
         )
     elif fmt == "icl":
         prefix = icl_prefix(demos, cfg) + prompt

@@ -5,7 +5,8 @@ Accepted sources (``data.corpus_path``, and the probe / held-out paths through `
 - Parquet: a file, a directory (searched recursively) or a glob, local or any pyarrow / fsspec URI. Read in
   place, never copied.
 - JSON Lines / CSV (``.jsonl``, ``.ndjson``, ``.json``, ``.csv``, ``.tsv``; a file or a directory of them):
-  parsed by pyarrow's streaming readers.
+  parsed by pyarrow's streaming readers; a ``.json`` file holding one JSON array of objects (Alpaca's release)
+  by ``datasets``' JSON builder.
 - A ``datasets`` ``save_to_disk`` directory (``state.json`` / ``dataset_dict.json``): ``datasets.load_from_disk``.
 - A Hugging Face dataset name (``org/name``, not a local path): ``datasets.load_dataset``; offline
   (``HF_HUB_OFFLINE=1``) it must be in the local cache, on a cluster with network it is downloaded.
@@ -195,6 +196,8 @@ def _read_text_file(path: str, kind: str) -> pa.Table:
     import pyarrow.json as pajson
 
     fs, inner = resolve_fs(path)
+    if kind == "json" and _is_json_array(fs, inner):
+        return _read_json_array(path)
     try:
         with fs.open_input_stream(inner, compression="detect") as f:
             if kind == "json":
@@ -204,10 +207,33 @@ def _read_text_file(path: str, kind: str) -> pa.Table:
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, UnicodeDecodeError) as err:
         if "Empty" in str(err):  # pyarrow refuses an empty file; for us it is a table of 0 rows
             return pa.table({})
-        hint = " (JSON Lines expected: one object per line)" if kind == "json" else ""
+        hint = " (JSON Lines or a JSON array of objects expected)" if kind == "json" else ""
         raise ValueError(
             f"cannot parse {path} as {kind.upper()}{hint}: {str(err).splitlines()[0][:300]}"
         ) from None
+
+
+def _is_json_array(fs: pafs.FileSystem, inner: str) -> bool:
+    """The file is one JSON array (``[{...}, ...]``, as Alpaca's release), not JSON Lines: its first
+    non-blank character is ``[``."""
+    with fs.open_input_stream(inner, compression="detect") as f:
+        head = f.read(4096).lstrip()
+    return head[:1] == b"["
+
+
+def _read_json_array(path: str) -> pa.Table:
+    """A JSON array file read by ``datasets``' JSON builder (which reads a top-level array of objects; pyarrow's
+    reader takes JSON Lines only), as one Arrow table."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset("json", data_files=[path], split="train")
+    except Exception as err:  # datasets raises many types (DatasetGenerationError, ArrowInvalid, ...)
+        raise ValueError(
+            f"cannot parse {path} as a JSON array of objects: {str(err).splitlines()[0][:300]}"
+        ) from None
+    return ds.with_format("arrow")[:].replace_schema_metadata(None)
 
 
 def _hub_dataset(name: str, config: str | None, split: str):

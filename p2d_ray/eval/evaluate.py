@@ -27,6 +27,7 @@ import torch
 from p2d_ray.config import P2DConfig
 from p2d_ray.data.answers import cut_at_stop, exact_match, is_answer_format
 from p2d_ray.data.formatting import Encoded, collate, encode_row, row_parts, task_format
+from p2d_ray.data.columns import warn_unread
 from p2d_ray.data.io import read_table
 from p2d_ray.progress import stage_summary
 from p2d_ray.rundir import RunDir, stage_fingerprint
@@ -48,13 +49,14 @@ def read_heldout(cfg: P2DConfig) -> tuple[pa.Table, str, bool]:
     from p2d_ray.models.loading import load_tokenizer
 
     path = heldout_path(cfg)
-    table = read_table(path)
+    table = read_table(path, "evaluate.heldout_path", cfg.data, cfg.evaluate.heldout_column_map)
     id_col = cfg.data.id_column
     if id_col not in table.column_names:
         raise ValueError(
             f"evaluate: held-out set {path} has no id column {id_col!r}; found {table.column_names}"
         )
     fmt = task_format(cfg.data, table.column_names)  # raises naming the missing text columns
+    warn_unread(cfg.data, fmt, table.column_names, f"held-out set {path}")
     table = table.slice(0, cfg.evaluate.n_samples)
     if table.num_rows == 0:
         raise ValueError(f"evaluate: held-out set {path} is empty")
@@ -68,7 +70,7 @@ def read_heldout(cfg: P2DConfig) -> tuple[pa.Table, str, bool]:
         except ValueError as err:
             raise ValueError(f"evaluate: held-out row {id_col}={row[id_col]!r} in {path}: {err}") from None
     # Exact match needs a prompt to continue and a `#### <number>` reference to compare with.
-    answers = fmt != "plain" and is_answer_format(table.column(cfg.data.response_column).to_pylist())
+    answers = fmt != "plain" and is_answer_format([row_parts(r, cfg.data)[1] for r in table.to_pylist()])
     return table, fmt, answers
 
 

@@ -258,6 +258,7 @@ def localize_heads(
 def run_localize(cfg: P2DConfig) -> dict:
     """``p2d-ray localize``: write ``<run_dir>/heads.json`` and ``heads.png``; returns a summary."""
     from p2d_ray.assets.paths import corpus_parquet, probe_path
+    from p2d_ray.data.columns import warn_unread
     from p2d_ray.data.io import read_rows, read_table
     from p2d_ray.heads.heatmap import save_heatmap
     from p2d_ray.models.loading import load_model, load_tokenizer
@@ -267,7 +268,10 @@ def run_localize(cfg: P2DConfig) -> dict:
 
     run = RunDir(cfg.run_dir)
     path = probe_path(cfg)
-    resolve_format(cfg.data, read_table(path).column_names)  # bad columns fail before any model loads
+    pmap = cfg.data.probe_column_map
+    names = read_table(path, "data.probe_path", cfg.data, pmap).column_names
+    fmt = resolve_format(cfg.data, names)  # bad columns fail before any model loads
+    warn_unread(cfg.data, fmt, names, f"probe set {path}")
     cfg.save(run.path("config.yaml"))
     # The driver may inherit OMP_NUM_THREADS=1 from Ray; Stage 1 runs in one process, so by default use
     # every core this process may run on. On an oversubscribed machine fewer threads can be far faster
@@ -277,7 +281,7 @@ def run_localize(cfg: P2DConfig) -> dict:
     torch.set_num_threads(cfg.localize.torch_threads or available_cpus())
     try:
         with run.timed("localize", stage_fingerprint(cfg, "localize")):
-            rows = read_rows(path, limit=cfg.localize.max_probe_samples)
+            rows = read_rows(path, cfg.localize.max_probe_samples, "data.probe_path", cfg.data, pmap)
             reference = None
             if cfg.localize.contrast == "corpus":
                 reference = read_rows(corpus_parquet(cfg), limit=cfg.localize.contrast_samples)

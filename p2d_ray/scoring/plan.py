@@ -47,9 +47,11 @@ def _context_length(hf_config) -> int | None:
 
 
 def text_columns_for(d, names) -> list[str]:
-    """The columns encode_row reads: prompt and response when a row has both, else the text column."""
-    has_pr = d.prompt_column in names and d.response_column in names
-    return [d.prompt_column, d.response_column] if has_pr else [d.text_column]
+    """The columns encode_row reads: prompt and response (and an Alpaca input) when a row has both, else
+    the messages of a chat row, else the text column (``data.columns.read_columns``)."""
+    from p2d_ray.data.columns import read_columns
+
+    return read_columns(d, names)
 
 
 def pick_demos(probe_rows: list[dict], k: int, seed: int) -> list[dict]:
@@ -156,6 +158,7 @@ def _corpus_layout(cfg: P2DConfig):
     """The corpus as Parquet shards (footers only) and its prompt format.
     Returns ``(corpus path, shards, id type, format, text columns)``."""
     from p2d_ray.assets.paths import corpus_parquet
+    from p2d_ray.data.columns import warn_unread
     from p2d_ray.data.formatting import resolve_format
 
     d = cfg.data
@@ -164,6 +167,7 @@ def _corpus_layout(cfg: P2DConfig):
     first = read_footer(files[0]).schema.to_arrow_schema()
     fmt = resolve_format(d, first.names)
     text_columns = text_columns_for(d, first.names)
+    warn_unread(d, fmt, first.names, f"corpus {corpus}")
     if cfg.score.scorer == "ifd" and fmt == "plain":
         raise ValueError(
             "score.scorer=ifd needs a prompt and a response per row (IFD = loss of the response given the "
@@ -200,7 +204,7 @@ def _read_probe(cfg: P2DConfig, fmt: str) -> list[dict]:
         return []
     # The probe gradient alone needs only its first rows (a Parquet probe is read only that far).
     limit = s.alignment_probe_rows if fmt != "icl" and s.scorer == "gradient_alignment" else None
-    return read_rows(probe_path(cfg), limit=limit, what="data.probe_path")
+    return read_rows(probe_path(cfg), limit, "data.probe_path", cfg.data, cfg.data.probe_column_map)
 
 
 def _identity(

@@ -149,15 +149,21 @@ def read_shard_or_nulls(
         return pa.table({c: pa.nulls(shard.num_rows, t) for c, t in zip(columns, types, strict=True)}), why
 
 
-def normalize_text(table: pa.Table, text_columns: list[str]) -> pa.Table:
+def normalize_text(table: pa.Table, text_columns: list[str], json_columns: tuple[str, ...] = ()) -> pa.Table:
     """Make every text column ``string``: a column of another type (int, binary, ...) becomes nulls, its
-    rows are flagged ``_nonstring`` and their original values kept as JSON in ``_raw`` (for quarantine)."""
+    rows are flagged ``_nonstring`` and their original values kept as JSON in ``_raw`` (for quarantine).
+    A list column named in ``json_columns`` (chat ``messages``) becomes its values' JSON text instead, which
+    ``formatting.row_chat`` reads back."""
     import json
 
     flag = np.zeros(table.num_rows, dtype=bool)
     raw: list[str | None] = [None] * table.num_rows
     for name in text_columns:
         column = table.column(name)
+        if name in json_columns and (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
+            text = [None if v is None else json.dumps(v, default=str) for v in column.to_pylist()]
+            table = table.set_column(table.schema.get_field_index(name), name, pa.array(text, pa.string()))
+            continue
         if _is_text(column.type) or pa.types.is_null(column.type):
             table = table.set_column(table.schema.get_field_index(name), name, column.cast(pa.string()))
             continue
@@ -182,6 +188,7 @@ class ParquetShards(Datasource):
         shard_ids: their indices in the full shard list (the values written to ``_shard``).
         columns: columns to read, the id column first.
         text_columns: columns to normalise to ``string`` (see :func:`normalize_text`).
+        json_columns: list columns among them kept as JSON text (chat ``messages``).
         rows_per_block: upper bound on rows per output block.
         flags: per shard index, rows to flag in a bool column (e.g. ``{"_dup": {3: rows}}``).
     """
@@ -196,10 +203,12 @@ class ParquetShards(Datasource):
         rows_per_block: int = 4096,
         positions: bool = False,
         flags: dict[str, dict[int, np.ndarray]] | None = None,
+        json_columns: tuple[str, ...] = (),
     ):
         super().__init__()
         self.shards, self.shard_ids = shards, shard_ids
         self.columns, self.id_type, self.text_columns = columns, id_type, list(text_columns)
+        self.json_columns = tuple(json_columns)
         self.rows_per_block, self.positions = max(1, rows_per_block), positions
         self.flags = flags or {}
 
@@ -220,12 +229,12 @@ class ParquetShards(Datasource):
 
     def _reader(self, shard: Shard, sid: int, flags: dict[str, np.ndarray | None]):
         columns, id_type, text_columns = self.columns, self.id_type, self.text_columns
-        rows_per_block, positions = self.rows_per_block, self.positions
+        rows_per_block, positions, json_columns = self.rows_per_block, self.positions, self.json_columns
 
         def read():
             table, unreadable = read_shard_or_nulls(shard, columns, id_type)
             if text_columns:
-                table = normalize_text(table, text_columns)
+                table = normalize_text(table, text_columns, json_columns)
                 why = pa.array([unreadable] * table.num_rows, pa.string())
                 table = table.append_column(UNREADABLE_COL, why)
             n = table.num_rows
