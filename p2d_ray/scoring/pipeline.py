@@ -182,6 +182,7 @@ def _score_dataset(cfg: P2DConfig, plan: ScorePlan, todo: dict[int, Shard], dups
         tuple(plan.text_columns),
         block_rows,
         flags={DUP_COL: dups},
+        json_columns=(cfg.data.messages_column,),  # chat rows travel as JSON text
     )
     # One read task per shard, its blocks cut as above: override_num_blocks stops Ray Data from splitting
     # them further by a factor that depends on how many shards are left (SplitBlocks(k) cut windows apart).
