@@ -62,6 +62,13 @@ def banner(stage: str, text: str) -> None:
     print(f"[p2d-ray] stage {stage}: {text}", flush=True)
 
 
+def progress(cfg) -> str:
+    """'N of M shards done, ' when a scoring pass was under way (the command line's own courtesy line)."""
+    from p2d_ray.cli import _progress
+
+    return _progress(cfg)
+
+
 def describe_outputs(cfg, stage: str) -> str:
     """``scores/ (2,000 rows)``: what a finished stage wrote, Parquet directories with their row counts."""
     import pyarrow.dataset as pads
@@ -199,7 +206,9 @@ def run_job(config: str, overrides: list[str], work, verbose: bool = False) -> i
     """Validate the config, join the cluster, run ``work(cfg)`` and print its result as JSON (None: nothing).
 
     Exit code 2 with one clear line for a bad config or bad input found up front by a stage (it shows in
-    `ray job logs`, and the job status is failed); 0 otherwise.
+    `ray job logs`, and the job status is failed); 1 with one line for a failure Ray could not recover
+    from (it says how to resume); 130 / 143 with one line after Ctrl-C / SIGTERM (``ray job stop``); 0
+    otherwise.
     """
     from p2d_ray.config import ConfigError, load_config
 
@@ -208,16 +217,35 @@ def run_job(config: str, overrides: list[str], work, verbose: bool = False) -> i
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
-    connect(verbose)
-    caches = ", ".join(
-        f"{k}={os.environ.get(k, '(unset)')}" for k in ("P2D_RAY_CACHE", "TORCH_EXTENSIONS_DIR")
-    )
-    print(f"[p2d-ray] job: run_dir={cfg.run_dir}, {caches}", flush=True)
-    try:
-        result = work(cfg)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    from p2d_ray.runtime import interrupt_exit, sigterm_as_interrupt
+
+    # `ray job stop`, a drained node, Kubernetes and Slurm send SIGTERM: it ends the job like Ctrl-C.
+    with sigterm_as_interrupt():
+        try:
+            connect(verbose)
+            caches = ", ".join(
+                f"{k}={os.environ.get(k, '(unset)')}" for k in ("P2D_RAY_CACHE", "TORCH_EXTENSIONS_DIR")
+            )
+            print(f"[p2d-ray] job: run_dir={cfg.run_dir}, {caches}", flush=True)
+            result = work(cfg)
+        except KeyboardInterrupt as err:
+            rc, what = interrupt_exit(err)
+            print(f"[p2d-ray] job: {what}; {progress(cfg)}submit the same job again to resume", flush=True)
+            return rc
+        except (ValueError, FileNotFoundError) as err:
+            if os.environ.get("P2D_RAY_DEBUG") == "1":
+                raise
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except RuntimeError as err:  # e.g. training lost workers past train.max_failures: says how to resume
+            if os.environ.get("P2D_RAY_DEBUG") == "1":
+                raise
+            print(
+                f"[p2d-ray] job: error: {err} (P2D_RAY_DEBUG=1 shows the traceback)",
+                file=sys.stderr,
+                flush=True,
+            )
+            return 1
     if result is not None:
         # One line: the stages' results for scripts; the summary below (a full pipeline) is for people.
         print("[p2d-ray] result: " + json.dumps(result, default=str), flush=True)

@@ -6,8 +6,8 @@ clipping, and as many epochs as the subset run made (``train_summary.json``: its
 ``max_steps`` cap shortens both alike); only ``adaptation=full`` and the data (the whole scored corpus)
 differ. ``<run_dir>/full_baseline.json`` states that recipe, and whether the time was
 
-- **estimated** (default): seconds per full fine-tuning step, timed in-process on a few batches with the
-  worker's own training step (``trainer.time_train_steps``, ``report.timing_steps``), x the steps. The
+- **estimated** (default): seconds per full fine-tuning step, timed on a few batches in a Ray task sized
+  like one training worker, with the worker's own training step (``trainer.time_train_steps``, ``report.timing_steps``), x the steps. The
   estimate leaves out trainer start-up and assumes perfect scaling over workers, so it errs against P2D;
 - **measured** (``report.full_baseline: true``): that full fine-tuning run itself, in
   ``<run_dir>/full_baseline/``, evaluated like the subset run.
@@ -145,9 +145,13 @@ def full_baseline(cfg: P2DConfig, n_full_rows: int, n_subset_rows: int, subset_s
     if mode == MEASURED:
         out.update(measure_full_baseline(cfg, n_steps, n_full_rows))
     else:
+        from p2d_ray.runtime import on_a_worker, training_worker, worker_result
         from p2d_ray.training.trainer import time_train_steps
 
-        timed = time_train_steps(cfg, "full", cfg.report.timing_steps)
+        # Full fine-tuning steps of the whole model (weights, gradients, AdamW state): on a worker sized like
+        # one Ray Train worker (its GPU with train.use_gpu), never in the driver (a cluster's small head).
+        timing = on_a_worker(training_worker(cfg), time_train_steps, cfg, "full", cfg.report.timing_steps)
+        timed = worker_result(timing)
         out.update(
             full_step_seconds=timed["step_seconds"],
             timing_steps=timed["n_steps"],

@@ -245,7 +245,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg = demo_config(cfg)
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
         return 0
-    rc, result = _run_guarded(args.command, _resolve(COMMANDS[args.command]), cfg)
+    from p2d_ray.runtime import sigterm_as_interrupt
+
+    with sigterm_as_interrupt():  # SIGTERM (Kubernetes, Slurm, a spot notice, `timeout`) ends like Ctrl-C
+        rc, result = _run_guarded(args.command, _resolve(COMMANDS[args.command]), cfg)
     if rc != 0:
         return rc
     if result is not None and args.command not in HUMAN_OUTPUT:
@@ -292,8 +295,9 @@ def _run_guarded(command: str, func, cfg) -> tuple[int, object]:
     """Run ``func(cfg)`` for ``command`` after checking every input it reads; returns (exit code, result).
 
     Bad input (ValueError, FileNotFoundError): one message naming the problem, rc 2. A bad environment
-    (RuntimeError): one message, rc 1. Ctrl-C: "interrupted; N of M shards done, rerun to resume", rc 130,
-    and a Ray this command started is shut down (no orphan workers). ``P2D_RAY_DEBUG=1`` re-raises instead.
+    (RuntimeError): one message, rc 1. Ctrl-C: "interrupted; N of M shards done, rerun to resume", rc 130
+    (SIGTERM: "terminated (SIGTERM); ...", rc 143), and a Ray this command started is shut down (no orphan
+    workers). ``P2D_RAY_DEBUG=1`` re-raises instead.
     """
     import os
 
@@ -320,13 +324,16 @@ def _run_guarded(command: str, func, cfg) -> tuple[int, object]:
             if not ray_before and "ray" in sys.modules and sys.modules["ray"].is_initialized():
                 sys.modules["ray"].shutdown()
         return 0, result
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         if debug:
             raise
-        print(f"p2d-ray {command}: interrupted; {_progress(cfg)}rerun to resume", file=sys.stderr)
+        from p2d_ray.runtime import interrupt_exit
+
+        rc, what = interrupt_exit(err)  # Ctrl-C: 130 "interrupted"; SIGTERM: 143 "terminated (SIGTERM)"
+        print(f"p2d-ray {command}: {what}; {_progress(cfg)}rerun to resume", file=sys.stderr)
         if not ray_before and "ray" in sys.modules and sys.modules["ray"].is_initialized():
             sys.modules["ray"].shutdown()
-        return 130, None
+        return rc, None
     except (ValueError, FileNotFoundError) as err:
         if debug:
             raise

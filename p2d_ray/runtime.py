@@ -11,8 +11,11 @@ the Hugging Face offline switches.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 
 # Environment the workers need, forwarded from the driver when set. Why each one:
 FORWARDED_ENV = (
@@ -58,6 +61,9 @@ def ensure_ray(num_cpus: int | None = None, **init_kwargs) -> bool:
 
     if ray.is_initialized():
         return False
+    # Ray's core worker installs a C++ SIGTERM handler in ray.init (it dumps a stack and aborts: rc -6);
+    # a Python handler the caller installed (sigterm_as_interrupt) is put back after it.
+    on_term = signal.getsignal(signal.SIGTERM) if _main_thread() else None
     runtime_env = {"env_vars": worker_env()}
     address = os.environ.get("RAY_ADDRESS")
     if address:
@@ -71,7 +77,48 @@ def ensure_ray(num_cpus: int | None = None, **init_kwargs) -> bool:
         # training; the setup hook quiets that one logger in every worker process.
         runtime_env["worker_process_setup_hook"] = "p2d_ray.runtime.quiet_local_workers"
         ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env, **init_kwargs)
+    if callable(on_term):
+        signal.signal(signal.SIGTERM, on_term)
     return True
+
+
+# -- SIGTERM is a signal, not a crash ----------------------------------------------------------------------
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (Kubernetes, Slurm, a spot notice, ``timeout``, ``ray job stop``), raised like Ctrl-C so every
+    command and job entrypoint ends the same way: one line, a Ray it started shut down, a rerun resumes."""
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _raise_terminated(signum, frame):
+    # One-shot: a second SIGTERM while shutting down takes the default action (the process ends).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Inside: SIGTERM raises :class:`Terminated` (a KeyboardInterrupt) in the main thread; no-op elsewhere.
+    :func:`ensure_ray` keeps the handler across ``ray.init``."""
+    if not _main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def interrupt_exit(err: BaseException) -> tuple[int, str]:
+    """``(exit code, what happened)`` for an interrupt: 143 and "terminated (SIGTERM)", or 130 and
+    "interrupted" (Ctrl-C), the shell's conventions (128 + signal number)."""
+    if isinstance(err, Terminated):
+        return 128 + signal.SIGTERM, "terminated (SIGTERM)"
+    return 128 + signal.SIGINT, "interrupted"
 
 
 # Ray Train's placement-group cleaner: polls the State API every second and warns when it is unavailable.
@@ -95,3 +142,48 @@ def available_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+# -- model weights never load in the driver ----------------------------------------------------------------
+# A job's driver runs on the head node, which in every shipped cluster config has no GPU and little memory:
+# every step that loads a model runs as a Ray task sized like the workers that would hold that model.
+def scoring_worker(cfg) -> dict:
+    """Ray task options of one scoring actor (``score.num_cpus_per_actor`` / ``num_gpus_per_actor``)."""
+    return {"num_cpus": cfg.score.num_cpus_per_actor, "num_gpus": cfg.score.num_gpus_per_actor}
+
+
+def training_worker(cfg) -> dict:
+    """Ray task options of one Ray Train worker (``train.cpus_per_worker``, a GPU with ``use_gpu``, and
+    ``train.resources_per_worker``)."""
+    t = cfg.train
+    extra = dict(t.resources_per_worker)  # custom resources only (the config refuses CPU / GPU there)
+    return {
+        "num_cpus": t.cpus_per_worker,
+        "num_gpus": 1 if t.use_gpu else 0,
+        **({"resources": extra} if extra else {}),
+    }
+
+
+def on_a_worker(options: dict, func, *args, num_returns: int = 1, **kwargs):
+    """``func(*args, **kwargs)`` as a Ray task with ``options`` (:func:`scoring_worker`,
+    :func:`training_worker`); starts or joins Ray first. Returns the task's ObjectRef(s), not the value,
+    so a large result can go on to other workers without passing through the driver."""
+    import ray
+
+    ensure_ray()
+    task = ray.remote(max_retries=0, num_returns=num_returns, **options)(func)
+    return task.remote(*args, **kwargs)
+
+
+def worker_result(ref):
+    """``ray.get(ref)``, re-raising the task's own exception (e.g. the ValueError naming a bad input) rather
+    than Ray's wrapper with the worker's traceback, so commands report it in one line as any other."""
+    import ray
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as err:
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, Exception):
+            raise cause from None
+        raise

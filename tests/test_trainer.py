@@ -64,22 +64,24 @@ def _cfg(run: str, model_path: str, *overrides: str):
 
 def test_heads_zero2_two_workers_failure_resume_export(tmp_path, tiny_llama, ray_local, monkeypatch):
     run = _make_run(tmp_path, tiny_llama)
-    # 48 rows / (4 rows x 2 workers) = 6 steps; checkpoints at 2 and 4; every worker fails once at step 3.
+    # 48 rows / (4 rows x 2 workers) = 6 steps; checkpoints at 2 and 4; a worker is lost at step 5.
     cfg = _cfg(run, tiny_llama, "train.zero_stage=2", "train.max_failures=1")
     with pytest.raises(ValueError, match="fewer than train.num_workers"):
         TrainInputs(_cfg(run, tiny_llama, "train.num_workers=64"))
 
     import p2d_ray.training.trainer as trainer
 
-    # Every worker raises once at step 3 (after the step-2 checkpoint); FailureConfig(max_failures=1)
-    # restarts the worker group, which must resume from the latest checkpoint.
-    monkeypatch.setattr(trainer, "fit", functools.partial(trainer.fit, fail_at_step=3))
+    # The last rank's process is killed at step 5 (after the step-4 checkpoint), as a lost node takes it;
+    # FailureConfig(max_failures=1) restarts the worker group, which must resume from the NEWEST checkpoint
+    # (Ray's own record can lag behind the storage: before, such a restart went back to an older one).
+    monkeypatch.setattr(trainer, "fit", functools.partial(trainer.fit, fail_at_step=5, fail_kill=True))
     summary = run_train(cfg)
 
     assert summary["steps"] == 6 and len(summary["loss_curve"]) == 6
-    assert summary["resumed_from_step"] == 2, (
-        "the restarted worker group must resume from the step-2 checkpoint"
+    assert summary["resumed_from_step"] == 4, (
+        "the restarted worker group must resume from the step-4 checkpoint"
     )
+    assert [r["from_step"] for r in summary["resumes"]] == [4], summary["resumes"]
     assert summary["world_size"] == 2 and summary["ranks_identical"] is True
     assert summary["rows_seen"] == 6 * 8 and summary["skipped_rows"] == {}
     assert summary["loss_curve"][-1] < summary["loss_curve"][0] - 0.2, summary["loss_curve"]

@@ -2,7 +2,7 @@
 
 TracIn / LESS restricted to the head subspace, from forwards only.
 
-1. **Probe gradient** ``G`` (:func:`probe_gradient`, once per run on the driver): the gradient of the probe
+1. **Probe gradient** ``G`` (:func:`probe_gradient`, once per run, on a worker sized like a scoring actor): the gradient of the probe
    set's mean per-row loss w.r.t. the task heads' parameters -- exactly the parameters Stage 3 trains
    (``training.deltas.plan_head_deltas``: each head's q rows, its GQA group's k/v rows, its o_proj columns; a
    group shared by several heads counted once) -- normalised to unit length. Stored per projection module
@@ -350,10 +350,11 @@ def prepare_probe_gradient(
     cfg, heads: HeadSet, fingerprint: str, rows: list[dict], model_fp: str
 ) -> ProbeGradient:
     """The run's probe gradient: ``<run_dir>/probe_gradient.safetensors`` if it carries ``fingerprint``
-    (a resumed run, or `p2d-ray compare` reusing a run), else computed on the driver from ``rows`` (the
-    plan's probe rows, whose hash is in ``fingerprint``) and saved there.
+    (a resumed run, or `p2d-ray compare` reusing a run), else computed in this process from ``rows`` (the
+    plan's probe rows, whose hash is in ``fingerprint``) and saved there. Scoring calls it on a worker
+    (:func:`probe_gradient_on_a_worker`), never in the driver.
 
-    Driver cost: one model load and ``score.alignment_probe_rows`` rows of forward + backward.
+    Cost: one model load and ``score.alignment_probe_rows`` rows of forward + backward.
     """
     from p2d_ray.assets.paths import probe_path
     from p2d_ray.data.formatting import encode_probe, probe_batches
@@ -385,3 +386,23 @@ def prepare_probe_gradient(
         torch.set_num_threads(threads)
     pg.save(path)
     return pg
+
+
+def _probe_gradient_bytes(cfg, heads: HeadSet, fingerprint: str, rows: list[dict], model_fp: str):
+    """The worker's half of :func:`probe_gradient_on_a_worker`: ``(True, bytes)``; the first output is
+    tiny, for the driver to wait on (and to receive an error through)."""
+    return True, prepare_probe_gradient(cfg, heads, fingerprint, rows, model_fp).to_bytes()
+
+
+def probe_gradient_on_a_worker(cfg, heads: HeadSet, fingerprint: str, rows: list[dict], model_fp: str):
+    """:func:`prepare_probe_gradient` as a Ray task sized like one scoring actor (a GPU node when the
+    scoring actors take a GPU), never in the driver: on a cluster the driver sits on the head, which holds
+    no GPU and is not sized for a model. Returns the ObjectRef of ``ProbeGradient.to_bytes()``, for the
+    scoring actors; it never passes through the driver. Raises what the task raised (e.g. ValueError)."""
+    from p2d_ray.runtime import on_a_worker, scoring_worker, worker_result
+
+    done, data = on_a_worker(
+        scoring_worker(cfg), _probe_gradient_bytes, cfg, heads, fingerprint, rows, model_fp, num_returns=2
+    )
+    worker_result(done)
+    return data

@@ -134,24 +134,23 @@ def score_corpus(cfg: P2DConfig, on_shard_done: Callable[[Shard], None] | None =
 
 
 def _start_pass(cfg: P2DConfig, plan: ScorePlan, wall: dict) -> tuple[list | None, dict]:
-    """Before the pass: the probe gradient (gradient_alignment; on the driver, before Ray starts, shipped
-    once through the object store), Ray, the minimum pool's placement, and the corpus's duplicate-id flags.
+    """Before the pass: Ray, the minimum pool's placement, the probe gradient (gradient_alignment; a Ray
+    task sized like a scoring actor, never in the driver, its bytes left in the object store for every
+    actor), and the corpus's duplicate-id flags.
     Returns ``(probe_gradient object refs or None, duplicate positions)``."""
-    import ray
-
     s = cfg.score
     probe_gradient = None
+    ensure_ray()
+    check_pool_fits(s)
     if s.scorer == "gradient_alignment":
-        from p2d_ray.scoring.gradient import prepare_probe_gradient
+        from p2d_ray.scoring.gradient import probe_gradient_on_a_worker
 
         t = time.perf_counter()
         model_fp = plan.provenance["model_fingerprint"]
-        pg = prepare_probe_gradient(cfg, plan.heads, plan.gradient_fingerprint, plan.probe_rows, model_fp)
+        probe_gradient = [
+            probe_gradient_on_a_worker(cfg, plan.heads, plan.gradient_fingerprint, plan.probe_rows, model_fp)
+        ]
         wall["probe_gradient"] = time.perf_counter() - t
-    ensure_ray()
-    if s.scorer == "gradient_alignment":
-        probe_gradient = [ray.put(pg.to_bytes())]  # one copy in the object store for every actor
-    check_pool_fits(s)
     t = time.perf_counter()
     n_rows = sum(sh.num_rows for sh in plan.shards)
     find = duplicate_positions_local if n_rows <= s.local_dedup_max_rows else duplicate_positions

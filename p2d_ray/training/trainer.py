@@ -7,8 +7,9 @@
 
 Resume: the Ray Train run is named after what its weights depend on (model, adaptation, heads, data,
 optimizer settings; not the step budget), under ``train.storage_path`` (default ``<run_dir>/train``).
-A restarted worker group (``FailureConfig(max_failures)``) or a rerun of the same command continues
-from that run's latest checkpoint; raising ``train.max_steps`` or ``train.epochs`` extends a finished run.
+A restarted worker group (``FailureConfig(max_failures)``), a rerun after a failure past ``max_failures``
+and a rerun after Ctrl-C / SIGTERM all continue from that run's newest complete checkpoint
+(``training.checkpoints``); raising ``train.max_steps`` or ``train.epochs`` extends a finished run.
 
 Also here, for evaluation and the AER report: :func:`load_adapted_model` (the base model with the
 exported update applied) and :func:`time_train_steps` (seconds per optimizer step of an adaptation,
@@ -136,24 +137,90 @@ def _ensure_ray(cfg: P2DConfig) -> None:
     ensure_ray(int(t.num_workers * t.cpus_per_worker) + 2)
 
 
-def fit(cfg: P2DConfig, data_path: str | None = None, *, fail_at_step: int | None = None):
+def fit(
+    cfg: P2DConfig, data_path: str | None = None, *, fail_at_step: int | None = None, fail_kill: bool = False
+):
     """Run the Ray Train job and return ``(ray.train.Result, TrainInputs)``.
 
     Args:
         data_path: Parquet to train on (default ``<run_dir>/subset``; the AER's full baseline passes the corpus).
-        fail_at_step: tests only: every worker raises once at this step, to exercise FailureConfig + resume.
+        fail_at_step: tests only: every worker raises once at this step, to exercise FailureConfig + resume;
+            ``fail_kill``: the last rank's process is killed there instead (a lost worker).
     Raises:
         ValueError / FileNotFoundError: bad inputs, found before Ray starts.
+        RuntimeError: the workers failed more often than ``train.max_failures`` allows; one line that names
+            the newest complete checkpoint and says that a rerun resumes from it.
+        KeyboardInterrupt: Ctrl-C or SIGTERM (``runtime.Terminated``); a rerun resumes from the newest
+            complete checkpoint.
     """
     inputs = TrainInputs(cfg, data_path)
     _ensure_ray(cfg)
     # The dataset copies the DataContext when created: inside ray_data_output, the split coordinator's
     # progress bars and INFO lines go to <run_dir>/logs (our rank-0 progress line says steps, rate, ETA).
     with ray_data_output(cfg.run_dir):
-        return _trainer(cfg, inputs, fail_at_step).fit(), inputs
+        trainer = _trainer(cfg, inputs, fail_at_step, fail_kill)
+        try:
+            return _fit_interruptible(trainer), inputs
+        except Exception as err:
+            from ray.train import TrainingFailedError
+
+            if isinstance(err, TrainingFailedError):
+                raise RuntimeError(_failure_line(cfg, inputs, err)) from None
+            raise
 
 
-def _trainer(cfg: P2DConfig, inputs: TrainInputs, fail_at_step: int | None):
+def _fit_interruptible(trainer):
+    """``trainer.fit()`` in a helper thread while this (main) thread waits: Ctrl-C and SIGTERM then raise
+    here as KeyboardInterrupt, as in every other stage. (In the main thread Ray Train installs its own
+    SIGINT handler, which aborts the run and leaves the command with rc 1 and no message.) The interrupted
+    run's controller and workers belong to this driver and end with it (the command shuts its Ray down)."""
+    import threading
+
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as err:  # handed to the main thread
+            box["error"] = err
+
+    thread = threading.Thread(target=target, name="p2d-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)  # short waits: signal handlers run between them
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def _failure_line(cfg: P2DConfig, inputs: TrainInputs, err: Exception) -> str:
+    """One line for a run the workers could not finish: what failed, the newest complete checkpoint, and
+    that rerunning the same command resumes from it."""
+    from p2d_ray.training.checkpoints import newest_complete_checkpoint
+
+    failures = getattr(err, "worker_failures", None) or {}
+    first = next(iter(failures.values()), err)
+    what = (str(first).strip().splitlines() or [type(first).__name__])[0][:200]
+    allowed = cfg.train.max_failures
+    newest = newest_complete_checkpoint(_checkpoint_root(cfg, inputs), cfg.train.num_workers)
+    where = (
+        f"the newest complete checkpoint is step {newest[0]} ({newest[1]}); rerun the same command to resume "
+        "from it"
+        if newest
+        else "no checkpoint was complete yet; rerun the same command to start again"
+    )
+    return (
+        f"training failed after {allowed} restart(s) allowed by train.max_failures "
+        f"({type(first).__name__}: {what}); {where} (or raise train.max_failures)"
+    )
+
+
+def _checkpoint_root(cfg: P2DConfig, inputs: TrainInputs) -> str:
+    """Where Ray Train writes this run's checkpoints: ``<storage_path>/<run name>``."""
+    return f"{inputs.storage_path.rstrip('/')}/{inputs.run_name(cfg)}"
+
+
+def _trainer(cfg: P2DConfig, inputs: TrainInputs, fail_at_step: int | None, fail_kill: bool = False):
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -168,7 +235,9 @@ def _trainer(cfg: P2DConfig, inputs: TrainInputs, fail_at_step: int | None):
             "n_rows": inputs.n_rows,
             "heads": inputs.heads.to_json() if inputs.heads else None,
             "tb_dir": tensorboard_dir(cfg.run_dir) if t.tensorboard else None,
+            "checkpoint_root": _checkpoint_root(cfg, inputs),
             "fail_at_step": fail_at_step,
+            "fail_kill": fail_kill,
         },
         scaling_config=ScalingConfig(
             num_workers=t.num_workers,
@@ -208,6 +277,10 @@ def run_train(cfg: P2DConfig, data_path: str | None = None) -> dict:
             state = json.loads(Path(ckpt, STATE_FILE).read_text())
             manifest = export_from_checkpoint(cfg, Path(ckpt) / EXPORT_DIR)
         final = state.get("final", {})
+        for r in state.get("resumes", []):
+            print(
+                f"train: resumed from the checkpoint at step {r['from_step']} ({r['checkpoint']})", flush=True
+            )
         summary = {
             "adaptation": cfg.train.adaptation,
             "data_path": inputs.data_path,
@@ -231,6 +304,8 @@ def run_train(cfg: P2DConfig, data_path: str | None = None) -> dict:
             "checkpoint": result.checkpoint.path,
             "storage_path": inputs.storage_path,
             "run_name": inputs.run_name(cfg),
+            # Every restart (FailureConfig) or rerun that continued from a checkpoint: step and checkpoint.
+            "resumes": state.get("resumes", []),
             "adapter": manifest,
             **{k: v for k, v in final.items() if k != "step_time"},
         }

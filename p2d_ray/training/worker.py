@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import tempfile
 import time
 from collections import Counter
@@ -117,6 +118,7 @@ class Session:
             "first_steps": [],  # the first step of every attempt, which also pays for the data start-up
             "skipped": {},
             "rows_seen": 0,
+            "resumes": [],  # one entry per restart or rerun: the step and checkpoint it continued from
         }
     )
     resumed_from: int | None = None
@@ -180,19 +182,42 @@ def setup(config: dict) -> Session:
 
 # -- 2. restore -------------------------------------------------------------------------------------------
 def restore(s: Session) -> None:
-    """Resume from ``ray.train.get_checkpoint()`` when there is one (a restarted worker group, or a rerun of
-    the same run name): DeepSpeed module + optimizer state and our step counter / curves."""
+    """Resume from the newest complete checkpoint of this run: Ray's latest registered one
+    (``ray.train.get_checkpoint()``: a restarted worker group, or a rerun of the same run name) or a newer
+    complete one in the run's storage that Ray had not registered yet (a worker lost while the controller was
+    behind, a rerun after a failure or Ctrl-C / SIGTERM). Loads the DeepSpeed module + optimizer state and our
+    step counter / curves. Rank 0 chooses and every rank loads the same checkpoint."""
     import ray.train
+    import torch.distributed as dist
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+    from p2d_ray.training.checkpoints import checkpoint_step, newest_complete_checkpoint
+
+    given = ray.train.get_checkpoint()
+    choice = [None]
+    if s.rank == 0:
+        candidates = []
+        if given is not None:
+            candidates.append((checkpoint_step(given.path), given.path, "ray"))
+        found = newest_complete_checkpoint(s.config.get("checkpoint_root"), s.world)
+        if found is not None:
+            candidates.append((*found, "storage"))
+        # Ray's own on a tie: same checkpoint, already resolved on its filesystem.
+        choice = [max(candidates, key=lambda c: (c[0], c[2] == "ray")) if candidates else None]
+    if s.world > 1:
+        dist.broadcast_object_list(choice, src=0)
+    if choice[0] is None:
         return
+    _, path, via = choice[0]
+    checkpoint = given if via == "ray" and given is not None else ray.train.Checkpoint(path)
     with checkpoint.as_directory() as ckpt_dir:
         # Frozen weights were never saved (exclude_frozen_parameters): load the rest, non-strict.
         _, client = s.engine.load_checkpoint(ckpt_dir, load_module_strict=False)
         s.has_export = (Path(ckpt_dir) / EXPORT_DIR).is_dir()
     for key, value in (client or {})["p2d_state"].items():
         s.state[key] = value
+    s.state.setdefault("resumes", []).append({"from_step": s.state["step"], "checkpoint": path, "via": via})
+    if s.rank == 0:
+        print(f"[p2d-ray] train: resumed from the checkpoint at step {s.state['step']} ({path})", flush=True)
     s.resumed_from, s.fail_at = s.state["step"], None
 
 
@@ -260,6 +285,8 @@ def save(s: Session, final: bool) -> None:
     shards in storage); the final checkpoint also carries ``export/`` and the state file."""
     import ray.train
 
+    from p2d_ray.training.checkpoints import write_rank_marker
+
     st = s.state
     metrics = {"step": st["step"], "loss": st["loss_curve"][-1] if st["loss_curve"] else float("nan")}
     with tempfile.TemporaryDirectory() as tmp:
@@ -270,6 +297,7 @@ def save(s: Session, final: bool) -> None:
             _export_update(s.engine, s.cfg, s.heads, Path(tmp) / EXPORT_DIR, s.rank)
         if s.rank == 0:
             Path(tmp, STATE_FILE).write_text(json.dumps(st))
+        write_rank_marker(Path(tmp), s.rank)  # last: what this rank wrote, for the completeness check
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
@@ -310,8 +338,9 @@ def train_func(config: dict) -> None:
     save the final checkpoint with the export.
 
     ``config``: ``cfg`` (P2DConfig as JSON), ``fmt`` (row format), ``n_rows`` (rows in the training data),
-    ``heads`` (HeadSet JSON or None), ``tb_dir`` (TensorBoard directory or None), ``fail_at_step`` (tests:
-    raise once at that step, before any restore, to exercise FailureConfig).
+    ``heads`` (HeadSet JSON or None), ``tb_dir`` (TensorBoard directory or None), ``checkpoint_root`` (the
+    run's checkpoint directory, read by :func:`restore`), ``fail_at_step`` (tests: raise once at that step,
+    before any restore, to exercise FailureConfig; with ``fail_kill`` the last rank is SIGKILLed instead).
     """
     import ray.train
 
@@ -326,7 +355,13 @@ def train_func(config: dict) -> None:
     try:
         while s.state["step"] < s.n_steps:
             if s.fail_at == s.state["step"]:
-                raise RuntimeError(f"injected failure at step {s.state['step']} (fail_at_step, tests only)")
+                if config.get("fail_kill"):  # a lost worker (a spot node gone): the last rank dies outright
+                    if s.rank == s.world - 1:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                else:
+                    raise RuntimeError(
+                        f"injected failure at step {s.state['step']} (fail_at_step, tests only)"
+                    )
             tracker.log(s.state["step"] + 1, step(s, stream, skipped))
             if s.state["step"] % s.cfg.train.checkpoint_every == 0 and s.state["step"] < s.n_steps:
                 save(s, final=False)
