@@ -202,7 +202,10 @@ def _score_dataset(cfg: P2DConfig, plan: ScorePlan, todo: dict[int, Shard], dups
     return ds.map_batches(
         ScorerActor,
         batch_format="pyarrow",
-        batch_size=None,  # one block per call: whole windows (and whole ICL groups)
+        # One block per call: whole windows (and whole ICL groups). Ray Data refuses batch_size=None when
+        # actors take GPUs (found by the fleet rehearsal, tests/test_fleet.py): there a call is one full
+        # block's rows, the same call wherever a shard's blocks are full.
+        batch_size=block_rows if s.num_gpus_per_actor else None,
         compute=ray.data.ActorPoolStrategy(min_size=s.min_actors, max_size=s.max_actors),
         num_cpus=s.num_cpus_per_actor,
         num_gpus=s.num_gpus_per_actor,
