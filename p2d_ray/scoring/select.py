@@ -172,8 +172,9 @@ def keyed_shard(
     there: a later row with the same id is a quarantined duplicate, and a null id is never scored)."""
     sh = Shard(**shard)
     cols = [id_column] + ([] if column == RANDOM else [column])
-    names = pq.read_schema(score_file).names
-    quality = quality_column if quality_column in names else None  # absent: ranked by relevance only
+    quality = None  # a quality column the score files lack: every row is ranked by relevance only
+    if quality_column is not None and quality_column in pq.read_schema(score_file).names:
+        quality = quality_column
     scores = pq.read_table(score_file, columns=cols + ([quality] if quality and quality not in cols else []))
     corpus = read_shard(sh, [id_column] + ([stratify_by] if stratify_by else []))
     idx = pc.index_in(scores.column(id_column), value_set=corpus.column(id_column))
