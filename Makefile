@@ -6,10 +6,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-# Project-local caches: the converted SmolLM2, the demo corpus/model and DeepSpeed's JIT-built ops are built once
-# and reused.
-export P2D_RAY_CACHE ?= $(CURDIR)/.cache/p2d-ray
-export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+# Caches: the converted SmolLM2, the demo corpus/model (P2D_RAY_CACHE, default ~/.cache/p2d-ray) and DeepSpeed's
+# JIT-built op (TORCH_EXTENSIONS_DIR, default torch's ~/.cache/torch_extensions/py311_cpu) are built once per machine
+# and shared by `make`, `.venv/bin/p2d-ray` run directly and local Ray jobs: the Makefile sets neither, so all
+# of them resolve the same defaults (p2d_ray/assets/cache.py). Set them in the environment to move both.
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 

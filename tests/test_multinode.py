@@ -268,8 +268,9 @@ class LocalRayCluster:
 
 @pytest.fixture(scope="module")
 def cluster():
-    cache = os.environ.get("P2D_RAY_CACHE") or str(REPO / ".cache" / "p2d-ray")
-    ext = os.environ.get("TORCH_EXTENSIONS_DIR") or str(REPO / ".cache" / "torch_extensions")
+    from p2d_ray.assets.cache import cache_env  # the machine's caches, what every p2d-ray process resolves
+
+    cache, ext = cache_env()["P2D_RAY_CACHE"], cache_env()["TORCH_EXTENSIONS_DIR"]
     env = {
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",

@@ -17,7 +17,6 @@ E-lines).
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import time
@@ -65,7 +64,9 @@ def submitted(node, tmp_path_factory):
         "report.timing_steps=1",
     ]
     cache = data / "cache"  # the submitter's caches: the job must report these
-    ext = os.environ.get("TORCH_EXTENSIONS_DIR") or str(REPO / ".cache" / "torch_extensions")
+    from p2d_ray.assets.cache import torch_extensions_dir
+
+    ext = torch_extensions_dir()  # the machine's DeepSpeed op cache, what every p2d-ray process resolves
     env = {k: v for k, v in node.env.items() if k != "RAY_AUTH_MODE"}
     env.update(RAY_API_SERVER_ADDRESS=node.address, P2D_RAY_CACHE=str(cache), TORCH_EXTENSIONS_DIR=ext)
     try:

@@ -18,8 +18,30 @@ META_FILE = "meta.json"
 
 
 def cache_root() -> Path:
-    """``$P2D_RAY_CACHE`` (the Makefile points it at ``.cache/p2d-ray`` in the repo), else ``~/.cache/p2d-ray``."""
+    """``$P2D_RAY_CACHE``, else ``~/.cache/p2d-ray``: one cache per machine, however p2d-ray is started
+    (``make``, ``.venv/bin/p2d-ray``, a Ray job on this machine), so each asset is built once."""
     return Path(os.environ.get("P2D_RAY_CACHE") or Path.home() / ".cache" / "p2d-ray")
+
+
+def torch_extensions_dir() -> str:
+    """Where DeepSpeed's JIT-built ops land: ``$TORCH_EXTENSIONS_DIR``, else torch's own per-machine default
+    (``~/.cache/torch_extensions/py311_cpu``, as ``torch.utils.cpp_extension`` names it)."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return os.environ["TORCH_EXTENSIONS_DIR"]
+    import sys
+
+    import torch
+    from torch.utils.cpp_extension import get_default_build_root
+
+    v = torch.version
+    accel = f"rocm{v.hip.replace('.', '')}" if v.hip else f"cu{v.cuda.replace('.', '')}" if v.cuda else "cpu"
+    py = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    return os.path.join(get_default_build_root(), f"{py}_{accel}")
+
+
+def cache_env() -> dict[str, str]:
+    """The two build caches as environment variables (what a job's runtime_env forwards)."""
+    return {"P2D_RAY_CACHE": str(cache_root()), "TORCH_EXTENSIONS_DIR": torch_extensions_dir()}
 
 
 def recipe_hash(recipe: dict) -> str:
