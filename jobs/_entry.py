@@ -199,7 +199,15 @@ def main(stages: tuple[str, ...], description: str, argv: list[str] | None = Non
             results["report"] = run_stage(cfg, "report", lambda: run_pipeline(cfg, (), report=True)["report"])
         return results
 
-    return run_job(args.config, args.overrides, pipeline, verbose=args.verbose)
+    def one_writer(cfg) -> dict:
+        """The job's driver holds the run directory, as the CLI does (p2d_ray/runlock.py); Ray tasks it starts
+        (Stage 1, the probe gradient) write there on its behalf."""
+        from p2d_ray.runlock import holding
+
+        with holding(cfg.run_dir, "job --stages " + ",".join(chosen)):
+            return pipeline(cfg)
+
+    return run_job(args.config, args.overrides, one_writer, verbose=args.verbose)
 
 
 def run_job(config: str, overrides: list[str], work, verbose: bool = False) -> int:

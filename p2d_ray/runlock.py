@@ -121,6 +121,8 @@ def _read(path: Path) -> dict | None:
 def acquire(run_dir: str | Path, command: str, *, quiet: bool = False) -> None:
     """Take ``run_dir`` for ``command`` (re-entrant within a process). Raises :class:`RunDirLocked` when
     another live command holds it, ValueError when the directory is not writable."""
+    if "://" in str(run_dir):  # not a filesystem path: the pre-flight refuses such a run_dir
+        return
     run_dir = Path(run_dir)
     _writable_dir(run_dir)
     key = str(run_dir.resolve())

@@ -125,9 +125,10 @@ def _no_id(path: str, cols, cfg: P2DConfig) -> str:
     )
 
 
-def _decode(shards, columns: list[str]) -> tuple[list[str], int]:
+def _decode(shards, columns: list[str], rules: dict | None = None) -> tuple[list[str], int, int]:
     """Decode every shard's ``columns`` as the score stage will: (problems naming file and row group, rows
-    with invalid UTF-8). pyarrow decodes ~1M short rows/s per core, in a thread pool."""
+    with invalid UTF-8, rows ``score`` can score by ``rules``, :func:`_column_rules`). pyarrow decodes ~1M
+    short rows/s per core, in a thread pool."""
     import pyarrow as pa
 
     from p2d_ray.scoring.shards import read_shard
@@ -140,13 +141,109 @@ def _decode(shards, columns: list[str]) -> tuple[list[str], int]:
             return (
                 f"{shard.path} row group {shard.row_group}: cannot decode ({str(err).strip().splitlines()[0][:200]})",
                 0,
+                0,
             )
         masks = [m for m in (invalid_utf8(table.column(c)) for c in columns) if m is not None]
-        return None, int(sum(masks).astype(bool).sum()) if masks else 0
+        return None, int(sum(masks).astype(bool).sum()) if masks else 0, _scorable(table, rules or {})
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = list(pool.map(one, shards))
-    return [p for p, _ in results if p], sum(n for _, n in results)
+    return [p for p, _, _ in results if p], sum(n for _, n, _ in results), sum(k for _, _, k in results)
+
+
+def _column_rules(cfg: P2DConfig, text: list[str]) -> dict[str, str]:
+    """What ``score`` needs of each column it reads (``formatting.row_parts``): ``id`` not null; ``text``
+    non-blank text (a response, a plain row's text); ``string`` text that may be blank (a prompt); ``list``
+    not null (chat messages); ``optional`` anything (an Alpaca input)."""
+    d = cfg.data
+    rules = {d.id_column: "id"}
+    for c in text:
+        if c == getattr(d, "messages_column", None):
+            rules[c] = "list"
+        elif c == getattr(d, "input_column", None):
+            rules[c] = "optional"
+        elif c == d.prompt_column and d.response_column in text:
+            rules[c] = "string"
+        else:
+            rules[c] = "text"
+    return rules
+
+
+def _scorable(table, rules: dict[str, str]) -> int:
+    """Rows that meet every column's rule (:func:`_column_rules`): an upper bound on what ``score`` scores,
+    and exact when it is 0."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    ok = np.ones(table.num_rows, dtype=bool)
+    for c, rule in rules.items():
+        if rule == "optional":
+            continue
+        col = table.column(c)
+        ok &= col.is_valid().to_numpy(zero_copy_only=False)
+        if rule in ("id", "list"):
+            continue
+        if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+            return 0  # not text: every row is quarantined as non_string
+        if rule == "text":
+            try:
+                size = pc.utf8_length(pc.utf8_trim_whitespace(col))
+            except pa.ArrowInvalid:  # invalid UTF-8: counted (and quarantined) as bad_utf8
+                size = pc.binary_length(col)
+            ok &= pc.fill_null(pc.greater(size, 0), False).to_numpy(zero_copy_only=False)
+    return int(np.count_nonzero(ok))
+
+
+def _dead_columns(files: list[str], rules: dict[str, str]) -> str | None:
+    """From the footers alone (types and row-group null counts): why no row of the corpus can be scored,
+    or None. A file is dead when its id column is null in every row, or a text column is not text (list,
+    number, ...) or null in every row; a corpus whose files are all dead would quarantine every row, so
+    it is refused up front (issue 25) rather than scored to an empty set."""
+    import pyarrow as pa
+
+    from p2d_ray.scoring.shards import read_footer
+
+    if len(files) > MAX_FILES_TO_COUNT:
+        return None
+    why: dict[str, int] = {}
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        metas = list(pool.map(read_footer, files))
+    for meta in metas:
+        schema = meta.schema.to_arrow_schema()
+        dead = None
+        for c, rule in rules.items():
+            if rule == "optional":
+                continue
+            t = schema.field(c).type
+            text_ok = pa.types.is_string(t) or pa.types.is_large_string(t) or rule in ("id", "list")
+            if not text_ok and not pa.types.is_null(t):
+                dead = f"column {c!r} is {t}, not text"
+            elif pa.types.is_null(t) or _null_in_every_row(meta, c):
+                dead = f"column {c!r} is null in every row"
+            if dead:
+                break
+        if dead is None:
+            return None
+        why[dead] = why.get(dead, 0) + 1
+    shown = "; ".join(f"{w} ({n} of {len(files)} file(s))" for w, n in why.items())
+    return f"no row of the corpus can be scored: {shown}; every row would be quarantined"
+
+
+def _null_in_every_row(meta, column: str) -> bool:
+    """Every row group's statistics say ``column`` is all nulls (False when any lacks statistics)."""
+    if meta.num_row_groups == 0:
+        return False
+    for rg in range(meta.num_row_groups):
+        group = meta.row_group(rg)
+        chunk = next(
+            (group.column(j) for j in range(group.num_columns) if group.column(j).path_in_schema == column),
+            None,
+        )
+        stats = chunk.statistics if chunk is not None else None
+        if stats is None or not stats.has_null_count or stats.null_count < group.num_rows:
+            return False
+    return True
 
 
 def _corpus_findings(cfg: P2DConfig, deep: bool) -> list[dict]:
@@ -175,6 +272,9 @@ def _corpus_findings(cfg: P2DConfig, deep: bool) -> list[dict]:
         if cfg.data.id_column not in names:
             raise ValueError(_no_id(files[0], names, cfg))
         shards, _ = plan_shards(parquet, [cfg.data.id_column, *text], files=files)
+        dead = _dead_columns(files, _column_rules(cfg, text))
+        if dead:
+            raise ValueError(f"{parquet}: {dead}")
     except ValueError as err:
         return [_finding("corpus", "error", str(err).replace("\n  ", " ").replace("\n", " "))]
     rows = sum(sh.num_rows for sh in shards)
@@ -184,10 +284,17 @@ def _corpus_findings(cfg: P2DConfig, deep: bool) -> list[dict]:
     unread = unread_columns(cfg.data, fmt, names)
     msg += f"; column(s) {unread} hold text but are not read" if unread else ""
     if deep:
-        problems, bad_utf8 = _decode(shards, [cfg.data.id_column, *text])
+        rules = _column_rules(cfg, text)
+        problems, bad_utf8, scorable = _decode(shards, [cfg.data.id_column, *text], rules)
         if problems:
             shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
             return [_finding("corpus", "error", f"corrupt data: {shown}")]
+        if scorable == 0:
+            msg = (
+                f"{parquet}: no row of the corpus can be scored: none of its {rows} rows has an id and the "
+                f"text it needs in {text}; every row would be quarantined"
+            )
+            return [_finding("corpus", "error", msg)]
         if bad_utf8:
             msg += f"; {bad_utf8} row(s) with invalid UTF-8 will be quarantined (bad_utf8)"
     return [_finding("corpus", "ok", msg, columns=names, rows=rows, files=len(files), format=fmt)]
@@ -231,6 +338,9 @@ def _small_table_findings(check: str, what: str, path: str, cfg: P2DConfig, need
     if check == "probe" and fmt == "icl" and len(rows) < cfg.data.icl_k:
         msg = f"data.icl_k={cfg.data.icl_k} but {what}={path!r} has only {len(rows)} rows"
         return [_finding(check, "error", msg)]
+    problem = _probe_encoding_problem(cfg, rows) if check == "probe" else None
+    if problem:
+        return [_finding(check, "error", f"{what}={path!r}: {problem}")]
     msg = f"{path}: {len(rows)} rows, format {fmt}"
     unread = unread_columns(cfg.data, fmt, cols)
     msg += f"; column(s) {unread} hold text but are not read" if unread else ""
@@ -250,6 +360,47 @@ def _data_findings(cfg: P2DConfig, checks: set[str], deep: bool) -> list[dict]:
             "heldout", "evaluate.heldout_path", paths.heldout_path(cfg), cfg, True
         )
     return findings
+
+
+def _local_tokenizer(cfg: P2DConfig):
+    """The model's tokenizer when its files are on this machine (a local directory, a built asset model, the
+    Hugging Face cache), else None: validate never downloads and never builds."""
+    from p2d_ray.assets import is_asset_model, model_dir
+    from p2d_ray.models.loading import load_tokenizer, looks_local
+
+    name = cfg.model.name_or_path
+    model = cfg.model
+    if is_asset_model(name):
+        if not (model_dir(name) / "config.json").is_file():
+            return None
+        model = cfg.model.model_copy(update={"name_or_path": str(model_dir(name))})
+    elif not looks_local(name):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "tokenizer_config.json", revision=cfg.model.revision)
+        if not isinstance(cached, str):
+            return None
+    try:
+        return load_tokenizer(model)
+    except Exception:  # no tokenizer files: the model check reports that
+        return None
+
+
+def _probe_encoding_problem(cfg: P2DConfig, rows: list[dict]) -> str | None:
+    """The probe rows encoded as localize and the probe gradient encode them (tokenizer only): a row whose
+    answer vanishes after truncation at ``data.max_length`` is refused there, so it is an error here too."""
+    from p2d_ray.data.formatting import encode_probe
+
+    tokenizer = _local_tokenizer(cfg)
+    if tokenizer is None:
+        return None
+    limits = [cfg.localize.max_probe_samples, cfg.score.alignment_probe_rows]
+    limit = None if None in limits else max(limits)
+    try:
+        encode_probe(rows[:limit], tokenizer, cfg.data)
+    except ValueError as err:
+        return f"{err} (after truncation at data.max_length={cfg.data.max_length})"
+    return None
 
 
 # -- model ----------------------------------------------------------------------------------------------
@@ -381,7 +532,32 @@ def _run_findings(cfg: P2DConfig) -> list[dict]:
             "NFS/EFS/Filestore for a cluster); put checkpoints on s3:// with train.storage_path"
         )
         return [_finding("run", "error", msg)]
+    problem = _unwritable(Path(cfg.run_dir))
+    if problem:
+        return [_finding("run", "error", problem)]
     return [_finding("run", "ok", f"run_dir {cfg.run_dir}")]
+
+
+def _unwritable(run_dir: Path) -> str | None:
+    """Why ``run_dir`` cannot be written (a path under a file, not a directory, a read-only filesystem, no
+    permission), or None. Probed with a temporary file in it or in its nearest existing parent; nothing is
+    created or left behind."""
+    import os
+    import tempfile
+
+    probe = run_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "is" if probe == run_dir else f"is under {str(probe)!r}, which is"
+        return f"run_dir={str(run_dir)!r} {where} a file, not a directory"
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".p2d-ray-write-check-", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as err:
+        return f"run_dir={str(run_dir)!r} is not writable ({probe}: {err.strerror or err})"
+    return None
 
 
 STAGES = ("localize", "score", "select", "train", "evaluate")
@@ -408,7 +584,7 @@ def stage_inputs(cfg: P2DConfig, stages) -> tuple[set[str], set[str]]:
         needed.add("heads")
     if "score" in stages:
         checks.add("corpus")
-        if cfg.data.format == "icl":
+        if cfg.data.format == "icl" or cfg.score.scorer in ("gradient_alignment", "icl_attention"):
             checks.add("probe")
     if "select" in stages and "score" not in stages:
         needed.add("scores")

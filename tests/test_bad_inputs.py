@@ -260,7 +260,81 @@ def rows_that_already_held(tmp, model):
     )
 
 
+# -- issue 25: what validate let through and a stage then refused, or failed on with a traceback ----------
+def probe_answers_truncated(tmp, model):
+    """Answers past data.max_length (64 tokens): localize and score refuse such a probe, so validate does."""
+    _write(tmp / "c" / "x.parquet", GOOD)
+    long = [
+        {"prompt": "Please think about this. " * 8 + f"What is {i}? ", "response": f"{i}"} for i in range(4)
+    ]
+    _jsonl(tmp / "p.jsonl", long)
+    return Case(
+        "validate",
+        {"data.corpus_path": tmp / "c", "data.probe_path": tmp / "p.jsonl"},
+        2,
+        "no_target_tokens (after truncation at data.max_length=64)",
+    )
+
+
+def list_text_column(tmp, model):
+    _write(tmp / "c" / "x.parquet", [{"id": i, "text": [f"row {i}", "as a list"]} for i in range(10)])
+    return Case("validate", {"data.corpus_path": tmp / "c"}, 2, "column 'text' is list<")
+
+
+def all_null_text_validate(tmp, model):
+    schema = pa.schema([("id", pa.int64()), ("text", pa.string())])
+    _write(tmp / "c" / "x.parquet", [{"id": i, "text": None} for i in range(10)], schema=schema)
+    return Case("validate", {"data.corpus_path": tmp / "c"}, 2, "column 'text' is null in every row")
+
+
+def all_null_text_score(tmp, model):
+    """Refused by the pre-flight (footer statistics), before Ray starts."""
+    all_null_text_validate(tmp, model)
+    return Case("score", {"data.corpus_path": tmp / "c"}, 2, "no row of the corpus can be scored")
+
+
+def blank_text_validate(tmp, model):
+    """Footers cannot tell blank text: validate decodes the pages and counts what can be scored."""
+    _write(tmp / "c" / "x.parquet", [{"id": i, "text": " " * (i % 3)} for i in range(10)])
+    return Case("validate", {"data.corpus_path": tmp / "c"}, 2, "no row of the corpus can be scored")
+
+
+def offline_s3_corpus_score(tmp, model):
+    """No network here: one line before any work (was a traceback from ingest.resolve_fs)."""
+    return Case(
+        "score", {"data.corpus_path": "s3://p2d-ray-no-such-bucket/corpus"}, 1, "cannot be read from here"
+    )
+
+
+def _under_a_file(tmp) -> Path:
+    (tmp / "afile").write_text("a file, not a directory")
+    return tmp / "afile" / "run"
+
+
+def run_dir_under_a_file_score(tmp, model):
+    _write(tmp / "c" / "x.parquet", GOOD)
+    return Case("score", {"data.corpus_path": tmp / "c", "run_dir": _under_a_file(tmp)}, 2, "is under a file")
+
+
+def run_dir_under_a_file_validate(tmp, model):
+    _write(tmp / "c" / "x.parquet", GOOD)
+    return Case(
+        "validate",
+        {"data.corpus_path": tmp / "c", "run_dir": _under_a_file(tmp)},
+        2,
+        "a file, not a directory",
+    )
+
+
 CASES = [
+    probe_answers_truncated,
+    list_text_column,
+    all_null_text_validate,
+    all_null_text_score,
+    blank_text_validate,
+    offline_s3_corpus_score,
+    run_dir_under_a_file_score,
+    run_dir_under_a_file_validate,
     bad_utf8,
     corrupt_page_validate,
     empty_corpus,
@@ -341,6 +415,31 @@ def test_corrupt_page_quarantined_naming_file_and_row_group(ray_local, tiny_llam
         "unreadable"
     }
     assert "part.parquet row group 1" in json.loads(q.column("row_json")[0].as_py())["error"]
+    # issue 25: select treats the quarantined row group as score did (was an OSError traceback, rc 1)
+    rc, out, err = cli("select", *[f"{k}={v}" for k, v in overrides.items()], "select.fraction=0.5")
+    assert rc == 0 and "Traceback" not in err, err
+    selection = json.loads(out)
+    assert selection["n_scored"] == 30 and selection["n_selected"] == 15 and selection["n_corpus"] == 40
+    subset = pq.read_table(tmp_path / "run" / "subset")
+    assert subset.num_rows == 15 and not set(subset.column("id").to_pylist()) & set(range(10, 20))
+
+
+def test_zero_scorable_rows_fail_score_and_select_in_one_line(ray_local, tiny_llama, probe, tmp_path):
+    """Blank text in every row (footers cannot tell; the pre-flight passes): score quarantines every row,
+    then fails in one line (was rc 0 with an empty score set), and select says why there is nothing to
+    select (was `No match for FieldRef.Name(id)`, rc 2)."""
+    _write(tmp_path / "c" / "x.parquet", [{"id": i, "text": "  "} for i in range(12)])
+    args = [
+        f"{k}={v}"
+        for k, v in {**_base(tmp_path, tiny_llama, probe), "data.corpus_path": tmp_path / "c"}.items()
+    ]
+    rc, out, err = cli("score", *args)
+    assert rc == 2 and "Traceback" not in err, err
+    line = next(x for x in err.splitlines() if "no row of the corpus could be scored" in x)
+    assert "all 12 rows were quarantined" in line and "'empty': 12" in line
+    rc, out, err = cli("select", *args)
+    assert rc == 2 and "Traceback" not in err, err
+    assert any("nothing to select: no row of the corpus was scored" in x for x in err.splitlines()), err
 
 
 def test_jsonl_corpus_scored_end_to_end_ingested_once(ray_local, tiny_llama, probe, tmp_path):
@@ -459,6 +558,7 @@ def test_ctrl_c_during_scoring(ray_local, tiny_llama, probe, tmp_path):
     n_done = int(line.split("interrupted; ")[1].split(" of ")[0])
     assert 0 <= n_done < n_shards
     assert n_done == len(list(ScoreStore(tmp_path / "run").done.glob("*.json")))
+    assert not (tmp_path / "run" / ".p2d-ray.lock").exists()  # the run dir's lock is released on Ctrl-C
     # Nothing left behind: the CLI's own child processes and the run's scoring actors are gone (polled).
     _, alive = psutil.wait_procs(children, timeout=60)
     assert not alive, [(c.pid, c.name()) for c in alive]

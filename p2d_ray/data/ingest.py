@@ -139,7 +139,19 @@ def list_data_files(path: str, what: str = "data.corpus_path") -> Source:
     Raises:
         ValueError: no such path (and not a dataset name), no data files, or several formats mixed in one
             directory -- each naming ``what`` and the path.
+        RuntimeError: the storage cannot be reached (an ``s3://`` bucket offline, without credentials, a
+            network error): one line naming ``what`` and the path, not a traceback from the filesystem.
     """
+    try:
+        return _list_data_files(path, what)
+    except OSError as err:  # FileNotFoundError included: only a filesystem's own errors get here
+        why = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise RuntimeError(
+            f"{what}={path!r} cannot be read from here ({why}); check the path, the network and credentials"
+        ) from None
+
+
+def _list_data_files(path: str, what: str) -> Source:
     if _GLOB.search(path):
         if "://" in path:
             import fsspec

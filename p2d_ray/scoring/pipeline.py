@@ -123,6 +123,12 @@ def score_corpus(cfg: P2DConfig, on_shard_done: Callable[[Shard], None] | None =
         ray_stats = ds.stats()
     summary = summarize(store, plan)
     RunDir(cfg.run_dir).path("score_summary.json").write_text(json.dumps(summary, indent=1))
+    if summary["rows_in"] and not summary["rows_scored"]:  # issue 25: never an empty score set, rc 0
+        raise ValueError(
+            f"no row of the corpus could be scored: all {summary['rows_in']} rows were quarantined "
+            f"({summary['quarantine_reasons']}; rows in {RunDir(cfg.run_dir).quarantine}); `p2d-ray validate` "
+            "names the problem"
+        )
     wall["total"] = time.perf_counter() - t_start
     stats = _pass_stats(cfg, plan, todo, collector, wall, ray_stats)
     RunDir(cfg.run_dir).path("score_stats.json").write_text(json.dumps(stats, indent=1, default=str))
@@ -199,13 +205,18 @@ def _score_dataset(cfg: P2DConfig, plan: ScorePlan, todo: dict[int, Shard], dups
         },
     )
     icl_json = {"data_json": cfg.data.model_dump_json(), "fmt": plan.fmt, "probe_rows": plan.probe_rows}
-    return ds.map_batches(
+    # One block per call: whole windows (and whole ICL groups), so a row's micro-batch depends on its shard
+    # alone. Ray Data's map_batches refuses batch_size=None when actors take GPUs (found by the fleet
+    # rehearsal, tests/test_fleet.py), a guard against unbounded batches; an explicit batch_size would
+    # re-cut the blocks (a shard's short last block joins the next one's rows, in arrival order), and the
+    # resumed scores would differ again. Our blocks are bounded (block_rows) and the actor cuts them into
+    # micro-batches of score.batch_size, so GPU pools go through map_batches_internal, the unvalidated entry
+    # point Ray's own map_groups uses for GPUs with batch_size=None.
+    map_batches = ds.map_batches_internal if s.num_gpus_per_actor else ds.map_batches
+    return map_batches(
         ScorerActor,
         batch_format="pyarrow",
-        # One block per call: whole windows (and whole ICL groups). Ray Data refuses batch_size=None when
-        # actors take GPUs (found by the fleet rehearsal, tests/test_fleet.py): there a call is one full
-        # block's rows, the same call wherever a shard's blocks are full.
-        batch_size=block_rows if s.num_gpus_per_actor else None,
+        batch_size=None,
         compute=ray.data.ActorPoolStrategy(min_size=s.min_actors, max_size=s.max_actors),
         num_cpus=s.num_cpus_per_actor,
         num_gpus=s.num_gpus_per_actor,

@@ -176,7 +176,7 @@ def keyed_shard(
     if quality_column is not None and quality_column in pq.read_schema(score_file).names:
         quality = quality_column
     scores = pq.read_table(score_file, columns=cols + ([quality] if quality and quality not in cols else []))
-    corpus = read_shard(sh, [id_column] + ([stratify_by] if stratify_by else []))
+    corpus = _read_scored_shard(sh, [id_column] + ([stratify_by] if stratify_by else []), scores.num_rows)
     idx = pc.index_in(scores.column(id_column), value_set=corpus.column(id_column))
     if idx.null_count:
         raise RuntimeError(
@@ -203,6 +203,22 @@ def keyed_shard(
         v = part.column(VALUE)
         stats[s] = [part.num_rows, part.num_rows - v.null_count, pivots(v, ascending)]
     return stats, keyed
+
+
+def _read_scored_shard(sh: Shard, columns: list[str] | None, n_scored: int) -> pa.Table:
+    """A shard's corpus ``columns`` for its ``n_scored`` scored rows. A shard with none (every row
+    quarantined: e.g. a row group ``score`` could not decode, quarantined as ``unreadable``) is not read at
+    all, as ``score`` left it; a scored shard that cannot be read now is one clear error."""
+    if n_scored == 0:
+        schema = read_footer(sh.path).schema.to_arrow_schema()
+        return schema.empty_table() if columns is None else schema.empty_table().select(columns)
+    try:
+        return read_shard(sh, columns)
+    except (OSError, pa.ArrowException) as err:
+        raise ValueError(
+            f"{sh.path} row group {sh.row_group} cannot be read ({str(err).strip().splitlines()[0][:200]}), "
+            f"but {n_scored} of its rows were scored: the corpus changed after scoring; rerun `p2d-ray score`"
+        ) from None
 
 
 def shard_candidates(
@@ -249,7 +265,7 @@ def write_shard(
     """Step 3 for one shard: write its selected FULL rows; return its counts (histogram.png is drawn from
     the score files by report/histogram.py, coloured by the corpus's groups)."""
     sh = Shard(**shard)
-    corpus = read_shard(sh, None)  # the full row group: every original column
+    corpus = _read_scored_shard(sh, None, keyed.num_rows)  # the full row group: every original column
     values = keyed.column(VALUE)
     keep = _selected_mask(values, keyed.column(id_column), keyed.column(STRATUM), thresholds, ascending)
     picked = np.flatnonzero(keep)
@@ -267,7 +283,7 @@ def write_shard(
         os.replace(tmp, path)
     return {
         "strata_selected": _count(keyed.column(STRATUM).filter(pa.array(keep))),
-        "n_corpus_rows": corpus.num_rows,
+        "n_corpus_rows": sh.num_rows,
     }
 
 
@@ -344,6 +360,17 @@ def _check_inputs(cfg: P2DConfig, store: ScoreStore) -> tuple[dict, list[Shard]]
         raise ValueError(
             f"scoring is incomplete: {len(missing)} of {len(shards)} shards have no scores "
             f"(e.g. {missing[0]}); rerun `p2d-ray score` to finish them"
+        )
+    markers = [store.marker(s, manifest["fingerprint"]) for s in shards]
+    if not any(m["rows_scored"] for m in markers):  # issue 25: never an empty score set without a word
+        reasons: dict[str, int] = {}
+        for m in markers:
+            for r, n in m["reasons"].items():
+                reasons[r] = reasons.get(r, 0) + n
+        raise ValueError(
+            f"nothing to select: no row of the corpus was scored (all {sum(m['rows_in'] for m in markers)} "
+            f"quarantined in {store.quarantine}: {reasons}); fix the corpus (`p2d-ray validate` names the "
+            "problem) and rescore"
         )
     sel = cfg.select
     needs = {
