@@ -156,6 +156,27 @@ class ScoreConfig(_Section):
     alignment_eps: float = Field(0.05, gt=0)
     alignment_normalize: Literal["cosine", "loss", "none"] = "cosine"
     alignment_probe_rows: int = Field(100, ge=1)
+    # Scoring strategy (scoring/distill.py). exact: the scorer on every row. distilled: the scorer on a seeded
+    # sample (stratified by shard) + a ridge regressor on pooled residual-stream features from a forward that
+    # stops at layer distill_layer predicts the rest; the predicted top refine_fraction of the corpus is
+    # re-scored exactly; a fidelity gate (k-fold + a fresh audit sample) falls back to exact below thresholds.
+    # auto: distilled from distill_min_rows corpus rows up (resolved in plan.py; the 300-row demo stays exact).
+    strategy: Literal["auto", "exact", "distilled"] = "auto"
+    distill_min_rows: int = Field(5000, ge=1)
+    distill_sample_fraction: float = Field(0.02, gt=0, le=1)
+    distill_sample_min: int = Field(1000, ge=2)
+    distill_sample_max: int = Field(100_000, ge=2)
+    distill_audit_rows: int = Field(200, ge=0)  # a fresh sample scored exactly, never fitted on
+    distill_layer: int | None = Field(None, ge=1)  # None: round(L / 10), at least 1
+    distill_seed: int = 0
+    distill_folds: int = Field(5, ge=2)
+    refine_fraction: float = Field(0.10, ge=0, le=1)  # of the corpus, from the predicted top; 0: off
+    gate_min_spearman: float = Field(0.5, ge=-1, le=1)  # k-fold and audit held-out Spearman
+    gate_min_recall: float = Field(0.4, ge=0, le=1)  # exact top select-fraction within the predicted top
+    gate_top_fraction: float = Field(0.10, gt=0, le=1)
+    gate_fallback: Literal["exact", "warn"] = "exact"
+    distill_ood_factor: float = Field(1.5, gt=0)  # a row is out of distribution past factor x the sample's max
+    distill_ood_exact: bool = True  # score out-of-distribution rows exactly (in the refine pass)
 
     @model_validator(mode="after")
     def _pool(self) -> ScoreConfig:

@@ -42,6 +42,7 @@ class ShardCollector:
         self.parts: dict[int, list[pa.Table]] = {}
         self.count: dict[int, int] = {}
         self.finished: list[int] = []
+        self.extra_columns: tuple[str, ...] = ()  # written beside the scores (distill.py: score_source, ood)
         self.write_seconds = 0.0
         self.stats = {
             "rows": 0,
@@ -78,7 +79,7 @@ class ShardCollector:
         scored = table.filter(pc.invert(bad))
         quarantined = table.filter(bad)
         components = COMPONENT_COLUMNS.get(self.plan.provenance.get("scorer"), ())
-        score_table = scored.select([self.id_column, *SCORE_COLUMNS, *components])
+        score_table = scored.select([self.id_column, *SCORE_COLUMNS, *components, *self.extra_columns])
         record = {
             "shard": shard.key,
             "path": shard.path,

@@ -109,8 +109,14 @@ def score_corpus(cfg: P2DConfig, on_shard_done: Callable[[Shard], None] | None =
     todo = {i: sh for i, sh in enumerate(plan.shards) if store.marker(sh, plan.fingerprint) is None}
     wall["plan"] = time.perf_counter() - t_start
     collector = ShardCollector(store, plan, todo, cfg.data.id_column, on_shard_done)
-    ray_stats = None
-    if todo:
+    ray_stats = distill_stats = None
+    if todo and plan.strategy == "distilled":  # sample, fit, gate, bulk, refine, assemble (distill.py)
+        from p2d_ray.scoring.distill import run_distilled
+
+        t = time.perf_counter()
+        collector, distill_stats = run_distilled(cfg, plan, store, todo, on_shard_done, wall)
+        wall["score_pass"] = time.perf_counter() - t
+    elif todo:
         probe_gradient, dups = _start_pass(cfg, plan, wall)
         s = cfg.score
         with ray_data_output(cfg.run_dir), _wait_for_actors(s.actor_start_timeout_s):  # read at creation
@@ -122,6 +128,11 @@ def score_corpus(cfg: P2DConfig, on_shard_done: Callable[[Shard], None] | None =
         wall["write"] = collector.write_seconds
         ray_stats = ds.stats()
     summary = summarize(store, plan)
+    summary["strategy_reason"] = plan.strategy_reason
+    if plan.strategy == "distilled":
+        from p2d_ray.scoring.distill import summary_block
+
+        summary["distilled"] = summary_block(cfg.run_dir)
     RunDir(cfg.run_dir).path("score_summary.json").write_text(json.dumps(summary, indent=1))
     if summary["rows_in"] and not summary["rows_scored"]:  # issue 25: never an empty score set, rc 0
         raise ValueError(
@@ -131,11 +142,16 @@ def score_corpus(cfg: P2DConfig, on_shard_done: Callable[[Shard], None] | None =
         )
     wall["total"] = time.perf_counter() - t_start
     stats = _pass_stats(cfg, plan, todo, collector, wall, ray_stats)
+    stats["strategy"] = plan.strategy
+    if distill_stats is not None:
+        stats["distill"] = distill_stats
     RunDir(cfg.run_dir).path("score_stats.json").write_text(json.dumps(stats, indent=1, default=str))
     return {k: summary[k] for k in ("rows_in", "rows_scored", "rows_quarantined", "quarantine_reasons")} | {
         "rows_per_s": stats["rows_per_s"],
         "actors_used": stats["actors"]["used"],
         "scores": str(store.scores),
+        "strategy": plan.strategy,
+        "strategy_reason": plan.strategy_reason,
     }
 
 
@@ -297,5 +313,6 @@ def run_score(cfg: P2DConfig, on_shard_done: Callable[[Shard], None] | None = No
         t0 = time.perf_counter()
         out = score_corpus(cfg, on_shard_done)
     wrote = f"{out['scores']} ({out['rows_scored']:,} rows scored, {out['rows_quarantined']:,} quarantined)"
+    print(f"score: strategy {out['strategy']} ({out['strategy_reason']})")
     stage_summary("score", time.perf_counter() - t0, wrote)
     return out

@@ -21,6 +21,24 @@ from p2d_ray.scoring.scorers import USES_HEADS
 from p2d_ray.scoring.shards import Shard, list_parquet_files, plan_shards, read_footer
 
 ALIGNMENT_FIELDS = ("alignment_eps", "alignment_method", "alignment_normalize", "alignment_probe_rows")
+DISTILL_FIELDS = (
+    "strategy",
+    "distill_min_rows",
+    "distill_sample_fraction",
+    "distill_sample_min",
+    "distill_sample_max",
+    "distill_audit_rows",
+    "distill_layer",
+    "distill_seed",
+    "distill_folds",
+    "refine_fraction",
+    "gate_min_spearman",
+    "gate_min_recall",
+    "gate_top_fraction",
+    "gate_fallback",
+    "distill_ood_factor",
+    "distill_ood_exact",
+)
 
 
 @dataclass
@@ -40,6 +58,9 @@ class ScorePlan:
     # The probe rows the scorer uses: icl_attention's query pool, gradient_alignment's probe-gradient rows
     probe_rows: list[dict] = field(default_factory=list)
     gradient_fingerprint: str | None = None  # gradient_alignment: which probe gradient the scores need
+    strategy: str = "exact"  # score.strategy resolved: exact | distilled (scoring/distill.py)
+    strategy_reason: str = ""
+    distill_layer: int | None = None  # distilled: l_f, the layer the truncated forward stops at
 
 
 def _context_length(hf_config) -> int | None:
@@ -65,6 +86,7 @@ def pick_demos(probe_rows: list[dict], k: int, seed: int) -> list[dict]:
 def plan_score(cfg: P2DConfig) -> ScorePlan:
     """Resolve and check model, heads, corpus and prompt format. Raises ValueError before any work."""
     from p2d_ray.models.loading import resolve_path
+    from p2d_ray.scoring.distill import distill_layer
 
     d, s = cfg.data, cfg.score
     model = _check_model(cfg)
@@ -79,7 +101,8 @@ def plan_score(cfg: P2DConfig) -> ScorePlan:
     probe_rows = {"icl_attention": probe, "gradient_alignment": probe[: s.alignment_probe_rows]}.get(
         s.scorer, []
     )
-    identity = _identity(cfg, corpus, fmt, heads, demos, probe_rows, model.fingerprint)
+    strategy, why = resolve_strategy(s, sum(sh.num_rows for sh in shards), model.hf_config)
+    identity = _identity(cfg, corpus, fmt, heads, demos, probe_rows, model.fingerprint, strategy)
     fingerprint = _hash(identity)
     manifest = {
         "fingerprint": fingerprint,
@@ -98,6 +121,7 @@ def plan_score(cfg: P2DConfig) -> ScorePlan:
         "format": fmt,
         "icl_demo_ids": [r.get(d.id_column) for r in demos],
         "probe_gradient_fingerprint": identity["probe_gradient"],
+        "strategy": strategy,
     }
     model_json = cfg.model.model_copy(update={"name_or_path": resolve_path(cfg.model)}).model_dump_json()
     return ScorePlan(
@@ -113,6 +137,38 @@ def plan_score(cfg: P2DConfig) -> ScorePlan:
         provenance,
         probe_rows,
         identity["probe_gradient"],
+        strategy,
+        why,
+        distill_layer(s, model.hf_config) if strategy == "distilled" else None,
+    )
+
+
+def resolve_strategy(s, n_rows: int, hf_config) -> tuple[str, str]:
+    """``score.strategy`` -> (exact | distilled, why). auto: distilled from ``distill_min_rows`` rows up; a
+    distilled run whose sample would be the whole corpus is exact (the same scores, without the detour)."""
+    from p2d_ray.scoring.distill import distill_layer, sample_size
+
+    if s.strategy == "exact":
+        return "exact", "score.strategy=exact"
+    if s.scorer == "icl_attention":
+        if s.strategy == "distilled":
+            raise ValueError("score.strategy=distilled needs a batch scorer; icl_attention scores contexts")
+        return "exact", "score.strategy=auto: icl_attention scores contexts, not rows"
+    if s.strategy == "auto" and n_rows < s.distill_min_rows:
+        return (
+            "exact",
+            f"score.strategy=auto: {n_rows:,} rows < score.distill_min_rows={s.distill_min_rows:,}",
+        )
+    n_sample = sample_size(n_rows, s)
+    if n_sample + s.distill_audit_rows >= n_rows:
+        return (
+            "exact",
+            f"{n_rows:,} rows: the distilled sample ({n_sample:,} + audit) would be the whole corpus",
+        )
+    layer = distill_layer(s, hf_config)
+    return "distilled", (
+        f"score.strategy={s.strategy}: {n_rows:,} rows, {n_sample:,} scored exactly (+{s.distill_audit_rows} "
+        f"audit), the rest predicted from layer {layer}"
     )
 
 
@@ -208,7 +264,14 @@ def _read_probe(cfg: P2DConfig, fmt: str) -> list[dict]:
 
 
 def _identity(
-    cfg: P2DConfig, corpus: str, fmt: str, heads, demos: list[dict], probe_rows: list[dict], model_fp: str
+    cfg: P2DConfig,
+    corpus: str,
+    fmt: str,
+    heads,
+    demos: list[dict],
+    probe_rows: list[dict],
+    model_fp: str,
+    strategy: str = "exact",
 ) -> dict:
     """What the scores depend on (hashed into the run's fingerprint; a resume must match it). Not: where the
     corpus lives (its shards are compared separately), resource knobs, and settings the chosen format /
@@ -229,8 +292,12 @@ def _identity(
         exclude=set(SCORE_RESOURCE_FIELDS)
         | (set() if s.scorer == "influence" else {"gate_mode"})
         | (set() if s.scorer == "icl_attention" else icl_keys)
-        | (set() if s.scorer == "gradient_alignment" else set(ALIGNMENT_FIELDS)),
+        | (set() if s.scorer == "gradient_alignment" else set(ALIGNMENT_FIELDS))
+        # exact: the strategy's knobs are not hashed, so an exact run's fingerprint is what it always was
+        | (set() if strategy == "distilled" else set(DISTILL_FIELDS)),
     )
+    if strategy == "distilled":
+        score["strategy"] = "distilled"  # resolved (auto -> distilled)
     grad_fp = None
     if s.scorer == "gradient_alignment":
         from p2d_ray.scoring.gradient import gradient_fingerprint

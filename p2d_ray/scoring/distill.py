@@ -1,0 +1,750 @@
+"""``score.strategy=distilled``: exact scores on a seeded sample, a regressor for the rest, gated by fidelity.
+
+The engine's own machinery (plan, ParquetShards, tokenize tasks, the scorer actor pool, per-shard markers,
+quarantine) runs four passes over the corpus instead of one::
+
+    sample pass  S + A rows (seeded, stratified by shard) -> the exact scorer + pooled layer-l_f features
+    fit          driver: ridge (strength by k-fold held-out Spearman) on S's z-scored exact scores
+    gate         k-fold Spearman / top recall on S, the same on the fresh audit rows A (never fitted on);
+                 below score.gate_* thresholds: a warning and score.gate_fallback (exact: every row exactly)
+    bulk pass    every other row -> a forward that STOPS at layer l_f (no upper layers, LM head or backward),
+                 pooled features -> predicted score, out-of-distribution flag
+    refine pass  the predicted top score.refine_fraction of the corpus (and, by default, the OOD rows)
+                 re-scored exactly, so the rows finally selected are ranked by exact scores
+    assemble     per shard: the passes' rows merged by row, ``score_source`` in {exact, distilled, refined},
+                 written through the engine's ShardCollector (scores/, quarantine/, marker last)
+
+Each pass keeps per-shard part files and markers under ``_state/distill/<pass>/`` keyed by a fingerprint
+of what that pass depends on, so a killed run resumes per shard in every pass, and a changed refine band or
+gate reuses the sample's exact scores. The regressor is saved beside the probe gradient
+(``distill_regressor.npz`` + ``.json``) with its fingerprint (model, heads, probe, sample seed, l_f,
+regressor) and the fidelity figures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+from p2d_ray.scoring.actor import SCORE_TIME_COL, ScorerActor, collate_arrow, micro_batch_rows
+from p2d_ray.scoring.scorers import COMPONENT_COLUMNS, ScoreOutput
+
+log = logging.getLogger("p2d_ray.score")
+
+SOURCE_COL = "score_source"
+OOD_COL = "ood"
+FEATURES_COL = "_features"
+PICK_COL = "_pick"
+REGRESSOR_FILE = "distill_regressor.npz"
+FIDELITY_FILE = "distill_regressor.json"
+ALPHAS = tuple(float(a) for a in np.logspace(-3, 3, 13))  # x mean(diag K): the ridge strengths tried
+PCS = 16  # principal components of the sample's features for the out-of-distribution distance
+
+
+# -- sample ---------------------------------------------------------------------------------------
+def sample_size(n_rows: int, s) -> int:
+    """score.distill_sample_fraction of the corpus clamped to [distill_sample_min, distill_sample_max]."""
+    want = round(n_rows * s.distill_sample_fraction)
+    return int(min(n_rows, max(s.distill_sample_min, min(s.distill_sample_max, want))))
+
+
+def distill_layer(s, hf_config) -> int:
+    """l_f: score.distill_layer, else round(L / 10) (at least 1; below the last layer)."""
+    n_layers = int(getattr(hf_config, "num_hidden_layers", None) or getattr(hf_config, "n_layer", 1))
+    layer = s.distill_layer if s.distill_layer is not None else max(1, round(n_layers / 10))
+    if not 1 <= layer < max(n_layers, 2):
+        raise ValueError(f"score.distill_layer={layer} must be in [1, {n_layers - 1}] for this model")
+    return layer
+
+
+def pick_rows(
+    shard_rows: list[tuple[str, int]], n_pick: int, seed: int, exclude: dict[int, np.ndarray] | None = None
+) -> dict[int, np.ndarray]:
+    """A seeded sample of ``n_pick`` rows stratified by shard (largest-remainder quotas proportional to the
+    rows each shard has left); ``shard_rows`` = [(shard key, rows)]. Returns {shard index: sorted rows}."""
+    exclude = exclude or {}
+    avail = [n - len(exclude.get(i, ())) for i, (_, n) in enumerate(shard_rows)]
+    total = sum(avail)
+    n_pick = min(n_pick, total)
+    if n_pick <= 0:
+        return {}
+    quota = np.array(avail, dtype=np.float64) * n_pick / total
+    take = np.floor(quota).astype(np.int64)
+    rest = n_pick - int(take.sum())
+    take[np.argsort(-(quota - take), kind="stable")[:rest]] += 1
+    out = {}
+    for i, (key, n) in enumerate(shard_rows):
+        if take[i] == 0:
+            continue
+        rows = np.setdiff1d(np.arange(n), exclude.get(i, np.array([], dtype=np.int64)))
+        rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
+        out[i] = np.sort(rng.choice(rows, size=int(take[i]), replace=False))
+    return out
+
+
+# -- features: the truncated forward --------------------------------------------------------------
+class _Stop(Exception):
+    def __init__(self, hidden: torch.Tensor):
+        self.hidden = hidden
+
+
+def truncated_hidden(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int
+) -> torch.Tensor:
+    """The residual stream after decoder layer ``layer - 1`` (= ``output_hidden_states[layer]``), ``[B, T, E]``,
+    from a forward that stops there: a hook on that layer raises, so no upper layer, LM head or backward runs."""
+    from p2d_ray.models.geometry import decoder_layers
+    from p2d_ray.models.loss import base_model
+
+    def stop(module, args, output):
+        raise _Stop(output[0] if isinstance(output, tuple) else output)
+
+    handle = decoder_layers(model)[layer - 1].register_forward_hook(stop)
+    try:
+        base_model(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _Stop as done:
+        return done.hidden
+    finally:
+        handle.remove()
+    raise RuntimeError(f"the forward never reached decoder layer {layer - 1}")
+
+
+def pool_features(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, T, E]`` -> ``[B, 2E + 1]`` float32: mean and position-weighted mean (weight = position + 1) over
+    the row's tokens, and log(length)."""
+    m = attention_mask.to(torch.float32)  # [B, T]
+    h = hidden.to(torch.float32)
+    n = m.sum(1).clamp(min=1)  # [B]
+    mean = (h * m[..., None]).sum(1) / n[:, None]
+    w = m * torch.arange(1, m.shape[1] + 1, dtype=torch.float32, device=m.device)[None]
+    wmean = (h * w[..., None]).sum(1) / w.sum(1).clamp(min=1)[:, None]
+    return torch.cat([mean, wmean, n.log()[:, None]], dim=1)
+
+
+# -- the regressor --------------------------------------------------------------------------------
+def ranks(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="stable")
+    r = np.empty(len(x))
+    r[order] = np.arange(len(x))
+    return r
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    if len(a) < 3:
+        return float("nan")
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = np.sqrt((ra * ra).sum() * (rb * rb).sum())
+    return float((ra * rb).sum() / den) if den else float("nan")
+
+
+def top_recall(true: np.ndarray, pred: np.ndarray, fraction: float) -> float:
+    """Share of the exact top ``fraction`` that is in the predicted top ``fraction``."""
+    k = max(1, round(fraction * len(true)))
+    return len(set(np.argsort(-true)[:k]) & set(np.argsort(-pred)[:k])) / k
+
+
+def _ridge_dual(X: np.ndarray, y: np.ndarray, alpha: float) -> np.ndarray:
+    """Primal weights of ridge regression from its dual (n << d): w = X^T (X X^T + alpha I)^-1 y."""
+    K = X @ X.T
+    return X.T @ np.linalg.solve(K + alpha * np.eye(len(X)), y)
+
+
+@dataclass
+class Regressor:
+    """z-scored features -> z-scored score, linear; plus the sample's PCA frame for the OOD distance."""
+
+    mean: np.ndarray  # [d]
+    std: np.ndarray  # [d]
+    w: np.ndarray  # [d]
+    y_mean: float
+    y_std: float
+    alpha: float
+    pcs: np.ndarray  # [k, d] unit directions in z-space
+    pc_std: np.ndarray  # [k]
+    ood_threshold: float
+    meta: dict = field(default_factory=dict)
+
+    def predict(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """-> (score in the exact scorer's units, OOD distance, OOD flag)."""
+        Z = (X - self.mean) / self.std
+        score = Z @ self.w * self.y_std + self.y_mean
+        dist = self.distance(Z)
+        return score, dist, dist > self.ood_threshold
+
+    def distance(self, Z: np.ndarray) -> np.ndarray:
+        """RMS of the row's coordinates in the sample's top principal components, in units of their std."""
+        return np.sqrt((((Z @ self.pcs.T) / self.pc_std) ** 2).mean(1))
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        arrays = {k: getattr(self, k) for k in ("mean", "std", "w", "pcs", "pc_std")}
+        scalars = np.array([self.y_mean, self.y_std, self.alpha, self.ood_threshold])
+        np.savez(buf, scalars=scalars, meta=np.frombuffer(json.dumps(self.meta).encode(), np.uint8), **arrays)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Regressor:
+        z = np.load(io.BytesIO(data))
+        y_mean, y_std, alpha, thr = (float(v) for v in z["scalars"])
+        meta = json.loads(z["meta"].tobytes().decode())
+        return cls(z["mean"], z["std"], z["w"], y_mean, y_std, alpha, z["pcs"], z["pc_std"], thr, meta)
+
+
+def fit_regressor(
+    X: np.ndarray, y: np.ndarray, folds: int, seed: int, top_fraction: float, ood_factor: float
+) -> tuple[Regressor, dict]:
+    """Ridge on z-scored features and scores, strength chosen by k-fold held-out Spearman (pooled
+    out-of-fold predictions). Returns the regressor fitted on all rows and the k-fold figures."""
+    X = X.astype(np.float64)
+    mean, std = X.mean(0), X.std(0)
+    std[std < 1e-8] = 1.0
+    Z = (X - mean) / std
+    y_mean, y_std = float(y.mean()), float(y.std()) or 1.0
+    yz = (y - y_mean) / y_std
+    scale = float(np.mean((Z * Z).sum(1))) or 1.0
+    fold_of = np.random.default_rng(seed).permutation(len(y)) % folds
+    best = None
+    for a in ALPHAS:
+        oof = np.zeros(len(y))
+        for f in range(folds):
+            tr, te = fold_of != f, fold_of == f
+            oof[te] = Z[te] @ _ridge_dual(Z[tr], yz[tr], a * scale)
+        rho = spearman(yz, oof)
+        if best is None or rho > best[0]:
+            best = (rho, a, oof)
+    rho, a, oof = best
+    w = _ridge_dual(Z, yz, a * scale)
+    k = max(1, min(PCS, len(y) - 1))
+    _, sv, vt = np.linalg.svd(Z - Z.mean(0), full_matrices=False)
+    pcs, pc_std = vt[:k], np.maximum(sv[:k] / np.sqrt(max(len(y) - 1, 1)), 1e-8)
+    reg = Regressor(mean, std, w, y_mean, y_std, a * scale, pcs, pc_std, 0.0)
+    reg.ood_threshold = float(ood_factor * reg.distance(Z).max())
+    cv = {
+        "folds": folds,
+        "alpha": a,
+        "spearman": rho,
+        "top_recall": top_recall(yz, oof, top_fraction),
+        "rows": len(y),
+    }
+    return reg, cv
+
+
+def gate(cv: dict, audit: dict, s) -> dict:
+    """The fidelity gate: k-fold and audit Spearman >= gate_min_spearman, k-fold top recall >=
+    gate_min_recall (the audit's recall too when it has at least 1 / gate_top_fraction rows)."""
+    failed = []
+    if not cv["spearman"] >= s.gate_min_spearman:
+        failed.append(f"k-fold Spearman {cv['spearman']:.3f} < {s.gate_min_spearman}")
+    if not cv["top_recall"] >= s.gate_min_recall:
+        failed.append(
+            f"k-fold top-{s.gate_top_fraction:.0%} recall {cv['top_recall']:.3f} < {s.gate_min_recall}"
+        )
+    if audit.get("rows", 0) >= 3 and not audit["spearman"] >= s.gate_min_spearman:
+        failed.append(f"audit Spearman {audit['spearman']:.3f} < {s.gate_min_spearman}")
+    if audit.get("rows", 0) * s.gate_top_fraction >= 1 and not audit["top_recall"] >= s.gate_min_recall:
+        failed.append(f"audit top recall {audit['top_recall']:.3f} < {s.gate_min_recall}")
+    return {
+        "passed": not failed,
+        "failed": failed,
+        "fallback": None if not failed else s.gate_fallback,
+        "thresholds": {"spearman": s.gate_min_spearman, "top_recall": s.gate_min_recall},
+    }
+
+
+# -- the actor --------------------------------------------------------------------------------------
+class DistillActor(ScorerActor):
+    """The engine's ScorerActor, plus: ``mode="exact"`` appends the rows' pooled layer-l_f features
+    (``features=True``); ``mode="predict"`` runs no scorer at all, only the truncated forward, and writes
+    the regressor's prediction as ``score`` and the ``ood`` flag."""
+
+    def __init__(self, mode: str, layer: int, features: bool, regressor: list | None, **kw):
+        super().__init__(**kw)
+        self.mode, self.layer, self.want_features = mode, layer, features
+        self.reg = None
+        if regressor:
+            import ray
+
+            data = regressor[0]
+            self.reg = Regressor.from_bytes(ray.get(data) if isinstance(data, ray.ObjectRef) else data)
+        if mode == "predict":
+            self.score = self._count_only  # the base __call__'s loop only collates and counts
+
+    def _count_only(self, tensors):
+        n_tokens = tensors["loss_mask"][:, 1:].sum(1)
+        return ScoreOutput(torch.zeros(len(n_tokens)), n_tokens)
+
+    def _features(self, batch: pa.Table, ok: np.ndarray) -> tuple[np.ndarray, float]:
+        t0 = time.perf_counter()
+        feats = None
+        with torch.no_grad():
+            for idx in micro_batch_rows(batch, ok, self.cfg.batch_size, self.window_rows):
+                t = collate_arrow(batch.column("input_ids"), batch.column("loss_mask"), idx, self.pad_id)
+                ids, mask = t["input_ids"].to(self.device), t["attention_mask"].to(self.device)
+                f = pool_features(truncated_hidden(self.model, ids, mask, self.layer), mask).cpu().numpy()
+                if feats is None:
+                    feats = np.full((batch.num_rows, f.shape[1]), np.nan, dtype=np.float32)
+                feats[idx] = f
+        return feats, time.perf_counter() - t0
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ok = np.flatnonzero(batch.column("reason").is_null().to_numpy(zero_copy_only=False))
+        feats, secs = (None, 0.0)
+        if len(ok) and (self.want_features or self.mode == "predict"):
+            feats, secs = self._features(batch, ok)
+        out = super().__call__(batch)
+        n = out.num_rows
+        valid = np.zeros(n, dtype=bool)
+        valid[ok] = True
+        ood = np.zeros(n, dtype=bool)
+        dist = np.full(n, np.nan)
+        if self.mode == "predict":
+            score = np.full(n, np.nan)
+            if feats is not None:
+                score[ok], dist[ok], ood[ok] = self.reg.predict(feats[ok].astype(np.float64))
+            i = out.schema.get_field_index("score")
+            out = out.set_column(i, "score", pa.array(score, mask=~valid))
+            for c in COMPONENT_COLUMNS.get(self.cfg.scorer, ()):  # the exact scorer's own: not computed
+                i = out.schema.get_field_index(c)
+                out = out.set_column(i, c, pa.nulls(n, out.schema.field(c).type))
+        if secs and len(ok):  # the truncated forward's seconds, shared out over the call's rows
+            t = out.column(SCORE_TIME_COL).to_numpy() + np.float32(secs / len(ok)) * valid
+            out = out.set_column(out.schema.get_field_index(SCORE_TIME_COL), SCORE_TIME_COL, pa.array(t))
+        out = out.append_column(OOD_COL, pa.array(ood))
+        out = out.append_column("ood_distance", pa.array(dist, mask=~valid))
+        if self.want_features:
+            d = feats.shape[1] if feats is not None else 1
+            flat = feats if feats is not None else np.full((n, d), np.nan, dtype=np.float32)
+            col = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), d)
+            out = out.append_column(FEATURES_COL, col)
+        return out
+
+
+def _keep_picked(block: pa.Table) -> pa.Table:
+    return block.filter(block.column(PICK_COL)).drop_columns([PICK_COL])
+
+
+# -- parts: one pass's per-shard files and markers ----------------------------------------------------
+class Parts:
+    """``_state/distill/<name>/<shard key>.parquet`` + ``done/<shard key>.json`` (written last, with the
+    pass's fingerprint)."""
+
+    def __init__(self, run_dir, name: str, fingerprint: str):
+        from p2d_ray.rundir import RunDir
+        from p2d_ray.scoring.outputs import STATE_DIR
+
+        self.dir = RunDir(run_dir).path(STATE_DIR) / "distill" / name
+        self.done = self.dir / "done"
+        self.fingerprint = fingerprint
+        self.done.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        return self.dir / f"{key}.parquet"
+
+    def finished(self, key: str) -> bool:
+        p = self.done / f"{key}.json"
+        return (
+            p.is_file()
+            and self.path(key).is_file()
+            and json.loads(p.read_text()).get("fingerprint") == self.fingerprint
+        )
+
+    def write(self, key: str, table: pa.Table) -> None:
+        for p, write in ((self.path(key), lambda t: pq.write_table(table, t)),):
+            tmp = p.with_name(f".{p.name}.tmp")
+            write(tmp)
+            os.replace(tmp, p)
+        tmp = self.done / f".{key}.json.tmp"
+        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "rows": table.num_rows}))
+        os.replace(tmp, self.done / f"{key}.json")
+
+    def read(self, key: str, columns: list[str] | None = None) -> pa.Table:
+        return pq.read_table(self.path(key), columns=columns)
+
+
+class _PartCollector:
+    """Driver side of a subset pass: a shard's rows -> its part file once all its picked rows arrived."""
+
+    def __init__(self, parts: Parts, shards: list, expected: dict[int, int]):
+        self.parts, self.shards, self.expected = parts, shards, expected
+        self.got: dict[int, list[pa.Table]] = {}
+        self.count: dict[int, int] = {}
+        self.rows, self.busy = 0, 0.0
+
+    def add(self, block: pa.Table) -> None:
+        sids = block.column("_shard").to_numpy()
+        self.busy += float(pc.sum(block.column(SCORE_TIME_COL)).as_py() or 0.0)
+        self.rows += block.num_rows
+        for sid in np.unique(sids):
+            sid = int(sid)
+            part = block.filter(pa.array(sids == sid))
+            self.got.setdefault(sid, []).append(part)
+            self.count[sid] = self.count.get(sid, 0) + part.num_rows
+            if self.count[sid] > self.expected[sid]:
+                raise RuntimeError(f"shard {self.shards[sid].key}: more rows than picked in {self.parts.dir}")
+            if self.count[sid] == self.expected[sid]:
+                table = pa.concat_tables(self.got.pop(sid)).sort_by("_row")
+                self.parts.write(self.shards[sid].key, table)
+
+    def check_complete(self) -> None:
+        left = [self.shards[s].key for s, n in self.expected.items() if self.count.get(s, 0) != n]
+        if left:
+            raise RuntimeError(f"{len(left)} shard(s) lost rows in a distilled pass (e.g. {left[:3]})")
+
+
+# -- the driver -------------------------------------------------------------------------------------
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _positions_hash(picks: dict[int, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for sid in sorted(picks):
+        h.update(np.int64(sid).tobytes() + np.asarray(picks[sid], dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class _Pass:
+    name: str
+    mode: str  # exact | predict
+    picks: dict[int, np.ndarray]  # shard index -> rows
+    fingerprint: str
+    features: bool = False
+    regressor: bytes | None = None
+    stats: dict = field(default_factory=dict)
+
+
+def _run_pass(cfg, plan, dups, probe_gradient, p: _Pass, wall: dict) -> Parts:
+    """One Ray Data pass of the engine over ``p.picks`` (only shards whose part is not finished)."""
+    import ray
+    import ray.data
+
+    from p2d_ray.progress import Progress, ray_data_output
+    from p2d_ray.scoring.pipeline import _wait_for_actors, rows_per_block, window_rows
+    from p2d_ray.scoring.shards import ParquetShards
+    from p2d_ray.scoring.tokenize import DUP_COL, tokenize_block
+
+    s = cfg.score
+    parts = Parts(cfg.run_dir, p.name, p.fingerprint)
+    todo = {
+        sid: rows for sid, rows in p.picks.items() if len(rows) and not parts.finished(plan.shards[sid].key)
+    }
+    p.stats = {"rows": int(sum(len(r) for r in p.picks.values())), "rows_this_run": 0, "busy_s": 0.0}
+    p.stats["shards_this_run"] = len(todo)
+    if not todo:
+        return parts
+    t0 = time.perf_counter()
+    shards = [plan.shards[sid] for sid in todo]
+    n_todo = int(sum(len(r) for r in todo.values()))
+    # blocks and bucketing windows exactly as the exact pass cuts them (pipeline._score_dataset), so a row's
+    # micro-batch depends on its shard and the pass's picks alone: a resumed pass gives identical numbers
+    n_rows = sum(sh.num_rows for sh in plan.shards)
+    window = window_rows(n_rows, s)
+    block_rows = max(window, rows_per_block(n_rows, s) // window * window)
+    flags = {DUP_COL: dups}
+    subset = any(len(r) < plan.shards[sid].num_rows for sid, r in todo.items())
+    if subset:
+        flags[PICK_COL] = todo
+    source = ParquetShards(
+        shards,
+        list(todo),
+        [cfg.data.id_column, *plan.text_columns],
+        plan.id_type,
+        tuple(plan.text_columns),
+        block_rows,
+        flags=flags,
+        json_columns=(cfg.data.messages_column,),
+    )
+    ds = ray.data.read_datasource(source)
+    if subset:
+        ds = ds.map_batches(_keep_picked, batch_format="pyarrow", batch_size=None)
+    ds = ds.map_batches(
+        tokenize_block,
+        batch_format="pyarrow",
+        batch_size=None,
+        num_cpus=s.num_cpus_per_tokenize_task,
+        fn_kwargs={
+            "model_json": plan.model_json,
+            "data_json": cfg.data.model_dump_json(),
+            "fmt": plan.fmt,
+            "demos": plan.demos,
+            "text_columns": plan.text_columns,
+        },
+    )
+    reg_ref = [ray.put(p.regressor)] if p.regressor is not None else None
+    ds = ds.map_batches(
+        DistillActor,
+        batch_format="pyarrow",
+        batch_size=None,  # one block per call: whole windows
+        compute=ray.data.ActorPoolStrategy(min_size=s.min_actors, max_size=s.max_actors),
+        num_cpus=s.num_cpus_per_actor,
+        num_gpus=s.num_gpus_per_actor,
+        fn_constructor_kwargs={
+            "mode": p.mode,
+            "layer": plan.distill_layer,
+            "features": p.features,
+            "regressor": reg_ref,
+            "model_json": plan.model_json,
+            "score_json": s.model_dump_json(),
+            "heads_json": plan.heads.to_json() if plan.heads is not None else None,
+            "id_column": cfg.data.id_column,
+            "icl_json": None,
+            "probe_gradient": probe_gradient,
+            "window_rows": window,
+        },
+    )
+    collector = _PartCollector(parts, plan.shards, {sid: len(r) for sid, r in todo.items()})
+    bar = Progress(f"score ({p.name})", n_todo)
+    with ray_data_output(cfg.run_dir), _wait_for_actors(s.actor_start_timeout_s):
+        for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            collector.add(block)
+            bar.update(block.num_rows)
+    bar.close()
+    collector.check_complete()
+    p.stats.update(rows_this_run=collector.rows, busy_s=collector.busy)
+    wall[f"{p.name}_pass"] = time.perf_counter() - t0
+    return parts
+
+
+def _read_parts(parts: Parts, plan, picks: dict[int, np.ndarray], columns: list[str]) -> pa.Table:
+    """The rows ``picks`` of a pass's part files (a part may hold more rows: the sample pass holds S and A)."""
+    tables = []
+    for sid in sorted(picks):
+        t = parts.read(plan.shards[sid].key, columns + ["_shard", "_row"])
+        tables.append(
+            t.filter(pc.is_in(t.column("_row"), value_set=pa.array(picks[sid], t.column("_row").type)))
+        )
+    return pa.concat_tables(tables) if tables else None
+
+
+def _exact_xy(table: pa.Table, id_rows=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(features [n, d], exact scores [n], keep mask) of a sample part table: scorable, finite rows."""
+    ok = table.column("reason").is_null().to_numpy(zero_copy_only=False)
+    y = table.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
+    feats = table.column(FEATURES_COL)
+    d = feats.type.list_size
+    X = feats.combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.float64).reshape(-1, d)
+    keep = ok & np.isfinite(y) & np.isfinite(X).all(1)
+    return X[keep], y[keep], keep
+
+
+def _sub(picks: dict[int, np.ndarray], minus: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    return {s: np.setdiff1d(r, minus.get(s, [])) for s, r in picks.items()}
+
+
+def _union(*ps: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    out: dict[int, np.ndarray] = {}
+    for p in ps:
+        for s, r in p.items():
+            out[s] = np.union1d(out.get(s, np.array([], dtype=np.int64)), r)
+    return out
+
+
+def run_distilled(cfg, plan, store, todo: dict, on_shard_done, wall: dict):
+    """The distilled strategy's passes (module docstring); returns the final ShardCollector and the
+    ``distill`` stats block. ``todo``: the shards without a final marker."""
+    from p2d_ray.rundir import RunDir
+    from p2d_ray.scoring.collect import ShardCollector
+    from p2d_ray.scoring.pipeline import _start_pass
+
+    s = cfg.score
+    run = RunDir(cfg.run_dir)
+    shard_rows = [(sh.key, sh.num_rows) for sh in plan.shards]
+    n_rows = sum(n for _, n in shard_rows)
+    n_sample = sample_size(n_rows, s)
+    S = pick_rows(shard_rows, n_sample, s.distill_seed)
+    A = pick_rows(shard_rows, s.distill_audit_rows, s.distill_seed + 1, exclude=S)
+    SA = _union(S, A)
+    rest = _sub({i: np.arange(n) for i, (_, n) in enumerate(shard_rows)}, SA)
+    identity = dict(plan.manifest["identity"])
+    score_id = {k: v for k, v in identity["score"].items() if not k.startswith(("gate_", "refine_"))}
+    score_id.pop("distill_folds", None), score_id.pop("distill_ood_factor", None)
+    score_id.pop("distill_ood_exact", None), score_id.pop("distill_min_rows", None)
+    sample_fp = _hash({**identity, "score": score_id, "S": _positions_hash(S), "A": _positions_hash(A)})
+
+    probe_gradient, dups = _start_pass(cfg, plan, wall)
+    passes: dict[str, _Pass] = {}
+    sample = passes["sample"] = _Pass("sample", "exact", SA, sample_fp, features=True)
+    sample_parts = _run_pass(cfg, plan, dups, probe_gradient, sample, wall)
+
+    # fit on S, audit on A
+    t = time.perf_counter()
+    cols = ["reason", "score", FEATURES_COL]
+    reg_fp = _hash(
+        {"sample": sample_fp, "alphas": ALPHAS, "folds": s.distill_folds, "ood": s.distill_ood_factor}
+    )
+    saved = run.path(REGRESSOR_FILE)
+    reg = Regressor.from_bytes(saved.read_bytes()) if saved.is_file() else None
+    if reg is not None and reg.meta.get("fingerprint") == reg_fp:  # a resumed run: the very same numbers
+        cv = reg.meta["kfold"]
+    else:
+        Xs, ys, _ = _exact_xy(_read_parts(sample_parts, plan, S, cols))
+        if len(ys) < max(s.distill_folds, 3):
+            raise RuntimeError(f"distilled: {len(ys)} scorable sample rows; raise score.distill_sample_min")
+        reg, cv = fit_regressor(
+            Xs, ys, s.distill_folds, s.distill_seed, s.gate_top_fraction, s.distill_ood_factor
+        )
+        reg.meta = {
+            "fingerprint": reg_fp,
+            "model_fingerprint": identity["model_fingerprint"],
+            "heads": identity["heads"],
+            "probe_gradient": identity["probe_gradient"],
+            "sample_seed": s.distill_seed,
+            "layer": plan.distill_layer,
+            "regressor": "ridge (dual, strength by k-fold Spearman) on z-scored mean / position-weighted "
+            "mean / log-length features",
+            "features": int(Xs.shape[1]),
+            "kfold": cv,
+        }
+        tmp = saved.with_name(f".{saved.name}.tmp")
+        tmp.write_bytes(reg.to_bytes())
+        os.replace(tmp, saved)
+    audit = {"rows": 0}
+    if A:
+        Xa, ya, _ = _exact_xy(_read_parts(sample_parts, plan, A, cols))
+        if len(ya):
+            pa_, _, ood_a = reg.predict(Xa)
+            audit = {
+                "rows": len(ya),
+                "spearman": spearman(ya, pa_),
+                "top_recall": top_recall(ya, pa_, s.gate_top_fraction),
+                "ood": int(ood_a.sum()),
+            }
+    verdict = gate(cv, audit, s)
+    wall["fit"] = time.perf_counter() - t
+    fallback = not verdict["passed"] and s.gate_fallback == "exact"
+    if not verdict["passed"]:
+        log.warning(
+            "distilled: the fidelity gate FAILED (%s); %s",
+            "; ".join(verdict["failed"]),
+            "falling back to exact scores for every row (score.gate_fallback=exact)"
+            if fallback
+            else "continuing with predicted scores (score.gate_fallback=warn): the selection may be poor",
+        )
+        print(
+            f"score: WARNING fidelity gate failed ({'; '.join(verdict['failed'])}); fallback={s.gate_fallback}"
+        )
+
+    # bulk: predicted (or, after a failed gate with fallback exact, exact) scores for every other row
+    if fallback:
+        bulk = passes["bulk"] = _Pass("bulk", "exact", rest, _hash([sample_fp, "exact"]))
+    else:
+        bulk = passes["bulk"] = _Pass(
+            "bulk", "predict", rest, _hash([reg_fp, "predict"]), regressor=reg.to_bytes()
+        )
+    bulk_parts = _run_pass(cfg, plan, dups, probe_gradient, bulk, wall)
+
+    # refine: the predicted top band (+ OOD rows) scored exactly
+    refine_picks: dict[int, np.ndarray] = {}
+    n_ood = 0
+    if not fallback:
+        table = _read_parts(bulk_parts, plan, rest, ["reason", "score", OOD_COL])
+        ok = table.column("reason").is_null().to_numpy(zero_copy_only=False)
+        pred = np.where(ok, table.column("score").to_numpy(zero_copy_only=False), -np.inf)
+        sid, row = table.column("_shard").to_numpy(), table.column("_row").to_numpy()
+        ood = table.column(OOD_COL).to_numpy(zero_copy_only=False) & ok
+        n_ood = int(ood.sum())
+        k = min(int(round(s.refine_fraction * n_rows)), int(ok.sum()))
+        chosen = np.zeros(len(pred), dtype=bool)
+        if k > 0:
+            chosen[np.argsort(-pred, kind="stable")[:k]] = True
+        if s.distill_ood_exact:
+            chosen |= ood
+        for i in np.unique(sid[chosen]):
+            refine_picks[int(i)] = np.sort(row[chosen & (sid == i)])
+    refine = passes["refine"] = _Pass(
+        "refine", "exact", refine_picks, _hash([bulk.fingerprint, _positions_hash(refine_picks)])
+    )
+    refine_parts = _run_pass(cfg, plan, dups, probe_gradient, refine, wall) if refine_picks else None
+
+    # assemble: per shard, the passes' rows merged by row, through the engine's collector
+    t = time.perf_counter()
+    collector = ShardCollector(store, plan, todo, cfg.data.id_column, on_shard_done)
+    collector.extra_columns = (SOURCE_COL, OOD_COL)
+    bulk_source = "exact" if fallback else "distilled"
+    for sid, shard in todo.items():
+        pieces = []
+        for parts, picks, src in (
+            (bulk_parts, rest, bulk_source),
+            (sample_parts, SA, "exact"),
+            (refine_parts, refine_picks, "refined"),
+        ):
+            if parts is None or sid not in picks or not len(picks[sid]):
+                continue
+            tb = parts.read(shard.key)
+            if FEATURES_COL in tb.column_names:
+                tb = tb.drop_columns([FEATURES_COL])
+            pieces.append(tb.append_column(SOURCE_COL, pa.array([src] * tb.num_rows, pa.string())))
+        merged = _merge_by_row(pieces)
+        collector.add(merged)
+    collector.check_complete()
+    wall["assemble"] = time.perf_counter() - t
+    sources = _count_sources(store, plan)
+    fidelity = {
+        "strategy": "distilled",
+        "reason": plan.strategy_reason,
+        "layer": plan.distill_layer,
+        "sample_rows": int(sum(len(r) for r in S.values())),
+        "audit_rows_picked": int(sum(len(r) for r in A.values())),
+        "kfold": cv,
+        "audit": audit,
+        "gate": verdict,
+        "refine_rows": int(sum(len(r) for r in refine_picks.values())),
+        "ood_rows": n_ood,
+        "score_source": sources,
+        "regressor": reg.meta,
+    }
+    run.path(FIDELITY_FILE).write_text(json.dumps(fidelity, indent=1))
+    stats = {
+        "passes": {name: {"mode": p.mode, **p.stats} for name, p in passes.items()},
+        "fit_s": wall["fit"],
+    }
+    return collector, stats
+
+
+def _merge_by_row(pieces: list[pa.Table]) -> pa.Table:
+    """One shard's rows from several passes; a later piece overrides an earlier one on the same row."""
+    names = [c for c in pieces[0].column_names if all(c in p.column_names for p in pieces)]
+    tables = [p.select(names) for p in pieces]
+    tables = [t.cast(tables[0].schema) for t in tables]
+    table = pa.concat_tables(tables)
+    rows = table.column("_row").to_numpy()
+    order = np.arange(len(rows))
+    # keep the LAST occurrence of each row: unique over the reversed order
+    _, last = np.unique(rows[::-1], return_index=True)
+    keep = np.sort(order[::-1][last])
+    return table.take(pa.array(keep)).sort_by("_row")
+
+
+def _count_sources(store, plan) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for shard in plan.shards:
+        p = store.score_path(shard)
+        if p.is_file() and SOURCE_COL in pq.read_schema(p).names:
+            counts = pc.value_counts(pq.read_table(p, columns=[SOURCE_COL]).column(0)).to_pylist()
+            for d in counts:
+                out[d["values"]] = out.get(d["values"], 0) + int(d["counts"])
+    return out
+
+
+def summary_block(run_dir) -> dict | None:
+    """The fidelity figures of a distilled run (for score_summary.json), or None."""
+    from p2d_ray.rundir import RunDir
+
+    p = RunDir(run_dir).path(FIDELITY_FILE)
+    return json.loads(p.read_text()) if p.is_file() else None
