@@ -175,7 +175,8 @@ class ScoreConfig(_Section):
     gate_min_recall: float = Field(0.4, ge=0, le=1)  # exact top select-fraction within the predicted top
     gate_top_fraction: float = Field(0.10, gt=0, le=1)
     gate_fallback: Literal["exact", "warn"] = "exact"
-    distill_ood_factor: float = Field(1.5, gt=0)  # a row is out of distribution past factor x the sample's max
+    # a row is out of distribution past distill_ood_factor x the sample's largest distance
+    distill_ood_factor: float = Field(1.5, gt=0)
     distill_ood_exact: bool = True  # score out-of-distribution rows exactly (in the refine pass)
 
     @model_validator(mode="after")
