@@ -183,6 +183,10 @@ def main(stages: tuple[str, ...], description: str, argv: list[str] | None = Non
         return 2
 
     def pipeline(cfg) -> dict:
+        if "train" in chosen:  # a missing or broken tracker: one line before any stage runs
+            from p2d_ray.training.tracking import check_tracking
+
+            check_tracking(cfg)
         run = RunDir(cfg.run_dir)
         results: dict = {}
         for stage in STAGES:  # in pipeline order, whatever order --stages lists them in

@@ -65,6 +65,10 @@ def run_pipeline(cfg: P2DConfig, stages: tuple[str, ...] = STAGES, report: bool 
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stages {unknown}; allowed: {list(STAGES)}")
+    if "train" in stages:  # a missing or broken tracker fails in one line before anything is read or run
+        from p2d_ray.training.tracking import check_tracking
+
+        check_tracking(cfg)
     run = RunDir(cfg.run_dir)
     # Every input of every stage that will run is checked before the first one starts.
     from p2d_ray.validate import preflight

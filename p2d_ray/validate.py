@@ -645,7 +645,12 @@ def run_validate(cfg: P2DConfig, *, raise_on_error: bool = True, stages=None, de
 
 def preflight(cfg: P2DConfig, stages) -> None:
     """Every input of every stage in ``stages`` checked before the first one starts (footers, not pages).
-    Raises :class:`ValidationFailed` naming each problem."""
+    Raises :class:`ValidationFailed` naming each problem. Training's trackers come first (a missing or
+    broken MLflow / W&B is one line before any stage, or Ray, starts)."""
+    if "train" in stages:
+        from p2d_ray.training.tracking import check_tracking
+
+        check_tracking(cfg)
     if stages:
         run_validate(cfg, stages=stages, deep=False)
 

@@ -58,7 +58,7 @@ def test_training_progress_lines_are_periodic_and_plain():
 
 def test_configured_tracker_without_its_package_is_a_clear_error(tmp_path):
     for override, package in (
-        ("train.mlflow_tracking_uri=file:///tmp/mlruns", "mlflow"),
+        (f"train.mlflow_tracking_uri=sqlite:///{tmp_path}/mlflow.db", "mlflow"),
         ("train.wandb_project=p2d", "wandb"),
     ):
         cfg = build_config({}, [f"run_dir={tmp_path}", override])

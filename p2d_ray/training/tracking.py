@@ -15,6 +15,7 @@ Rank 0 of the Ray Train worker group owns one :class:`Tracker`:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -31,13 +32,27 @@ def tensorboard_dir(run_dir: str | Path) -> str:
     return str(Path(run_dir, *TB_SUBDIR).resolve())
 
 
+# MLflow tracking URIs current MLflow serves: a database (sqlite:////abs/mlflow.db, postgresql://...) or a
+# tracking server. Its filesystem backend (file:///..., a bare path) is in maintenance mode and refused.
+MLFLOW_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
+
+
 def check_tracking(cfg: P2DConfig) -> None:
-    """Configured trackers must be importable here (the driver), before any Ray work starts.
+    """Configured trackers must be usable from here (the driver) before any stage or Ray work starts: the
+    ``run`` / ``train`` pre-flight (validate.preflight) and the job entrypoints call this first.
 
     Raises:
-        ValueError: ``train.mlflow_tracking_uri`` or ``train.wandb_project`` is set but its package is missing.
+        ValueError (one line): an MLflow URI current MLflow refuses (``file://``, a bare path); a configured
+        tracker whose package is not installed; an MLflow store that cannot be reached (when mlflow is
+        installed).
     """
     t = cfg.train
+    uri = t.mlflow_tracking_uri
+    if uri and uri.split("://", 1)[0].split("+", 1)[0] not in MLFLOW_SCHEMES:
+        raise ValueError(
+            f"train.mlflow_tracking_uri={uri!r}: MLflow's filesystem store is in maintenance mode and refused by "
+            "current MLflow; use a database, e.g. sqlite:////abs/path/mlflow.db, or a server, http://host:5000"
+        )
     for key, value, package in (
         ("mlflow_tracking_uri", t.mlflow_tracking_uri, "mlflow"),
         ("wandb_project", t.wandb_project, "wandb"),
@@ -47,6 +62,40 @@ def check_tracking(cfg: P2DConfig) -> None:
                 f"train.{key}={value!r} needs the optional package {package!r}, which is not installed: "
                 f"`pip install {package}` (on every node), or unset train.{key}"
             )
+    if uri:
+        _check_mlflow_store(uri, t.tracking_experiment)
+
+
+def _check_mlflow_store(uri: str, experiment: str) -> None:
+    """One quick call to the store (a sqlite file is created, a server must answer within seconds)."""
+    import os
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
+    try:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment)
+    except Exception as err:  # any store error: one line naming the URI, not a traceback
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"train.mlflow_tracking_uri={uri!r} does not work: {first[:300]}") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def tracker_failure(name: str, where: str):
+    """A tracker that fails on the training worker (after the pre-flight passed: a server gone, a database
+    locked) raises one short RuntimeError naming it, which the driver reports as the training's failure line."""
+    try:
+        yield
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise RuntimeError(f"tracking: {name} ({where}) failed on the training worker: {first}") from None
 
 
 class Tracker:
@@ -82,21 +131,23 @@ class Tracker:
         if t.mlflow_tracking_uri:
             from ray.air.integrations.mlflow import setup_mlflow
 
-            mlflow = setup_mlflow(
-                run_config,
-                tracking_uri=t.mlflow_tracking_uri,
-                experiment_name=t.tracking_experiment,
-                create_experiment_if_not_exists=True,
-                rank_zero_only=False,  # this object only exists on rank 0 already
-            )
+            with tracker_failure("MLflow", t.mlflow_tracking_uri):
+                mlflow = setup_mlflow(
+                    run_config,
+                    tracking_uri=t.mlflow_tracking_uri,
+                    experiment_name=t.tracking_experiment,
+                    create_experiment_if_not_exists=True,
+                    rank_zero_only=False,  # this object only exists on rank 0 already
+                )
             self.sinks.append(("mlflow", lambda m, s: mlflow.log_metrics(m, step=s)))
             self.closers.append(mlflow.end_run)
         if t.wandb_project:
             from ray.air.integrations.wandb import setup_wandb
 
-            run = setup_wandb(
-                run_config, project=t.wandb_project, group=t.tracking_experiment, rank_zero_only=False
-            )
+            with tracker_failure("W&B", t.wandb_project):
+                run = setup_wandb(
+                    run_config, project=t.wandb_project, group=t.tracking_experiment, rank_zero_only=False
+                )
             self.sinks.append(("wandb", lambda m, s: run.log(m, step=s)))
             self.closers.append(run.finish)
 
