@@ -251,26 +251,35 @@ def main(argv: list[str] | None = None) -> int:
         rc, result = _run_guarded(args.command, _resolve(COMMANDS[args.command]), cfg)
     if rc != 0:
         return rc
-    if result is not None and args.command not in HUMAN_OUTPUT:
-        print(json.dumps(result, indent=1, default=str))
+    if result is not None:
+        if args.command in HUMAN_OUTPUT and sys.stdout.isatty():
+            # A person at a terminal has just read the summary (on stderr): the result is in the run dir.
+            msg = f"results in {cfg.run_dir}; redirected, stdout carries them as JSON"
+            print(f"p2d-ray {args.command}: {msg}", file=sys.stderr)
+        else:
+            print(json.dumps(result, indent=1, default=str), flush=True)
     if args.command == "run" and isinstance(result, dict) and result.get("report"):
         _print_run_summary(cfg, result["report"])
     return 0
 
 
 def _print_run_summary(cfg: P2DConfig, report: dict) -> None:
-    """After the JSON: the results read for the user (selection vs random, training helped or not, AER)."""
+    """After the JSON, on stderr (stdout is the JSON alone): the results read for the user (selection vs
+    random, training helped or not, AER)."""
     from pathlib import Path
 
     from p2d_ray.demo import summary_lines
 
     if report.get("skipped"):
         report = json.loads(Path(cfg.run_dir, "report.json").read_text())
-    print("\n".join(summary_lines(report, title=f"p2d-ray run: summary ({cfg.run_dir})")), flush=True)
+    lines = summary_lines(report, title=f"p2d-ray run: summary ({cfg.run_dir})")
+    print("\n".join(lines), file=sys.stderr, flush=True)
 
 
 # -- error and interrupt handling (one place, so every command behaves the same) ----------------------
-HUMAN_OUTPUT = ("demo", "compare")  # commands that print a summary for a person instead of a JSON result
+# Commands whose summary is for a person (on stderr, like every progress line); at a terminal their JSON
+# result is left in the run dir instead of following the summary. Every command's stdout is its JSON alone.
+HUMAN_OUTPUT = ("demo", "compare")
 PREFLIGHT = {s: (s,) for s in ("localize", "score", "select", "train", "evaluate")}  # `run`: pipeline.py
 
 
@@ -313,8 +322,6 @@ def _run_guarded(command: str, func, cfg) -> tuple[int, object]:
         if locked:
             runlock.acquire(locked, command)
         preflight(cfg, PREFLIGHT.get(command, ()))
-        if command in HUMAN_OUTPUT:
-            return 0, func(cfg)
         # stdout carries the command's JSON result alone. While the command runs, what would go there
         # goes to stderr: Ray prints its workers' stdout on ours (DeepSpeed's op-build line, anything a
         # library prints in a worker), and so would libraries in this process. A Ray this command started is

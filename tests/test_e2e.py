@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -70,12 +69,11 @@ def project(tmp_path_factory, tiny_llama):
 
 def _run(capsys, *args) -> dict:
     rc = main(["run", *args])
-    out = capsys.readouterr().out
-    assert rc == 0, out
-    # The CLI prints the result as indented JSON; Ray may print its own warnings around it.
-    start = re.search(r"^\{$", out, re.M)
-    assert start, out
-    return json.JSONDecoder().raw_decode(out[start.start() :])[0]
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err[-3000:]
+    # stdout is the JSON result alone (`p2d-ray run > out; jq . out`): the summary for people is on stderr.
+    assert "p2d-ray run: summary" in captured.err
+    return json.loads(captured.out)
 
 
 def _records(run: RunDir) -> dict:
@@ -174,6 +172,8 @@ def test_compare_runs_every_selector_on_equal_terms_and_resumes(project, capsys)
     capsys.readouterr()
     assert main(args) == 0
     assert {p: p.stat().st_mtime for p in root.glob("cells/*/*/*/stages/*.json")} == before
+    rerun = capsys.readouterr()  # stdout is the JSON result alone, the table for people is on stderr
+    assert len(json.loads(rerun.out)["cells"]) == 3 and "| ifd | heads |" in rerun.err
 
     rows = [{**result["cells"][0], "seed": s, "loss": v} for s, v in ((0, 1.0), (1, 3.0))]
     (entry,) = aggregate(rows)
