@@ -115,6 +115,11 @@ class ScoreConfig(_Section):
     torch_threads: int = Field(1, ge=1)
     blocks_per_actor: int = Field(4, ge=1)  # repartition so every actor gets work
     loss_chunk_tokens: int = Field(1024, ge=16)  # never materialise [B, T, V] log-probs at once
+    # Memory of a scoring actor (BENCHMARKS.md, "Scoring actors' memory"): a micro-batch is cut into pieces of
+    # at most max_batch_tokens padded tokens (None: batch_size rows whatever their length), and the C heap's
+    # free pages go back to the OS after every call (release_memory).
+    max_batch_tokens: int | None = Field(None, ge=16)
+    release_memory: bool = False
     # Length bucketing: each actor call takes batch_size * bucket_batches rows, sorts them by length and
     # scores them in micro-batches of batch_size, so padding stays small (demo corpus, batch 32: 256-row
     # windows pad 11.5% of tokens, 1024-row windows 3%).
@@ -207,6 +212,8 @@ SCORE_RESOURCE_FIELDS = (
     "torch_threads",
     "blocks_per_actor",
     "loss_chunk_tokens",
+    "max_batch_tokens",
+    "release_memory",
     "bucket_batches",
     "max_rows_per_block",
     "num_cpus_per_tokenize_task",

@@ -11,6 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_actor_memory import assert_peak_rss_recorded
 
 from p2d_ray.config import ConfigError, build_config
 from p2d_ray.data.columns import apply_column_map, unread_columns
@@ -279,3 +280,5 @@ def test_chat_corpus_with_an_alpaca_json_probe(ray_local, tiny_llama, tmp_path):
     assert scored["rows_in"] == scored["rows_scored"] == 60, scored
     assert subset.num_rows == 6
     assert subset.schema.field("messages").type == corpus.schema.field("messages").type  # rows as they were
+    # issue 26 item 8, checked on this run rather than on a Ray pass of its own (test time)
+    assert_peak_rss_recorded(cfg.run_dir)

@@ -25,6 +25,16 @@ SCORE_TIME_COL = "_t_score"  # per-row share of its micro-batch's model seconds 
 ACTOR_COL = "_actor"  # Ray actor id of the actor that scored the row (actor count in stats)
 PID_COL = "_pid"  # pid of its process (a restarted actor: a new pid under the same actor id)
 PAD_COL = "_padded"  # padded length of the row's micro-batch (padding overhead in stats)
+RSS_COL = "_peak_rss"  # the actor's peak resident set (bytes, VmHWM) when it returned the row
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far, in bytes (Linux ``VmHWM``: model load included)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # KiB on Linux, bytes on macOS
 
 
 def collate_arrow(
@@ -83,10 +93,73 @@ def micro_batch_rows(batch: pa.Table, ok: np.ndarray, batch_size: int, window_ro
     return out
 
 
+def token_capped(micro_batches: list, lengths: np.ndarray, max_tokens: int | None) -> list:
+    """Each micro-batch cut, in order, into pieces of at most ``max_tokens`` padded tokens (rows x the piece's
+    longest row); a row longer than ``max_tokens`` is a piece alone. None: unchanged. A piece depends on its
+    micro-batch's rows alone, so scores stay independent of how blocks and calls were cut.
+
+    Why: the exact scorer's backward keeps every layer's activations of the micro-batch (~1.5 MB per token on
+    SmolLM2, fp32), so an actor's peak memory follows the largest ``batch_size x length`` it meets, not the
+    model (BENCHMARKS.md, "Scoring actors' memory")."""
+    if not max_tokens:
+        return list(micro_batches)
+    out = []
+    for mb in micro_batches:
+        start = 0
+        while start < len(mb):
+            end, longest = start, 0
+            while end < len(mb):
+                longest_next = max(longest, int(lengths[mb[end]]))
+                if end > start and (end - start + 1) * longest_next > max_tokens:
+                    break
+                end, longest = end + 1, longest_next
+            out.append(mb[start:end])
+            start = end
+    return out
+
+
+# glibc malloc in a scoring actor's process (BENCHMARKS.md, "Scoring actors' memory"): blocks above 64 KiB are
+# mmap'd and unmapped when freed (glibc's default threshold rises to 32 MiB after the first large free, so
+# the activations of variable-length micro-batches stay behind as a fragmented heap), free heap tops above
+# 128 KiB are trimmed, and at most 2 arenas (Ray's threads would each get one).
+ACTOR_MALLOC_ENV = {
+    "MALLOC_ARENA_MAX": "2",
+    "MALLOC_MMAP_THRESHOLD_": "65536",
+    "MALLOC_TRIM_THRESHOLD_": "131072",
+}
+
+
+def actor_env() -> dict[str, str]:
+    """Environment of the scoring actors' processes: :data:`ACTOR_MALLOC_ENV`, where the driver's own
+    environment sets one of these variables its value wins."""
+    return {k: os.environ.get(k, v) for k, v in ACTOR_MALLOC_ENV.items()}
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere): the freed
+    activations of a call would otherwise stay resident between calls."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _MALLOC_TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
+
+
 def _actor_id() -> str:
     try:
         import ray
 
+        if not ray.is_initialized():  # get_runtime_context() would start a local Ray (~30 s) to answer
+            return f"pid-{os.getpid()}"
         return ray.get_runtime_context().get_actor_id() or f"pid-{os.getpid()}"
     except Exception:  # outside Ray (unit tests call the class directly)
         return f"pid-{os.getpid()}"
@@ -173,7 +246,8 @@ class ScorerActor:
         if self.icl is not None:  # contexts span rows: the whole call at once, components filled there
             micro_batches = []
             components.update(self._score_icl(batch, ok, score, n_tokens, seconds, padded))
-        for idx in micro_batches:
+        lengths = batch.column("length").to_numpy()
+        for idx in token_capped(micro_batches, lengths, self.cfg.max_batch_tokens):
             t0 = time.perf_counter()
             tensors = {
                 k: v.to(self.device) for k, v in collate_arrow(input_ids, loss_mask, idx, self.pad_id).items()
@@ -202,7 +276,10 @@ class ScorerActor:
             ACTOR_COL: pa.array([self.actor_id] * n, pa.string()),
             PID_COL: pa.array(np.full(n, self.pid, dtype=np.int64)),
             PAD_COL: pa.array(padded),
+            RSS_COL: pa.array(np.full(n, peak_rss_bytes(), dtype=np.int64)),
         }
+        if self.cfg.release_memory:
+            release_free_memory()
         keep = [c for c in batch.column_names if c not in ("input_ids", "loss_mask")]
         out_table = batch.select(keep)
         for name, arr in cols.items():

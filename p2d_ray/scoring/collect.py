@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from p2d_ray.scoring.actor import ACTOR_COL, PAD_COL, PID_COL, SCORE_TIME_COL
+from p2d_ray.scoring.actor import ACTOR_COL, PAD_COL, PID_COL, RSS_COL, SCORE_TIME_COL
 from p2d_ray.scoring.outputs import SCORE_COLUMNS, ScoreStore
 from p2d_ray.scoring.plan import ScorePlan
 from p2d_ray.scoring.quarantine import count_reasons, quarantine_table
@@ -55,6 +55,7 @@ class ShardCollector:
         }
         self.actors: set[str] = set()  # Ray actor ids: a killed and restarted actor counts once
         self.pids: set[int] = set()  # its processes: one more per restart
+        self.peak_rss: dict[int, int] = {}  # actor process id -> its peak resident set (bytes)
 
     def add(self, block: pa.Table) -> None:
         sids = block.column("_shard").to_numpy()
@@ -118,11 +119,20 @@ class ShardCollector:
         st["score_s"] += float(pc.sum(table.column(SCORE_TIME_COL)).as_py() or 0.0)
         self.actors.update(pc.unique(scored.column(ACTOR_COL)).to_pylist())
         self.pids.update(int(p) for p in pc.unique(scored.column(PID_COL)).to_pylist())
+        self._peak_rss(scored)
         self.finished.append(sid)
         self.write_seconds += time.perf_counter() - t0
         log.info("scored shard %s (%d/%d this run)", shard.key, len(self.finished), len(self.todo))
         if self.on_shard_done is not None:
             self.on_shard_done(shard)
+
+    def _peak_rss(self, scored: pa.Table) -> None:
+        """Each actor process's largest peak resident set (bytes) over its result rows."""
+        if scored.num_rows == 0:
+            return
+        grouped = scored.group_by(PID_COL).aggregate([(RSS_COL, "max")])
+        for pid, rss in zip(grouped[PID_COL].to_pylist(), grouped[f"{RSS_COL}_max"].to_pylist(), strict=True):
+            self.peak_rss[int(pid)] = max(self.peak_rss.get(int(pid), 0), int(rss))
 
     def check_complete(self) -> None:
         missing = [self.todo[s].key for s in self.todo if s not in self.finished]

@@ -24,7 +24,7 @@ from p2d_ray.config import P2DConfig
 from p2d_ray.progress import Progress, ray_data_output, stage_summary
 from p2d_ray.rundir import RunDir, stage_fingerprint
 from p2d_ray.runtime import ensure_ray
-from p2d_ray.scoring.actor import ScorerActor
+from p2d_ray.scoring.actor import ScorerActor, actor_env
 from p2d_ray.scoring.collect import ShardCollector, summarize
 from p2d_ray.scoring.outputs import ScoreStore
 from p2d_ray.scoring.plan import ScorePlan, pick_demos, plan_score
@@ -236,6 +236,7 @@ def _score_dataset(cfg: P2DConfig, plan: ScorePlan, todo: dict[int, Shard], dups
         compute=ray.data.ActorPoolStrategy(min_size=s.min_actors, max_size=s.max_actors),
         num_cpus=s.num_cpus_per_actor,
         num_gpus=s.num_gpus_per_actor,
+        runtime_env={"env_vars": actor_env()},  # the allocator settings of actor.ACTOR_MALLOC_ENV
         fn_constructor_kwargs={
             "model_json": plan.model_json,
             "score_json": s.model_dump_json(),
@@ -297,6 +298,10 @@ def _pass_stats(
             "max": s.max_actors,
             "used": len(collector.actors),  # by Ray actor id: a restarted actor is the same actor
             "processes": len(collector.pids),  # used + one per restart that scored rows
+            # Each actor process's peak resident set (VmHWM, bytes; model load and every call), by pid, and the
+            # largest: the memory one actor needs, which decides how many fit on a node.
+            "peak_rss_bytes": {str(pid): rss for pid, rss in sorted(collector.peak_rss.items())},
+            "max_peak_rss_bytes": max(collector.peak_rss.values(), default=None),
         },
         "wall_s": wall,
         "busy_s": {"tokenize": st["tokenize_s"], "score": st["score_s"]},
