@@ -258,6 +258,9 @@ def run_evaluate(cfg: P2DConfig) -> dict:
             **summarize(samples, variants, answers),
         }
         Path(run.path("eval.json")).write_text(json.dumps(result, indent=1))
+        from p2d_ray.training.model_card import write_model_card
+
+        write_model_card(cfg)  # the adapter's card gets the held-out numbers
     stage_summary(
         "evaluate", time.perf_counter() - t0, f"{run.path('eval.json')} ({samples.num_rows:,} rows)"
     )

@@ -17,7 +17,8 @@ Layout under ``<run_dir>/adapter/``::
     heads/head_deltas.safetensors   one Δ per projection module; specs in the safetensors metadata
     heads/heads.json                the HeadSet that was trained
     peft/adapter_config.json, adapter_model.safetensors, README.md   (heads and lora adaptations; written
-                                    by PEFT's save_pretrained, naming the base model as configured)
+                                    by PEFT's save_pretrained, naming a base PEFT loads offline:
+                                    training/model_card.py; README.md is our model card)
 ``<run_dir>/merged/`` holds the merged model (``save_pretrained``) for ``full``, or when
 ``train.export_merged`` is set.
 """
@@ -98,6 +99,7 @@ def save_peft_from_deltas(
     fan_in_fan_out: bool = False,
     hf_config=None,
     card: str = "",
+    revision: str | None = None,
 ) -> Path:
     """Write a standard PEFT LoRA adapter (per-module rank, alpha = rank so the scale is 1) through PEFT's
     own ``save_pretrained`` (adapter_config.json, adapter_model.safetensors, README.md model card).
@@ -130,7 +132,7 @@ def save_peft_from_deltas(
     for name, (a, b) in factors.items():
         tensors[f"base_model.model.{name}.lora_A.weight"] = a
         tensors[f"base_model.model.{name}.lora_B.weight"] = b
-    return save_peft_adapter(config, tensors, out_dir, base_model_name_or_path, hf_config, card)
+    return save_peft_adapter(config, tensors, out_dir, base_model_name_or_path, hf_config, card, revision)
 
 
 def save_peft_adapter(
@@ -140,6 +142,7 @@ def save_peft_adapter(
     base_name: str,
     hf_config=None,
     card: str = "",
+    revision: str | None = None,
 ) -> Path:
     """``PeftModel.save_pretrained`` of a LoRA ``config`` with the weights ``tensors`` (PEFT's on-disk keys),
     on a base model built on the meta device: no base weights are read or allocated, so this costs the
@@ -157,6 +160,7 @@ def save_peft_adapter(
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         model = get_peft_model(base, copy.deepcopy(config))
     model.peft_config["default"].base_model_name_or_path = base_name
+    model.peft_config["default"].revision = revision  # a hub base: the revision trained on
     if card:
         # save_pretrained completes an existing README.md (base model, library, PEFT version) in place.
         from huggingface_hub import ModelCard, ModelCardData
@@ -199,6 +203,7 @@ def export_from_checkpoint(cfg: P2DConfig, export_dir: str | Path) -> dict:
     ``<run_dir>/merged``). Returns the manifest."""
     from p2d_ray.models.geometry import model_family
     from p2d_ray.models.loading import load_config_checked, resolve_path
+    from p2d_ray.training.model_card import peft_base, write_model_card
 
     run_dir = Path(cfg.run_dir)
     src = Path(export_dir)
@@ -208,6 +213,8 @@ def export_from_checkpoint(cfg: P2DConfig, export_dir: str | Path) -> dict:
     adapter.mkdir(parents=True)
     adaptation = cfg.train.adaptation
     base = resolve_path(cfg.model)
+    # Our short name stays here; the PEFT adapter names what PEFT can load (model_card.peft_base).
+    peft_name, revision = peft_base(cfg)
     manifest: dict = {"adaptation": adaptation, "base_model": cfg.model.name_or_path, "base_path": base}
     if adaptation == "heads":
         shutil.copytree(src / "heads", adapter / "heads")
@@ -223,10 +230,11 @@ def export_from_checkpoint(cfg: P2DConfig, export_dir: str | Path) -> dict:
             specs,
             values,
             adapter / "peft",
-            cfg.model.name_or_path,
+            peft_name,
             fan_in_fan_out=model_family(hf_config) == "gpt2",
             hf_config=hf_config,
             card=card,
+            revision=revision,
         )
         manifest["heads_bytes"] = dir_size_bytes(adapter / "heads")
         manifest["peft_bytes"] = dir_size_bytes(adapter / "peft")
@@ -246,9 +254,10 @@ def export_from_checkpoint(cfg: P2DConfig, export_dir: str | Path) -> dict:
             lora,
             load_file(str(src / "peft" / "adapter_model.safetensors")),
             adapter / "peft",
-            cfg.model.name_or_path,
+            peft_name,
             load_config_checked(cfg.model),
             card,
+            revision,
         )
         manifest["peft_bytes"] = dir_size_bytes(adapter / "peft")
     else:  # full: the update is the whole model
@@ -265,6 +274,7 @@ def export_from_checkpoint(cfg: P2DConfig, export_dir: str | Path) -> dict:
         save_merged(model, cfg, run_dir / "merged")
         manifest["merged_dir"] = str((run_dir / "merged").resolve())
     write_manifest(adapter, **manifest)
+    write_model_card(cfg)  # the full card; evaluate rewrites it with the held-out numbers
     return manifest
 
 

@@ -313,6 +313,9 @@ def run_train(cfg: P2DConfig, data_path: str | None = None) -> dict:
             title = f"{cfg.train.adaptation} on {inputs.n_rows} rows, {cfg.model.name_or_path}"
             plot_loss_curve(state["loss_curve"], run.path(LOSS_PNG), title)
         run.path("train_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        from p2d_ray.training.model_card import write_model_card
+
+        write_model_card(cfg)  # now with the steps and the last loss
     stage_summary(
         "train",
         time.perf_counter() - t0,
