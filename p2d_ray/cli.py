@@ -229,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.verbose:  # read by p2d_ray.progress (an env var, so Ray job entrypoints inherit it)
         os.environ["P2D_RAY_VERBOSE"] = "1"
+    else:  # libraries' deprecation notices (transformers, peft, torch) are for --verbose, not the console
+        import warnings
+
+        warnings.filterwarnings("ignore", category=FutureWarning)
     if getattr(args, "target", None):  # `p2d-ray demo --target units`
         args.overrides.append(f"data.demo_target={args.target}")
     try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import threading
 
@@ -65,6 +66,12 @@ def ensure_ray(num_cpus: int | None = None, **init_kwargs) -> bool:
     # a Python handler the caller installed (sigterm_as_interrupt) is put back after it.
     on_term = signal.getsignal(signal.SIGTERM) if _main_thread() else None
     runtime_env = {"env_vars": worker_env()}
+    quiet = not _verbose()
+    if quiet:  # Ray's INFO banners and its token-auth notice stay off the console (--verbose keeps them)
+        import logging
+
+        init_kwargs.setdefault("logging_level", logging.WARNING)
+        logging.getLogger(TOKEN_AUTH_LOGGER).setLevel(logging.ERROR)
     address = os.environ.get("RAY_ADDRESS")
     if address:
         # address given: ray.init connects or fails; it never starts a local instance on a cluster's behalf.
@@ -79,7 +86,51 @@ def ensure_ray(num_cpus: int | None = None, **init_kwargs) -> bool:
         ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env, **init_kwargs)
     if callable(on_term):
         signal.signal(signal.SIGTERM, on_term)
+    if quiet:
+        console_worker_output()
     return True
+
+
+# The one-line notice ray.init logs on every start with token authentication on (Ray >= 2.52).
+TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+# Worker output the console keeps without --verbose: our own progress lines (training's, from rank 0).
+CONSOLE_LINE = re.compile(r"^(\[p2d-ray\] |(localize|score|select|train|evaluate|baseline|report): )")
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _verbose() -> bool:
+    from p2d_ray.progress import verbose
+
+    return verbose()
+
+
+def console_line(line: str) -> str | None:
+    """What the console shows of one worker output line without --verbose: our own progress lines, without
+    Ray's ``(RayTrainWorker pid=...)`` prefix or colour codes; None for the rest (DeepSpeed's op-build line,
+    library warnings, Ray Train's chatter), which stays in Ray's session logs (``/tmp/ray/session_latest/logs``)."""
+    plain = ANSI.sub("", line)
+    return plain if CONSOLE_LINE.match(plain) else None
+
+
+def console_worker_output() -> None:
+    """Replace Ray's printer of forwarded worker output (every line, prefixed, coloured) with one that prints
+    :func:`console_line`'s lines only. No-op when worker output is not forwarded (``log_to_driver=False``)."""
+    import sys
+
+    from ray._private import worker as ray_worker
+
+    dispatcher = ray_worker.global_worker_stdstream_dispatcher
+    if not any(name == "ray_print_logs" for name, _ in dispatcher.handlers):
+        return
+
+    def show(data: dict) -> None:
+        for line in data.get("lines", []):
+            kept = console_line(line)
+            if kept is not None:
+                print(kept, file=sys.stderr, flush=True)
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("p2d_console", show)
 
 
 # -- SIGTERM is a signal, not a crash ----------------------------------------------------------------------
