@@ -260,7 +260,17 @@ def _trainer(cfg: P2DConfig, inputs: TrainInputs, fail_at_step: int | None, fail
 def _train_dataset(inputs: TrainInputs):
     import ray.data
 
-    ds = ray.data.read_parquet(inputs.data_path)
+    # Ray 2.60's Parquet reader (datasource v2) first reads the footers with a pool of 32 actors spread
+    # over the cluster, each placed on a free CPU. Behind a CPU-less head with small nodes (the fleet
+    # rehearsal's 1-CPU nodes, tests/test_fleet.py) the pool never formed: training waited forever while the
+    # autoscaler removed the idle nodes. A training set is a few files: the v1 reader lists them in the driver
+    # (metadata only) and reads the rows in tasks as before.
+    ctx = ray.data.DataContext.get_current()
+    previous, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    try:
+        ds = ray.data.read_parquet(inputs.data_path)  # the dataset keeps a copy of the context
+    finally:
+        ctx.use_datasource_v2 = previous
     return ds.materialize() if inputs.n_bytes <= MATERIALIZE_MAX_BYTES else ds
 
 
