@@ -157,7 +157,7 @@ def write_model_card(cfg: P2DConfig) -> Path | None:
 
     run = RunDir(cfg.run_dir)
     peft_dir = run.adapter / "peft"
-    if not (peft_dir / "adapter_config.json").is_file():
+    if not (peft_dir / "adapter_config.json").is_file() or not (run.adapter / "manifest.json").is_file():
         return None
     path = peft_dir / CARD
     path.write_text(model_card(cfg, read_manifest(run.adapter)))
