@@ -37,6 +37,11 @@ DEMO_KNOBS: dict = {
         "max_actors": 2,
         "num_cpus_per_actor": 0.5,
         "batch_size": 16,
+        # An actor's peak memory follows its largest micro-batch (the exact scorer's backward keeps every
+        # layer's activations): pieces of <= 1024 padded tokens keep a SmolLM2 actor within 2 x weights +
+        # 1.5 GB (BENCHMARKS.md, "Scoring actors' memory").
+        "max_batch_tokens": 1024,
+        "release_memory": True,
     },
     "train": {"epochs": 2, "num_workers": 2, "cpus_per_worker": 0.5, "batch_size": 4, "lr": 1e-3},
     "evaluate": {"n_samples": 32, "num_actors": 2, "batch_size": 16, "max_new_tokens": 32},
