@@ -237,7 +237,7 @@ class SelectConfig(_Section):
     # r_k - band_guard x (r_1 - r_k) (rows of another task; None: no guard), re-ranked by quality_column,
     # lowest first (rows without it, e.g. distilled ones, by relevance). "relevance": the plain top k.
     rule: Literal["relevance", "relevance_then_quality"] = "relevance"
-    band_factor: float = Field(2.0, ge=1)
+    band_factor: float = Field(1.5, ge=1)
     band_guard: float | None = Field(0.5, ge=0)
     quality_column: Literal["loss_full", "loss_gated", "n_tokens"] = "loss_full"
 
