@@ -38,9 +38,9 @@ DEMO_KNOBS: dict = {
         "num_cpus_per_actor": 0.5,
         "batch_size": 16,
         # An actor's peak memory follows its largest micro-batch (the exact scorer's backward keeps every
-        # layer's activations): pieces of <= 1024 padded tokens keep a SmolLM2 actor within 2 x weights +
-        # 1.5 GB (BENCHMARKS.md, "Scoring actors' memory").
-        "max_batch_tokens": 1024,
+        # layer's activations, ~1.1 MB per token on SmolLM2): pieces of <= 512 padded tokens keep a SmolLM2
+        # actor within 2 x weights + 1.5 GB (BENCHMARKS.md, "Scoring actors' memory").
+        "max_batch_tokens": 512,
         "release_memory": True,
     },
     "train": {"epochs": 2, "num_workers": 2, "cpus_per_worker": 0.5, "batch_size": 4, "lr": 1e-3},
