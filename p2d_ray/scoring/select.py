@@ -361,14 +361,15 @@ def _check_inputs(cfg: P2DConfig, store: ScoreStore) -> tuple[dict, list[Shard]]
             f"scoring is incomplete: {len(missing)} of {len(shards)} shards have no scores "
             f"(e.g. {missing[0]}); rerun `p2d-ray score` to finish them"
         )
-    markers = [store.marker(s, manifest["fingerprint"]) for s in shards]
-    if not any(m["rows_scored"] for m in markers):  # issue 25: never an empty score set without a word
+    # issue 25: never an empty score set without a word (the score files' footers: what select reads)
+    if shards and not any(pq.read_metadata(f).num_rows for f in store.score_files(shards)):
+        markers = [store.marker(s, manifest["fingerprint"]) for s in shards]
         reasons: dict[str, int] = {}
         for m in markers:
-            for r, n in m["reasons"].items():
+            for r, n in m.get("reasons", {}).items():
                 reasons[r] = reasons.get(r, 0) + n
         raise ValueError(
-            f"nothing to select: no row of the corpus was scored (all {sum(m['rows_in'] for m in markers)} "
+            f"nothing to select: no row of the corpus was scored (all {sum(s.num_rows for s in shards)} "
             f"quarantined in {store.quarantine}: {reasons}); fix the corpus (`p2d-ray validate` names the "
             "problem) and rescore"
         )
