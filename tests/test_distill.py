@@ -77,6 +77,22 @@ def test_ridge_recovers_a_linear_score_and_round_trips():
     assert reg.predict(Xt * 20)[2].all(), "rows far from the sample are flagged"
 
 
+def test_strategy_resolution_keeps_the_demo_exact():
+    from types import SimpleNamespace
+
+    from p2d_ray.config import ScoreConfig
+    from p2d_ray.scoring.plan import resolve_strategy
+
+    hf = SimpleNamespace(num_hidden_layers=30)
+    assert resolve_strategy(ScoreConfig(), 300, hf)[0] == "exact"  # the demo: below distill_min_rows
+    strategy, why = resolve_strategy(ScoreConfig(), 100_000, hf)
+    assert strategy == "distilled" and "2,000 scored exactly" in why and "layer 3" in why
+    assert resolve_strategy(ScoreConfig(strategy="distilled"), 1_100, hf)[0] == "exact"  # sample = corpus
+    assert resolve_strategy(ScoreConfig(scorer="perplexity"), 100_000, hf)[0] == "exact"
+    with pytest.raises(ValueError, match="noop"):
+        resolve_strategy(ScoreConfig(scorer="noop", strategy="distilled"), 100_000, hf)
+
+
 # -- through Ray ------------------------------------------------------------------------------------------
 def _rows(n: int) -> list[dict]:
     out = []

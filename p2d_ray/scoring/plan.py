@@ -154,6 +154,12 @@ def resolve_strategy(s, n_rows: int, hf_config) -> tuple[str, str]:
         if s.strategy == "distilled":
             raise ValueError("score.strategy=distilled needs a batch scorer; icl_attention scores contexts")
         return "exact", "score.strategy=auto: icl_attention scores contexts, not rows"
+    if s.scorer == "noop":
+        if s.strategy == "distilled":
+            raise ValueError("score.strategy=distilled needs a model scorer; noop computes nothing to distil")
+        return "exact", "score.strategy=auto: noop"
+    if s.strategy == "auto" and s.scorer != "gradient_alignment":  # one or two forwards a row: little to save
+        return "exact", f"score.strategy=auto: distilled only replaces gradient_alignment (scorer {s.scorer})"
     if s.strategy == "auto" and n_rows < s.distill_min_rows:
         return (
             "exact",
