@@ -18,16 +18,22 @@ from p2d_ray.config import TrainConfig
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _ray_up() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
 def cli(*argv: str) -> tuple[int, str, str]:
+    """Run the CLI in-process; fails if the command started Ray (a session Ray of other tests may be up)."""
     out, err = io.StringIO(), io.StringIO()
+    ray_before = _ray_up()
     with redirect_stdout(out), redirect_stderr(err):
         rc = cli_main(list(argv))
+    assert ray_before or not _ray_up(), "the command started Ray before failing"
     return rc, out.getvalue(), err.getvalue()
 
 
 def _nothing_ran(run_dir: Path) -> None:
     assert not (run_dir / "stages").exists() and not (run_dir / "heads.json").exists()
-    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
 
 
 @pytest.mark.parametrize("command", ["run", "train"])
