@@ -118,43 +118,6 @@ def localize_on_a_worker(cfg) -> dict | None:
     return ray.get(task.remote(cfg))
 
 
-def _probe_gradient(cfg) -> None:
-    from p2d_ray.scoring.gradient import prepare_probe_gradient
-    from p2d_ray.scoring.plan import plan_score
-
-    plan = plan_score(cfg)
-    model_fp = plan.provenance["model_fingerprint"]
-    prepare_probe_gradient(cfg, plan.heads, plan.gradient_fingerprint, plan.probe_rows, model_fp)
-
-
-def probe_gradient_on_a_worker(cfg) -> None:
-    """``gradient_alignment`` (the recommended scorer) needs the probe gradient: one model load and a backward
-    over the probe rows, which the score stage computes in its driver. A job's driver sits on the GPU-less
-    head, so compute it first, like Stage 1, as a Ray task sized like one scoring actor: it writes
-    probe_gradient.safetensors to the shared run directory, where the score stage finds it (same
-    fingerprint) instead of loading the model on the head."""
-    import ray
-
-    from p2d_ray.pipeline import is_done
-    from p2d_ray.rundir import RunDir, stage_fingerprint
-
-    if cfg.score.scorer != "gradient_alignment" or is_done(
-        RunDir(cfg.run_dir), "score", stage_fingerprint(cfg, "score")
-    ):
-        return
-    s = cfg.score
-    task = ray.remote(num_cpus=s.num_cpus_per_actor, num_gpus=s.num_gpus_per_actor)(_probe_gradient)
-    ray.get(task.remote(cfg))
-
-
-def score_from_the_head(cfg) -> dict:
-    """Stage 2 in a job: the probe gradient on a GPU node (when the scorer needs one), then the pass."""
-    from p2d_ray.pipeline import run_pipeline
-
-    probe_gradient_on_a_worker(cfg)
-    return run_pipeline(cfg, ("score",), report=False)["score"]
-
-
 def main(stages: tuple[str, ...], description: str, argv: list[str] | None = None) -> int:
     """Run ``stages`` (any already finished with the same config are skipped) and print their results.
 
@@ -194,8 +157,6 @@ def main(stages: tuple[str, ...], description: str, argv: list[str] | None = Non
                 continue
             if stage == "localize" and not is_done(run, stage, stage_fingerprint(cfg, stage)):
                 work = lambda: localize_on_a_worker(cfg)  # noqa: E731
-            elif stage == "score":
-                work = lambda: score_from_the_head(cfg)  # noqa: E731
             else:
                 work = lambda stage=stage: run_pipeline(cfg, (stage,), report=False)[stage]  # noqa: E731
             results[stage] = run_stage(cfg, stage, work)
