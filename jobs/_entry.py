@@ -86,13 +86,34 @@ def describe_outputs(cfg, stage: str) -> str:
     return ", ".join(parts)
 
 
+def lost_nodes() -> dict[str, str]:
+    """Nodes of the cluster that died unexpectedly (a lost spot node, a crashed raylet): id -> Ray's reason.
+    Nodes the autoscaler removed when idle are not lost."""
+    import ray
+
+    try:
+        # DeathReason 2: UNEXPECTED_TERMINATION in Ray's NodeDeathInfo (1 is an expected one: idle, SIGTERM)
+        return {
+            n["NodeID"]: n.get("DeathReasonMessage") or "" for n in ray.nodes() if n.get("DeathReason") == 2
+        }
+    except Exception:  # a courtesy line: never fail a stage over it
+        return {}
+
+
 def run_stage(cfg, stage: str, work) -> dict | None:
     """``work()`` between a start banner and a done (or skipped) banner; returns its result."""
     import time
 
     banner(stage, "start")
     t0 = time.perf_counter()
+    lost_before = lost_nodes()
     result = work()
+    lost = {k: v for k, v in lost_nodes().items() if k not in lost_before}
+    if lost:  # a spot node gone: Ray Data redid its blocks, Ray Train restarted from a checkpoint
+        why = "; ".join(sorted(set(lost.values())))
+        banner(
+            stage, f"{len(lost)} node(s) lost during the stage ({why}); their work was redone on the others"
+        )
     if isinstance(result, dict) and result.get("skipped"):
         banner(stage, "skipped (finished earlier with this config)")
     else:
@@ -215,6 +236,20 @@ def run_job(config: str, overrides: list[str], work, verbose: bool = False) -> i
                 raise
             print(
                 f"[p2d-ray] job: error: {err} (P2D_RAY_DEBUG=1 shows the traceback)",
+                file=sys.stderr,
+                flush=True,
+            )
+            return 1
+        except Exception as err:  # Ray gave up (e.g. a task's inputs lost with a node): one line, resumable
+            import ray.exceptions
+
+            if not isinstance(err, ray.exceptions.RayError) or os.environ.get("P2D_RAY_DEBUG") == "1":
+                raise
+            lines = [x.strip() for x in str(err).splitlines() if x.strip()]
+            cause = (lines[-1] if lines else type(err).__name__)[:300]
+            print(
+                f"[p2d-ray] job: failed in Ray ({type(err).__name__}: {cause}); {progress(cfg)}submit the same "
+                "job again to resume (P2D_RAY_DEBUG=1 shows the traceback)",
                 file=sys.stderr,
                 flush=True,
             )

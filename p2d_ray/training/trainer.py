@@ -283,7 +283,8 @@ def run_train(cfg: P2DConfig, data_path: str | None = None) -> dict:
         t0 = time.perf_counter()
         result, inputs = fit(cfg, data_path)
         fit_seconds = time.perf_counter() - t0
-        with result.checkpoint.as_directory() as ckpt:
+        checkpoint = _final_checkpoint(cfg, inputs, result)
+        with checkpoint.as_directory() as ckpt:
             state = json.loads(Path(ckpt, STATE_FILE).read_text())
             manifest = export_from_checkpoint(cfg, Path(ckpt) / EXPORT_DIR)
         final = state.get("final", {})
@@ -311,7 +312,7 @@ def run_train(cfg: P2DConfig, data_path: str | None = None) -> dict:
             "step_time": steady_step_stats(state),
             "fit_seconds": fit_seconds,  # includes Ray Train worker start-up and DeepSpeed init
             "heads": [list(h) for h in inputs.heads] if inputs.heads else None,
-            "checkpoint": result.checkpoint.path,
+            "checkpoint": checkpoint.path,
             "storage_path": inputs.storage_path,
             "run_name": inputs.run_name(cfg),
             # Every restart (FailureConfig) or rerun that continued from a checkpoint: step and checkpoint.
@@ -332,6 +333,26 @@ def run_train(cfg: P2DConfig, data_path: str | None = None) -> dict:
         f"{run.adapter} ({state['step']} steps), train_summary.json",
     )
     return summary
+
+
+def _final_checkpoint(cfg: P2DConfig, inputs: TrainInputs, result):
+    """The run's final checkpoint (the one with ``export/``): Ray's result, unless a newer complete one is in
+    storage (seen in the fleet rehearsal: after a lost node, Ray's result named the step-7 checkpoint while
+    the restarted group had saved the final one at step 8)."""
+    from ray.train import Checkpoint
+
+    from p2d_ray.training.checkpoints import checkpoint_step, newest_complete_checkpoint
+
+    given = result.checkpoint
+    newest = newest_complete_checkpoint(_checkpoint_root(cfg, inputs), cfg.train.num_workers)
+    if newest is None:
+        return given
+    if given is None or (newest[0], newest[1].endswith("_final")) > (
+        checkpoint_step(given.path),
+        str(given.path).endswith("_final"),
+    ):
+        return Checkpoint(newest[1])
+    return given
 
 
 def _timing_rows(cfg: P2DConfig, path: str, n: int) -> tuple[list[dict], str]:
