@@ -626,6 +626,11 @@ def run_validate(cfg: P2DConfig, *, raise_on_error: bool = True, stages=None, de
         checks, needed = EVERY_CHECK, set()
     else:
         checks, needed = stage_inputs(cfg, stages)
+    # transformers' lazy top-level module is not safe to import from two threads at once (the data thread's
+    # tokenizer and this thread's model config: "cannot import name 'AutoConfig' from 'transformers'", seen
+    # under load): import it here, once, before the data thread starts.
+    import p2d_ray.models.loading  # noqa: F401
+
     with ThreadPoolExecutor(max_workers=1) as pool:
         # The data checks (a subprocess for remote paths) overlap with reading the model config.
         data = pool.submit(_data_findings, cfg, checks, deep)
