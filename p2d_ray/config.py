@@ -275,7 +275,9 @@ class TrainConfig(_Section):
     # Tracking (p2d_ray.training.tracking): TensorBoard event files under <run_dir>/tensorboard/train by
     # default; MLflow / W&B through Ray Train's integrations when set (optional packages, not installed).
     tensorboard: bool = True
-    mlflow_tracking_uri: str | None = None  # e.g. sqlite:////abs/mlflow.db or http://mlflow:5000 (not file://)
+    mlflow_tracking_uri: str | None = (
+        None  # e.g. sqlite:////abs/mlflow.db or http://mlflow:5000 (not file://)
+    )
     wandb_project: str | None = None
     tracking_experiment: str = "p2d-ray"  # MLflow experiment / W&B group
 

@@ -26,8 +26,8 @@ import torch
 
 from p2d_ray.config import P2DConfig
 from p2d_ray.data.answers import cut_at_stop, exact_match, is_answer_format
-from p2d_ray.data.formatting import Encoded, collate, encode_row, row_parts, task_format
 from p2d_ray.data.columns import warn_unread
+from p2d_ray.data.formatting import Encoded, collate, encode_row, row_parts, task_format
 from p2d_ray.data.io import read_table
 from p2d_ray.progress import stage_summary
 from p2d_ray.rundir import RunDir, stage_fingerprint
