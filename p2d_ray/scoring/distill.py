@@ -432,12 +432,10 @@ class _Pass:
 def _run_pass(cfg, plan, dups, probe_gradient, p: _Pass, wall: dict) -> Parts:
     """One Ray Data pass of the engine over ``p.picks`` (only shards whose part is not finished)."""
     import ray
-    import ray.data
 
     from p2d_ray.progress import Progress, ray_data_output
-    from p2d_ray.scoring.pipeline import _wait_for_actors, rows_per_block, window_rows
-    from p2d_ray.scoring.shards import ParquetShards
-    from p2d_ray.scoring.tokenize import DUP_COL, tokenize_block
+    from p2d_ray.scoring.pipeline import _wait_for_actors, actor_pool, corpus_blocks
+    from p2d_ray.scoring.tokenize import DUP_COL
 
     s = cfg.score
     parts = Parts(cfg.run_dir, p.name, p.fingerprint)
@@ -449,52 +447,21 @@ def _run_pass(cfg, plan, dups, probe_gradient, p: _Pass, wall: dict) -> Parts:
     if not todo:
         return parts
     t0 = time.perf_counter()
-    shards = [plan.shards[sid] for sid in todo]
     n_todo = int(sum(len(r) for r in todo.values()))
-    # blocks and bucketing windows exactly as the exact pass cuts them (pipeline._score_dataset), so a row's
-    # micro-batch depends on its shard and the pass's picks alone: a resumed pass gives identical numbers
-    n_rows = sum(sh.num_rows for sh in plan.shards)
-    window = window_rows(n_rows, s)
-    block_rows = max(window, rows_per_block(n_rows, s) // window * window)
+    # the exact pass's blocks and bucketing windows (pipeline.corpus_blocks), so a row's micro-batch depends
+    # on its shard and the pass's picks alone: a resumed pass gives identical numbers
     flags = {DUP_COL: dups}
     subset = any(len(r) < plan.shards[sid].num_rows for sid, r in todo.items())
     if subset:
         flags[PICK_COL] = todo
-    source = ParquetShards(
-        shards,
-        list(todo),
-        [cfg.data.id_column, *plan.text_columns],
-        plan.id_type,
-        tuple(plan.text_columns),
-        block_rows,
-        flags=flags,
-        json_columns=(cfg.data.messages_column,),
-    )
-    ds = ray.data.read_datasource(source)
-    if subset:
-        ds = ds.map_batches(_keep_picked, batch_format="pyarrow", batch_size=None)
-    ds = ds.map_batches(
-        tokenize_block,
-        batch_format="pyarrow",
-        batch_size=None,
-        num_cpus=s.num_cpus_per_tokenize_task,
-        fn_kwargs={
-            "model_json": plan.model_json,
-            "data_json": cfg.data.model_dump_json(),
-            "fmt": plan.fmt,
-            "demos": plan.demos,
-            "text_columns": plan.text_columns,
-        },
-    )
+    shards = {sid: plan.shards[sid] for sid in todo}
+    ds, window = corpus_blocks(cfg, plan, shards, flags, keep=_keep_picked if subset else None)
     reg_ref = [ray.put(p.regressor)] if p.regressor is not None else None
-    ds = ds.map_batches(
+    ds = actor_pool(
+        ds,
         DistillActor,
-        batch_format="pyarrow",
-        batch_size=None,  # one block per call: whole windows
-        compute=ray.data.ActorPoolStrategy(min_size=s.min_actors, max_size=s.max_actors),
-        num_cpus=s.num_cpus_per_actor,
-        num_gpus=s.num_gpus_per_actor,
-        fn_constructor_kwargs={
+        cfg,
+        {
             "mode": p.mode,
             "layer": plan.distill_layer,
             "features": p.features,

@@ -181,19 +181,21 @@ def _start_pass(cfg: P2DConfig, plan: ScorePlan, wall: dict) -> tuple[list | Non
     return probe_gradient, dups
 
 
-def _score_dataset(cfg: P2DConfig, plan: ScorePlan, todo: dict[int, Shard], dups: dict, probe_gradient):
-    """The lazy Ray Data pipeline over the shards in ``todo``: read -> tokenize tasks -> scorer actor pool."""
+def corpus_blocks(cfg: P2DConfig, plan: ScorePlan, todo: dict[int, Shard], flags: dict, keep=None):
+    """The lazy read -> tokenize part of a scoring pass over the shards in ``todo`` (exact or distilled).
+
+    Blocks and bucketing windows come from the WHOLE corpus (not the shards left to do), cut from each
+    shard's row 0, and each actor call gets one block: a row's micro-batch depends on its shard alone, so a
+    resumed run or another actor count gives bit-identical scores (actor.micro_batch_rows). ``keep``: an
+    optional block filter applied before tokenizing (the distilled passes score a subset of a shard's rows).
+    Returns ``(dataset, window_rows)``."""
     import ray.data
 
     s = cfg.score
-    # Blocks and windows from the WHOLE corpus (not the shards left to do), cut from each shard's row 0, and
-    # each actor call gets one block: a row's micro-batch depends on its shard alone, so a resumed run or
-    # another actor count gives bit-identical scores (actor.micro_batch_rows).
     n_rows = sum(sh.num_rows for sh in plan.shards)
     window = window_rows(n_rows, s)
     block_rows = max(window, rows_per_block(n_rows, s) // window * window)
-    icl = s.scorer == "icl_attention"
-    if icl:  # blocks hold whole ICL groups (rows // icl_pool of a shard)
+    if s.scorer == "icl_attention":  # blocks hold whole ICL groups (rows // icl_pool of a shard)
         block_rows = -(-block_rows // s.icl_pool) * s.icl_pool
     source = ParquetShards(
         list(todo.values()),
@@ -202,12 +204,15 @@ def _score_dataset(cfg: P2DConfig, plan: ScorePlan, todo: dict[int, Shard], dups
         plan.id_type,
         tuple(plan.text_columns),
         block_rows,
-        flags={DUP_COL: dups},
+        flags=flags,
         json_columns=(cfg.data.messages_column,),  # chat rows travel as JSON text
     )
     # One read task per shard, its blocks cut as above: override_num_blocks stops Ray Data from splitting
     # them further by a factor that depends on how many shards are left (SplitBlocks(k) cut windows apart).
-    ds = ray.data.read_datasource(source, override_num_blocks=len(todo)).map_batches(
+    ds = ray.data.read_datasource(source, override_num_blocks=len(todo))
+    if keep is not None:
+        ds = ds.map_batches(keep, batch_format="pyarrow", batch_size=None)
+    ds = ds.map_batches(
         tokenize_block,
         batch_format="pyarrow",
         batch_size=None,
@@ -220,24 +225,46 @@ def _score_dataset(cfg: P2DConfig, plan: ScorePlan, todo: dict[int, Shard], dups
             "text_columns": plan.text_columns,
         },
     )
-    icl_json = {"data_json": cfg.data.model_dump_json(), "fmt": plan.fmt, "probe_rows": plan.probe_rows}
-    # One block per call: whole windows (and whole ICL groups), so a row's micro-batch depends on its shard
-    # alone. Ray Data's map_batches refuses batch_size=None when actors take GPUs (found by the fleet
-    # rehearsal, tests/test_fleet.py), a guard against unbounded batches; an explicit batch_size would
-    # re-cut the blocks (a shard's short last block joins the next one's rows, in arrival order), and the
-    # resumed scores would differ again. Our blocks are bounded (block_rows) and the actor cuts them into
-    # micro-batches of score.batch_size, so GPU pools go through map_batches_internal, the unvalidated entry
-    # point Ray's own map_groups uses for GPUs with batch_size=None.
+    return ds, window
+
+
+def actor_pool(ds, actor_cls, cfg: P2DConfig, constructor_kwargs: dict):
+    """``ds`` through a pool of ``actor_cls`` (a frozen model per actor) sized by the score section.
+
+    One block per call: whole windows (and whole ICL groups), so a row's micro-batch depends on its shard
+    alone. Ray Data's map_batches refuses batch_size=None when actors take GPUs (found by the fleet
+    rehearsal, tests/test_fleet.py), a guard against unbounded batches; an explicit batch_size would re-cut
+    the blocks (a shard's short last block joins the next one's rows, in arrival order), and the resumed
+    scores would differ again. Our blocks are bounded (block_rows) and the actor cuts them into micro-batches
+    of score.batch_size, so GPU pools go through map_batches_internal, the unvalidated entry point Ray's own
+    map_groups uses for GPUs with batch_size=None."""
+    import ray.data
+
+    s = cfg.score
     map_batches = ds.map_batches_internal if s.num_gpus_per_actor else ds.map_batches
     return map_batches(
-        ScorerActor,
+        actor_cls,
         batch_format="pyarrow",
         batch_size=None,
         compute=ray.data.ActorPoolStrategy(min_size=s.min_actors, max_size=s.max_actors),
         num_cpus=s.num_cpus_per_actor,
         num_gpus=s.num_gpus_per_actor,
         runtime_env={"env_vars": actor_env()},  # the allocator settings of actor.ACTOR_MALLOC_ENV
-        fn_constructor_kwargs={
+        fn_constructor_kwargs=constructor_kwargs,
+    )
+
+
+def _score_dataset(cfg: P2DConfig, plan: ScorePlan, todo: dict[int, Shard], dups: dict, probe_gradient):
+    """The lazy Ray Data pipeline over the shards in ``todo``: read -> tokenize tasks -> scorer actor pool."""
+    s = cfg.score
+    ds, window = corpus_blocks(cfg, plan, todo, {DUP_COL: dups})
+    icl = s.scorer == "icl_attention"
+    icl_json = {"data_json": cfg.data.model_dump_json(), "fmt": plan.fmt, "probe_rows": plan.probe_rows}
+    return actor_pool(
+        ds,
+        ScorerActor,
+        cfg,
+        {
             "model_json": plan.model_json,
             "score_json": s.model_dump_json(),
             "heads_json": plan.heads.to_json() if plan.heads is not None else None,
