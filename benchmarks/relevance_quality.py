@@ -82,7 +82,12 @@ def rules() -> dict[str, dict]:
     from p2d_ray.config import SelectConfig
 
     d = SelectConfig()
-    default = {"band_factor": d.band_factor, "guard": d.band_guard, "quality_column": d.quality_column}
+    default = {
+        "band_factor": d.band_factor,
+        "guard": d.band_guard,
+        "quality_column": d.quality_column,
+        "quality_weight": d.quality_weight,
+    }
     out = {
         "relevance": {"rule": "relevance"},
         "default": {"rule": "relevance_then_quality", **default},
@@ -90,6 +95,7 @@ def rules() -> dict[str, dict]:
     for m in (1.5, 2.0, 3.0):
         out[f"band {m}x, no guard"] = {**out["default"], "band_factor": m, "guard": None}
         out[f"band {m}x, guard"] = {**out["default"], "band_factor": m}
+        out[f"band {m}x, guard, quality alone"] = {**out["default"], "band_factor": m, "quality_weight": None}
     return out
 
 

@@ -235,12 +235,14 @@ class SelectConfig(_Section):
     ascending: bool = False  # False: highest score first
     # Relevance, then quality (scoring/quality.py, issue 29; applies when score_column is "score"): the
     # band_factor x k rows ranked first by relevance, less those whose relevance is below
-    # r_k - band_guard x (r_1 - r_k) (rows of another task; None: no guard), re-ranked by quality_column,
-    # lowest first (rows without it, e.g. distilled ones, by relevance). "relevance": the plain top k.
+    # r_k - band_guard x (r_1 - r_k) (rows of another task; None: no guard), re-ranked by relevance
+    # percentile + quality_weight x quality_column percentile (lowest loss best; None: quality alone; rows
+    # without it, e.g. distilled ones, by relevance). "relevance": the plain top k.
     rule: Literal["relevance", "relevance_then_quality"] = "relevance"
     band_factor: float = Field(1.5, ge=1)
     band_guard: float | None = Field(0.5, ge=0)
     quality_column: Literal["loss_full", "loss_gated", "n_tokens"] = "loss_full"
+    quality_weight: float | None = Field(1.0, ge=0)
 
 
 class TrainConfig(_Section):

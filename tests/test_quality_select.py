@@ -107,6 +107,20 @@ def test_rerank_inside_the_band_and_rows_without_quality():
     assert sorted(ids[pick]) == [10, 30]
 
 
+def test_rank_sum_keeps_relevance_in_the_decision():
+    # 6-row band, k = 3. Quality alone takes the band's three lowest losses, the band's tail included; the
+    # rank sum (weight 1) trades one percentile of relevance for one of quality.
+    rel = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])  # relevance percentiles 0, .2, .4, .6, .8, 1
+    loss = np.array([1.0, 3.0, 0.1, 0.3, 1.5, 0.5])  # quality percentiles .6, 1, 0, .2, .8, .4
+    ids = np.arange(6)
+    pick, _ = pick_in_band(rel, loss, ids, 3, band_factor=2.0, guard=None)
+    assert sorted(ids[pick]) == [2, 3, 5]  # quality alone: the least relevant row 5 displaces row 0
+    pick, _ = pick_in_band(rel, loss, ids, 3, band_factor=2.0, guard=None, quality_weight=1.0)
+    assert sorted(ids[pick]) == [0, 2, 3]  # sums .6 1.2 .4 .8 1.6 1.4: row 1 (worst loss) makes way
+    pick, _ = pick_in_band(rel, loss, ids, 3, band_factor=2.0, guard=None, quality_weight=0.0)
+    assert sorted(ids[pick]) == [0, 1, 2]  # weight 0: relevance alone
+
+
 def test_rule_through_select_records_and_draws_both_terms(scored):
     plain = run_select(_cfg(scored, rule="relevance"))
     plain_ids = _picked(scored)

@@ -11,9 +11,13 @@ the prompt), so the selection can prefer the rows the model finds coherent witho
    and the k-th row). When the task's rows run out before the band does, the relevance falls off a cliff
    and the guard cuts there; while the band is inside the task's mode, it cuts nothing. The band never
    holds fewer than ``k`` rows, so the rule can only re-order what relevance ranks first.
-2. **Re-rank** inside the band by quality: lowest ``quality_column`` first, as a percentile rank among the
-   band rows that have one. A band row without it (a distilled row that was not refined, issue 24) gets
-   its relevance percentile instead: it is ranked by relevance only. Ties: relevance order, then id.
+2. **Re-rank** inside the band: each band row's relevance percentile (0 = most relevant) plus
+   ``quality_weight`` times its quality percentile (0 = lowest ``quality_column`` among the band rows that
+   have one), lowest sum first. Weight 1 (the default, a rank sum) lets neither term alone decide: measured on
+   three demo draws per target it kept more clean rows than quality alone (``quality_weight: null``), which
+   let low-loss rows from the band's tail displace the most relevant ones (RESULTS.md, Session 10). A band row
+   without quality (a distilled row that was not refined, issue 24) takes its relevance percentile for both
+   terms: it is ranked by relevance only. Ties: relevance order, then id.
 
 Everything here works on the band's few rows (at most ``band_factor * k`` per stratum), held by the
 driver; ``scoring/select.py`` finds them with its exact per-shard machinery.
@@ -67,12 +71,14 @@ def pick_in_band(
     band_factor: float,
     guard: float | None,
     ascending: bool = False,
+    quality_weight: float | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Indices of the ``k`` rows the rule selects among the given rows, and the rule's record.
 
     ``relevance``, ``quality`` (NaN = missing), ``ids``: one entry per candidate row; the candidates must
     include the first ``band_size`` rows in relevance order (more is fine). ``ascending``: relevance ranks
-    lowest first (as ``select.ascending``)."""
+    lowest first (as ``select.ascending``). ``quality_weight``: the quality percentile's weight against the
+    relevance percentile's; None: quality alone decides inside the band."""
     n = len(ids)
     k = min(k, n)
     if k == 0:
@@ -87,11 +93,12 @@ def pick_in_band(
     q = quality[band].astype(float)
     has = np.isfinite(q)
     rel_pct = np.arange(len(band)) / max(len(band) - 1, 1)  # 0 = most relevant
-    score = rel_pct.copy()
+    q_pct = rel_pct.copy()  # rows without quality: their relevance percentile
     if has.any():
-        score[has] = _pct(q[has])
+        q_pct[has] = _pct(q[has])
+    score = q_pct if quality_weight is None else rel_pct + quality_weight * q_pct
     pos = np.arange(len(band))
-    pick = band[np.lexsort((pos, score))[:k]]  # quality percentile, then relevance order
+    pick = band[np.lexsort((pos, score))[:k]]  # the rank sum (or quality alone), then relevance order
     info = {
         "band_before_guard": int(b),
         "band": int(len(band)),
@@ -109,5 +116,13 @@ def select_ids(run: dict, k: int, rule: str = "relevance", **params) -> tuple[np
     if rule == "relevance":
         return ids[np.lexsort((ids, -rel))[:k]], {}
     q = np.asarray(run[params.get("quality_column", "loss_full")], float)
-    pick, info = pick_in_band(rel, q, ids, k, params.get("band_factor", 2.0), params.get("guard"))
+    pick, info = pick_in_band(
+        rel,
+        q,
+        ids,
+        k,
+        params.get("band_factor", 2.0),
+        params.get("guard"),
+        quality_weight=params.get("quality_weight"),
+    )
     return ids[pick], info

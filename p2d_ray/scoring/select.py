@@ -480,7 +480,9 @@ def _rerank_bands(band: dict[str, pa.Table], k: dict[str, int], id_column: str, 
         q = pc.fill_null(t.column(QUALITY), float("nan")).to_numpy(zero_copy_only=False)
         rel = t.column(VALUE).to_numpy(zero_copy_only=False)
         tid = t.column(id_column).to_numpy(zero_copy_only=False)
-        pick, per[s] = pick_in_band(rel, q, tid, k[s], sel.band_factor, sel.band_guard, sel.ascending)
+        pick, per[s] = pick_in_band(
+            rel, q, tid, k[s], sel.band_factor, sel.band_guard, sel.ascending, sel.quality_weight
+        )
         ids.append(tid[pick])
     picked = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
     rule = {
@@ -490,6 +492,7 @@ def _rerank_bands(band: dict[str, pa.Table], k: dict[str, int], id_column: str, 
         "quality_order": "ascending",
         "band_factor": sel.band_factor,
         "band_guard": sel.band_guard,
+        "quality_weight": sel.quality_weight,
         "strata": per,
     }
     return pa.array(picked), rule
