@@ -61,8 +61,10 @@ def test_the_config_documents_a_uri_current_mlflow_serves():
     from p2d_ray.training.tracking import MLFLOW_SCHEMES
 
     doc = (REPO / "p2d_ray" / "config.py").read_text()
-    line = next(x for x in doc.splitlines() if "mlflow_tracking_uri:" in x)
-    assert "sqlite:////" in line and "e.g. file://" not in line
+    # the field's declaration and its comment, however the formatter wraps them (up to the next field)
+    start = doc.index("mlflow_tracking_uri:")
+    decl = doc[start : doc.index("wandb_project:", start)]
+    assert "sqlite:////" in decl and "e.g. file://" not in decl
     assert TrainConfig().mlflow_tracking_uri is None and "sqlite" in MLFLOW_SCHEMES
 
 
