@@ -180,12 +180,12 @@ class FleetCluster(LocalRayCluster):
 
 @pytest.fixture(scope="module")
 def fleet():
-    cache = REPO / ".cache"
+    from p2d_ray.assets.cache import cache_env  # the machine's caches (the DeepSpeed op `make install` built)
+
     env = {
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
-        "P2D_RAY_CACHE": str(cache / "p2d-ray"),
-        "TORCH_EXTENSIONS_DIR": str(cache / "torch_extensions"),
+        **cache_env(),
         "DS_ACCELERATOR": "cpu",
         # What AutoscalingCluster.start() sets: the fake provider, and a 1 s autoscaler loop.
         "RAY_FAKE_CLUSTER": "1",
