@@ -511,6 +511,15 @@ def _alive_scorer_actors(ray) -> list:
     ]
 
 
+def _wait_for_a_new_scorer_actor(ray, p, before: set) -> None:
+    """Until a scoring actor not in ``before`` (actor ids) is alive, while the CLI process ``p`` still runs."""
+    deadline = time.monotonic() + 600
+    while not {a["ActorID"] for a in _alive_scorer_actors(ray)} - before:
+        assert p.poll() is None, p.communicate()
+        assert time.monotonic() < deadline, "no scoring actor started"
+        time.sleep(0.2)  # polling Ray's actor table, not timing
+
+
 def test_ctrl_c_during_scoring(ray_local, tiny_llama, probe, tmp_path):
     """SIGINT to a real CLI process while its scoring actors are working: one line, rc 130, nothing of the
     run left behind, and the rerun resumes from exactly the shards the interrupted run finished.
@@ -543,11 +552,7 @@ def test_ctrl_c_during_scoring(ray_local, tiny_llama, probe, tmp_path):
     )
     from p2d_ray.scoring.outputs import ScoreStore
 
-    deadline = time.monotonic() + 600
-    while not {a["ActorID"] for a in _alive_scorer_actors(ray_local)} - before:
-        assert p.poll() is None, p.communicate()
-        assert time.monotonic() < deadline, "no scoring actor started"
-        time.sleep(0.2)  # polling Ray's actor table, not timing
+    _wait_for_a_new_scorer_actor(ray_local, p, before)
     children = psutil.Process(p.pid).children(recursive=True)
     os.killpg(p.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground process group
     out, err = p.communicate(timeout=300)

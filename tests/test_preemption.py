@@ -65,7 +65,7 @@ def _heads(model: str, path: Path, heads=((0, 0), (1, 3))) -> None:
 
 # -- SIGTERM during scoring ---------------------------------------------------------------------------------
 def test_sigterm_during_scoring_is_one_line_and_the_rerun_resumes(ray_local, tiny_llama, tmp_path):
-    from test_bad_inputs import _alive_scorer_actors
+    from test_bad_inputs import _alive_scorer_actors, _wait_for_a_new_scorer_actor
 
     from p2d_ray.scoring.outputs import ScoreStore
 
@@ -86,11 +86,7 @@ def test_sigterm_during_scoring_is_one_line_and_the_rerun_resumes(ray_local, tin
     ]
     before = {a["ActorID"] for a in _alive_scorer_actors(ray_local)}
     p = _cli(["score", *args], ray_local.get_runtime_context().gcs_address)
-    deadline = time.monotonic() + 600
-    while not {a["ActorID"] for a in _alive_scorer_actors(ray_local)} - before:
-        assert p.poll() is None, p.communicate()
-        assert time.monotonic() < deadline, "no scoring actor started"
-        time.sleep(0.2)  # polling Ray's actor table, not timing
+    _wait_for_a_new_scorer_actor(ray_local, p, before)
     children = psutil.Process(p.pid).children(recursive=True)
     p.send_signal(signal.SIGTERM)  # to the process alone, as Kubernetes, Slurm and `timeout` send it
     out, err = p.communicate(timeout=300)
