@@ -354,6 +354,40 @@ class CompareConfig(_Section):
         return self
 
 
+# A target's name: a directory name under <run_dir>/targets/ and a column suffix (score__<name>).
+TARGET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+DEMO_TARGETS = ("arithmetic", "units")
+
+
+class TargetConfig(_Section):
+    """One named target task of a multi-target run (``targets:``; p2d_ray/targets.py): its probe set (a path,
+    or one of the demo's target tasks), its held-out set, and optionally its own selection size."""
+
+    name: str
+    probe_path: str | None = None  # None: the demo's probe set of demo_target
+    # The demo's task family for a target without probe_path (None: the name, when it is a demo task).
+    demo_target: Literal["arithmetic", "units"] | None = None
+    heldout_path: str | None = None  # None: the demo's held-out set of demo_target
+    probe_column_map: dict[Literal[COLUMN_ROLES], str] = Field(default_factory=dict)  # type: ignore[valid-type]
+    fraction: float | None = Field(None, gt=0, le=1)  # None: select.fraction / top_k
+    top_k: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _name(self) -> TargetConfig:
+        import re
+
+        if not re.match(TARGET_NAME_PATTERN, self.name):
+            raise ValueError(
+                f"target name {self.name!r} must be 1-64 letters, digits, '_' or '-', starting with a letter or "
+                "digit (it names a directory under <run_dir>/targets/ and the column score__<name>)"
+            )
+        return self
+
+    def demo_task(self) -> str | None:
+        """The demo task family this target reads its probe / held-out set from, if any."""
+        return self.demo_target or (self.name if self.name in DEMO_TARGETS else None)
+
+
 class P2DConfig(_Section):
     run_dir: str = "runs/demo"
     seed: int = 0
@@ -366,10 +400,14 @@ class P2DConfig(_Section):
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     compare: CompareConfig = Field(default_factory=CompareConfig)
+    # Several target tasks scored in one corpus pass (p2d_ray/targets.py). Empty: the single target that
+    # data.probe_path / data.demo_target / evaluate.heldout_path describe (every run before targets existed).
+    targets: list[TargetConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> P2DConfig:
         problems = []
+        problems += _target_problems(self)
         if self.data.format == "icl" and self.data.icl_k == 0:
             problems.append("data.format=icl needs data.icl_k >= 1")
         if self.train.use_gpu is False and self.score.num_gpus_per_actor > 0 and self.model.device == "cpu":
@@ -386,6 +424,8 @@ class P2DConfig(_Section):
     def fingerprint(self, *sections: str) -> str:
         """Stable hash of the named sections (all when none): detects changed configs on resume."""
         data = self.model_dump(mode="json")
+        if not data.get("targets"):  # a single-target run's fingerprints are what they were before targets
+            data.pop("targets", None)
         if sections:
             data = {k: data[k] for k in sections}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
@@ -395,6 +435,40 @@ class P2DConfig(_Section):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
         return path
+
+
+def _target_problems(cfg: P2DConfig) -> list[str]:
+    """``targets``: unique names, a probe set each, and the scorer / strategy one shared pass supports."""
+    if not cfg.targets:
+        return []
+    problems = []
+    names = [t.name for t in cfg.targets]
+    seen = {n for n in names if names.count(n) > 1}
+    if seen:
+        problems.append(f"targets: names must be unique, repeated: {sorted(seen)}")
+    lower = [n.lower() for n in names]
+    if len(set(lower)) != len(lower) and not seen:
+        problems.append(f"targets: names must differ in more than case (directories): {names}")
+    for i, t in enumerate(cfg.targets):
+        if t.probe_path is None and t.demo_task() is None:
+            problems.append(
+                f"targets[{i}] ({t.name}): needs probe_path (or demo_target, one of {list(DEMO_TARGETS)})"
+            )
+        if t.probe_path is not None and t.heldout_path is None and t.demo_task() is None:
+            problems.append(f"targets[{i}] ({t.name}): needs heldout_path with a probe_path of its own")
+    if cfg.score.scorer != "gradient_alignment":
+        problems.append(
+            f"targets: one pass for several targets needs score.scorer=gradient_alignment (got {cfg.score.scorer})"
+        )
+    elif cfg.score.alignment_method != "exact":
+        problems.append("targets: one pass for several targets needs score.alignment_method=exact")
+    if cfg.score.strategy == "distilled":
+        problems.append(
+            "targets: score.strategy=distilled is not supported with several targets yet; use exact"
+        )
+    if cfg.localize.control != "none":
+        problems.append("targets: localize.control=random_heads is not supported with several targets")
+    return problems
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

@@ -111,4 +111,11 @@ def stage_fingerprint(cfg, stage: str) -> str:
     extra = cfg.data.probe_path or ""
     if cfg.localize.contrast == "corpus":  # contrastive localisation also reads the corpus
         extra += "|" + (cfg.data.corpus_path or "")
+    if cfg.targets:  # several targets: every stage from localize on depends on the target set
+        extra += (
+            "|targets="
+            + hashlib.sha256(
+                json.dumps([t.model_dump(mode="json") for t in cfg.targets], sort_keys=True).encode()
+            ).hexdigest()[:16]
+        )
     return cfg.fingerprint(*sections) + ":" + extra

@@ -257,6 +257,10 @@ def localize_heads(
 # -- stage -----------------------------------------------------------------------------------------
 def run_localize(cfg: P2DConfig) -> dict:
     """``p2d-ray localize``: write ``<run_dir>/heads.json`` and ``heads.png``; returns a summary."""
+    if cfg.targets:  # several targets: one model load, targets/<name>/heads.json each (p2d_ray/targets.py)
+        from p2d_ray.targets import run_localize_targets
+
+        return run_localize_targets(cfg)
     from p2d_ray.assets.paths import corpus_parquet, probe_path
     from p2d_ray.data.columns import warn_unread
     from p2d_ray.data.io import read_rows, read_table

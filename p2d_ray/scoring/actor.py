@@ -171,10 +171,13 @@ class ScorerActor:
         icl_json: dict | None = None,
         probe_gradient: list | None = None,
         window_rows: int | None = None,
+        targets: dict | None = None,
     ):
         """``probe_gradient``: ``[bytes or ObjectRef of ProbeGradient.to_bytes()]`` (gradient_alignment); a
         list so that Ray hands the actor the reference and the actor fetches it once, here.
-        ``window_rows``: the length-bucketing window (see :func:`micro_batch_rows`); None: the whole call."""
+        ``window_rows``: the length-bucketing window (see :func:`micro_batch_rows`); None: the whole call.
+        ``targets``: ``{name: [probe gradient bytes or ObjectRef]}``: several targets scored in one pass
+        (scoring/targets.py; exact gradient_alignment), one ``score__<name>`` column each."""
         from p2d_ray.heads.headset import HeadSet
         from p2d_ray.models.loading import load_model, load_tokenizer
 
@@ -201,8 +204,23 @@ class ScorerActor:
 
             # icl_json = {"data_json", "fmt", "probe_rows"}: the probe pool is tokenised here, once per actor.
             self.icl = build_icl_scorer(self.model, heads, self.cfg, tok, **icl_json)
+        self.target_columns: tuple[str, ...] = ()
+        if targets:
+            import ray
+
+            from p2d_ray.scoring.gradient import ProbeGradient
+            from p2d_ray.scoring.targets import build_multi_scorer, target_columns
+
+            grads = {
+                n: ProbeGradient.from_bytes(ray.get(r[0]) if isinstance(r[0], ray.ObjectRef) else r[0])
+                for n, r in targets.items()
+            }
+            self.target_columns = target_columns(grads)
+            multi = build_multi_scorer(self.model, grads, self.cfg.alignment_normalize, self.cfg.loss_chunk_tokens)
         self.score = (
-            None
+            multi
+            if targets
+            else None
             if self.icl is not None
             else build_scorer(
                 self.cfg.scorer,
@@ -234,7 +252,9 @@ class ScorerActor:
         seconds = np.zeros(n, dtype=np.float32)
         padded = np.zeros(n, dtype=np.int32)
         has_full = has_gated = False
-        components = {c: np.full(n, np.nan) for c in COMPONENT_COLUMNS.get(self.cfg.scorer, ())}
+        components = {
+            c: np.full(n, np.nan) for c in (*COMPONENT_COLUMNS.get(self.cfg.scorer, ()), *self.target_columns)
+        }
         ok = np.flatnonzero(batch.column("reason").is_null().to_numpy(zero_copy_only=False))
         input_ids = batch.column("input_ids")
         loss_mask = batch.column("loss_mask")

@@ -103,12 +103,16 @@ def score_corpus(cfg: P2DConfig, on_shard_done: Callable[[Shard], None] | None =
     duplicate flags -> one Ray Data pass -> summary and stats files."""
     t_start = time.perf_counter()
     wall: dict[str, float] = {}
-    plan = plan_score(cfg)
+    plan = _plan(cfg)
     store = ScoreStore(cfg.run_dir)
     store.open(plan.manifest)
     todo = {i: sh for i, sh in enumerate(plan.shards) if store.marker(sh, plan.fingerprint) is None}
     wall["plan"] = time.perf_counter() - t_start
     collector = ShardCollector(store, plan, todo, cfg.data.id_column, on_shard_done)
+    if plan.targets:  # several targets (scoring/targets.py): their columns beside the shared ones
+        from p2d_ray.scoring.targets import target_columns
+
+        collector.extra_columns = target_columns(plan.targets)
     ray_stats = distill_stats = None
     if todo and plan.strategy == "distilled":  # sample, fit, gate, bulk, refine, assemble (distill.py)
         from p2d_ray.scoring.distill import run_distilled
@@ -129,6 +133,10 @@ def score_corpus(cfg: P2DConfig, on_shard_done: Callable[[Shard], None] | None =
         ray_stats = ds.stats()
     summary = summarize(store, plan)
     summary["strategy_reason"] = plan.strategy_reason
+    if plan.targets:  # each target's view of the shared pass: targets/<name>/scores/ (an ordinary run dir)
+        from p2d_ray.scoring.targets import write_target_views
+
+        summary["target_scores"] = write_target_views(cfg, plan, store)
     if plan.strategy == "distilled":
         from p2d_ray.scoring.distill import summary_block
 
@@ -155,6 +163,15 @@ def score_corpus(cfg: P2DConfig, on_shard_done: Callable[[Shard], None] | None =
     }
 
 
+def _plan(cfg: P2DConfig) -> ScorePlan:
+    """One target (``plan_score``) or several in one pass (``targets``: scoring/targets.py)."""
+    if cfg.targets:
+        from p2d_ray.scoring.targets import plan_targets
+
+        return plan_targets(cfg)
+    return plan_score(cfg)
+
+
 def _start_pass(cfg: P2DConfig, plan: ScorePlan, wall: dict) -> tuple[list | None, dict]:
     """Before the pass: Ray, the minimum pool's placement, the probe gradient (gradient_alignment; a Ray
     task sized like a scoring actor, never in the driver, its bytes left in the object store for every
@@ -164,7 +181,13 @@ def _start_pass(cfg: P2DConfig, plan: ScorePlan, wall: dict) -> tuple[list | Non
     probe_gradient = None
     ensure_ray()
     check_pool_fits(s)
-    if s.scorer == "gradient_alignment":
+    if plan.targets:  # every target's probe gradient, {name: [ObjectRef]}
+        from p2d_ray.scoring.targets import probe_gradients
+
+        t = time.perf_counter()
+        probe_gradient = probe_gradients(cfg, plan)
+        wall["probe_gradient"] = time.perf_counter() - t
+    elif s.scorer == "gradient_alignment":
         from p2d_ray.scoring.gradient import probe_gradient_on_a_worker
 
         t = time.perf_counter()
@@ -270,8 +293,9 @@ def _score_dataset(cfg: P2DConfig, plan: ScorePlan, todo: dict[int, Shard], dups
             "heads_json": plan.heads.to_json() if plan.heads is not None else None,
             "id_column": cfg.data.id_column,
             "icl_json": icl_json if icl else None,
-            "probe_gradient": probe_gradient,
+            "probe_gradient": None if plan.targets else probe_gradient,
             "window_rows": window,
+            "targets": probe_gradient if plan.targets else None,
         },
     )
 

@@ -61,6 +61,8 @@ class ScorePlan:
     strategy: str = "exact"  # score.strategy resolved: exact | distilled (scoring/distill.py)
     strategy_reason: str = ""
     distill_layer: int | None = None  # distilled: l_f, the layer the truncated forward stops at
+    # Several targets in one pass (scoring/targets.py): {name: {cfg, heads, probe_rows, gradient_fingerprint}}
+    targets: dict = field(default_factory=dict)
 
 
 def _context_length(hf_config) -> int | None:

@@ -532,6 +532,10 @@ def _record(cfg: P2DConfig, manifest: dict, out_column: str, recs, counts, k, se
 
 def run_select(cfg: P2DConfig) -> dict:
     """``p2d-ray select``: write ``<run_dir>/subset/`` from ``<run_dir>/scores/``. See the module docstring."""
+    if cfg.targets:  # several targets: one selection each + the combined one (p2d_ray/targets.py)
+        from p2d_ray.targets import run_select_targets
+
+        return run_select_targets(cfg)
     run = RunDir(cfg.run_dir)
     with run.timed("select", stage_fingerprint(cfg, "select")):
         cfg.save(run.path("config.yaml"))

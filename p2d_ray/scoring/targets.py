@@ -1,0 +1,297 @@
+"""Several targets, one corpus pass (``targets:`` in the config; issue 27), exact ``gradient_alignment``.
+
+Every target ``t`` has its own heads ``H_t`` (``targets/<t>/heads.json``) and its own unit probe gradient
+``G_t`` in ``H_t``'s head-delta subspace. One forward + ONE backward per row over the union of the targets'
+heads gives the row's per-row gradient slice ``P_i`` on the union's coordinates (``RowGradients``' hooks,
+on every projection any target touches); each target's alignment is then read off ``P_i`` restricted to its
+own coordinates:
+
+    d_i^t = <P_i[H_t], G_t>,   |g_i^t|^2 = |P_i[H_t]|^2,   score__t = d_i^t / |g_i^t|  (cosine)
+
+which is exactly what a single-target pass computes (the backward's activation gradients do not depend on
+which slices are read; only the matmul's rounding differs). Cost: the union's lowest layer decides where
+the graph starts, and the per-row products grow with the union's width (a few percent of the forward each).
+
+Scores layout (why): ONE scores directory for the pass, ``scores/<shard>.parquet`` with ``score__<t>``,
+``directional_derivative__<t>`` and ``grad_norm__<t>`` columns per target beside the shared ``loss_full`` /
+``n_tokens`` (``score`` itself is NaN: no single relevance exists across targets, and ``grad_norm`` is the
+union subspace's norm). Its markers, manifest, quarantine and resume are the single-target machinery
+unchanged, so exactly-once accounting and resume per shard hold for all targets at once (one marker per
+shard, written last), and the quarantine is shared. Each target then gets a *view*,
+``targets/<t>/scores/<shard>.parquet`` with its own columns renamed to the single-target names (``score``,
+``directional_derivative``, ``grad_norm``) and its own manifest / markers: ``targets/<t>/`` is an ordinary run
+directory, so ``select`` / ``train`` / ``evaluate`` / ``compare`` run on it unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+from p2d_ray.heads.headset import HeadSet
+from p2d_ray.models.geometry import decoder_layers
+from p2d_ray.models.loss import hidden_states, loss_from_hidden
+from p2d_ray.scoring.gradient import DERIVATIVE_COL, GRAD_NORM_COL, ProbeGradient
+from p2d_ray.scoring.scorers import EPS, ScoreOutput
+
+SCORE_PREFIX = "score__"
+
+
+def score_col(name: str) -> str:
+    return f"{SCORE_PREFIX}{name}"
+
+
+def target_columns(names) -> tuple[str, ...]:
+    """The per-target columns of the shared scores files, in target order."""
+    return tuple(c for n in names for c in (score_col(n), f"{DERIVATIVE_COL}__{n}", f"{GRAD_NORM_COL}__{n}"))
+
+
+class MultiRowGradients:
+    """Per target ``(<P_i[H_t], G_t>, |P_i[H_t]|^2)`` for every row of a batch from one forward + backward
+    over the union of the targets' head subspaces (see the module docstring; one target = ``RowGradients``)."""
+
+    def __init__(self, model: nn.Module, gradients: dict[str, ProbeGradient]):
+        modules = dict(model.named_modules())
+        self.model = model
+        self.names = list(gradients)
+        self.first = decoder_layers(model)[min(pg.first_layer for pg in gradients.values())]
+        union: dict[str, tuple[str, set[int]]] = {}
+        for pg in gradients.values():
+            for spec in pg.specs:
+                axis, idx = union.setdefault(spec.module_name, (spec.axis, set()))
+                if axis != spec.axis:
+                    raise ValueError(f"{spec.module_name}: targets disagree on its delta axis")
+                idx.update(spec.index)
+        self._parts = []  # (module, axis, union index, [(target position k, positions in union, G_t)])
+        for name, (axis, idx) in union.items():
+            module = modules.get(name)
+            if module is None:
+                raise ValueError(f"probe gradient targets {name!r}, which this model does not have")
+            device = module.weight.device
+            index = sorted(idx)
+            where = {f: i for i, f in enumerate(index)}
+            per_target = []
+            for k, pg in enumerate(gradients.values()):
+                for spec in pg.specs:
+                    if spec.module_name == name:
+                        pos = torch.tensor([where[f] for f in spec.index], dtype=torch.long, device=device)
+                        per_target.append((k, pos, pg.direction[name].to(device, torch.float32)))
+            self._parts.append(
+                (module, axis, torch.tensor(index, dtype=torch.long, device=device), per_target)
+            )
+
+    def __call__(self, batch: dict[str, torch.Tensor], chunk_tokens: int = 1024):
+        """``(mean loss [B], target tokens [B], dot [K, B], sq [K, B], union sq [B])``."""
+        ids, am, lm = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+        B, K = ids.shape[0], len(self.names)
+        dot = torch.zeros(K, B, dtype=torch.float64, device=ids.device)
+        sq = torch.zeros(K, B, dtype=torch.float64, device=ids.device)
+        union_sq = torch.zeros(B, dtype=torch.float64, device=ids.device)
+
+        def start_graph(module, args, kwargs):
+            if args:
+                return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach().requires_grad_(True)}
+
+        def capture(axis: str, idx: torch.Tensor, per_target):
+            def hook(module, args, output):
+                x = args[0].detach()
+                x = x if axis == "rows" else x.index_select(-1, idx)  # [B, T, in']
+
+                def on_grad(delta):  # delta [B, T, out] = dL/dy
+                    d = delta.detach().float()
+                    d = d.index_select(-1, idx) if axis == "rows" else d
+                    per_row = torch.einsum("bto,bti->boi", d, x.float())  # [B, out', in'] on the union
+                    union_sq.add_(per_row.square().sum(dim=(1, 2)).double())
+                    for k, pos, g in per_target:
+                        own = per_row.index_select(1 if axis == "rows" else 2, pos)  # target t's Δ layout
+                        dot[k].add_((own * g).sum(dim=(1, 2)).double())
+                        sq[k].add_(own.square().sum(dim=(1, 2)).double())
+
+                y = output[0] if isinstance(output, tuple) else output
+                y.register_hook(on_grad)
+
+            return hook
+
+        params = [(p, p.requires_grad) for p in self.model.parameters()]
+        handles = [self.first.register_forward_pre_hook(start_graph, with_kwargs=True)]
+        handles += [m.register_forward_hook(capture(axis, idx, pt)) for m, axis, idx, pt in self._parts]
+        try:
+            for p, _ in params:
+                p.requires_grad_(False)
+            with torch.enable_grad():
+                loss = loss_from_hidden(self.model, hidden_states(self.model, ids, am), ids, lm, chunk_tokens)
+                loss.mean.sum().backward()
+        finally:
+            for h in handles:
+                h.remove()
+            for p, flag in params:
+                p.requires_grad_(flag)
+        return loss.mean.detach(), loss.n_tokens, dot.float(), sq.float(), union_sq.float()
+
+
+def build_multi_scorer(
+    model: nn.Module, gradients: dict[str, ProbeGradient], normalize: str, chunk_tokens: int
+):
+    """``batch -> ScoreOutput``: ``score`` NaN, every target's ``score__<t>`` and components in ``extra``."""
+    compass = MultiRowGradients(model, gradients)
+    names = compass.names
+
+    def run(batch):
+        loss, n_tokens, dot, sq, union_sq = compass(batch, chunk_tokens)
+        extra = {GRAD_NORM_COL: union_sq.sqrt()}
+        for k, name in enumerate(names):
+            norm = sq[k].sqrt()
+            if normalize == "cosine":
+                score = dot[k] / norm.clamp(min=EPS)
+            elif normalize == "loss":
+                score = dot[k] / loss.clamp(min=EPS)
+            else:
+                score = dot[k]
+            extra[score_col(name)] = score
+            extra[f"{DERIVATIVE_COL}__{name}"] = dot[k]
+            extra[f"{GRAD_NORM_COL}__{name}"] = norm
+        return ScoreOutput(torch.full_like(loss, float("nan")), n_tokens, loss_full=loss, extra=extra)
+
+    return run
+
+
+# -- planning (driver) ---------------------------------------------------------------------------------
+def plan_targets(cfg):
+    """The shared pass's plan: ``plan_score`` over the union heads (``<run_dir>/heads.json``, written by the
+    multi-target localize), then every target's heads, probe rows and probe-gradient fingerprint. The
+    fingerprint covers the target set (names, heads, probe gradients); strategy is exact."""
+    from p2d_ray.assets.paths import probe_path
+    from p2d_ray.data.io import rows_hash
+    from p2d_ray.rundir import RunDir
+    from p2d_ray.scoring.gradient import gradient_fingerprint
+    from p2d_ray.scoring.plan import _hash, _read_probe, plan_score
+    from p2d_ray.targets import target_config
+
+    first = target_config(cfg, cfg.targets[0])
+    root = cfg.model_copy(
+        update={
+            "data": cfg.data.model_copy(update={"probe_path": probe_path(first)}),
+            "score": cfg.score.model_copy(update={"strategy": "exact"}),
+        }
+    )
+    plan = plan_score(root)
+    union = plan.heads
+    model_fp = plan.provenance["model_fingerprint"]
+    data = plan.manifest["identity"]["data"]
+    targets = {}
+    for t in cfg.targets:
+        tcfg = target_config(cfg, t)
+        heads = HeadSet.load(RunDir(tcfg.run_dir).heads_json)
+        heads.check_fits(union.geometry)
+        heads.check_model(model_fp, cfg.model.name_or_path)
+        if len(heads) == 0 or not set(heads.heads) <= set(union.heads):
+            raise ValueError(
+                f"target {t.name}: {RunDir(tcfg.run_dir).heads_json} is empty or not within the union "
+                f"{RunDir(cfg.run_dir).heads_json}; rerun `p2d-ray localize`"
+            )
+        rows = _read_probe(tcfg, plan.fmt)[: cfg.score.alignment_probe_rows]
+        targets[t.name] = {
+            "cfg": tcfg,
+            "heads": heads,
+            "probe_rows": rows,
+            "gradient_fingerprint": gradient_fingerprint(model_fp, heads, rows_hash(rows), data),
+        }
+    identity = dict(plan.manifest["identity"])
+    identity["probe_gradient"] = None  # the root probe is no target's
+    identity["targets"] = {
+        n: {"heads": v["heads"].fingerprint(), "probe_gradient": v["gradient_fingerprint"]}
+        for n, v in targets.items()
+    }
+    fingerprint = _hash(identity)
+    manifest = {**plan.manifest, "fingerprint": fingerprint, "identity": identity, "targets": list(targets)}
+    provenance = {
+        **plan.provenance,
+        "config_fingerprint": fingerprint,
+        "probe_gradient_fingerprint": None,
+        "targets": identity["targets"],
+    }
+    return replace(
+        plan,
+        manifest=manifest,
+        fingerprint=fingerprint,
+        provenance=provenance,
+        probe_rows=[],
+        gradient_fingerprint=None,
+        strategy="exact",
+        strategy_reason=f"{len(targets)} targets in one exact pass (union of their heads, one backward a row)",
+        targets=targets,
+    )
+
+
+def probe_gradients(cfg, plan) -> dict[str, list]:
+    """Every target's probe gradient (a Ray task each, sized like a scoring actor; saved as
+    ``targets/<t>/probe_gradient.safetensors``): ``{name: [ObjectRef of its bytes]}`` for the actors."""
+    from p2d_ray.scoring.gradient import probe_gradient_on_a_worker
+
+    model_fp = plan.provenance["model_fingerprint"]
+    return {
+        n: [
+            probe_gradient_on_a_worker(
+                v["cfg"], v["heads"], v["gradient_fingerprint"], v["probe_rows"], model_fp
+            )
+        ]
+        for n, v in plan.targets.items()
+    }
+
+
+# -- per-target views --------------------------------------------------------------------------------
+def _view_fingerprint(fingerprint: str, name: str) -> str:
+    from p2d_ray.scoring.plan import _hash
+
+    return _hash({"shared_pass": fingerprint, "target": name})
+
+
+def write_target_views(cfg, plan, store) -> dict[str, str]:
+    """``targets/<t>/scores/``: each finished shard's rows with target ``t``'s columns under the single-target
+    names, its own manifest and markers (written last), so ``targets/<t>/`` is an ordinary run directory for
+    select / train / evaluate. Shards whose view is already there under this pass are skipped.
+    Returns ``{name: scores dir}``."""
+    from p2d_ray.scoring.outputs import SCORE_COLUMNS, ScoreStore, _atomic_write_text
+
+    t0 = time.perf_counter()
+    out = {}
+    for name, t in plan.targets.items():
+        view = ScoreStore(t["cfg"].run_dir)
+        fp = _view_fingerprint(plan.fingerprint, name)
+        identity = {
+            "shared_pass": plan.fingerprint,
+            "target": name,
+            **plan.manifest["identity"]["targets"][name],
+        }
+        view.open({**plan.manifest, "fingerprint": fp, "identity": identity, "target": name})
+        rename = {score_col(name): "score", f"{DERIVATIVE_COL}__{name}": DERIVATIVE_COL}
+        rename[f"{GRAD_NORM_COL}__{name}"] = GRAD_NORM_COL
+        for shard in plan.shards:
+            if view.marker(shard, fp) is not None:
+                continue
+            record = store.marker(shard, plan.fingerprint)
+            table = pq.read_table(store.score_path(shard))
+            cols = [cfg.data.id_column, *[c for c in SCORE_COLUMNS if c != "score"], *rename]
+            part = table.select(cols).rename_columns([rename.get(c, c) for c in cols])
+            part = part.select(
+                [cfg.data.id_column, "score", *[c for c in part.column_names[1:] if c != "score"]]
+            )
+            provenance = {**plan.provenance, "target": name, "config_fingerprint": fp}
+            empty = pa.table({cfg.data.id_column: pa.array([], table.schema.field(cfg.data.id_column).type)})
+            view.write_shard(shard, part, empty, {**record, "fingerprint": fp, "target": name}, provenance)
+        _atomic_write_text(
+            view.state / "shared_pass.json",
+            json.dumps(
+                {"scores": str(store.scores), "quarantine": str(store.quarantine), "column": score_col(name)}
+            ),
+        )
+        out[name] = str(view.scores)
+    plan.manifest.setdefault("views_seconds", time.perf_counter() - t0)
+    return out

@@ -1,0 +1,161 @@
+"""Several targets in one corpus pass (issue 27) through the real Ray pipeline on the tiny model: one localize
+for every target, one exact gradient_alignment pass whose per-target scores equal single-target passes (the
+union-backward trick), every id once per target, resume after a partial pass, per-target and combined
+selection."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from transformers import AutoConfig
+
+from p2d_ray.config import ConfigError, build_config
+from p2d_ray.heads.headset import HeadSet
+from p2d_ray.heads.localize import run_localize
+from p2d_ray.models.geometry import geometry_from_config
+from p2d_ray.scoring.pipeline import run_score
+from p2d_ray.scoring.select import run_select
+
+pytestmark = pytest.mark.ray
+HEADS = {"plus": ((1, 0), (1, 3)), "items": ((0, 1), (1, 3))}  # overlapping, over two layers
+
+
+def _rows(start: int, n: int, kind: str) -> list[dict]:
+    if kind == "plus":
+        return [
+            {
+                "id": i,
+                "prompt": f"What is {i} plus {i % 7}? ",
+                "response": f"It is {i + i % 7}. #### {i + i % 7}",
+            }
+            for i in range(start, start + n)
+        ]
+    return [
+        {
+            "id": i,
+            "prompt": f"Tell me about item {i}{' please' * (i % 4)}. ",
+            "response": f"Item {i} is blue.",
+        }
+        for i in range(start, start + n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("targets")
+    (d / "corpus").mkdir()
+    rows = _rows(0, 24, "plus") + _rows(24, 16, "items")
+    pq.write_table(pa.Table.from_pylist(rows), d / "corpus" / "a.parquet", row_group_size=20)  # 2 shards
+    for i, kind in enumerate(HEADS):
+        (d / f"{kind}.jsonl").write_text("\n".join(json.dumps(r) for r in _rows(1000 + 100 * i, 8, kind)))
+    return d
+
+
+def _cfg(run_dir, model, d, targets=True, **extra):
+    knobs = {"batch_size": 8, "bucket_batches": 2, "max_rows_per_block": 20, "min_actors": 1, "max_actors": 2}
+    base = {
+        "run_dir": str(run_dir),
+        "model": {"name_or_path": model},
+        "data": {"corpus_path": str(d / "corpus"), "max_length": 64},
+        "localize": {"top_k": 2, "batch_size": 4},
+        "score": {"scorer": "gradient_alignment", **knobs},
+        "select": {"fraction": 0.25},
+    }
+    if targets:
+        base["targets"] = [
+            {"name": k, "probe_path": str(d / f"{k}.jsonl"), "heldout_path": str(d / f"{k}.jsonl")}
+            for k in HEADS
+        ]
+        base["targets"][1]["top_k"] = 5  # its own selection size
+    return build_config({**base, **extra})
+
+
+def test_target_config_validation():
+    with pytest.raises(ConfigError, match="'a/b' must be 1-64 letters"):
+        build_config({"targets": [{"name": "a/b"}]})
+    with pytest.raises(ConfigError) as err:
+        build_config({"targets": [{"name": "x", "probe_path": "p.jsonl"}, {"name": "x"}]})
+    assert "repeated: ['x']" in str(err.value) and "needs heldout_path" in str(err.value)
+    with pytest.raises(ConfigError, match="needs score.scorer=gradient_alignment"):
+        build_config({"targets": [{"name": "arithmetic"}], "score": {"scorer": "influence"}})
+    single = build_config({})
+    assert single.targets == [] and "targets" not in json.dumps(
+        single.fingerprint()
+    )  # unchanged fingerprints
+
+
+def test_targets_one_pass_equals_single_target_passes(ray_local, tiny_llama, data, tmp_path):
+    geo = geometry_from_config(AutoConfig.from_pretrained(tiny_llama))
+    cfg = _cfg(tmp_path / "multi", tiny_llama, data)
+    # One localize stage: heads and a heatmap per target, their union at the root.
+    out = run_localize(cfg)
+    for name in HEADS:
+        assert (
+            Path(out["targets"][name]["heads_json"]).is_file()
+            and Path(out["targets"][name]["heatmap"]).is_file()
+        )
+    union = HeadSet.load(tmp_path / "multi" / "heads.json")
+    assert set(union.meta["union_of_targets"]) == set(HEADS)
+    # Hand-set heads (overlapping, over two layers) so the union is wider than each target.
+    for name, heads in HEADS.items():
+        HeadSet(heads, geo).save(tmp_path / "multi" / "targets" / name / "heads.json")
+    HeadSet(tuple(h for hs in HEADS.values() for h in hs), geo).save(tmp_path / "multi" / "heads.json")
+
+    # A partial pass (stopped after its first shard), then the resume.
+    class Stop(Exception):
+        pass
+
+    def stop(_shard):
+        raise Stop
+
+    with pytest.raises(Stop):
+        run_score(cfg, on_shard_done=stop)
+    out = run_score(cfg)
+    assert out["rows_in"] == out["rows_scored"] == 40
+    stats = json.loads((tmp_path / "multi" / "score_stats.json").read_text())
+    assert stats["shards"]["already_done"] == 1 and stats["shards"]["scored_this_run"] == 1
+    shared = pq.read_table(tmp_path / "multi" / "scores").sort_by("id")
+    assert shared.column("id").to_pylist() == list(range(40)), "every id once"
+
+    for name, heads in HEADS.items():
+        view = pq.read_table(tmp_path / "multi" / "targets" / name / "scores").sort_by("id")
+        assert view.column("id").to_pylist() == list(range(40)), f"{name}: every id once"
+        np.testing.assert_array_equal(
+            view.column("score").to_numpy(), shared.column(f"score__{name}").to_numpy()
+        )
+        # The single-target pass of this target alone: the same scores within float tolerance.
+        one = _cfg(tmp_path / f"one-{name}", tiny_llama, data, targets=False)
+        one = one.model_copy(
+            update={"data": one.data.model_copy(update={"probe_path": str(data / f"{name}.jsonl")})}
+        )
+        HeadSet(heads, geo).save(tmp_path / f"one-{name}" / "heads.json")
+        run_score(one)
+        ref = pq.read_table(tmp_path / f"one-{name}" / "scores").sort_by("id")
+        assert float(np.abs(ref.column("score").to_numpy()).max()) > 1e-3
+        np.testing.assert_allclose(
+            view.column("score").to_numpy(), ref.column("score").to_numpy(), rtol=0, atol=1e-5
+        )
+        np.testing.assert_allclose(
+            view.column("grad_norm").to_numpy(), ref.column("grad_norm").to_numpy(), rtol=1e-5, atol=0
+        )
+
+    # Per-target selection (its own size) and the combined one under one budget.
+    sel = run_select(cfg)
+    assert sel["targets"]["plus"]["n_selected"] == 10 and sel["targets"]["items"]["n_selected"] == 5
+    comb = pq.read_table(tmp_path / "multi" / "subset")
+    assert comb.num_rows == sel["combined"]["budget"] == 10 and len(set(comb.column("id").to_pylist())) == 10
+    assert set(comb.column("p2d_target").to_pylist()) == set(HEADS)  # round robin: both targets take rows
+    assert sorted(sel["combined"]["taken_per_target"].values()) == [5, 5]
+    assert {"score__plus", "score__items", "prompt"} <= set(comb.column_names)
+    for name in HEADS:
+        sub = pq.read_table(tmp_path / "multi" / "targets" / name / "subset")
+        top = view_top = pq.read_table(tmp_path / "multi" / "targets" / name / "scores").sort_by(
+            [("score", "descending"), ("id", "ascending")]
+        )
+        view_top = top.column("id").to_pylist()[: sub.num_rows]
+        assert sorted(sub.column("id").to_pylist()) == sorted(view_top)
