@@ -199,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
                 choices=get_args(DataConfig.model_fields["demo_target"].annotation),
                 help="the demo corpus's target task (same as data.demo_target=...)",
             )
+            p.add_argument(
+                "--targets",
+                help="several demo targets in one corpus pass, comma-separated (e.g. arithmetic,units): "
+                "one localize, one scoring pass, a selection per target and a combined one (targets: ...)",
+            )
     return parser
 
 
@@ -235,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", category=FutureWarning)
     if getattr(args, "target", None):  # `p2d-ray demo --target units`
         args.overrides.append(f"data.demo_target={args.target}")
+    if getattr(args, "targets", None):  # `p2d-ray demo --targets arithmetic,units`
+        names = [n.strip() for n in args.targets.split(",") if n.strip()]
+        args.overrides.append("targets=" + json.dumps([{"name": n} for n in names]))
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:

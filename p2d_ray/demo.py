@@ -196,6 +196,10 @@ def run_demo(cfg: P2DConfig) -> dict:
     from p2d_ray.pipeline import run_pipeline
 
     cfg = demo_config(cfg)
+    if cfg.targets:  # `p2d-ray demo --targets arithmetic,units`: all targets in one pass (p2d_ray/targets.py)
+        from p2d_ray.targets import run_demo_targets
+
+        return run_demo_targets(cfg)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     print(f"p2d-ray demo: run dir {cfg.run_dir}", flush=True)

@@ -324,3 +324,69 @@ def target_precision(cfg: P2DConfig) -> dict[str, dict | None]:
             corpus, str(trun.subset), str(trun.scores), cfg.data.id_column, f"{LABEL_PREFIX}{name}"
         )
     return out
+
+
+def target_lines(cfg: P2DConfig, precision: dict[str, dict | None], sel: dict) -> list[str]:
+    """One line per target: its heads, its selection and, where the corpus has its label, its precision."""
+    from p2d_ray.heads.headset import HeadSet
+
+    lines = []
+    for name, tcfg in target_configs(cfg).items():
+        heads = HeadSet.load(Path(tcfg.run_dir, "heads.json"))
+        p = precision.get(name)
+        n_sel = sel["targets"][name]["n_selected"]
+        if p is None:
+            what = f"{n_sel:,} rows selected (no is_clean_on_task_{name} label to measure)"
+        else:
+            ratio = f", {p['selected'] / p['base_rate']:.1f}x" if p["base_rate"] else ""
+            what = (
+                f"{100 * p['selected']:.1f}% clean on-task among its {p['k']:,} selected "
+                f"(base rate {100 * p['base_rate']:.1f}%{ratio})"
+            )
+        lines.append(f"target {name}: {len(heads)} heads; {what} -> {Path(tcfg.run_dir, 'subset')}")
+    c = sel["combined"]
+    lines.append(
+        f"combined selection: {c['n_selected']:,} rows under one budget (round robin: "
+        + ", ".join(f"{n} {k}" for n, k in c["taken_per_target"].items())
+        + f") -> {c['subset_dir']}"
+    )
+    return lines
+
+
+def run_demo_targets(cfg: P2DConfig) -> dict:
+    """``p2d-ray demo --targets a,b``: localize (one model load), ONE scoring pass and a selection per target
+    plus the combined one, on the demo corpus carrying ``is_clean_on_task_<target>`` (read here only, for the
+    report lines); one line per target."""
+    from p2d_ray.demo import DEMO_RAY_CPUS
+    from p2d_ray.pipeline import run_pipeline
+    from p2d_ray.runtime import ensure_ray
+
+    t0 = time.perf_counter()
+    names = [t.name for t in cfg.targets]
+    print(f"p2d-ray demo: targets {', '.join(names)} in one pass; run dir {cfg.run_dir}", flush=True)
+    started = ensure_ray(DEMO_RAY_CPUS)
+    try:
+        results = run_pipeline(cfg, stages=("localize", "score", "select"), report=False)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    sel = results["select"]
+    if sel.get("skipped"):
+        sel = json.loads(Path(cfg.run_dir, "selection.json").read_text())
+    precision = target_precision(cfg)
+    stats = json.loads(Path(cfg.run_dir, "score_stats.json").read_text())
+    lines = ["", "=" * 72, f"P2D demo, {len(names)} targets in one corpus pass: summary", "=" * 72]
+    lines += target_lines(cfg, precision, sel)
+    pass_s = stats["wall_s"].get("score_pass")
+    if pass_s:
+        lines.append(
+            f"one scoring pass for all {len(names)} targets: {pass_s:.1f} s ({stats['rows_per_s']:.2f} rows/s)"
+        )
+    wall = time.perf_counter() - t0
+    lines.append(f"wall seconds: {wall:.1f}; outputs: {cfg.run_dir}/ (targets/<name>/, subset/, scores/)")
+    print("\n".join(lines), flush=True)
+    out = {"targets": precision, "selection": sel, "wall_seconds": wall}
+    Path(cfg.run_dir, "demo_summary.json").write_text(json.dumps(out, indent=1, default=str))
+    return out

@@ -159,3 +159,24 @@ def test_targets_one_pass_equals_single_target_passes(ray_local, tiny_llama, dat
         )
         view_top = top.column("id").to_pylist()[: sub.num_rows]
         assert sorted(sub.column("id").to_pylist()) == sorted(view_top)
+
+
+def test_demo_targets_flag_sets_the_targets(capsys):
+    from p2d_ray.cli import main
+
+    assert main(["demo", "--targets", "arithmetic,units", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "- name: arithmetic" in printed and "- name: units" in printed
+    # the multi-target demo corpus: the single-target demo's rows, one hidden label per target
+    from p2d_ray.assets.paths import corpus_path
+
+    names = pq.read_schema(
+        next(
+            Path(corpus_path(build_config({"targets": [{"name": "arithmetic"}, {"name": "units"}]}))).glob(
+                "*.parquet"
+            )
+        )
+    ).names
+    assert {"is_clean_on_task_arithmetic", "is_clean_on_task_units"} <= set(
+        names
+    ) and "is_clean_on_task" not in names

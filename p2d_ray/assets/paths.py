@@ -19,6 +19,11 @@ def probe_path(cfg: P2DConfig) -> str:
 
 
 def corpus_path(cfg: P2DConfig) -> str:
+    if not cfg.data.corpus_path and cfg.targets and all(t.demo_task() for t in cfg.targets):
+        # several demo targets: the demo corpus with one hidden label per target (is_clean_on_task_<name>)
+        from p2d_ray.assets.synthetic import demo_targets_corpus
+
+        return str(demo_targets_corpus([t.demo_task() for t in cfg.targets]))
     return cfg.data.corpus_path or str(_demo(cfg).corpus_dir)
 
 

@@ -466,3 +466,40 @@ def demo_assets(target: str = DEFAULT_TARGET, cache_dir: str | Path | None = Non
         root / "demo" / f"data-{target}", data_recipe(target), lambda tmp: write_demo_data(tmp, target)
     )
     return DemoAssets(data, target, data / "corpus", data / "probe.parquet", data / "heldout.parquet")
+
+
+# ------------------------------------------------------------------------------ several targets at once
+def label_column(target: str) -> str:
+    """The hidden label of a multi-target demo corpus for ``target`` (``is_clean_on_task_<target>``)."""
+    return f"{LABEL}_{check_target(target)}"
+
+
+def write_targets_corpus(out: Path, targets: list[str], seed_offset: int = 0, n_rows: int = N_CORPUS) -> dict:
+    """The demo corpus (the very rows and order of every single-target demo corpus of the same draw) with one
+    hidden label per target, ``is_clean_on_task_<target>``, instead of the single ``is_clean_on_task``: a
+    corpus for a run with several targets (``targets:``). Written as ``out/corpus``, the same shard layout."""
+    corpus = generate_corpus(n_rows, CORPUS_SEED + seed_offset, target=targets[0]).drop_columns([LABEL])
+    tasks, qualities = corpus.column("task").to_pylist(), corpus.column("quality").to_pylist()
+    for t in targets:
+        clean = [task == t and q == "clean" for task, q in zip(tasks, qualities, strict=True)]
+        corpus = corpus.append_column(label_column(t), pa.array(clean, pa.bool_()))
+    (out / "corpus").mkdir(parents=True)
+    per_shard = -(-corpus.num_rows // N_SHARDS)
+    for i in range(N_SHARDS):
+        shard = corpus.slice(i * per_shard, per_shard)
+        pq.write_table(shard, out / "corpus" / f"part-{i:05d}.parquet", row_group_size=ROW_GROUP_SIZE)
+    return {"targets": list(targets), "n_corpus": corpus.num_rows} | {
+        f"n_{label_column(t)}": sum(corpus.column(label_column(t)).to_pylist()) for t in targets
+    }
+
+
+def demo_targets_corpus(targets: list[str], cache_dir: str | Path | None = None) -> Path:
+    """The multi-target demo corpus directory for ``targets`` (built once under the cache); each target's
+    probe and held-out set are its single-target demo's (:func:`demo_assets`), disjoint from these rows."""
+    names = sorted({check_target(t) for t in targets})
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    recipe = {**data_recipe(names[0]), "target": None, "targets": names}
+    data = build_once(
+        root / "demo" / f"corpus-{'+'.join(names)}", recipe, lambda tmp: write_targets_corpus(tmp, names)
+    )
+    return data / "corpus"
