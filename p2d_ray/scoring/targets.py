@@ -230,20 +230,66 @@ def plan_targets(cfg):
     )
 
 
-def probe_gradients(cfg, plan) -> dict[str, list]:
-    """Every target's probe gradient (a Ray task each, sized like a scoring actor; saved as
-    ``targets/<t>/probe_gradient.safetensors``): ``{name: [ObjectRef of its bytes]}`` for the actors."""
-    from p2d_ray.scoring.gradient import probe_gradient_on_a_worker
+def _probe_gradients_bytes(items: list, model_fp: str):
+    """The worker's half of :func:`probe_gradients`: every target's probe gradient with ONE model load
+    (``prepare_probe_gradient`` per target would load it K times); a target whose saved gradient carries its
+    fingerprint is reused. Returns ``(True, bytes_1, ..., bytes_K)``."""
+    from p2d_ray.assets.paths import probe_path
+    from p2d_ray.data.formatting import encode_probe, probe_batches
+    from p2d_ray.data.io import rows_hash
+    from p2d_ray.models.loading import load_model, load_tokenizer
+    from p2d_ray.rundir import RunDir
+    from p2d_ray.runtime import available_cpus
+    from p2d_ray.scoring.gradient import FILENAME, probe_gradient
 
-    model_fp = plan.provenance["model_fingerprint"]
-    return {
-        n: [
-            probe_gradient_on_a_worker(
-                v["cfg"], v["heads"], v["gradient_fingerprint"], v["probe_rows"], model_fp
-            )
-        ]
-        for n, v in plan.targets.items()
-    }
+    out, model, tok = [], None, None
+    threads = torch.get_num_threads()
+    try:
+        for tcfg, heads, fingerprint, rows in items:
+            path = RunDir(tcfg.run_dir).path(FILENAME)
+            if path.is_file():
+                old = ProbeGradient.load(path)
+                if old.fingerprint == fingerprint:
+                    out.append(old.to_bytes())
+                    continue
+            if model is None:
+                torch.set_num_threads(tcfg.localize.torch_threads or available_cpus())
+                tok, model = load_tokenizer(tcfg.model), load_model(tcfg.model)
+            pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+            batches = probe_batches(encode_probe(rows, tok, tcfg.data), tcfg.localize.batch_size, pad_id)
+            meta = {
+                "fingerprint": fingerprint,
+                "model_fingerprint": model_fp,
+                "probe_hash": rows_hash(rows),
+                "probe_path": probe_path(tcfg),
+            }
+            pg = probe_gradient(model, heads, batches, meta, tcfg.score.loss_chunk_tokens)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pg.save(path)
+            out.append(pg.to_bytes())
+    finally:
+        torch.set_num_threads(threads)
+    return (True, *out)
+
+
+def probe_gradients(cfg, plan) -> dict[str, list]:
+    """Every target's probe gradient (``targets/<t>/probe_gradient.safetensors``) from ONE Ray task sized
+    like a scoring actor, one model load: ``{name: [ObjectRef of its bytes]}`` for the actors (never through
+    the driver)."""
+    from p2d_ray.runtime import on_a_worker, scoring_worker, worker_result
+
+    items = [
+        (v["cfg"], v["heads"], v["gradient_fingerprint"], v["probe_rows"]) for v in plan.targets.values()
+    ]
+    refs = on_a_worker(
+        scoring_worker(cfg),
+        _probe_gradients_bytes,
+        items,
+        plan.provenance["model_fingerprint"],
+        num_returns=len(items) + 1,
+    )
+    worker_result(refs[0])
+    return {n: [ref] for n, ref in zip(plan.targets, refs[1:], strict=True)}
 
 
 # -- per-target views --------------------------------------------------------------------------------
