@@ -50,6 +50,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--fraction", type=float, default=0.10)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--out", required=True)
+    ap.add_argument(
+        "--exact-only", action="store_true", help="make the exact reference run (localize + score) and stop"
+    )
     args = ap.parse_args(argv)
 
     from p2d_ray.config import P2DConfig, _merge
@@ -79,6 +82,9 @@ def main(argv=None) -> dict:
         )
         run_pipeline(cfg, stages=("localize", "score"), report=False)
         timings["exact_localize_score_s"] = time.perf_counter() - t
+    if args.exact_only:
+        print(json.dumps({"exact_run": str(exact_dir), "timings": timings}))
+        return {"exact_run": str(exact_dir), "timings": timings}
 
     run = work / f"distilled-n{args.sample}-a{args.audit}-l{args.layer or 'auto'}"
     run.mkdir(parents=True, exist_ok=True)
