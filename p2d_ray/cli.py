@@ -282,6 +282,11 @@ def _print_run_summary(cfg: P2DConfig, report: dict) -> None:
 
     from p2d_ray.demo import summary_lines
 
+    if cfg.targets:  # one row per target (p2d_ray/targets.py)
+        from p2d_ray.targets import report_lines
+
+        print("\n".join(report_lines(report, f"p2d-ray run: summary ({cfg.run_dir})")), file=sys.stderr)
+        return
     if report.get("skipped"):
         report = json.loads(Path(cfg.run_dir, "report.json").read_text())
     lines = summary_lines(report, title=f"p2d-ray run: summary ({cfg.run_dir})")

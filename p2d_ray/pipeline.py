@@ -65,6 +65,10 @@ def run_pipeline(cfg: P2DConfig, stages: tuple[str, ...] = STAGES, report: bool 
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stages {unknown}; allowed: {list(STAGES)}")
+    if cfg.targets:  # several targets: shared stages once, train / evaluate per target (p2d_ray/targets.py)
+        from p2d_ray.targets import run_pipeline_targets
+
+        return run_pipeline_targets(cfg, stages, report)
     if "train" in stages:  # a missing or broken tracker fails in one line before anything is read or run
         from p2d_ray.training.tracking import check_tracking
 

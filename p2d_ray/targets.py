@@ -390,3 +390,120 @@ def run_demo_targets(cfg: P2DConfig) -> dict:
     out = {"targets": precision, "selection": sel, "wall_seconds": wall}
     Path(cfg.run_dir, "demo_summary.json").write_text(json.dumps(out, indent=1, default=str))
     return out
+
+
+# -- p2d-ray run: the shared stages once, then train / evaluate per target -----------------------------------
+SHARED_STAGES = ("localize", "score", "select")
+PER_TARGET_STAGES = ("train", "evaluate")
+
+
+def tag_adapter(tcfg: P2DConfig, name: str) -> None:
+    """Name the target in its adapter: ``adapter/manifest.json`` gets ``target`` (and its probe set), and the
+    PEFT adapter's model card (``adapter/peft/README.md``) is rewritten to say which target it is for."""
+    from p2d_ray.assets.paths import probe_path
+    from p2d_ray.rundir import RunDir
+    from p2d_ray.training.export import read_manifest, write_manifest
+    from p2d_ray.training.model_card import write_model_card
+
+    adapter = RunDir(tcfg.run_dir).adapter
+    if not (adapter / "manifest.json").is_file():
+        return
+    manifest = read_manifest(adapter)
+    if manifest.get("target") != name:
+        write_manifest(adapter, **{**manifest, "target": name, "target_probe": probe_path(tcfg)})
+    write_model_card(tcfg)
+
+
+def run_pipeline_targets(cfg: P2DConfig, stages: tuple[str, ...], report: bool = True) -> dict:
+    """``p2d-ray run`` with targets: localize / score / select once for every target (one model load, one
+    corpus pass), then train and evaluate per target in its own run dir (one head adapter per target, named
+    in its PEFT model card), then ``targets_report.json``: one row per target. ``baseline`` and the
+    single-target report do not apply to a multi-target run and are skipped (said on stderr)."""
+    import sys
+
+    from p2d_ray.pipeline import run_stage
+    from p2d_ray.rundir import RunDir
+    from p2d_ray.validate import preflight
+
+    shared = tuple(s for s in stages if s in SHARED_STAGES)
+    per = tuple(s for s in stages if s in PER_TARGET_STAGES)
+    left = [s for s in stages if s not in shared + per]
+    if left:
+        print(
+            f"targets: {left} run per single target only; skipped for the {len(cfg.targets)} targets",
+            file=sys.stderr,
+            flush=True,
+        )
+    run = RunDir(cfg.run_dir)
+    from p2d_ray.rundir import stage_fingerprint
+
+    pending = [s for s in shared if not run.is_done(s, stage_fingerprint(cfg, s))]
+    for tcfg in target_configs(cfg).values():  # every target's inputs (its probe, held-out set), before any work
+        trun = RunDir(tcfg.run_dir)
+        mine = pending + [s for s in per if not trun.is_done(s, stage_fingerprint(tcfg, s))]
+        preflight(tcfg, mine)
+    cfg.save(run.path("config.yaml"))
+    results: dict = {s: run_stage(cfg, s) for s in shared}
+    results["targets"] = {}
+    for name, tcfg in target_configs(cfg).items():
+        done = {}
+        for stage in per:
+            print(f"target {name}:", file=sys.stderr, flush=True)
+            done[stage] = run_stage(tcfg, stage)
+            if stage == "train":
+                tag_adapter(tcfg, name)
+        results["targets"][name] = done
+    if report:
+        results["report"] = targets_report(cfg)
+    return results
+
+
+def targets_report(cfg: P2DConfig) -> dict:
+    """``<run_dir>/targets_report.json``: one row per target -- its selection precision where its label
+    exists, its held-out gain (adapted vs base), and its cost: its share of the shared localize + score
+    seconds (split evenly: one model load, one pass) plus its own select / train / evaluate seconds."""
+    from p2d_ray.rundir import RunDir
+
+    run = RunDir(cfg.run_dir)
+    shared = {s: (run.stage_record(s) or {}).get("seconds") for s in ("localize", "score")}
+    k = len(cfg.targets)
+    precision = target_precision(cfg)
+    rows = {}
+    for name, tcfg in target_configs(cfg).items():
+        trun = RunDir(tcfg.run_dir)
+        own = {s: (trun.stage_record(s) or {}).get("seconds") for s in ("select", "train", "evaluate")}
+        ev = json.loads(trun.path("eval.json").read_text()) if trun.path("eval.json").is_file() else {}
+        gain = None
+        if ev.get("base") and ev.get("adapted"):
+            gain = {"loss": ev["adapted"]["loss"] - ev["base"]["loss"]}
+            if "exact_match" in ev["base"] and "exact_match" in ev["adapted"]:
+                gain["exact_match"] = ev["adapted"]["exact_match"] - ev["base"]["exact_match"]
+        shared_share = sum(v for v in shared.values() if v) / k
+        rows[name] = {
+            "precision": (precision[name] or {}).get("selected"),
+            "base_rate": (precision[name] or {}).get("base_rate"),
+            "heldout_gain": gain,
+            "seconds": {"shared_share": shared_share, **own},
+            "adapter": str(trun.adapter) if trun.adapter.is_dir() else None,
+        }
+    out = {"targets": rows, "shared_seconds": shared, "n_targets": k}
+    run.path("targets_report.json").write_text(json.dumps(out, indent=1, default=str))
+    return out
+
+
+def report_lines(report: dict, title: str) -> list[str]:
+    """``targets_report.json`` for a person: one line per target."""
+    lines = ["", "=" * 72, title, "=" * 72]
+    for name, r in report["targets"].items():
+        prec = (
+            "precision n/a (no label)" if r["precision"] is None else f"precision {100 * r['precision']:.1f}%"
+        )
+        gain = r["heldout_gain"] or {}
+        g = "held-out gain n/a" if not gain else f"held-out loss {gain['loss']:+.4f}"
+        if "exact_match" in gain:
+            g += f", exact match {100 * gain['exact_match']:+.1f} points"
+        cost = sum(v for v in r["seconds"].values() if v)
+        lines.append(
+            f"target {name}: {prec}; {g}; {cost:.1f} s (shared share {r['seconds']['shared_share']:.1f} s)"
+        )
+    return lines

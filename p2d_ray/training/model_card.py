@@ -74,7 +74,17 @@ def model_card(cfg: P2DConfig, manifest: dict) -> str:
     if not Path(base).is_dir():  # a hub model: the hub's own base_model metadata (never for a local base)
         front.append(f"base_model: {base}")
     front.append("---")
-    lines = [*front, "", f"# P2D {manifest['adaptation']} update of `{cfg.model.name_or_path}`", ""]
+    target = manifest.get("target")  # a multi-target run's adapter names its target (p2d_ray/targets.py)
+    title = f"# P2D {manifest['adaptation']} update of `{cfg.model.name_or_path}`"
+    lines = [*front, "", title + (f" for target `{target}`" if target else ""), ""]
+    if target:
+        lines += [
+            "## Target task",
+            "",
+            f"`{target}`: one adapter per target of a multi-target run, trained on that target's own "
+            f"selection; probe set `{manifest.get('target_probe')}`.",
+            "",
+        ]
     lines += ["## Base model", "", describe_base(cfg), ""]
     lines += [f"`adapter_config.json` names `{base}` as the base, so it loads by itself (offline here):", ""]
     lines += [
