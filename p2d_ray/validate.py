@@ -622,6 +622,8 @@ def run_validate(cfg: P2DConfig, *, raise_on_error: bool = True, stages=None, de
     Returns ``{"ok": bool, "findings": [...]}``. Raises :class:`ValidationFailed` (a ValueError listing
     every failed check) when ``raise_on_error`` and any check failed, so ``p2d-ray validate`` exits 2.
     """
+    if cfg.targets:  # several targets (p2d_ray/targets.py): every target's single-target config is checked
+        return _validate_targets(cfg, raise_on_error, stages, deep)
     if stages is None:
         checks, needed = EVERY_CHECK, set()
     else:
@@ -642,6 +644,27 @@ def run_validate(cfg: P2DConfig, *, raise_on_error: bool = True, stages=None, de
             heads = _heads_findings(cfg, geo, model_path, required="heads" in needed)
         findings = _run_findings(cfg) + (model if "model" in checks else []) + heads + data.result()
     findings += _outputs_findings(cfg, needed)
+    report = {"ok": not any(f["status"] == "error" for f in findings), "findings": findings}
+    if raise_on_error and not report["ok"]:
+        raise ValidationFailed(report)
+    return report
+
+
+def _validate_targets(cfg: P2DConfig, raise_on_error: bool, stages, deep: bool) -> dict:
+    """:func:`run_validate` of each target's config (its probe / held-out set and heads, the shared model
+    and corpus); a finding the targets share (model, corpus) is listed once, the others name their target."""
+    from p2d_ray.targets import target_configs
+
+    findings, seen = [], set()
+    for name, tcfg in target_configs(cfg).items():
+        for f in run_validate(tcfg, raise_on_error=False, stages=stages, deep=deep)["findings"]:
+            key = (f["check"], f["status"], f["message"])
+            if key in seen:
+                continue
+            seen.add(key)
+            findings.append(
+                f if f["check"] in ("model", "corpus") else {**f, "check": f"{name}: {f['check']}"}
+            )
     report = {"ok": not any(f["status"] == "error" for f in findings), "findings": findings}
     if raise_on_error and not report["ok"]:
         raise ValidationFailed(report)

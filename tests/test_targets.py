@@ -106,6 +106,16 @@ def test_targets_one_pass_equals_single_target_passes(ray_local, tiny_llama, dat
         HeadSet(heads, geo).save(tmp_path / "multi" / "targets" / name / "heads.json")
     HeadSet(tuple(h for hs in HEADS.values() for h in hs), geo).save(tmp_path / "multi" / "heads.json")
 
+    # validate / the pre-flight check every target's own inputs, naming the target
+    from p2d_ray.validate import run_validate
+
+    assert run_validate(cfg, stages=("score",), deep=False)["ok"]
+    bad = cfg.model_copy(
+        update={"targets": [cfg.targets[0], cfg.targets[1].model_copy(update={"probe_path": "nope.jsonl"})]}
+    )
+    found = run_validate(bad, raise_on_error=False, stages=("localize",), deep=False)["findings"]
+    assert any(f["status"] == "error" and f["check"].startswith("items:") for f in found), found
+
     # A partial pass (stopped after its first shard), then the resume.
     class Stop(Exception):
         pass
