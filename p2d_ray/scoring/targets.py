@@ -26,6 +26,7 @@ directory, so ``select`` / ``train`` / ``evaluate`` / ``compare`` run on it unch
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import replace
 
@@ -311,6 +312,10 @@ def write_target_views(cfg, plan, store) -> dict[str, str]:
     for name, t in plan.targets.items():
         view = ScoreStore(t["cfg"].run_dir)
         fp = _view_fingerprint(plan.fingerprint, name)
+        old = view.read_manifest()
+        if old is not None and old["fingerprint"] != fp:  # a view of an earlier pass: derived, so redone
+            shutil.rmtree(view.scores, ignore_errors=True)
+            shutil.rmtree(view.state, ignore_errors=True)
         identity = {
             "shared_pass": plan.fingerprint,
             "target": name,
