@@ -94,6 +94,10 @@ def run_report(cfg: P2DConfig) -> dict:
     Raises:
         ValueError: a stage the AER needs has not run in this run directory.
     """
+    if cfg.targets:  # several targets: one row per target (p2d_ray/targets.py), no single-target AER
+        from p2d_ray.targets import targets_report
+
+        return targets_report(cfg)
     from p2d_ray.assets.paths import corpus_parquet
 
     run = RunDir(cfg.run_dir)
