@@ -141,3 +141,21 @@ def test_lora_zero1_through_the_same_trainer(tmp_path, tiny_llama, ray_local):
     # Full fine-tuning (timed in process here; the benchmark runs it through Ray Train): every weight trains.
     full = time_train_steps(lora_cfg, "full", 1)
     assert full["trainable_params"] == sum(p.numel() for p in base_params.values())
+
+
+def test_a_new_selection_never_resumes_the_old_subsets_checkpoints(tmp_path, tiny_llama):
+    """The run name (hence the checkpoint directory a rerun resumes from) follows the training rows, not
+    only their path: a re-selection written to the same ``subset/`` starts fresh, an identical rewrite
+    (the same selection again, or a preempted rerun) resumes. Found in a real run: ``compare`` with a
+    changed ``select.rule`` re-selected 17 of 120 rows and then "resumed" at the old subset's final step."""
+    run = _make_run(tmp_path, tiny_llama)
+    cfg = _cfg(run, tiny_llama)
+    subset = pq.read_table(Path(run) / "subset")
+    first = TrainInputs(cfg).run_name(cfg)
+    write_parts(Path(run) / "subset", subset, 2)  # the same rows rewritten
+    assert TrainInputs(cfg).run_name(cfg) == first
+    write_parts(Path(run) / "subset", subset.slice(1), 2)  # one row fewer: another selection
+    assert TrainInputs(cfg).run_name(cfg) != first
+    swapped = subset.set_column(2, "response", pa.array([" 7 done."] * subset.num_rows))
+    write_parts(Path(run) / "subset", swapped, 2)  # same ids and size, other rows' content
+    assert TrainInputs(cfg).run_name(cfg) != first

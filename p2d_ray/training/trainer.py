@@ -66,6 +66,7 @@ class TrainInputs:
             raise FileNotFoundError(f"training data not found: {self.data_path} (run `p2d-ray select` first)")
         try:
             dataset = pads.dataset(self.data_path, format="parquet")
+            self._dataset = dataset
             self.n_rows = dataset.count_rows()
             columns = dataset.schema.names
             # Uncompressed size from the Parquet footers (no data read): decides whether to cache it.
@@ -90,9 +91,34 @@ class TrainInputs:
         check_tracking(cfg)
         self.n_steps = total_steps(self.n_rows, t)
 
+    def data_key(self) -> list:
+        """What identifies the training rows themselves, not only their path: a re-selection writes a
+        different subset to the same ``subset/`` directory, and resuming the old subset's checkpoints would
+        train (or, at its final step, not train at all) on rows no longer selected. Local files: a sha256 of
+        their bytes (the subset is about to be read whole by training anyway; Parquet writes no timestamps, so
+        an identical re-selection keeps the key and still resumes). Remote files: size and modification time
+        from the filesystem (no download)."""
+        if getattr(self, "_data_key", None) is None:
+            ds = self._dataset
+            infos = ds.filesystem.get_file_info(sorted(ds.files))
+            local = type(ds.filesystem).__name__ == "LocalFileSystem"
+            key = []
+            for info in infos:
+                if local:
+                    h = hashlib.sha256()
+                    with open(info.path, "rb") as f:
+                        for chunk in iter(lambda: f.read(1 << 23), b""):
+                            h.update(chunk)
+                    key.append([os.path.basename(info.path), h.hexdigest()])
+                else:
+                    key.append([info.path, info.size, info.mtime_ns])
+            self._data_key = key
+        return self._data_key
+
     def run_name(self, cfg: P2DConfig) -> str:
-        """Stable name of the Ray Train run: what the trained weights depend on, minus the step budget
-        (so a rerun, or a longer run, resumes from the latest checkpoint)."""
+        """Stable name of the Ray Train run: what the trained weights depend on (the training rows' content
+        included, ``data_key``), minus the step budget (so a rerun, or a longer run, resumes from the latest
+        checkpoint)."""
         from p2d_ray.models.loading import model_fingerprint
 
         train = cfg.train.model_dump(
@@ -118,6 +144,7 @@ class TrainInputs:
             train,
             self.heads.fingerprint() if self.heads else None,
             os.path.abspath(self.data_path) if "://" not in self.data_path else self.data_path,
+            self.data_key(),
         ]
         key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
         return f"{cfg.train.adaptation}-{key}"
