@@ -109,6 +109,16 @@ def test_heads_zero2_two_workers_failure_resume_export(tmp_path, tiny_llama, ray
         assert (peft_model(input_ids=x).logits - ours).abs().max().item() <= 1e-4
         assert (base(input_ids=x).logits - ours).abs().max().item() > 1e-3
     assert summary["adapter"]["heads_bytes"] < 1_000_000
+    # The manifest names the trained weights (compare's evaluation cache is keyed on it: a retrained cell,
+    # same sizes and parameter counts, must not reuse the old cell's held-out numbers).
+    from p2d_ray.training.export import weights_sha256
+
+    digest = summary["adapter"]["weights_sha256"]
+    assert (
+        digest
+        == weights_sha256(Path(run, "adapter", "heads"))
+        != weights_sha256(Path(run, "adapter", "peft"))
+    )
 
     # The step timer the AER report uses: same adaptation, in process.
     timed = time_train_steps(cfg, "heads", 2)

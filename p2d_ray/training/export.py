@@ -13,7 +13,7 @@ reproduces the trained model's logits.
 
 Layout under ``<run_dir>/adapter/``::
 
-    manifest.json                   {"adaptation": heads|lora|full, "base_model": ..., ...}
+    manifest.json                   {"adaptation": heads|lora|full, "base_model": ..., "weights_sha256": ...}
     heads/head_deltas.safetensors   one Δ per projection module; specs in the safetensors metadata
     heads/heads.json                the HeadSet that was trained
     peft/adapter_config.json, adapter_model.safetensors, README.md   (heads and lora adaptations; written
@@ -26,6 +26,7 @@ Layout under ``<run_dir>/adapter/``::
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import shutil
 import warnings
@@ -198,6 +199,20 @@ def dir_size_bytes(path: str | Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
+def weights_sha256(path: str | Path) -> str:
+    """sha256 over the ``*.safetensors`` files under ``path`` (sorted by relative name): which trained
+    weights an adapter holds, so anything cached per adapter (compare's held-out evaluations) notices a
+    retrained one whose other manifest fields (sizes, parameter counts) are the same."""
+    h = hashlib.sha256()
+    root = Path(path)
+    for f in sorted(root.rglob("*.safetensors")):
+        h.update(str(f.relative_to(root)).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 23), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 def export_from_checkpoint(cfg: P2DConfig, export_dir: str | Path) -> dict:
     """Turn the ``export/`` folder of the final training checkpoint into ``<run_dir>/adapter`` (and
     ``<run_dir>/merged``). Returns the manifest."""
@@ -239,6 +254,7 @@ def export_from_checkpoint(cfg: P2DConfig, export_dir: str | Path) -> dict:
         manifest["heads_bytes"] = dir_size_bytes(adapter / "heads")
         manifest["peft_bytes"] = dir_size_bytes(adapter / "peft")
         manifest["trainable_params"] = sum(v.numel() for v in values.values())
+        manifest["weights_sha256"] = weights_sha256(adapter / "heads")
     elif adaptation == "lora":
         # Re-saved through PEFT on the meta device so the adapter names the model as the user did (the
         # worker's copy records the local path it loaded from).
@@ -260,6 +276,7 @@ def export_from_checkpoint(cfg: P2DConfig, export_dir: str | Path) -> dict:
             revision,
         )
         manifest["peft_bytes"] = dir_size_bytes(adapter / "peft")
+        manifest["weights_sha256"] = weights_sha256(adapter / "peft")
     else:  # full: the update is the whole model
         manifest["merged_dir"] = str((run_dir / "merged").resolve())
     write_manifest(adapter, **manifest)
@@ -269,6 +286,7 @@ def export_from_checkpoint(cfg: P2DConfig, export_dir: str | Path) -> dict:
             shutil.rmtree(merged)
         shutil.copytree(src / "model", merged)
         manifest["merged_bytes"] = dir_size_bytes(merged)
+        manifest["weights_sha256"] = weights_sha256(merged)
     elif cfg.train.export_merged:
         model = load_adapted_model(cfg)
         save_merged(model, cfg, run_dir / "merged")
