@@ -387,16 +387,18 @@ def time_truncated(run: Path, layers: list[int], batches: int) -> dict:
     }
 
 
-# cost terms in forward-equivalents per row (BENCHMARKS.md "Distilled scoring"): the exact scorer, and the
-# truncated forward to layer l (in process, measured at 2 / 3 / 6 of 30; linear in l between and beyond)
+# cost terms in forward-equivalents per row (BENCHMARKS.md "Distilled scoring"): the exact scorer (measured in
+# Session 10, same process, alternating) and the truncated forward to layer l over the plain forward, measured by
+# `features` (time_truncated: 6 micro-batches of 16 rows of the 1,000-row draw, alternating, one thread, Session 11;
+# runs/h24/features/timing.json)
 EXACT_FWD = 2.59
-TRUNC_FWD = {2: 0.055, 3: 0.083, 6: 0.175}
+TRUNC_FWD = {1: 0.028, 2: 0.052, 3: 0.077, 4: 0.105, 6: 0.162, 9: 0.250, 12: 0.310, 15: 0.388}
 
 
 def trunc_cost(layer: int) -> float:
     if layer in TRUNC_FWD:
         return TRUNC_FWD[layer]
-    return 0.0293 * layer - 0.004  # least squares through the three measured points
+    return 0.026 * layer  # between / beyond the measured layers: ~linear in l
 
 
 def forwards_per_row(n_rows: int, sample: int, audit: int, refine: float, layers_cost: float) -> float:
@@ -601,6 +603,16 @@ def spec_cost(text: str) -> float:
     return trunc_cost(max(spec["layers"]))
 
 
+def _rounded(obj):
+    if isinstance(obj, float):
+        return round(obj, 4)
+    if isinstance(obj, dict):
+        return {k: _rounded(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rounded(v) for v in obj]
+    return obj
+
+
 def sweep_main(argv=None) -> None:
     """The frontier: every spec x sample share x refine band on every run of RUNS (cached features), top-10 %
     clean on-task precision (mean over seeds) against the run's exact precision, and forwards per row at
@@ -676,7 +688,7 @@ def sweep_main(argv=None) -> None:
             )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
+    out.write_text(json.dumps(_rounded(results)))
 
 
 def table_main(argv=None) -> None:
