@@ -613,18 +613,57 @@ def _rounded(obj):
     return obj
 
 
+_P, _A = "mean,wmean,logn", "mean,wmean,logn,resp_mean,last"
+_RIDGE3 = f"3/{_P}/linear/z/spearman"  # the engine's regressor at its default layer
+# the specs of the Session 11 frontier (RESULTS.md / BENCHMARKS.md), by --preset
+PRESETS = {
+    "layers": ["oracle_task", *(f"{layer}/{_P}/linear/z/spearman" for layer in LAYERS)],
+    "regressors": [
+        f"3/{_A}/linear/z/spearman",
+        "3/resp_mean,last,logn/linear/z/spearman",
+        f"3/{_P}/blinear/z/spearman",
+        f"3/{_A}/blinear/z/spearman",
+        f"3/{_P}/rbf/z/spearman",
+        f"3/{_A}/brbf/z/spearman",
+        f"3/{_P}/linear/rank/spearman",
+        f"3/{_P}/linear/top20/spearman",
+        f"3/{_P}/linear/z/top",
+        f"3/{_P}/rbf/z/top",
+        f"6/{_P}/rbf/z/spearman",
+        f"6/{_A}/blinear/z/spearman",
+        f"15/{_A}/blinear/z/spearman",
+        f"15/{_P}/rbf/z/spearman",
+        f"2+6/{_P}/linear/z/spearman",
+        f"3+9/{_P}/linear/z/spearman",
+        f"3+15/{_P}/linear/z/spearman",
+    ],
+    "cascade": [
+        f"{_RIDGE3}>9/{_P}/linear/z/spearman@0.3",
+        f"{_RIDGE3}>15/{_P}/linear/z/spearman@0.3",
+        f"{_RIDGE3}>15/{_A}/blinear/z/spearman@0.3",
+        f"{_RIDGE3}>15/{_P}/rbf/z/spearman@0.2",
+        f"{_RIDGE3}>3/{_P},loss/blinear/z/spearman@0.2",
+    ],
+}
+
+
 def sweep_main(argv=None) -> None:
     """The frontier: every spec x sample share x refine band on every run of RUNS (cached features), top-10 %
     clean on-task precision (mean over seeds) against the run's exact precision, and forwards per row at
     100,000 rows (2 % sample, 200 audit rows)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", nargs="+", default=list(RUNS))
-    ap.add_argument("--specs", nargs="+", default=["3/mean,wmean,logn/linear/z/spearman"])
+    ap.add_argument("--specs", nargs="+", default=None, help="default: the engine's ridge at layer 3")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None, help="the specs of a Session 11 sweep")
     ap.add_argument("--sample-fractions", nargs="+", type=float, default=[0.1, 0.2, 1 / 3])
-    ap.add_argument("--refine", nargs="+", type=float, default=[0.0, 0.05, 0.075, 0.1, 0.15, 0.2])
+    ap.add_argument(
+        "--refine", nargs="+", type=float, default=[0.0, 0.05, 0.075, 0.1, 0.125, 0.15, 0.175, 0.2, 0.25, 0.3]
+    )
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
+    args.specs = (args.specs or []) + (PRESETS[args.preset] if args.preset else [])
+    args.specs = args.specs or [_RIDGE3]
     layers = sorted(
         {
             int(x)
