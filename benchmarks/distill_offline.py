@@ -330,6 +330,8 @@ RUNS = {
     "capitals": "runs/m29/u/capitals/gradient_alignment/task",
     "letters": "runs/m29/u/letters/gradient_alignment/task",
 }
+# a larger exact run when present (runs/h24/exact3000.sh: the 3,000-row arithmetic draw); not in the default set
+EXTRA_RUNS = {"arith3000": "runs/h24/arith3000/exact"}
 LAYERS = (1, 2, 3, 4, 6, 9, 12, 15)
 CACHE = Path("runs/h24/features")
 
@@ -342,7 +344,7 @@ def features_main(argv=None) -> None:
     ap.add_argument("--timing-batches", type=int, default=6)
     args = ap.parse_args(argv)
     for name in args.runs:
-        cached_features(Path(RUNS[name]), args.layers, CACHE / name)
+        cached_features(Path({**RUNS, **EXTRA_RUNS}[name]), args.layers, CACHE / name)
     if args.timing_batches:
         t = time_truncated(Path(RUNS["arith1000"]), args.layers, args.timing_batches)
         (CACHE / "timing.json").write_text(json.dumps(t, indent=1))
@@ -673,7 +675,9 @@ def sweep_main(argv=None) -> None:
             for x in part.split("/")[0].split("+")
         }
     ) or [1]
-    data = {name: cached_features(Path(RUNS[name]), layers, CACHE / name) for name in args.runs}
+    data = {
+        name: cached_features(Path({**RUNS, **EXTRA_RUNS}[name]), layers, CACHE / name) for name in args.runs
+    }
     exact = {
         name: _precision(d["y"], d["ids"], d["label"], max(1, round(0.1 * len(d["y"]))))
         for name, d in data.items()
