@@ -520,6 +520,9 @@ def _units(fit: dict, spec: dict, ys: np.ndarray) -> np.ndarray:
     return ys.mean() + b * (fit["pred"] - o.mean())
 
 
+AUTO_Q = (0.7, 0.8, 0.9)
+
+
 def evaluate(data: dict, spec: dict, sample_fraction: float, refines, seeds: int, cascade=None) -> list[dict]:
     """Per seed: sample S, predict the rest R, then per refine band r (share of the corpus) the top 10 %
     precision of exact (S + band) + predicted (rest) scores. ``cascade`` = (spec2, c): the stage-1 top c of
@@ -538,8 +541,10 @@ def evaluate(data: dict, spec: dict, sample_fraction: float, refines, seeds: int
         if spec.get("oracle"):  # a perfect detector of the target task that knows nothing else
             noise = np.random.default_rng(seed + 100).random(len(R))
             pred = data["on_task"][R] + noise * 1e-3
+            oof = None
         else:
-            pred = _units(fit_predict(spec, data, S, R, y, seed), spec, y[S])
+            fit = fit_predict(spec, data, S, R, y, seed)
+            pred, oof = _units(fit, spec, y[S]), fit["oof"]
         rank_key = pred.copy()
         if cascade is not None:
             spec2, c = cascade
@@ -571,6 +576,21 @@ def evaluate(data: dict, spec: dict, sample_fraction: float, refines, seeds: int
             row[f"b{r}"] = _precision(fr, ids[R], label[R], kr) - _precision(y[R], ids[R], label[R], kr)
             # the exact top 10 % that ends up scored exactly (sample or band)
             row[f"recall{r}"] = len(top_exact & (set(S.tolist()) | set(band.tolist()))) / k
+        if oof is not None and cascade is None:
+            # a band sized from the sample: the smallest share of the sample's out-of-fold ranking that holds a
+            # share q of the sample's exact top 10 %, applied to R
+            ks = max(1, round(0.1 * len(S)))
+            pos = np.sort(np.argsort(np.argsort(-oof, kind="stable"), kind="stable")[np.argsort(-y[S])[:ks]])
+            for q in AUTO_Q:
+                r_auto = (pos[int(np.ceil(q * ks)) - 1] + 1) / len(S)
+                fr = pred.copy()
+                bandr = order[: int(round(r_auto * len(R)))]
+                fr[bandr] = y[R][bandr]
+                kr = max(1, round(0.1 * len(R)))
+                row[f"bauto{q}"] = _precision(fr, ids[R], label[R], kr) - _precision(
+                    y[R], ids[R], label[R], kr
+                )
+                row[f"rauto{q}"] = r_auto
         out.append(row)
     return out
 
@@ -705,6 +725,12 @@ def sweep_main(argv=None) -> None:
                     **{f"sd{r}": float(np.std([x[f"p{r}"] for x in rows])) for r in args.refine},
                     **{f"recall{r}": float(np.mean([x[f"recall{r}"] for x in rows])) for r in args.refine},
                     **{f"bulk_delta{r}": float(np.mean([x[f"b{r}"] for x in rows])) for r in args.refine},
+                    **{
+                        f"{key}{q}": float(np.mean([x[f"{key}{q}"] for x in rows]))
+                        for q in AUTO_Q
+                        for key in ("bauto", "rauto")
+                        if f"bauto{q}" in rows[0]
+                    },
                 }
             for r in args.refine:
                 deltas = [entry["runs"][n][f"p{r}"] - exact[n] for n in data]
@@ -714,6 +740,18 @@ def sweep_main(argv=None) -> None:
                 bd = [entry["runs"][n][f"bulk_delta{r}"] for n in data]
                 entry[f"bulk_delta{r}"], entry[f"bulk_worst{r}"] = float(np.mean(bd)), float(np.min(bd))
                 entry[f"F100k_{r}"] = forwards_per_row(100_000, 2000, 200, r, spec_cost(text))
+            for q in AUTO_Q:
+                if f"bauto{q}" in next(iter(entry["runs"].values())):
+                    ba = [entry["runs"][n][f"bauto{q}"] for n in data]
+                    ra = [entry["runs"][n][f"rauto{q}"] for n in data]
+                    entry[f"auto{q}"] = {
+                        "bulk_delta": float(np.mean(ba)),
+                        "bulk_worst": float(np.min(ba)),
+                        "refine_mean": float(np.mean(ra)),
+                        "refine_max": float(np.max(ra)),
+                        "F100k": forwards_per_row(100_000, 2000, 200, float(np.mean(ra)), spec_cost(text)),
+                    }
+                    print(f"   auto q={q}: {entry[f'auto{q}']}", flush=True)
             entry["heldout_spearman"] = float(
                 np.mean([v["heldout_spearman"] for v in entry["runs"].values()])
             )
