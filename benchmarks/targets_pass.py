@@ -115,6 +115,12 @@ def main(argv=None) -> dict:
     p.add_argument("--json", default="benchmarks/results/targets/demo-k4.json")
     p.add_argument("--unseen", default="runs/unseen", help="benchmarks.unseen_mixture's data dirs (probes)")
     p.add_argument("--repeat", action="store_true", help="the single-target pass again at the end")
+    p.add_argument(
+        "--order",
+        default=None,
+        help="the passes, e.g. one,k4,k2,one,k4,k2 (alternating, so a changing machine load hits each alike); "
+        "every pass rescored from scratch; heads and probe gradients of an earlier run in --out are reused",
+    )
     p.add_argument("--model", default="smollm2-135m", help="p2d-demo: a fast smoke run of this script")
     p.add_argument("--fresh", action="store_true", help="delete --out first")
     args = p.parse_args(argv)
@@ -144,13 +150,37 @@ def main(argv=None) -> dict:
     result: dict = {"corpus": corpus, "model": k4.model.name_or_path, "passes": []}
     ensure_ray(DEMO_RAY_CPUS)
     t = time.perf_counter()
-    run_localize(k4)  # one model load, four targets
-    result["localize_k4_s"] = time.perf_counter() - t
+    if not (args.order and Path(k4.run_dir, "heads.json").is_file()):
+        run_localize(k4)  # one model load, four targets
+        result["localize_k4_s"] = time.perf_counter() - t
     _copy_heads(k4.run_dir, k2.run_dir, ["arithmetic", "units"])
     one = target_config(k4, k4.targets[0]).model_copy(update={"run_dir": str(out / "one-arithmetic")})
     HeadSet.load(Path(k4.run_dir, "targets", "arithmetic", "heads.json")).save(
         Path(one.run_dir, "heads.json")
     )
+
+    if args.order:
+        by_name = {"one": one, "k2": k2, "k4": k4}
+        for name in args.order.split(","):
+            cfg = by_name[name]
+            for d in ("scores", "quarantine", "_state"):
+                shutil.rmtree(Path(cfg.run_dir, d), ignore_errors=True)
+            result["passes"].append({"pass": name, **_pass(cfg)})
+            print(json.dumps(result["passes"][-1]), flush=True)
+        for name in ("k2", "k4"):
+            mine = [p["score_pass_s"] for p in result["passes"] if p["pass"] == name]
+            base = [p["score_pass_s"] for p in result["passes"] if p["pass"] == "one"]
+            busy = [p["busy_score_s"] for p in result["passes"] if p["pass"] == name]
+            busy1 = [p["busy_score_s"] for p in result["passes"] if p["pass"] == "one"]
+            if mine and base:
+                result[f"{name}_vs_one"] = {
+                    "score_pass_s_ratio_of_medians": float(np.median(mine) / np.median(base)),
+                    "busy_score_s_ratio_of_medians": float(np.median(busy) / np.median(busy1)),
+                }
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1, default=str))
+        print(json.dumps({k: v for k, v in result.items() if k != "passes"}, indent=1, default=str))
+        return result
 
     order = [one, k2, k4] + (
         [one.model_copy(update={"run_dir": str(out / "one-arithmetic-again")})] if args.repeat else []
