@@ -26,6 +26,7 @@ directory, so ``select`` / ``train`` / ``evaluate`` / ``compare`` run on it unch
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from dataclasses import replace
@@ -41,6 +42,7 @@ from p2d_ray.models.loss import hidden_states, loss_from_hidden
 from p2d_ray.scoring.gradient import DERIVATIVE_COL, GRAD_NORM_COL, ProbeGradient
 from p2d_ray.scoring.scorers import EPS, ScoreOutput
 
+log = logging.getLogger("p2d_ray.score")
 SCORE_PREFIX = "score__"
 
 
@@ -344,5 +346,5 @@ def write_target_views(cfg, plan, store) -> dict[str, str]:
             ),
         )
         out[name] = str(view.scores)
-    plan.manifest.setdefault("views_seconds", time.perf_counter() - t0)
+    log.info("target views written in %.2f s", time.perf_counter() - t0)
     return out
