@@ -375,6 +375,9 @@ class TargetConfig(_Section):
     probe_column_map: dict[Literal[COLUMN_ROLES], str] = Field(default_factory=dict)  # type: ignore[valid-type]
     fraction: float | None = Field(None, gt=0, le=1)  # None: select.fraction / top_k
     top_k: int | None = Field(None, ge=1)
+    # A target added after the shared pass: no model pass over the corpus; its exact scores on a seeded sample
+    # (score.distill_sample_*) and a ridge regressor on the features that pass stored predict the rest.
+    later: bool = False
 
     @model_validator(mode="after")
     def _name(self) -> TargetConfig:
@@ -453,6 +456,8 @@ def _target_problems(cfg: P2DConfig) -> list[str]:
     lower = [n.lower() for n in names]
     if len(set(lower)) != len(lower) and not seen:
         problems.append(f"targets: names must differ in more than case (directories): {names}")
+    if all(t.later for t in cfg.targets):
+        problems.append("targets: at least one target must be scored in the shared pass (later: false)")
     for i, t in enumerate(cfg.targets):
         if t.probe_path is None and t.demo_task() is None:
             problems.append(

@@ -98,11 +98,24 @@ def run_localize_targets(cfg: P2DConfig) -> dict:
             reference = None
             if cfg.localize.contrast == "corpus":
                 reference = read_rows(corpus_parquet(cfg), limit=cfg.localize.contrast_samples)
-            tokenizer = load_tokenizer(cfg.model)
-            model = load_model(cfg.model)  # once for every target
+            tokenizer = model = None
             found = {}
             for name, tcfg in tcfgs.items():
                 trun = RunDir(tcfg.run_dir)
+                if trun.is_done("localize", stage_fingerprint(tcfg, "localize")):  # e.g. a target added later
+                    found[name] = HeadSet.load(trun.heads_json)
+                    out[name] = {
+                        "heads": [list(h) for h in found[name].heads],
+                        "heads_json": str(trun.heads_json),
+                        "heatmap": str(trun.path("heads.png")),
+                        "skipped": True,
+                    }
+                    continue
+                if model is None:
+                    tokenizer, model = (
+                        load_tokenizer(cfg.model),
+                        load_model(cfg.model),
+                    )  # once for every target
                 t = time.perf_counter()
                 rows = read_rows(
                     paths[name],
@@ -132,8 +145,9 @@ def run_localize_targets(cfg: P2DConfig) -> dict:
                     "heatmap": str(png),
                 }
             first = next(iter(found.values()))
+            later = {t.name for t in cfg.targets if t.later}  # scored from stored features: not in the pass
             union = HeadSet(
-                tuple(h for hs in found.values() for h in hs.heads),
+                tuple(h for n, hs in found.items() if n not in later for h in hs.heads),
                 first.geometry,
                 {
                     "method": cfg.localize.method,
@@ -438,7 +452,9 @@ def run_pipeline_targets(cfg: P2DConfig, stages: tuple[str, ...], report: bool =
     from p2d_ray.rundir import stage_fingerprint
 
     pending = [s for s in shared if not run.is_done(s, stage_fingerprint(cfg, s))]
-    for tcfg in target_configs(cfg).values():  # every target's inputs (its probe, held-out set), before any work
+    for tcfg in target_configs(
+        cfg
+    ).values():  # every target's inputs (its probe, held-out set), before any work
         trun = RunDir(tcfg.run_dir)
         mine = pending + [s for s in per if not trun.is_done(s, stage_fingerprint(tcfg, s))]
         preflight(tcfg, mine)

@@ -105,6 +105,7 @@ def test_targets_one_pass_equals_single_target_passes(ray_local, tiny_llama, dat
     for name, heads in HEADS.items():
         HeadSet(heads, geo).save(tmp_path / "multi" / "targets" / name / "heads.json")
     HeadSet(tuple(h for hs in HEADS.values() for h in hs), geo).save(tmp_path / "multi" / "heads.json")
+    union_heads = HeadSet.load(tmp_path / "multi" / "heads.json").heads
 
     # validate / the pre-flight check every target's own inputs, naming the target
     from p2d_ray.validate import run_validate
@@ -169,6 +170,37 @@ def test_targets_one_pass_equals_single_target_passes(ray_local, tiny_llama, dat
         )
         view_top = top.column("id").to_pylist()[: sub.num_rows]
         assert sorted(sub.column("id").to_pylist()) == sorted(view_top)
+
+    # A target added later: no pass of the model over the corpus, only its exact sample (half the rows here)
+    # through the engine, a regressor on the features the shared pass stored, predictions for the rest.
+    later = {
+        "name": "plus2",
+        "probe_path": str(data / "plus.jsonl"),
+        "heldout_path": str(data / "plus.jsonl"),
+    }
+    cfg2 = cfg.model_copy(
+        update={
+            "targets": [*cfg.targets, type(cfg.targets[0])(**later, later=True)],
+            "score": cfg.score.model_copy(update={"distill_sample_fraction": 0.5, "distill_sample_min": 2}),
+        }
+    )
+    run_localize(cfg2)  # only the new target's heads are found (the others' are done)
+    assert HeadSet.load(tmp_path / "multi" / "heads.json").heads == union_heads, (
+        "the pass's union is unchanged"
+    )
+    run_score(cfg2)
+    late = json.loads((tmp_path / "multi" / "late_targets.json").read_text())
+    assert late["sample_rows"] == 20 and late["corpus_rows"] == 40
+    view = pq.read_table(tmp_path / "multi" / "targets" / "plus2" / "scores").sort_by("id")
+    assert view.column("id").to_pylist() == list(range(40))
+    assert sorted(view.column("score_source").to_pylist()) == ["distilled"] * 20 + ["exact"] * 20
+    assert shared.column("features").type.list_size > 0  # the stored features (fp16)
+    # A feature store made by another model / layer / tokenisation is refused with a clear error.
+    manifest_path = tmp_path / "multi" / "_state" / "scores" / "manifest.json"
+    m = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**m, "feature_fingerprint": "0000", "feature_layer": 7}))
+    with pytest.raises(ValueError, match="another model, layer or tokenisation"):
+        run_score(cfg2)
 
 
 def test_demo_targets_flag_sets_the_targets(capsys):

@@ -25,6 +25,7 @@ SCORE_TIME_COL = "_t_score"  # per-row share of its micro-batch's model seconds 
 ACTOR_COL = "_actor"  # Ray actor id of the actor that scored the row (actor count in stats)
 PID_COL = "_pid"  # pid of its process (a restarted actor: a new pid under the same actor id)
 PAD_COL = "_padded"  # padded length of the row's micro-batch (padding overhead in stats)
+FEATURES_COL = "features"  # several targets: per-row pooled layer-l_f features (fp16) for targets added later
 RSS_COL = "_peak_rss"  # the actor's peak resident set (bytes, VmHWM) when it returned the row
 
 
@@ -172,6 +173,7 @@ class ScorerActor:
         probe_gradient: list | None = None,
         window_rows: int | None = None,
         targets: dict | None = None,
+        feature_layer: int | None = None,
     ):
         """``probe_gradient``: ``[bytes or ObjectRef of ProbeGradient.to_bytes()]`` (gradient_alignment); a
         list so that Ray hands the actor the reference and the actor fetches it once, here.
@@ -216,7 +218,9 @@ class ScorerActor:
                 for n, r in targets.items()
             }
             self.target_columns = target_columns(grads)
-            multi = build_multi_scorer(self.model, grads, self.cfg.alignment_normalize, self.cfg.loss_chunk_tokens)
+            multi = build_multi_scorer(
+                self.model, grads, self.cfg.alignment_normalize, self.cfg.loss_chunk_tokens, feature_layer
+            )
         self.score = (
             multi
             if targets
@@ -263,6 +267,7 @@ class ScorerActor:
             micro_batches = []
             components.update(self._score_icl(batch, ok, score, n_tokens, seconds, padded))
         lengths = batch.column("length").to_numpy()
+        features = None
         for idx in token_capped(micro_batches, lengths, self.cfg.max_batch_tokens):
             t0 = time.perf_counter()
             tensors = {
@@ -278,6 +283,11 @@ class ScorerActor:
             for c, values in components.items():
                 if c in out.extra:  # e.g. loss_minus only for a central difference: NaN otherwise
                     values[idx] = out.extra[c].float().cpu().numpy()
+            if FEATURES_COL in out.extra:  # [B, D] pooled features kept for later targets (scoring/targets.py)
+                f = out.extra[FEATURES_COL].cpu().numpy().astype(np.float16)
+                if features is None:
+                    features = np.zeros((n, f.shape[1]), dtype=np.float16)
+                features[idx] = f
             seconds[idx] = (time.perf_counter() - t0) / len(idx)
             padded[idx] = tensors["input_ids"].shape[1]
         valid = np.zeros(n, dtype=bool)
@@ -294,6 +304,9 @@ class ScorerActor:
             PAD_COL: pa.array(padded),
             RSS_COL: pa.array(np.full(n, peak_rss_bytes(), dtype=np.int64)),
         }
+        if features is not None:
+            flat = pa.array(features.reshape(-1), pa.float16())
+            cols[FEATURES_COL] = pa.FixedSizeListArray.from_arrays(flat, features.shape[1])
         if self.cfg.release_memory:
             release_free_memory()
         keep = [c for c in batch.column_names if c not in ("input_ids", "loss_mask")]

@@ -110,9 +110,11 @@ def score_corpus(cfg: P2DConfig, on_shard_done: Callable[[Shard], None] | None =
     wall["plan"] = time.perf_counter() - t_start
     collector = ShardCollector(store, plan, todo, cfg.data.id_column, on_shard_done)
     if plan.targets:  # several targets (scoring/targets.py): their columns beside the shared ones
-        from p2d_ray.scoring.targets import target_columns
+        from p2d_ray.scoring.targets import FEATURES_COL, check_feature_store, target_columns
 
-        collector.extra_columns = target_columns(plan.targets)
+        collector.extra_columns = (*target_columns(plan.targets), FEATURES_COL)  # features: for later targets
+        if todo:
+            check_feature_store(store, plan, todo)
     ray_stats = distill_stats = None
     if todo and plan.strategy == "distilled":  # sample, fit, gate, bulk, refine, assemble (distill.py)
         from p2d_ray.scoring.distill import run_distilled
@@ -137,6 +139,10 @@ def score_corpus(cfg: P2DConfig, on_shard_done: Callable[[Shard], None] | None =
         from p2d_ray.scoring.targets import write_target_views
 
         summary["target_scores"] = write_target_views(cfg, plan, store)
+        if getattr(plan, "late", None):  # targets added later: an exact sample + the stored features
+            from p2d_ray.scoring.targets import score_late_targets
+
+            summary["late_targets"] = score_late_targets(cfg, plan, store)
     if plan.strategy == "distilled":
         from p2d_ray.scoring.distill import summary_block
 
@@ -296,6 +302,7 @@ def _score_dataset(cfg: P2DConfig, plan: ScorePlan, todo: dict[int, Shard], dups
             "probe_gradient": None if plan.targets else probe_gradient,
             "window_rows": window,
             "targets": probe_gradient if plan.targets else None,
+            "feature_layer": plan.manifest.get("feature_layer") if plan.targets else None,
         },
     )
 

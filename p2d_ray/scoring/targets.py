@@ -30,8 +30,11 @@ import logging
 import shutil
 import time
 from dataclasses import replace
+from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torch import nn
@@ -39,6 +42,7 @@ from torch import nn
 from p2d_ray.heads.headset import HeadSet
 from p2d_ray.models.geometry import decoder_layers
 from p2d_ray.models.loss import hidden_states, loss_from_hidden
+from p2d_ray.scoring.actor import FEATURES_COL
 from p2d_ray.scoring.gradient import DERIVATIVE_COL, GRAD_NORM_COL, ProbeGradient
 from p2d_ray.scoring.scorers import EPS, ScoreOutput
 
@@ -59,9 +63,15 @@ class MultiRowGradients:
     """Per target ``(<P_i[H_t], G_t>, |P_i[H_t]|^2)`` for every row of a batch from one forward + backward
     over the union of the targets' head subspaces (see the module docstring; one target = ``RowGradients``)."""
 
-    def __init__(self, model: nn.Module, gradients: dict[str, ProbeGradient]):
+    def __init__(
+        self, model: nn.Module, gradients: dict[str, ProbeGradient], feature_layer: int | None = None
+    ):
         modules = dict(model.named_modules())
         self.model = model
+        # the residual stream after decoder layer feature_layer - 1, pooled (distill.pool_features): the
+        # distilled strategy's features, taken from this very forward for targets added later
+        self.feature_at = decoder_layers(model)[feature_layer - 1] if feature_layer else None
+        self.features = None
         self.names = list(gradients)
         self.first = decoder_layers(model)[min(pg.first_layer for pg in gradients.values())]
         union: dict[str, tuple[str, set[int]]] = {}
@@ -125,6 +135,15 @@ class MultiRowGradients:
         params = [(p, p.requires_grad) for p in self.model.parameters()]
         handles = [self.first.register_forward_pre_hook(start_graph, with_kwargs=True)]
         handles += [m.register_forward_hook(capture(axis, idx, pt)) for m, axis, idx, pt in self._parts]
+        self.features = None
+        if self.feature_at is not None:
+            from p2d_ray.scoring.distill import pool_features
+
+            def keep(module, args, output):
+                hidden = output[0] if isinstance(output, tuple) else output
+                self.features = pool_features(hidden.detach(), am)
+
+            handles.append(self.feature_at.register_forward_hook(keep))
         try:
             for p, _ in params:
                 p.requires_grad_(False)
@@ -140,10 +159,15 @@ class MultiRowGradients:
 
 
 def build_multi_scorer(
-    model: nn.Module, gradients: dict[str, ProbeGradient], normalize: str, chunk_tokens: int
+    model: nn.Module,
+    gradients: dict[str, ProbeGradient],
+    normalize: str,
+    chunk_tokens: int,
+    feature_layer: int | None = None,
 ):
-    """``batch -> ScoreOutput``: ``score`` NaN, every target's ``score__<t>`` and components in ``extra``."""
-    compass = MultiRowGradients(model, gradients)
+    """``batch -> ScoreOutput``: ``score`` NaN, every target's ``score__<t>`` and components in ``extra``
+    (and the pooled layer-``feature_layer`` features, ``[B, D]``, as ``extra["features"]``)."""
+    compass = MultiRowGradients(model, gradients, feature_layer)
     names = compass.names
 
     def run(batch):
@@ -160,6 +184,8 @@ def build_multi_scorer(
             extra[score_col(name)] = score
             extra[f"{DERIVATIVE_COL}__{name}"] = dot[k]
             extra[f"{GRAD_NORM_COL}__{name}"] = norm
+        if compass.features is not None:
+            extra[FEATURES_COL] = compass.features
         return ScoreOutput(torch.full_like(loss, float("nan")), n_tokens, loss_full=loss, extra=extra)
 
     return run
@@ -188,12 +214,17 @@ def plan_targets(cfg):
     union = plan.heads
     model_fp = plan.provenance["model_fingerprint"]
     data = plan.manifest["identity"]["data"]
-    targets = {}
+    targets, late = {}, {}
     for t in cfg.targets:
         tcfg = target_config(cfg, t)
         heads = HeadSet.load(RunDir(tcfg.run_dir).heads_json)
         heads.check_fits(union.geometry)
         heads.check_model(model_fp, cfg.model.name_or_path)
+        if t.later:  # scored after the pass, from the stored features (score_late_targets)
+            rows = _read_probe(tcfg, plan.fmt)[: cfg.score.alignment_probe_rows]
+            fp = gradient_fingerprint(model_fp, heads, rows_hash(rows), data)
+            late[t.name] = {"cfg": tcfg, "heads": heads, "probe_rows": rows, "gradient_fingerprint": fp}
+            continue
         if len(heads) == 0 or not set(heads.heads) <= set(union.heads):
             raise ValueError(
                 f"target {t.name}: {RunDir(tcfg.run_dir).heads_json} is empty or not within the union "
@@ -213,14 +244,34 @@ def plan_targets(cfg):
         for n, v in targets.items()
     }
     fingerprint = _hash(identity)
-    manifest = {**plan.manifest, "fingerprint": fingerprint, "identity": identity, "targets": list(targets)}
+    from p2d_ray.models.loading import load_config_checked
+    from p2d_ray.scoring.distill import distill_layer
+
+    layer = distill_layer(cfg.score, load_config_checked(cfg.model))
+    manifest = {
+        **plan.manifest,
+        "fingerprint": fingerprint,
+        "identity": identity,
+        "targets": list(targets),
+        "feature_layer": layer,
+        # what the stored features depend on (model, layer, tokenisation and format, corpus shards)
+        "feature_fingerprint": _hash(
+            {
+                "model": model_fp,
+                "layer": layer,
+                "data": data,
+                "format": plan.fmt,
+                "shards": plan.manifest["shards"],
+            }
+        ),
+    }
     provenance = {
         **plan.provenance,
         "config_fingerprint": fingerprint,
         "probe_gradient_fingerprint": None,
         "targets": identity["targets"],
     }
-    return replace(
+    out = replace(
         plan,
         manifest=manifest,
         fingerprint=fingerprint,
@@ -231,6 +282,8 @@ def plan_targets(cfg):
         strategy_reason=f"{len(targets)} targets in one exact pass (union of their heads, one backward a row)",
         targets=targets,
     )
+    out.late = late  # targets added later: scored from the stored features after the pass
+    return out
 
 
 def _probe_gradients_bytes(items: list, model_fp: str):
@@ -275,15 +328,14 @@ def _probe_gradients_bytes(items: list, model_fp: str):
     return (True, *out)
 
 
-def probe_gradients(cfg, plan) -> dict[str, list]:
+def probe_gradients(cfg, plan, targets: dict | None = None) -> dict[str, list]:
     """Every target's probe gradient (``targets/<t>/probe_gradient.safetensors``) from ONE Ray task sized
     like a scoring actor, one model load: ``{name: [ObjectRef of its bytes]}`` for the actors (never through
     the driver)."""
     from p2d_ray.runtime import on_a_worker, scoring_worker, worker_result
 
-    items = [
-        (v["cfg"], v["heads"], v["gradient_fingerprint"], v["probe_rows"]) for v in plan.targets.values()
-    ]
+    targets = plan.targets if targets is None else targets
+    items = [(v["cfg"], v["heads"], v["gradient_fingerprint"], v["probe_rows"]) for v in targets.values()]
     refs = on_a_worker(
         scoring_worker(cfg),
         _probe_gradients_bytes,
@@ -292,7 +344,7 @@ def probe_gradients(cfg, plan) -> dict[str, list]:
         num_returns=len(items) + 1,
     )
     worker_result(refs[0])
-    return {n: [ref] for n, ref in zip(plan.targets, refs[1:], strict=True)}
+    return {n: [ref] for n, ref in zip(targets, refs[1:], strict=True)}
 
 
 # -- per-target views --------------------------------------------------------------------------------
@@ -348,3 +400,160 @@ def write_target_views(cfg, plan, store) -> dict[str, str]:
         out[name] = str(view.scores)
     log.info("target views written in %.2f s", time.perf_counter() - t0)
     return out
+
+
+# -- targets added later: the stored features, an exact sample and a regressor ---------------------------
+def check_feature_store(store, plan, todo: dict) -> None:
+    """The features in the scores files were made by this model, layer, tokenisation and corpus: else a clear
+    error, never a regressor fitted on another model's features (or a pass that mixes two layers)."""
+    old = store.read_manifest() or {}
+    stored, now = old.get("feature_fingerprint"), plan.manifest["feature_fingerprint"]
+    if stored is not None and stored != now:
+        raise ValueError(
+            f"the features stored with {store.scores} were made with another model, layer or tokenisation "
+            f"(stored: layer {old.get('feature_layer')}, fingerprint {stored}; this config: layer "
+            f"{plan.manifest['feature_layer']}, fingerprint {now}): "
+            + (
+                "refusing to add to them"
+                if todo
+                else "a target added later cannot be predicted from them; rescore the corpus (delete scores/) "
+                "or set score.distill_layer back"
+            )
+        )
+
+
+def score_late_targets(cfg, plan, store, dups: dict | None = None) -> dict:
+    """Every target with ``later: true``: its exact scores on a seeded sample of the scored rows (one engine
+    pass over those rows only, all late targets at once), a ridge regressor (distill.fit_regressor) from the
+    stored per-row features to them, its predictions for every other row; written as ``targets/<t>/scores/``
+    with ``score_source`` exact | distilled. No model pass over the rest of the corpus."""
+    from p2d_ray.runtime import ensure_ray
+    from p2d_ray.scoring.actor import ScorerActor
+    from p2d_ray.scoring.distill import fit_regressor, sample_size
+    from p2d_ray.scoring.pipeline import actor_pool, corpus_blocks
+    from p2d_ray.scoring.quarantine import duplicate_positions_local
+    from p2d_ray.scoring.tokenize import DUP_COL
+
+    late = getattr(plan, "late", {})
+    if not late:
+        return {}
+    check_feature_store(store, plan, {})
+    s, idc = cfg.score, cfg.data.id_column
+    wall: dict = {}
+    t = time.perf_counter()
+    ids = (
+        pa.concat_tables([pq.read_table(store.score_path(sh), columns=[idc]) for sh in plan.shards])
+        .column(0)
+        .combine_chunks()
+    )
+    n = len(ids)
+    k = min(sample_size(n, s), n)
+    pick = ids.take(pa.array(np.sort(np.random.default_rng(s.distill_seed).choice(n, size=k, replace=False))))
+    wall["sample_plan"] = time.perf_counter() - t
+
+    ensure_ray()
+    t = time.perf_counter()
+    grads = probe_gradients(cfg, plan, late)
+    wall["probe_gradient"] = time.perf_counter() - t
+    if dups is None:
+        dups = duplicate_positions_local(plan.shards, idc, plan.id_type)
+    wanted = pick
+
+    def keep(block: pa.Table) -> pa.Table:
+        return block.filter(pc.is_in(block.column(idc), value_set=wanted))
+
+    t = time.perf_counter()
+    todo = dict(enumerate(plan.shards))
+    ds, window = corpus_blocks(cfg, plan, todo, {DUP_COL: dups}, keep=keep)
+    ds = actor_pool(
+        ds,
+        ScorerActor,
+        cfg,
+        {
+            "model_json": plan.model_json,
+            "score_json": s.model_dump_json(),
+            "heads_json": plan.heads.to_json(),
+            "id_column": idc,
+            "window_rows": window,
+            "targets": grads,
+        },
+    )
+    parts = [
+        b.filter(b.column("reason").is_null()).select([idc, *(score_col(nm) for nm in late)])
+        for b in ds.iter_batches(batch_format="pyarrow", batch_size=None)
+    ]
+    exact = pa.concat_tables(parts)
+    wall["exact_sample_pass"] = time.perf_counter() - t
+    if exact.num_rows != k:
+        raise RuntimeError(f"the late targets' exact sample returned {exact.num_rows} of {k} rows")
+
+    t = time.perf_counter()
+    stored = pa.concat_tables(
+        [pq.read_table(store.score_path(sh), columns=[idc, FEATURES_COL]) for sh in plan.shards]
+    )
+    wall["read_features"] = time.perf_counter() - t
+    X_all = np.asarray(stored.column(FEATURES_COL).combine_chunks().flatten().to_numpy(zero_copy_only=False))
+    X_all = X_all.reshape(stored.num_rows, -1).astype(np.float32)
+    at = pc.index_in(exact.column(idc), value_set=stored.column(idc).combine_chunks()).to_numpy()
+    out = {"sample_rows": k, "corpus_rows": n, "wall_s": wall, "targets": {}}
+    for name, entry in late.items():
+        t = time.perf_counter()
+        y = exact.column(score_col(name)).to_numpy(zero_copy_only=False).astype(np.float64)
+        reg, cv = fit_regressor(
+            X_all[at], y, s.distill_folds, s.distill_seed, s.gate_top_fraction, s.distill_ood_factor
+        )
+        pred = reg.predict(X_all)[0]
+        pred[at] = y  # the sample keeps its exact scores
+        source = np.full(stored.num_rows, "distilled", dtype=object)
+        source[at] = "exact"
+        fit_s = time.perf_counter() - t
+        by_id = pa.table(
+            {idc: stored.column(idc), "score": pa.array(pred), "score_source": pa.array(source, pa.string())}
+        )
+        _write_late_view(cfg, plan, store, name, entry, by_id)
+        out["targets"][name] = {
+            "fit_s": fit_s,
+            "kfold_spearman": cv["spearman"],
+            "kfold_top_recall": cv["top_recall"],
+        }
+    stats_path = Path(cfg.run_dir, "late_targets.json")
+    stats_path.write_text(json.dumps(out, indent=1, default=str))
+    return out
+
+
+def _write_late_view(cfg, plan, store, name: str, entry: dict, by_id: pa.Table) -> None:
+    """``targets/<name>/scores/`` of a late target: id, score (exact on the sample, predicted elsewhere),
+    score_source, and the shared loss_full / loss_gated / n_tokens; its own manifest and markers."""
+    from p2d_ray.scoring.outputs import ScoreStore
+
+    idc = cfg.data.id_column
+    view = ScoreStore(entry["cfg"].run_dir)
+    fp = _view_fingerprint(plan.fingerprint, f"{name}:later:{entry['gradient_fingerprint']}")
+    old = view.read_manifest()
+    if old is not None and old["fingerprint"] != fp:
+        shutil.rmtree(view.scores, ignore_errors=True)
+        shutil.rmtree(view.state, ignore_errors=True)
+    identity = {
+        "shared_pass": plan.fingerprint,
+        "target": name,
+        "later": True,
+        "probe_gradient": entry["gradient_fingerprint"],
+        "heads": entry["heads"].fingerprint(),
+    }
+    view.open({**plan.manifest, "fingerprint": fp, "identity": identity, "target": name})
+    for shard in plan.shards:
+        table = pq.read_table(store.score_path(shard), columns=[idc, "loss_full", "loss_gated", "n_tokens"])
+        at = pc.index_in(table.column(idc), value_set=by_id.column(idc).combine_chunks())
+        part = pa.table(
+            {
+                idc: table.column(idc),
+                "score": by_id.column("score").take(at),
+                "score_source": by_id.column("score_source").take(at),
+                "loss_full": table.column("loss_full"),
+                "loss_gated": table.column("loss_gated"),
+                "n_tokens": table.column("n_tokens"),
+            }
+        )
+        record = {**store.marker(shard, plan.fingerprint), "fingerprint": fp, "target": name, "later": True}
+        empty = pa.table({idc: pa.array([], table.schema.field(idc).type)})
+        view.write_shard(shard, part, empty, record, {**plan.provenance, "target": name, "later": True})
