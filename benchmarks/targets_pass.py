@@ -109,6 +109,46 @@ def _reference(cfg, name: str) -> dict:
     }
 
 
+def _late(out: Path, k4, corpus: str, args) -> dict:
+    """arithmetic scored in a shared pass (which stores the features), then units added later: the late
+    target's seconds (its exact sample pass, reading the features, the fit) and its top-10 % precision."""
+    from p2d_ray.heads.localize import run_localize
+    from p2d_ray.scoring.select import run_select
+    from p2d_ray.targets import target_precision
+
+    run_dir = out / "late"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    first = _base(str(run_dir), [{"name": "arithmetic"}], corpus, args.model)
+    _copy_heads(k4.run_dir, run_dir, ["arithmetic", "units"])
+    run_localize(first)  # records the targets' localize (heads already there are rewritten identically)
+    _copy_heads(k4.run_dir, run_dir, ["arithmetic", "units"])
+    shared = _pass(first)
+    cfg = _base(str(run_dir), [{"name": "arithmetic"}, {"name": "units", "later": True}], corpus, args.model)
+    cfg = cfg.model_copy(
+        update={
+            "score": cfg.score.model_copy(
+                update={"distill_sample_fraction": args.late, "distill_sample_min": 2}
+            )
+        }
+    )
+    run_localize(cfg)
+    from p2d_ray.scoring.pipeline import run_score
+
+    t = time.perf_counter()
+    run_score(cfg)
+    late_s = time.perf_counter() - t
+    late = json.loads(Path(cfg.run_dir, "late_targets.json").read_text())
+    run_select(cfg)
+    prec = target_precision(cfg)
+    return {
+        "shared_pass_one_target": shared,
+        "late_target_stage_s": late_s,
+        "late": late,
+        "units_precision_top10": (prec["units"] or {}).get("selected"),
+        "arithmetic_precision_top10": (prec["arithmetic"] or {}).get("selected"),
+    }
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/s11/targets")
@@ -122,6 +162,13 @@ def main(argv=None) -> dict:
         "every pass rescored from scratch; heads and probe gradients of an earlier run in --out are reused",
     )
     p.add_argument("--model", default="smollm2-135m", help="p2d-demo: a fast smoke run of this script")
+    p.add_argument(
+        "--late",
+        type=float,
+        default=None,
+        help="also: arithmetic in the shared pass, units added later (later: true) with this sample fraction: "
+        "its cost (exact sample pass + fit + reading the features) and precision vs its exact run",
+    )
     p.add_argument("--fresh", action="store_true", help="delete --out first")
     args = p.parse_args(argv)
 
@@ -159,6 +206,8 @@ def main(argv=None) -> dict:
         Path(one.run_dir, "heads.json")
     )
 
+    if args.late:
+        result["late"] = _late(out, k4, corpus, args)
     if args.order:
         by_name = {"one": one, "k2": k2, "k4": k4}
         for name in args.order.split(","):

@@ -187,9 +187,14 @@ def _rankings(cfg: P2DConfig, per: dict[str, dict]) -> tuple[pa.Table, dict[str,
     store = ScoreStore(cfg.run_dir)
     manifest = store.read_manifest()
     shards = [Shard(**d) for d in manifest["shards"]]
-    cols = [cfg.data.id_column, *(score_col(t.name) for t in cfg.targets)]
-    table = pa.concat_tables([pq.read_table(f, columns=cols) for f in store.score_files(shards)])
-    ids = table.column(cfg.data.id_column)
+    idc = cfg.data.id_column
+    ids = pa.concat_tables([pq.read_table(f, columns=[idc]) for f in store.score_files(shards)]).column(0)
+    table = pa.table({idc: ids.combine_chunks()})
+    for t in cfg.targets:  # each target's view (a target added later has no column in the shared files)
+        view = pq.read_table(target_dir(cfg.run_dir, t.name) / "scores", columns=[idc, "score"])
+        at = pc.index_in(table.column(idc), value_set=view.column(idc).combine_chunks())
+        table = table.append_column(score_col(t.name), view.column("score").take(at))
+    ids = table.column(idc)
     order = {}
     for t in cfg.targets:
         picked = pq.read_table(per[t.name]["subset_dir"], columns=[cfg.data.id_column]).column(0)

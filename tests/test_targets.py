@@ -194,6 +194,8 @@ def test_targets_one_pass_equals_single_target_passes(ray_local, tiny_llama, dat
     view = pq.read_table(tmp_path / "multi" / "targets" / "plus2" / "scores").sort_by("id")
     assert view.column("id").to_pylist() == list(range(40))
     assert sorted(view.column("score_source").to_pylist()) == ["distilled"] * 20 + ["exact"] * 20
+    sel = run_select(cfg2)  # the late target selects from its view like the others
+    assert sel["targets"]["plus2"]["n_selected"] == 10 and sel["combined"]["n_selected"] == 10
     assert shared.column("features").type.list_size > 0  # the stored features (fp16)
     # A feature store made by another model / layer / tokenisation is refused with a clear error.
     manifest_path = tmp_path / "multi" / "_state" / "scores" / "manifest.json"
