@@ -427,10 +427,11 @@ def score_late_targets(cfg, plan, store, dups: dict | None = None) -> dict:
     pass over those rows only, all late targets at once), a ridge regressor (distill.fit_regressor) from the
     stored per-row features to them, its predictions for every other row; written as ``targets/<t>/scores/``
     with ``score_source`` exact | distilled. No model pass over the rest of the corpus."""
+    from p2d_ray.progress import ray_data_output
     from p2d_ray.runtime import ensure_ray
     from p2d_ray.scoring.actor import ScorerActor
     from p2d_ray.scoring.distill import fit_regressor, sample_size
-    from p2d_ray.scoring.pipeline import actor_pool, corpus_blocks
+    from p2d_ray.scoring.pipeline import _wait_for_actors, actor_pool, check_pool_fits, corpus_blocks
     from p2d_ray.scoring.quarantine import duplicate_positions_local
     from p2d_ray.scoring.tokenize import DUP_COL
 
@@ -464,24 +465,27 @@ def score_late_targets(cfg, plan, store, dups: dict | None = None) -> dict:
 
     t = time.perf_counter()
     todo = dict(enumerate(plan.shards))
-    ds, window = corpus_blocks(cfg, plan, todo, {DUP_COL: dups}, keep=keep)
-    ds = actor_pool(
-        ds,
-        ScorerActor,
-        cfg,
-        {
-            "model_json": plan.model_json,
-            "score_json": s.model_dump_json(),
-            "heads_json": plan.heads.to_json(),
-            "id_column": idc,
-            "window_rows": window,
-            "targets": grads,
-        },
-    )
-    parts = [
-        b.filter(b.column("reason").is_null()).select([idc, *(score_col(nm) for nm in late)])
-        for b in ds.iter_batches(batch_format="pyarrow", batch_size=None)
-    ]
+    check_pool_fits(s)
+    # as the main pass: Ray Data's output in the run dir, dispatch once min_actors are up (or a timeout)
+    with ray_data_output(cfg.run_dir), _wait_for_actors(s.actor_start_timeout_s):
+        ds, window = corpus_blocks(cfg, plan, todo, {DUP_COL: dups}, keep=keep)
+        ds = actor_pool(
+            ds,
+            ScorerActor,
+            cfg,
+            {
+                "model_json": plan.model_json,
+                "score_json": s.model_dump_json(),
+                "heads_json": plan.heads.to_json(),
+                "id_column": idc,
+                "window_rows": window,
+                "targets": grads,
+            },
+        )
+        parts = [
+            b.filter(b.column("reason").is_null()).select([idc, *(score_col(nm) for nm in late)])
+            for b in ds.iter_batches(batch_format="pyarrow", batch_size=None)
+        ]
     exact = pa.concat_tables(parts)
     wall["exact_sample_pass"] = time.perf_counter() - t
     if exact.num_rows != k:
