@@ -30,6 +30,7 @@ def main(argv=None) -> dict:
     p.add_argument("--targets", default="arithmetic,units,capitals,letters")
     p.add_argument("--rows", type=int, default=16)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--feature_layer", type=int, default=3, help="distill_layer: round(30 / 10) on SmolLM2")
     p.add_argument("--json", default="benchmarks/results/targets/inprocess.json")
     args = p.parse_args(argv)
 
@@ -65,6 +66,8 @@ def main(argv=None) -> dict:
         "one": RowGradients(model, grads[names[0]]),
         "k2": MultiRowGradients(model, {n: grads[n] for n in names[:2]}),
         f"k{len(names)}": MultiRowGradients(model, grads),
+        # + the pooled layer-l_f features stored for targets added later (what the shared pass now runs)
+        f"k{len(names)}+features": MultiRowGradients(model, grads, feature_layer=args.feature_layer),
     }
     seconds: dict[str, list[float]] = {v: [] for v in variants}
     outputs = {}
