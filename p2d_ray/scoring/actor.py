@@ -283,7 +283,7 @@ class ScorerActor:
             for c, values in components.items():
                 if c in out.extra:  # e.g. loss_minus only for a central difference: NaN otherwise
                     values[idx] = out.extra[c].float().cpu().numpy()
-            if FEATURES_COL in out.extra:  # [B, D] pooled features kept for later targets (scoring/targets.py)
+            if FEATURES_COL in out.extra:  # [B, D] pooled features for later targets (scoring/targets.py)
                 f = out.extra[FEATURES_COL].cpu().numpy().astype(np.float16)
                 if features is None:
                     features = np.zeros((n, f.shape[1]), dtype=np.float16)
