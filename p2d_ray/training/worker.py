@@ -24,6 +24,7 @@ optimizer state and weights are.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -222,16 +223,36 @@ def restore(s: Session) -> None:
 
 
 # -- 3. step ----------------------------------------------------------------------------------------------
+# Rows each rank shuffles at a time (``train.seed`` and the pass number seed it). Without it the order is
+# whatever Ray Data streams, the seed changes nothing, and "5 seeds" of compare can be bitwise one run (two of
+# five were, Session 11). A training row is text, a few KB at most: this bounds the buffer to tens of MB.
+SHUFFLE_BUFFER_ROWS = 4096
+
+
+def _shuffle_seed(seed: int, n_pass: int, rank: int) -> int:
+    """One 32-bit seed per (train.seed, pass, rank), without collisions between neighbouring values."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, n_pass, rank]).generate_state(1)[0])
+
+
 def micro_batches(s: Session):
-    """Endless stream of row lists over this rank's shard, pass after pass; skips the micro-batches a
-    resumed run has already consumed in its current pass (by count: Ray Data does not replay the order)."""
+    """Endless stream of row lists over this rank's shard, pass after pass, each pass shuffled on this rank
+    (seeded by ``train.seed``, the pass and the rank); skips the micro-batches a resumed run has already
+    consumed (by count, replaying the same seeded passes; which rows reach which rank is Ray Data's split)."""
     import ray.train
 
     shard = ray.train.get_dataset_shard("train")
     consumed = s.state["step"] * s.cfg.train.grad_accum
-    while True:
+    for n_pass in itertools.count():
         n = 0
-        for table in shard.iter_batches(batch_size=s.cfg.train.batch_size, batch_format="pyarrow"):
+        batches = shard.iter_batches(
+            batch_size=s.cfg.train.batch_size,
+            batch_format="pyarrow",
+            local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS,
+            local_shuffle_seed=_shuffle_seed(s.cfg.train.seed, n_pass, s.rank),
+        )
+        for table in batches:
             n += 1
             if consumed > 0:
                 consumed -= 1
