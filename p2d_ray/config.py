@@ -277,7 +277,7 @@ class TrainConfig(_Section):
     storage_path: str | None = None  # local, NFS or s3://; None = <run_dir>/train
     max_failures: int = Field(0, ge=-1)  # worker-group restarts from the latest checkpoint; -1 = forever
     export_merged: bool = False
-    seed: int = 0
+    seed: int = 0  # seeds each rank's shuffle of its rows, pass after pass (training/worker.micro_batches)
     # Tracking (p2d_ray.training.tracking): TensorBoard event files under <run_dir>/tensorboard/train by
     # default; MLflow / W&B through Ray Train's integrations when set (optional packages, not installed).
     tensorboard: bool = True
