@@ -23,6 +23,23 @@ import pyarrow.dataset as pads
 import torch
 
 
+def _load_and_encode(run: Path, rows: list[dict]):
+    """The exact run's config, tokenizer and model (one torch thread, as the sweep's timings assume) and
+    ``rows`` encoded as the engine encodes them: ``(cfg, tok, model, enc, pad_id)``."""
+    import yaml
+
+    from p2d_ray.config import P2DConfig
+    from p2d_ray.data.formatting import encode_row
+    from p2d_ray.models.loading import load_model, load_tokenizer
+
+    cfg = P2DConfig.model_validate(yaml.safe_load((run / "config.yaml").read_text()))
+    torch.set_num_threads(1)
+    tok = load_tokenizer(cfg.model)
+    model = load_model(cfg.model).eval()
+    enc = [encode_row(r, tok, cfg.data, cfg.data.format) for r in rows]
+    return cfg, tok, model, enc, tok.pad_token_id if tok.pad_token_id is not None else 0
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--exact-run", required=True)
@@ -35,28 +52,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
-    import yaml
-
-    from p2d_ray.config import P2DConfig
-    from p2d_ray.data.formatting import collate, encode_row
+    from p2d_ray.data.formatting import collate
     from p2d_ray.heads.headset import HeadSet
-    from p2d_ray.models.loading import load_model, load_tokenizer
     from p2d_ray.report.precision import LABEL
     from p2d_ray.scoring.distill import fit_regressor, pool_features, spearman, top_recall, truncated_hidden
     from p2d_ray.scoring.gradient import FILENAME, ProbeGradient
     from p2d_ray.scoring.scorers import build_scorer
 
     run = Path(args.exact_run)
-    cfg = P2DConfig.model_validate(yaml.safe_load((run / "config.yaml").read_text()))
     scores = pads.dataset(str(run / "scores"), format="parquet", ignore_prefixes=["_", "."]).to_table()
     exact = dict(zip(scores.column("id").to_pylist(), scores.column("score").to_pylist(), strict=True))
     corpus = pads.dataset(args.corpus, format="parquet").to_table().to_pylist()
     rows = [r for r in corpus if r["id"] in exact]
-    torch.set_num_threads(1)
-    tok = load_tokenizer(cfg.model)
-    model = load_model(cfg.model).eval()
-    enc = [encode_row(r, tok, cfg.data, cfg.data.format) for r in rows]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    cfg, tok, model, enc, pad = _load_and_encode(run, rows)
     order = np.argsort([-len(e.input_ids) for e in enc], kind="stable")
     bs = cfg.score.batch_size
     feats = {layer: np.zeros((len(rows), 0)) for layer in args.layers}
@@ -225,9 +233,7 @@ def cached_features(run: Path, layers: list[int], cache: Path, corpus: Path | No
     recomputed. Pools: the engine's mean / position-weighted mean / log length (pool_features), the mean over
     the response tokens (loss mask) and the last real token's state. Returns {layer: {pool: [n, .]}, "ids",
     "y" (exact score), "label"}."""
-    import yaml
 
-    from p2d_ray.config import P2DConfig
     from p2d_ray.report.precision import LABEL
 
     scores = pads.dataset(str(run / "scores"), format="parquet", ignore_prefixes=["_", "."]).to_table()
@@ -258,17 +264,11 @@ def cached_features(run: Path, layers: list[int], cache: Path, corpus: Path | No
     cache.mkdir(parents=True, exist_ok=True)
     todo = [layer for layer in layers if not (cache / f"L{layer}.npz").is_file()]
     if todo:
-        from p2d_ray.data.formatting import collate, encode_row
+        from p2d_ray.data.formatting import collate
         from p2d_ray.models.geometry import decoder_layers
-        from p2d_ray.models.loading import load_model, load_tokenizer
         from p2d_ray.scoring.distill import pool_features, truncated_hidden
 
-        cfg = P2DConfig.model_validate(yaml.safe_load((run / "config.yaml").read_text()))
-        torch.set_num_threads(1)
-        tok = load_tokenizer(cfg.model)
-        model = load_model(cfg.model).eval()
-        enc = [encode_row(r, tok, cfg.data, cfg.data.format) for r in rows]
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        cfg, tok, model, enc, pad = _load_and_encode(run, rows)
         order = np.argsort([-len(e.input_ids) for e in enc], kind="stable")
         got: dict = {layer: {p: [None] * len(rows) for p in POOLS} for layer in todo}
         seen: dict = {}
@@ -354,20 +354,12 @@ def features_main(argv=None) -> None:
 def time_truncated(run: Path, layers: list[int], batches: int) -> dict:
     """Seconds per row of the truncated forward to each layer and of the plain forward, on the same seeded
     micro-batches of the run's corpus, alternating (same load), one torch thread: forwards per row."""
-    import yaml
 
-    from p2d_ray.config import P2DConfig
-    from p2d_ray.data.formatting import collate, encode_row
-    from p2d_ray.models.loading import load_model, load_tokenizer
+    from p2d_ray.data.formatting import collate
     from p2d_ray.scoring.distill import truncated_hidden
 
-    cfg = P2DConfig.model_validate(yaml.safe_load((run / "config.yaml").read_text()))
-    torch.set_num_threads(1)
-    tok = load_tokenizer(cfg.model)
-    model = load_model(cfg.model).eval()
     rows = pads.dataset(str(run_corpus(run)), format="parquet").to_table().to_pylist()
-    enc = [encode_row(r, tok, cfg.data, cfg.data.format) for r in rows]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    cfg, tok, model, enc, pad = _load_and_encode(run, rows)
     rng = np.random.default_rng(0)
     full, trunc, n = 0.0, {layer: 0.0 for layer in layers}, 0
     with torch.no_grad():

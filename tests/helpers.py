@@ -93,3 +93,24 @@ def assert_only_heads_moved(model, base, heads) -> None:
         assert torch.equal(p[~m], b[~m]), f"{name}: entries outside the selected heads changed"
         if m.any():
             assert not torch.equal(p[m], b[m]), f"{name}: selected entries did not move"
+
+
+def task_or_item_rows(start: int, n: int, task: bool) -> list[dict]:
+    """Ids ``start..start+n``: an addition task ("What is i plus j?") or off-task item descriptions."""
+    if task:
+        return [
+            {
+                "id": i,
+                "prompt": f"What is {i} plus {i % 7}? ",
+                "response": f"It is {i + i % 7}. #### {i + i % 7}",
+            }
+            for i in range(start, start + n)
+        ]
+    return [
+        {
+            "id": i,
+            "prompt": f"Tell me about item {i}{' please' * (i % 4)}. ",
+            "response": f"Item {i} is blue.",
+        }
+        for i in range(start, start + n)
+    ]

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import task_or_item_rows
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from p2d_ray.config import DataConfig, ModelConfig, build_config
@@ -27,38 +28,18 @@ pytestmark = pytest.mark.ray
 HEADS = ((1, 0), (1, 3))  # layer 1 of 2: the scorer re-runs one layer per shifted pass
 
 
-def _rows(start: int, n: int, task: bool) -> list[dict]:
-    if task:
-        return [
-            {
-                "id": i,
-                "prompt": f"What is {i} plus {i % 7}? ",
-                "response": f"It is {i + i % 7}. #### {i + i % 7}",
-            }
-            for i in range(start, start + n)
-        ]
-    return [
-        {
-            "id": i,
-            "prompt": f"Tell me about item {i}{' please' * (i % 4)}. ",
-            "response": f"Item {i} is blue.",
-        }
-        for i in range(start, start + n)
-    ]
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("galign")
     corpus = d / "corpus"
     corpus.mkdir()
     pq.write_table(
-        pa.Table.from_pylist(_rows(0, 30, True) + _rows(30, 20, False)),
+        pa.Table.from_pylist(task_or_item_rows(0, 30, True) + task_or_item_rows(30, 20, False)),
         corpus / "a.parquet",
         row_group_size=25,
     )
     probe = d / "probe.jsonl"
-    probe.write_text("\n".join(json.dumps(r) for r in _rows(1000, 12, True)))
+    probe.write_text("\n".join(json.dumps(r) for r in task_or_item_rows(1000, 12, True)))
     return corpus, probe
 
 

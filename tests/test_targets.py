@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import task_or_item_rows
 from transformers import AutoConfig
 
 from p2d_ray.config import ConfigError, build_config
@@ -26,23 +27,7 @@ HEADS = {"plus": ((1, 0), (1, 3)), "items": ((0, 1), (1, 3))}  # overlapping, ov
 
 
 def _rows(start: int, n: int, kind: str) -> list[dict]:
-    if kind == "plus":
-        return [
-            {
-                "id": i,
-                "prompt": f"What is {i} plus {i % 7}? ",
-                "response": f"It is {i + i % 7}. #### {i + i % 7}",
-            }
-            for i in range(start, start + n)
-        ]
-    return [
-        {
-            "id": i,
-            "prompt": f"Tell me about item {i}{' please' * (i % 4)}. ",
-            "response": f"Item {i} is blue.",
-        }
-        for i in range(start, start + n)
-    ]
+    return task_or_item_rows(start, n, kind == "plus")
 
 
 @pytest.fixture(scope="module")
