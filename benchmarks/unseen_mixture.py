@@ -308,35 +308,11 @@ def _row(rng: random.Random, task: str, quality: str) -> tuple[str, str]:
     return prompt, response
 
 
-def write_mixture(out: Path, target: str, n_rows: int = 300, n_probe: int = 64, seed: int = 0) -> dict:
-    """Corpus (4 Parquet shards), probe and held-out sets under ``out``; returns the counts."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    if target not in TARGETS:
-        raise ValueError(f"--target {target!r} is not one of {TARGETS}")
+def _draw(target: str, n_rows: int, n_probe: int, seed: int, reserve: bool):
+    """(corpus rows, probe rows, held-out rows); ``reserve``: probe and held-out drawn first (own stream)."""
     rng = random.Random(seed)
-    cells = []
-    for (task, quality), share in _mixture(target).items():
-        cells += [(task, quality)] * round(share * n_rows)
-    cells = (cells + [(target, "clean")] * n_rows)[:n_rows]
-    rng.shuffle(cells)
-    rows = []
-    for i, (task, quality) in enumerate(cells):
-        prompt, response = _row(rng, task, quality)
-        rows.append(
-            {
-                "id": i,
-                "task": task,
-                "quality": quality,
-                "prompt": prompt,
-                "response": response,
-                LABEL: task == target and quality == "clean",
-            }
-        )
-    used = {r["prompt"] for r in rows}
 
-    def clean_set(n: int, id_start: int, exclude: set[str]) -> list[dict]:
+    def clean_set(rng: random.Random, n: int, id_start: int, exclude: set[str]) -> list[dict]:
         out_rows, tries = [], 0
         while len(out_rows) < n and tries < 100 * n:
             tries += 1
@@ -356,8 +332,53 @@ def write_mixture(out: Path, target: str, n_rows: int = 300, n_probe: int = 64, 
             )
         return out_rows
 
-    probe = clean_set(n_probe, 10_000_000, set(used))
-    heldout = clean_set(n_probe, 20_000_000, set(used) | {r["prompt"] for r in probe})
+    reserved: set[str] = set()
+    if reserve:
+        prng = random.Random(f"{seed}-probe")
+        probe = clean_set(prng, n_probe, 10_000_000, set())
+        heldout = clean_set(prng, n_probe, 20_000_000, {r["prompt"] for r in probe})
+        reserved = {r["prompt"] for r in probe + heldout}
+    cells = []
+    for (task, quality), share in _mixture(target).items():
+        cells += [(task, quality)] * round(share * n_rows)
+    cells = (cells + [(target, "clean")] * n_rows)[:n_rows]
+    rng.shuffle(cells)
+    rows = []
+    for i, (task, quality) in enumerate(cells):
+        prompt, response = _row(rng, task, quality)
+        while prompt in reserved:  # a probe / held-out prompt: the corpus never asks it
+            prompt, response = _row(rng, task, quality)
+        rows.append(
+            {
+                "id": i,
+                "task": task,
+                "quality": quality,
+                "prompt": prompt,
+                "response": response,
+                LABEL: task == target and quality == "clean",
+            }
+        )
+    used = {r["prompt"] for r in rows}
+    if not reserve:
+        probe = clean_set(rng, n_probe, 10_000_000, set(used))
+        heldout = clean_set(rng, n_probe, 20_000_000, set(used) | {r["prompt"] for r in probe})
+    return rows, probe, heldout
+
+
+def write_mixture(out: Path, target: str, n_rows: int = 300, n_probe: int = 64, seed: int = 0) -> dict:
+    """Corpus (4 Parquet shards), probe and held-out sets under ``out``; returns the counts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if target not in TARGETS:
+        raise ValueError(f"--target {target!r} is not one of {TARGETS}")
+    rows, probe, heldout = _draw(target, n_rows, n_probe, seed, reserve=False)
+    if len(probe) < n_probe or len(heldout) < n_probe:
+        # A large draw uses up the target's prompts (53 countries, 65 words x a few templates), leaving the
+        # probe a handful of rows (4 of 64 for capitals at 3,000 rows). Then the probe and held-out prompts
+        # are drawn first, from their own stream, and the corpus never asks them; draws small enough for
+        # the old order keep it, so their corpora stay the ones earlier results were measured on.
+        rows, probe, heldout = _draw(target, n_rows, n_probe, seed, reserve=True)
     (out / "corpus").mkdir(parents=True)
     per = -(-n_rows // 4)
     for k in range(4):
