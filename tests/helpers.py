@@ -114,3 +114,24 @@ def task_or_item_rows(start: int, n: int, task: bool) -> list[dict]:
         }
         for i in range(start, start + n)
     ]
+
+
+def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """tag -> [(step, value)] from every TensorBoard event file under ``log_dir`` (TFRecord framing:
+    u64 length, u32 crc, payload, u32 crc; payload = an ``Event`` proto)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    files = sorted(log_dir.rglob("events.out.tfevents.*"))
+    for path in files:
+        data = path.read_bytes()
+        i = 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i : i + 8])
+            event = Event.FromString(data[i + 12 : i + 12 + n])
+            i += 12 + n + 4
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out

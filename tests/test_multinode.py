@@ -1,15 +1,30 @@
-"""A real two-node Ray cluster on this machine, driven only through the ``ray`` CLI, as users drive theirs.
+"""A real two-node Ray cluster on this machine, driven only through the ``ray`` CLI, as users drive theirs,
+and the local submit recipe run on it exactly as written.
 
 ``ray start --head`` on 127.0.0.1 and a second ``ray start --address`` node, each with its own ports
 (all picked free), its own ``--temp-dir`` and 2 logical CPUs; token authentication on with a token of
-our own (``RAY_AUTH_TOKEN_PATH``, so ``~/.ray/auth_token`` and everyone else's Ray are untouched). Then
-``ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- python jobs/run_pipeline.py
---config jobs/configs/local_tiny.yaml ...`` with a tiny random Llama and a few hundred rows, waited for
-with ``ray job logs --follow`` under a deadline, and checked: outputs in the run directory, scoring actors
-placed on both nodes (Ray's state API), ``ray job status`` / ``ray job logs`` readable, the job API
-refusing a wrong token. Teardown stops exactly the processes this module started (never ``ray stop``,
-which would stop every Ray on the machine): SIGTERM to our two ``ray start --block`` processes, then
+our own (``RAY_AUTH_TOKEN_PATH``, so ``~/.ray/auth_token`` and everyone else's Ray are untouched). Then the
+first line of ``jobs/configs/local_tiny.yaml`` (``RAY_AUTH_MODE=token ray job submit --working-dir .
+--runtime-env-json "$(python jobs/runtime_env.py)" -- python jobs/run_pipeline.py --config
+jobs/configs/local_tiny.yaml ...``), run by bash from the repository root, with a tiny random Llama and a few
+hundred rows, waited for under a deadline, and checked: outputs in the run directory, scoring actors placed on
+both nodes (Ray's state API), ``ray job status`` / ``ray job logs`` readable and holding our banners and none
+of the third-party noise, the submitter's caches reaching the job through the runtime_env the line builds,
+the job API refusing a wrong token. Teardown stops exactly the processes this module started (never ``ray
+stop``, which would stop every Ray on the machine): SIGTERM to our two ``ray start --block`` processes, then
 anything left among their descendants or carrying our temp dir.
+
+What the test adds to the recipe's line, and why:
+- ``RAY_API_SERVER_ADDRESS`` points ``ray job submit`` at this module's head instead of the line's
+  ``http://127.0.0.1:8265`` (a shared machine may hold another Ray there); Ray reads it before ``--address``.
+- ``RAY_AUTH_TOKEN_PATH``: the cluster's token file, instead of ``~/.ray/auth_token`` (nobody else's token is
+  touched). ``RAY_AUTH_MODE`` is NOT set for the submit: the line must set it itself.
+- model / data overrides after the line (a tiny random Llama, 400 rows) keep the run within minutes.
+The nodes are started WITHOUT P2D_RAY_CACHE / TORCH_EXTENSIONS_DIR, so the job's workers on both nodes can only
+get them from the runtime_env the line builds.
+
+(One cluster and one job serve both checks: the recipe and the two-node pipeline were separate modules with a
+cluster and a full pipeline job each, ~2 minutes of the suite for the same path.)
 
 The nodes run this repository's virtualenv (``.venv/bin`` first on their PATH), so the job's
 ``python`` is the same interpreter as the tests'.
@@ -41,11 +56,12 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 RAY_BIN = str(VENV_BIN / "ray")
-JOB_ID = "p2d-multinode"
+RECIPE = REPO / "jobs" / "configs" / "local_tiny.yaml"
+GLOG_ERROR = re.compile(r"^\[[^\]]* E \d+ \d+\]|core_worker\.cc.*actor restart", re.M)
 # Deadlines guard against a hang, not a speed target: at load 15-18 on this 2-core box two nodes took over
 # 240 s to come up, so leave room (the CI limit is 90 minutes).
 NODE_START_TIMEOUT_S = 480
-JOB_TIMEOUT_S = 900
+JOB_TIMEOUT_S = 1800
 N_CORPUS = 400
 
 
@@ -268,17 +284,10 @@ class LocalRayCluster:
 
 @pytest.fixture(scope="module")
 def cluster():
-    from p2d_ray.assets.cache import cache_env  # the machine's caches, what every p2d-ray process resolves
-
-    cache, ext = cache_env()["P2D_RAY_CACHE"], cache_env()["TORCH_EXTENSIONS_DIR"]
-    env = {
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "P2D_RAY_CACHE": cache,
-        "TORCH_EXTENSIONS_DIR": ext,
-        "DS_ACCELERATOR": "cpu",
-    }
+    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}
     with LocalRayCluster.in_tempdir("p2dmn-", env) as c:
+        for key in ("P2D_RAY_CACHE", "TORCH_EXTENSIONS_DIR"):  # only the job's runtime_env may bring them
+            c.env.pop(key, None)
         deadline = time.monotonic() + NODE_START_TIMEOUT_S
         c.start_head(num_cpus=2, deadline=deadline)
         c.nodes = c.add_node(num_cpus=2, deadline=deadline)
@@ -287,30 +296,17 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def job(cluster, tmp_path_factory):
-    """The whole pipeline submitted as a Ray job; waits for it under a deadline."""
+    """The recipe's first line, as written, plus overrides; bash waits for the job (the line has no
+    --no-wait). Returns the run dir, the job id, its logs and status, and the submitter's caches."""
     data = tmp_path_factory.mktemp("multinode_data")
     # 2 files x 2 row groups: 4 shards to spread over the actors
     model = write_job_inputs(data, N_CORPUS, n_files=2, n_probe=32, n_heldout=16)
     run_dir = data / "run"
 
-    submit = cluster.ray(
-        "job",
-        "submit",
-        "--address",
-        cluster.address,
-        "--submission-id",
-        JOB_ID,
-        "--working-dir",
-        ".",
-        "--runtime-env",
-        "jobs/runtime_env.yaml",
-        "--no-wait",
-        "--",
-        "python",
-        "jobs/run_pipeline.py",
-        "--config",
-        "jobs/configs/local_tiny.yaml",
-        f"run_dir={run_dir}",
+    line = RECIPE.read_text().splitlines()[0].removeprefix("# ")
+    assert line.startswith("RAY_AUTH_MODE=token ray job submit ") and "run_dir=/tmp/p2d-tiny" in line
+    overrides = [
+        f"run_dir={run_dir}",  # after the line's own run_dir: the last one wins
         f"model.name_or_path={model}",
         f"data.corpus_path={data / 'corpus'}",
         f"data.probe_path={data / 'probe.parquet'}",
@@ -318,26 +314,38 @@ def job(cluster, tmp_path_factory):
         # the tiny model's tokenizer is byte-level: the demo mixture's rows are up to ~170 tokens there, so the
         # recipe's max_length=128 (sized for p2d-demo's BPE) would cut held-out answers off (no_target_tokens)
         "data.max_length=256",
-        timeout=120,
-    )
-    assert submit.returncode == 0, submit.stderr[-2000:]
+        "report.timing_steps=1",
+    ]
+    cache = data / "cache"  # the submitter's caches: the job must report these
+    from p2d_ray.assets.cache import torch_extensions_dir
+
+    ext = torch_extensions_dir()  # the machine's DeepSpeed op cache, what every p2d-ray process resolves
+    env = {k: v for k, v in cluster.env.items() if k != "RAY_AUTH_MODE"}
+    env.update(RAY_API_SERVER_ADDRESS=cluster.address, P2D_RAY_CACHE=str(cache), TORCH_EXTENSIONS_DIR=ext)
     try:
-        # Streams the driver's output and returns when the job reaches a terminal state.
-        follow = cluster.ray(
-            "job", "logs", "--address", cluster.address, "--follow", JOB_ID, timeout=JOB_TIMEOUT_S
+        submit = subprocess.run(
+            ["bash", "-c", line + " " + " ".join(overrides)],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=JOB_TIMEOUT_S,
         )
-    except subprocess.TimeoutExpired:
-        cluster.ray("job", "stop", "--address", cluster.address, JOB_ID)
-        logs = cluster.ray("job", "logs", "--address", cluster.address, JOB_ID).stdout
+    except subprocess.TimeoutExpired as err:
+        ids = re.findall(r"Job '([^']+)'", str(err.stdout))
+        cluster.ray("job", "stop", "--address", cluster.address, "--no-wait", *ids)
         done = {p.stem: json.loads(p.read_text())["seconds"] for p in (run_dir / "stages").glob("*.json")}
         pytest.fail(
             f"job did not finish within {JOB_TIMEOUT_S} s; stages done (s): {done}; last output:\n"
-            f"{logs[-3000:]}"
+            f"{(err.stdout or b'')[-3000:]}"
         )
-    return {"run_dir": run_dir, "follow": follow, "submit": submit}
+    m = re.search(r"Job '([^']+)' submitted successfully", submit.stdout + submit.stderr)
+    assert m, (submit.stdout + submit.stderr)[-3000:]
+    logs = cluster.ray("job", "logs", "--address", cluster.address, m.group(1))
+    return {"run_dir": run_dir, "id": m.group(1), "logs": logs.stdout, "cache": cache, "ext": ext}
 
 
-def _job_status(cluster, env=None) -> subprocess.CompletedProcess:
+def _job_status(cluster, job_id: str, env=None) -> subprocess.CompletedProcess:
     return cluster.ray(
         "job",
         "status",
@@ -347,26 +355,26 @@ def _job_status(cluster, env=None) -> subprocess.CompletedProcess:
         "record",
         "--log-color",
         "false",
-        JOB_ID,
+        job_id,
         env=env,
     )
 
 
-def _parse_status(text: str) -> str | None:
+def _parse_status(text: str, job_id: str) -> str | None:
     """`ray job status` prints "Job 'X' succeeded" / "Job 'X' failed" / "Job 'X' was stopped", or
     "Status for job 'X': RUNNING" for non-terminal states."""
-    m = re.search(rf"Job '{JOB_ID}' (succeeded|failed|was stopped)", text)
+    m = re.search(rf"Job '{job_id}' (succeeded|failed|was stopped)", text)
     if m:
         return {"succeeded": "SUCCEEDED", "failed": "FAILED", "was stopped": "STOPPED"}[m.group(1)]
-    m = re.search(rf"Status for job '{JOB_ID}': (\w+)", text)
+    m = re.search(rf"Status for job '{job_id}': (\w+)", text)
     return m.group(1) if m else None
 
 
 def test_pipeline_job_succeeds_with_its_outputs(cluster, job):
-    status = _job_status(cluster)
+    status = _job_status(cluster, job["id"])
     text = status.stdout + status.stderr
     assert status.returncode == 0, text[-1000:]
-    assert _parse_status(text) == "SUCCEEDED", text[-500:] + job["follow"].stdout[-4000:]
+    assert _parse_status(text, job["id"]) == "SUCCEEDED", text[-500:] + job["logs"][-4000:]
 
     run = job["run_dir"]
     heads = json.loads((run / "heads.json").read_text())
@@ -385,6 +393,7 @@ def test_pipeline_job_succeeds_with_its_outputs(cluster, job):
     assert (run / "adapter").is_dir() and any((run / "adapter").iterdir())
     assert "adapted" in (run / "eval.json").read_text()
     assert (run / "report.json").is_file()
+    assert (run / "adapter" / "peft" / "README.md").is_file()
 
 
 def test_scoring_actors_ran_on_both_nodes(cluster, job):
@@ -398,21 +407,42 @@ def test_scoring_actors_ran_on_both_nodes(cluster, job):
 
 
 def test_job_status_and_logs_are_readable(cluster, job):
-    logs = cluster.ray("job", "logs", "--address", cluster.address, JOB_ID)
+    logs = cluster.ray("job", "logs", "--address", cluster.address, job["id"])
     assert logs.returncode == 0
     # The driver printed the pipeline's result dict (one key per stage) into the job's log.
     for stage in ('"localize"', '"score"', '"train"', '"evaluate"'):
         assert stage in logs.stdout
     listed = cluster.ray("job", "list", "--address", cluster.address)
-    assert JOB_ID in listed.stdout
+    assert job["id"] in listed.stdout
+
+
+def test_job_sees_the_submitters_caches_through_runtime_env(job):
+    logs = job["logs"]
+    assert f"P2D_RAY_CACHE={job['cache']}" in logs, logs[:2000]
+    assert f"TORCH_EXTENSIONS_DIR={job['ext']}" in logs
+
+
+def test_job_logs_hold_our_banners_and_no_third_party_noise(job):
+    logs = job["logs"]
+    for stage in ("localize", "score", "select", "train", "evaluate", "report"):
+        assert f"[p2d-ray] stage {stage}: start" in logs, stage
+        assert re.search(rf"\[p2d-ray\] stage {stage}: done in \d+\.\d s, wrote ", logs), stage
+    assert re.search(r"stage score: done in .* wrote scores/ \(\d+ rows\)", logs)
+    # tqdm / progress-bar output: carriage returns, cursor movement, line erasing, bar glyphs.
+    for code in ("\r", "\x1b[A", "\x1b[2K", "%|"):
+        assert code not in logs, f"progress-bar output {code!r} in the job log"
+    assert "Execution plan of Dataset" not in logs  # Ray Data's INFO lines
+    assert not GLOG_ERROR.search(logs), GLOG_ERROR.search(logs).group(0)
+    assert "selection (" in logs and "training:" in logs  # the summary read for the user
+    assert len(logs.splitlines()) < 150, logs
 
 
 def test_job_api_refuses_a_wrong_token(cluster, job):
     wrong = cluster.root / "wrong_token"
     wrong.write_text(secrets.token_hex(32))
-    r = _job_status(cluster, env={**cluster.env, "RAY_AUTH_TOKEN_PATH": str(wrong)})
+    r = _job_status(cluster, job["id"], env={**cluster.env, "RAY_AUTH_TOKEN_PATH": str(wrong)})
     assert r.returncode != 0
-    assert _parse_status(r.stdout + r.stderr) is None
+    assert _parse_status(r.stdout + r.stderr, job["id"]) is None
     assert "auth" in (r.stdout + r.stderr).lower()
 
 

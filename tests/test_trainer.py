@@ -2,7 +2,8 @@
 
 Few, combined runs (each Ray Train start costs ~30 s here): the heads run also injects one worker-group
 failure (FailureConfig + resume from the latest checkpoint) and checks export, PEFT logits and the
-untouched base; then LoRA runs through the same trainer.
+untouched base; then LoRA runs through the same trainer, and its run is where tracking (TensorBoard
+scalars, loss.png) is checked.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import assert_only_heads_moved, write_parts
+from helpers import assert_only_heads_moved, read_scalars, write_parts
 from peft import PeftModel
 
 from p2d_ray.config import build_config
@@ -139,6 +140,15 @@ def test_lora_zero1_through_the_same_trainer(tmp_path, tiny_llama, ray_local):
     )
     summary = run_train(lora_cfg)
     assert summary["steps"] == 4 and summary["world_size"] == 1
+    # Tracking: TensorBoard scalars from the worker, one per step, equal to the summary's loss curve; loss.png.
+    scalars = read_scalars(Path(run) / "tensorboard" / "train")
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s"} <= set(scalars)
+    assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3, 4]
+    assert [v for _, v in scalars["train/loss"]] == pytest.approx(summary["loss_curve"])
+    assert all(v == pytest.approx(lora_cfg.train.lr) for _, v in scalars["train/lr"])
+    assert all(v > 0 for _, v in scalars["train/tokens_per_s"] + scalars["train/grad_norm"])
+    assert summary["tensorboard_dir"] == str((Path(run) / "tensorboard" / "train").resolve())
+    assert Path(summary["loss_png"]).read_bytes()[:4] == b"\x89PNG"
     manifest = json.loads(Path(run, "adapter", "manifest.json").read_text())
     assert manifest["adaptation"] == "lora"
     config = json.loads(Path(run, "adapter", "peft", "adapter_config.json").read_text())
