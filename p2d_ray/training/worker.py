@@ -236,30 +236,37 @@ def _shuffle_seed(seed: int, n_pass: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed & 0xFFFFFFFF, n_pass, rank]).generate_state(1)[0])
 
 
+def seeded_passes(shard, batch_size: int, seed: int, rank: int, skip: int = 0):
+    """Endless stream of pyarrow tables of ``batch_size`` rows over ``shard`` (this rank's Ray Data
+    DataIterator), pass after pass, each pass shuffled on this rank (seeded by ``seed``, the pass and the rank);
+    the first ``skip`` micro-batches are consumed unseen (a resumed run replays the same seeded passes)."""
+    for n_pass in itertools.count():
+        n = 0
+        batches = shard.iter_batches(
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS,
+            local_shuffle_seed=_shuffle_seed(seed, n_pass, rank),
+        )
+        for table in batches:
+            n += 1
+            if skip > 0:
+                skip -= 1
+                continue
+            yield table
+        if n == 0:
+            raise RuntimeError(f"rank {rank}: its shard of the training data is empty")
+
+
 def micro_batches(s: Session):
-    """Endless stream of row lists over this rank's shard, pass after pass, each pass shuffled on this rank
-    (seeded by ``train.seed``, the pass and the rank); skips the micro-batches a resumed run has already
-    consumed (by count, replaying the same seeded passes; which rows reach which rank is Ray Data's split)."""
+    """Row lists of this rank's shard (``seeded_passes``), skipping what a resumed run already consumed (by
+    count; which rows reach which rank is Ray Data's split)."""
     import ray.train
 
     shard = ray.train.get_dataset_shard("train")
     consumed = s.state["step"] * s.cfg.train.grad_accum
-    for n_pass in itertools.count():
-        n = 0
-        batches = shard.iter_batches(
-            batch_size=s.cfg.train.batch_size,
-            batch_format="pyarrow",
-            local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS,
-            local_shuffle_seed=_shuffle_seed(s.cfg.train.seed, n_pass, s.rank),
-        )
-        for table in batches:
-            n += 1
-            if consumed > 0:
-                consumed -= 1
-                continue
-            yield table.to_pylist()
-        if n == 0:
-            raise RuntimeError(f"rank {s.rank}: its shard of the training data is empty")
+    for table in seeded_passes(shard, s.cfg.train.batch_size, s.cfg.train.seed, s.rank, consumed):
+        yield table.to_pylist()
 
 
 def step(s: Session, stream, skipped: Counter) -> dict:
