@@ -175,6 +175,14 @@ class ScoreConfig(_Section):
     distill_layer: int | None = Field(None, ge=1)  # None: round(L / 10), at least 1
     distill_seed: int = 0
     distill_folds: int = Field(5, ge=2)
+    # The cascade: the stage-1 predicted top distill_cascade_fraction of the corpus is re-predicted by a second
+    # ridge on pooled features from a forward that stops at distill_cascade_layer (fitted on the sample's
+    # features at that layer, written by the sample pass), those rows rank first, and the refine band is taken
+    # from that ranking. None: round(L / 2) (15 of 30 on SmolLM2: the offline frontier's best second stage,
+    # layer 9 clearly worse; RESULTS.md Session 11); no cascade where that is not above distill_layer (a
+    # 2-layer model). An explicit layer must lie above distill_layer and below the last layer. Fraction 0: off.
+    distill_cascade_layer: int | None = Field(None, ge=2)
+    distill_cascade_fraction: float = Field(0.15, ge=0, le=1)
     # of the corpus, from the predicted top (0: off). 0.2 = 2x the selection, the quality end of the measured
     # frontier (BENCHMARKS.md "Distilled scoring", RESULTS.md Session 11): the smallest band whose top-10 % clean
     # on-task precision is within 0.05 of exact on the mean of nine SmolLM2 corpora at every sample share (0.15
@@ -193,6 +201,9 @@ class ScoreConfig(_Section):
     def _pool(self) -> ScoreConfig:
         if self.min_actors > self.max_actors:
             raise ValueError(f"min_actors ({self.min_actors}) > max_actors ({self.max_actors})")
+        l_f, l_c = self.distill_layer, self.distill_cascade_layer
+        if l_c is not None and l_f is not None and l_c <= l_f:  # below the last layer: checked at plan time
+            raise ValueError(f"distill_cascade_layer ({l_c}) must be above distill_layer ({l_f})")
         if self.alignment_normalize == "cosine" and self.alignment_method != "exact":
             if "alignment_normalize" not in self.model_fields_set:
                 # A finite-difference method without a chosen normalisation (e.g. a run saved before

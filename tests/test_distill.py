@@ -13,29 +13,39 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import save_tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from p2d_ray.config import build_config
 from p2d_ray.heads.headset import HeadSet
 from p2d_ray.models.geometry import geometry_from_config
 from p2d_ray.scoring.distill import (
+    CASCADE_REGRESSOR_FILE,
     FIDELITY_FILE,
     REGRESSOR_FILE,
     Regressor,
+    cascade_layer,
     fit_regressor,
     pick_rows,
     pool_features,
     spearman,
     truncated_hidden,
+    truncated_hiddens,
 )
 from p2d_ray.scoring.pipeline import run_score
 
 HEADS = ((1, 0), (1, 3))
 
 
+@pytest.fixture(scope="module")
+def tiny3(tmp_path_factory) -> str:
+    """The tiny Llama with 3 layers: room for a cascade (l_f = 1 < l_c = 2 < L = 3)."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny3"), "llama", num_hidden_layers=3)
+
+
 # -- no Ray ---------------------------------------------------------------------------------------------
-def test_truncated_forward_equals_full_models_hidden_state(tiny_llama):
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+def test_truncated_forward_equals_full_models_hidden_state(tiny3):
+    model = AutoModelForCausalLM.from_pretrained(tiny3).eval()
     ids = torch.randint(3, 100, (3, 11))
     mask = torch.ones_like(ids)
     mask[1, 7:] = 0  # a padded row
@@ -43,11 +53,14 @@ def test_truncated_forward_equals_full_models_hidden_state(tiny_llama):
     top = model.model.layers[-1].register_forward_hook(lambda *a: calls.append(1))
     with torch.no_grad():
         h1 = truncated_hidden(model, ids, mask, 1)
+        h1b, h2 = truncated_hiddens(model, ids, mask, [1, 2])  # the cascade's two layers, one forward
     top.remove()
     assert not calls, "the forward ran past layer l_f"
     with torch.no_grad():
-        ref = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[1]
-    torch.testing.assert_close(h1, ref, rtol=0, atol=1e-6)
+        ref = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(h1, ref[1], rtol=0, atol=1e-6)
+    torch.testing.assert_close(h1b, ref[1], rtol=0, atol=1e-6)
+    torch.testing.assert_close(h2, ref[2], rtol=0, atol=1e-6)
     f = pool_features(h1, mask)
     assert f.shape == (3, 2 * h1.shape[-1] + 1)
     torch.testing.assert_close(f[1, : h1.shape[-1]], h1[1, :7].mean(0))
@@ -91,6 +104,14 @@ def test_strategy_resolution_keeps_the_demo_exact():
     assert resolve_strategy(ScoreConfig(scorer="perplexity"), 100_000, hf)[0] == "exact"
     with pytest.raises(ValueError, match="noop"):
         resolve_strategy(ScoreConfig(scorer="noop", strategy="distilled"), 100_000, hf)
+    # the cascade's layer: round(L / 2) by default, off on a model too shallow for it or at fraction 0
+    assert "again from layer 15" in why and cascade_layer(ScoreConfig(), hf) == 15
+    assert cascade_layer(ScoreConfig(distill_layer=1), SimpleNamespace(num_hidden_layers=2)) is None
+    assert cascade_layer(ScoreConfig(distill_cascade_fraction=0), hf) is None
+    with pytest.raises(ValueError, match="below the last layer"):
+        cascade_layer(ScoreConfig(distill_cascade_layer=30), hf)
+    with pytest.raises(ValueError, match="above distill_layer"):
+        ScoreConfig(distill_layer=5, distill_cascade_layer=4)
 
 
 # -- through Ray ------------------------------------------------------------------------------------------
@@ -117,6 +138,8 @@ def _cfg(run_dir, model, corpus, probe, **score):
         "distill_audit_rows": 12,
         "refine_fraction": 0.1,
         "distill_layer": 1,
+        "distill_cascade_layer": 2,
+        "distill_cascade_fraction": 0.25,
         "gate_fallback": "warn",
     }
     return build_config(
@@ -142,14 +165,20 @@ def setup(tmp_path_factory):
 
 def _outputs(run_dir: Path) -> list[dict]:
     t = pq.read_table(run_dir / "scores").sort_by("id")
-    return t.select(["id", "score", "score_source", "loss_full"]).to_pylist()
+    return t.select(["id", "score", "score_source", "predicted_layer", "loss_full"]).to_pylist()
+
+
+def _part(run_dir: Path, name: str) -> pa.Table:
+    """A distilled pass's part files (``_state/distill/<name>/``), all shards."""
+    parts = sorted((run_dir / "_state" / "distill" / name).glob("*.parquet"))
+    return pa.concat_tables([pq.read_table(p, columns=["id", "reason", "score"]) for p in parts])
 
 
 def _same(a: list[dict], b: list[dict]) -> None:
     """The same rows, sources and exact numbers; a re-predicted shard's scores up to float32 rounding of its
     truncated forward (measured ~1e-9 relative), which never reorders a top band here."""
-    assert [(r["id"], r["score_source"], r["loss_full"]) for r in a] == [
-        (r["id"], r["score_source"], r["loss_full"]) for r in b
+    assert [(r["id"], r["score_source"], r["predicted_layer"], r["loss_full"]) for r in a] == [
+        (r["id"], r["score_source"], r["predicted_layer"], r["loss_full"]) for r in b
     ]
     np.testing.assert_allclose([r["score"] for r in a], [r["score"] for r in b], rtol=1e-6, atol=1e-9)
 
@@ -161,8 +190,10 @@ def _ids_once(run_dir: Path, n: int) -> None:
 
 
 @pytest.mark.ray
-def test_distilled_end_to_end_resume_and_fingerprints(ray_local, tiny_llama, setup, tmp_path):
+def test_distilled_end_to_end_resume_and_fingerprints(ray_local, tiny3, setup, tmp_path):
+    """With the cascade (layer 1 for every row, layer 2 for the stage-1 top 25 %), on a 3-layer tiny model."""
     corpus, probe = setup
+    tiny_llama = tiny3
     # A driver killed while writing the final shards (after the passes), then a rerun: it finishes the rest.
     full = tmp_path / "full"
     done = []
@@ -198,26 +229,59 @@ def test_distilled_end_to_end_resume_and_fingerprints(ray_local, tiny_llama, set
         and (full / REGRESSOR_FILE).is_file()
         and (full / FIDELITY_FILE).is_file()
     )
+    # the cascade: its own regressor and figures, 30 rows (25 % of 120) re-predicted from layer 2, exactly the
+    # stage-1 predicted top 30 of the bulk rows; the refine band (12 rows) from its ranking
+    cas = fid["cascade"]
+    assert cas["layer"] == 2 and cas["used"] and cas["kfold"]["rows"] in (29, 30) and "passed" in cas["gate"]
+    assert cas["audit"]["rows"] in (11, 12) and (full / CASCADE_REGRESSOR_FILE).is_file()
+    assert fid["cascade_rows"] == 30 and summary["distilled"]["cascade"]["regressor"]["layer"] == 2
+    bulk, cascade = _part(full, "bulk"), _part(full, "cascade")
+    ok = bulk.filter(bulk.column("reason").is_null())
+    stage1_top = set(ok.sort_by([("score", "descending")]).column("id").to_pylist()[:30])
+    assert set(cascade.column("id").to_pylist()) == stage1_top, (
+        "the cascade pass touches the stage-1 band only"
+    )
+    by_layer = {(r["score_source"], r["predicted_layer"]) for r in got}
+    assert by_layer == {("exact", None), ("distilled", 1), ("distilled", 2), ("refined", 2)} | (
+        {("refined", 1)} & by_layer  # out-of-distribution rows of stage 1 are refined too
+    )
+    stage2_top = cascade.sort_by([("score", "descending")]).column("id").to_pylist()[:12]
+    assert {r["id"] for r in got if r["score_source"] == "refined"} >= set(stage2_top)
+    assert {r["id"] for r in got if r["predicted_layer"] == 2} == stage1_top
+    stats = json.loads((full / "score_stats.json").read_text())["distill"]["passes"]
+    assert (
+        stats["cascade"]["rows"] == 30 and stats["cascade"]["layer"] == 2
+    )  # (all passes done before the kill)
     killed = full
 
-    # A pass killed part-way (one shard's bulk part and final files gone): only that shard is redone.
-    key = sorted(p.stem for p in (killed / "scores").glob("*.parquet"))[1]
-    (killed / "_state" / "distill" / "bulk" / "done" / f"{key}.json").unlink()
-    (killed / "_state" / "scores" / "done" / f"{key}.json").unlink()
+    # Passes killed part-way (one shard's bulk part, another's cascade part, and their final files gone):
+    # only those shards are redone, the output is the same.
+    keys = sorted(p.stem for p in (killed / "scores").glob("*.parquet"))
+    cascaded = sorted(p.stem for p in (killed / "_state" / "distill" / "cascade").glob("*.parquet"))
+    key_b, key_c = keys[1], next(k for k in cascaded if k != keys[1])
+    (killed / "_state" / "distill" / "bulk" / "done" / f"{key_b}.json").unlink()
+    (killed / "_state" / "distill" / "cascade" / "done" / f"{key_c}.json").unlink()
+    for key in (key_b, key_c):
+        (killed / "_state" / "scores" / "done" / f"{key}.json").unlink()
     run_score(_cfg(killed, tiny_llama, corpus, probe))
     passes = json.loads((killed / "score_stats.json").read_text())["distill"]["passes"]
     assert passes["sample"]["shards_this_run"] == 0 and passes["bulk"]["shards_this_run"] == 1
+    assert passes["cascade"]["shards_this_run"] == 1
     _same(_outputs(killed), got)
 
-    # The strategy is in the fingerprint: another refine band refuses to mix; after clearing scores it reruns
-    # the refine pass but reuses the sample's exact scores.
+    # The strategy is in the fingerprint: another refine band or cascade fraction refuses to mix; after
+    # clearing scores it reruns the cascade and refine passes but reuses the sample's exact scores and the bulk.
     with pytest.raises(ValueError, match="different configuration"):
-        run_score(_cfg(killed, tiny_llama, corpus, probe, refine_fraction=0.2))
+        run_score(_cfg(killed, tiny_llama, corpus, probe, distill_cascade_fraction=0.3))
     shutil.rmtree(killed / "scores"), shutil.rmtree(killed / "quarantine")
-    run_score(_cfg(killed, tiny_llama, corpus, probe, refine_fraction=0.2))
+    run_score(_cfg(killed, tiny_llama, corpus, probe, refine_fraction=0.2, distill_cascade_fraction=0.3))
     passes = json.loads((killed / "score_stats.json").read_text())["distill"]["passes"]
-    assert passes["sample"]["shards_this_run"] == 0 and passes["refine"]["shards_this_run"] > 0
-    assert [r["score_source"] for r in _outputs(killed)].count("refined") >= 24
+    assert passes["sample"]["shards_this_run"] == 0 and passes["bulk"]["shards_this_run"] == 0
+    assert passes["cascade"]["shards_this_run"] > 0 and passes["refine"]["shards_this_run"] > 0
+    assert passes["cascade"]["rows_this_run"] == 36 and passes["cascade"]["busy_s"] > 0  # counted in the cost
+    out = _outputs(killed)
+    assert [r["score_source"] for r in out].count("refined") >= 24
+    assert [r["predicted_layer"] for r in out].count(2) == 36
     _ids_once(killed, 120)
 
 

@@ -1,18 +1,24 @@
 """``score.strategy=distilled``: exact scores on a seeded sample, a regressor for the rest, gated by fidelity.
 
 The engine's own machinery (plan, ParquetShards, tokenize tasks, the scorer actor pool, per-shard markers,
-quarantine) runs four passes over the corpus instead of one::
+quarantine) runs up to four passes over the corpus instead of one::
 
     sample pass  S + A rows (seeded, stratified by shard) -> the exact scorer + pooled layer-l_f features
-    fit          driver: ridge (strength by k-fold held-out Spearman) on S's z-scored exact scores
+                 (and layer-l_c features when the cascade is on)
+    fit          driver: ridge (strength by k-fold held-out Spearman) on S's z-scored exact scores; the
+                 cascade's second ridge the same way on S's layer-l_c features
     gate         k-fold Spearman / top recall on S, the same on the fresh audit rows A (never fitted on);
-                 below score.gate_* thresholds: a warning and score.gate_fallback (exact: every row exactly)
+                 below score.gate_* thresholds: a warning and score.gate_fallback (exact: every row exactly;
+                 a failed cascade gate: the cascade is dropped, the band taken from stage 1)
     bulk pass    every other row -> a forward that STOPS at layer l_f (no upper layers, LM head or backward),
                  pooled features -> predicted score, out-of-distribution flag
+    cascade pass the stage-1 predicted top score.distill_cascade_fraction of the corpus -> a forward that stops
+                 at layer l_c, the second regressor's prediction replaces stage 1's (these rows rank first)
     refine pass  the predicted top score.refine_fraction of the corpus (and, by default, the OOD rows)
                  re-scored exactly, so the rows finally selected are ranked by exact scores
     assemble     per shard: the passes' rows merged by row, ``score_source`` in {exact, distilled, refined},
-                 written through the engine's ShardCollector (scores/, quarantine/, marker last)
+                 ``predicted_layer`` (l_f or l_c: which stage ranked the row; null for S and A), written
+                 through the engine's ShardCollector (scores/, quarantine/, marker last)
 
 Each pass keeps per-shard part files and markers under ``_state/distill/<pass>/`` keyed by a fingerprint
 of what that pass depends on, so a killed run resumes per shard in every pass, and a changed refine band or
@@ -48,9 +54,12 @@ log = logging.getLogger("p2d_ray.score")
 SOURCE_COL = "score_source"
 OOD_COL = "ood"
 FEATURES_COL = "_features"
+CASCADE_FEATURES_COL = "_features_cascade"  # the sample's pooled features at the cascade layer l_c
+LAYER_COL = "predicted_layer"  # the layer whose prediction ranked the row (l_f / l_c); null for S and A
 PICK_COL = "_pick"
 REGRESSOR_FILE = "distill_regressor.npz"
 FIDELITY_FILE = "distill_regressor.json"
+CASCADE_REGRESSOR_FILE = "distill_regressor_cascade.npz"
 ALPHAS = tuple(float(a) for a in np.logspace(-3, 3, 13))  # x mean(diag K): the ridge strengths tried
 PCS = 16  # principal components of the sample's features for the out-of-distribution distance
 
@@ -62,13 +71,35 @@ def sample_size(n_rows: int, s) -> int:
     return int(min(n_rows, max(s.distill_sample_min, min(s.distill_sample_max, want))))
 
 
+def _n_layers(hf_config) -> int:
+    return int(getattr(hf_config, "num_hidden_layers", None) or getattr(hf_config, "n_layer", 1))
+
+
 def distill_layer(s, hf_config) -> int:
     """l_f: score.distill_layer, else round(L / 10) (at least 1; below the last layer)."""
-    n_layers = int(getattr(hf_config, "num_hidden_layers", None) or getattr(hf_config, "n_layer", 1))
+    n_layers = _n_layers(hf_config)
     layer = s.distill_layer if s.distill_layer is not None else max(1, round(n_layers / 10))
     if not 1 <= layer < max(n_layers, 2):
         raise ValueError(f"score.distill_layer={layer} must be in [1, {n_layers - 1}] for this model")
     return layer
+
+
+def cascade_layer(s, hf_config) -> int | None:
+    """l_c, the cascade's layer: score.distill_cascade_layer, else round(L / 2); None (no cascade) when
+    score.distill_cascade_fraction is 0 or the default is not above l_f (a model too shallow for two stages).
+    An explicit layer must lie above l_f and below the last layer."""
+    if s.distill_cascade_fraction <= 0:
+        return None
+    n_layers, l_f = _n_layers(hf_config), distill_layer(s, hf_config)
+    if s.distill_cascade_layer is None:
+        layer = round(n_layers / 2)
+        return layer if l_f < layer < n_layers else None
+    if not l_f < s.distill_cascade_layer < n_layers:
+        raise ValueError(
+            f"score.distill_cascade_layer={s.distill_cascade_layer} must be in [{l_f + 1}, {n_layers - 1}] "
+            f"for this model (above distill_layer={l_f}, below the last layer)"
+        )
+    return s.distill_cascade_layer
 
 
 def pick_rows(
@@ -107,20 +138,39 @@ def truncated_hidden(
 ) -> torch.Tensor:
     """The residual stream after decoder layer ``layer - 1`` (= ``output_hidden_states[layer]``), ``[B, T, E]``,
     from a forward that stops there: a hook on that layer raises, so no upper layer, LM head or backward runs."""
+    return truncated_hiddens(model, input_ids, attention_mask, [layer])[0]
+
+
+def truncated_hiddens(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: list[int]
+) -> list[torch.Tensor]:
+    """:func:`truncated_hidden` at several layers from ONE forward that stops at the highest of them."""
     from p2d_ray.models.geometry import decoder_layers
     from p2d_ray.models.loss import base_model
 
-    def stop(module, args, output):
-        raise _Stop(output[0] if isinstance(output, tuple) else output)
+    top, got = max(layers), {}
 
-    handle = decoder_layers(model)[layer - 1].register_forward_hook(stop)
+    def keep(layer):
+        def hook(module, args, output):
+            h = output[0] if isinstance(output, tuple) else output
+            if layer == top:
+                raise _Stop(h)
+            got[layer] = h
+
+        return hook
+
+    blocks = decoder_layers(model)
+    handles = [blocks[layer - 1].register_forward_hook(keep(layer)) for layer in sorted(set(layers))]
     try:
         base_model(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     except _Stop as done:
-        return done.hidden
+        got[top] = done.hidden
     finally:
-        handle.remove()
-    raise RuntimeError(f"the forward never reached decoder layer {layer - 1}")
+        for h in handles:
+            h.remove()
+    if top not in got:
+        raise RuntimeError(f"the forward never reached decoder layer {top - 1}")
+    return [got[layer] for layer in layers]
 
 
 def pool_features(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -268,13 +318,17 @@ def gate(cv: dict, audit: dict, s) -> dict:
 
 # -- the actor --------------------------------------------------------------------------------------
 class DistillActor(ScorerActor):
-    """The engine's ScorerActor, plus: ``mode="exact"`` appends the rows' pooled layer-l_f features
-    (``features=True``); ``mode="predict"`` runs no scorer at all, only the truncated forward, and writes
-    the regressor's prediction as ``score`` and the ``ood`` flag."""
+    """The engine's ScorerActor, plus: ``mode="exact"`` appends the rows' pooled layer-``layer`` features
+    (``features=True``; and layer-``cascade_layer`` ones from the same truncated forward when given);
+    ``mode="predict"`` runs no scorer at all, only the truncated forward to ``layer``, and writes the
+    regressor's prediction as ``score`` and the ``ood`` flag."""
 
-    def __init__(self, mode: str, layer: int, features: bool, regressor: list | None, **kw):
+    def __init__(
+        self, mode: str, layer: int, features: bool, regressor: list | None, cascade_layer=None, **kw
+    ):
         super().__init__(**kw)
         self.mode, self.layer, self.want_features = mode, layer, features
+        self.layers = [layer] + ([cascade_layer] if cascade_layer and mode == "exact" and features else [])
         self.reg = None
         if regressor:
             import ray
@@ -288,24 +342,28 @@ class DistillActor(ScorerActor):
         n_tokens = tensors["loss_mask"][:, 1:].sum(1)
         return ScoreOutput(torch.zeros(len(n_tokens)), n_tokens)
 
-    def _features(self, batch: pa.Table, ok: np.ndarray) -> tuple[np.ndarray, float]:
+    def _features(self, batch: pa.Table, ok: np.ndarray) -> tuple[list[np.ndarray], float]:
+        """Pooled features at each of ``self.layers`` (one truncated forward per micro-batch)."""
         t0 = time.perf_counter()
         feats = None
         with torch.no_grad():
             for idx in micro_batch_rows(batch, ok, self.cfg.batch_size, self.window_rows):
                 t = collate_arrow(batch.column("input_ids"), batch.column("loss_mask"), idx, self.pad_id)
                 ids, mask = t["input_ids"].to(self.device), t["attention_mask"].to(self.device)
-                f = pool_features(truncated_hidden(self.model, ids, mask, self.layer), mask).cpu().numpy()
+                hs = truncated_hiddens(self.model, ids, mask, self.layers)
+                fs = [pool_features(h, mask).cpu().numpy() for h in hs]
                 if feats is None:
-                    feats = np.full((batch.num_rows, f.shape[1]), np.nan, dtype=np.float32)
-                feats[idx] = f
+                    feats = [np.full((batch.num_rows, f.shape[1]), np.nan, dtype=np.float32) for f in fs]
+                for out, f in zip(feats, fs, strict=True):
+                    out[idx] = f
         return feats, time.perf_counter() - t0
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ok = np.flatnonzero(batch.column("reason").is_null().to_numpy(zero_copy_only=False))
-        feats, secs = (None, 0.0)
+        all_feats, secs = (None, 0.0)
         if len(ok) and (self.want_features or self.mode == "predict"):
-            feats, secs = self._features(batch, ok)
+            all_feats, secs = self._features(batch, ok)
+        feats = all_feats[0] if all_feats is not None else None
         out = super().__call__(batch)
         n = out.num_rows
         valid = np.zeros(n, dtype=bool)
@@ -327,10 +385,13 @@ class DistillActor(ScorerActor):
         out = out.append_column(OOD_COL, pa.array(ood))
         out = out.append_column("ood_distance", pa.array(dist, mask=~valid))
         if self.want_features:
-            d = feats.shape[1] if feats is not None else 1
-            flat = feats if feats is not None else np.full((n, d), np.nan, dtype=np.float32)
-            col = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), d)
-            out = out.append_column(FEATURES_COL, col)
+            for j, name in enumerate((FEATURES_COL, CASCADE_FEATURES_COL)[: len(self.layers)]):
+                f = all_feats[j] if all_feats is not None else None
+                d = f.shape[1] if f is not None else 1
+                flat = f if f is not None else np.full((n, d), np.nan, dtype=np.float32)
+                out = out.append_column(
+                    name, pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), d)
+                )
         return out
 
 
@@ -427,6 +488,8 @@ class _Pass:
     features: bool = False
     regressor: bytes | None = None
     stats: dict = field(default_factory=dict)
+    layer: int | None = None  # the truncated forward's layer (None: the plan's l_f)
+    cascade_layer: int | None = None  # features=True: also write the sample's features at this layer
 
 
 def _run_pass(cfg, plan, dups, probe_gradient, p: _Pass, wall: dict) -> Parts:
@@ -463,7 +526,8 @@ def _run_pass(cfg, plan, dups, probe_gradient, p: _Pass, wall: dict) -> Parts:
         cfg,
         {
             "mode": p.mode,
-            "layer": plan.distill_layer,
+            "layer": p.layer or plan.distill_layer,
+            "cascade_layer": p.cascade_layer,
             "features": p.features,
             "regressor": reg_ref,
             "model_json": plan.model_json,
@@ -499,11 +563,11 @@ def _read_parts(parts: Parts, plan, picks: dict[int, np.ndarray], columns: list[
     return pa.concat_tables(tables) if tables else None
 
 
-def _exact_xy(table: pa.Table, id_rows=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _exact_xy(table: pa.Table, column: str = FEATURES_COL) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(features [n, d], exact scores [n], keep mask) of a sample part table: scorable, finite rows."""
     ok = table.column("reason").is_null().to_numpy(zero_copy_only=False)
     y = table.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
-    feats = table.column(FEATURES_COL)
+    feats = table.column(column)
     d = feats.type.list_size
     X = feats.combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.float64).reshape(-1, d)
     keep = ok & np.isfinite(y) & np.isfinite(X).all(1)
@@ -522,6 +586,68 @@ def _union(*ps: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
     return out
 
 
+def _fit_stage(run, name: str, fp: str, read, s, meta: dict) -> tuple[Regressor, dict]:
+    """Fit (or, on a resumed run with the same fingerprint, load) one stage's regressor on S."""
+    saved = run.path(name)
+    reg = Regressor.from_bytes(saved.read_bytes()) if saved.is_file() else None
+    if reg is not None and reg.meta.get("fingerprint") == fp:  # a resumed run: the very same numbers
+        return reg, reg.meta["kfold"]
+    Xs, ys, _ = read()
+    if len(ys) < max(s.distill_folds, 3):
+        raise RuntimeError(f"distilled: {len(ys)} scorable sample rows; raise score.distill_sample_min")
+    reg, cv = fit_regressor(
+        Xs, ys, s.distill_folds, s.distill_seed, s.gate_top_fraction, s.distill_ood_factor
+    )
+    reg.meta = {
+        "fingerprint": fp,
+        **meta,
+        "regressor": "ridge (dual, strength by k-fold Spearman) on z-scored mean / position-weighted "
+        "mean / log-length features",
+        "features": int(Xs.shape[1]),
+        "kfold": cv,
+    }
+    tmp = saved.with_name(f".{saved.name}.tmp")
+    tmp.write_bytes(reg.to_bytes())
+    os.replace(tmp, saved)
+    return reg, cv
+
+
+def _audit(reg: Regressor, read, s) -> dict:
+    """The regressor on the fresh audit rows A (never fitted on)."""
+    Xa, ya, _ = read()
+    if not len(ya):
+        return {"rows": 0}
+    pred, _, ood = reg.predict(Xa)
+    return {
+        "rows": len(ya),
+        "spearman": spearman(ya, pred),
+        "top_recall": top_recall(ya, pred, s.gate_top_fraction),
+        "ood": int(ood.sum()),
+    }
+
+
+def _predictions(parts: Parts, plan, picks: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
+    """A predict pass's rows: shard, row, scorable, predicted score (-inf where not), OOD flag."""
+    table = _read_parts(parts, plan, picks, ["reason", "score", OOD_COL])
+    ok = table.column("reason").is_null().to_numpy(zero_copy_only=False)
+    score = table.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
+    return {
+        "sid": table.column("_shard").to_numpy().astype(np.int64),
+        "row": table.column("_row").to_numpy().astype(np.int64),
+        "ok": ok,
+        "pred": np.where(ok & np.isfinite(score), score, -np.inf),
+        "ood": table.column(OOD_COL).to_numpy(zero_copy_only=False) & ok,
+    }
+
+
+def _picks_of(sid: np.ndarray, row: np.ndarray, chosen: np.ndarray) -> dict[int, np.ndarray]:
+    return {int(i): np.sort(row[chosen & (sid == i)]) for i in np.unique(sid[chosen])}
+
+
+def _key(sid: np.ndarray, row: np.ndarray) -> np.ndarray:
+    return sid.astype(np.int64) << 32 | row.astype(np.int64)
+
+
 def run_distilled(cfg, plan, store, todo: dict, on_shard_done, wall: dict):
     """The distilled strategy's passes (module docstring); returns the final ShardCollector and the
     ``distill`` stats block. ``todo``: the shards without a final marker."""
@@ -531,6 +657,7 @@ def run_distilled(cfg, plan, store, todo: dict, on_shard_done, wall: dict):
 
     s = cfg.score
     run = RunDir(cfg.run_dir)
+    l_f, l_c = plan.distill_layer, plan.cascade_layer
     shard_rows = [(sh.key, sh.num_rows) for sh in plan.shards]
     n_rows = sum(n for _, n in shard_rows)
     n_sample = sample_size(n_rows, s)
@@ -540,59 +667,53 @@ def run_distilled(cfg, plan, store, todo: dict, on_shard_done, wall: dict):
     rest = _sub({i: np.arange(n) for i, (_, n) in enumerate(shard_rows)}, SA)
     identity = dict(plan.manifest["identity"])
     score_id = {k: v for k, v in identity["score"].items() if not k.startswith(("gate_", "refine_"))}
-    score_id.pop("distill_folds", None), score_id.pop("distill_ood_factor", None)
-    score_id.pop("distill_ood_exact", None), score_id.pop("distill_min_rows", None)
-    sample_fp = _hash({**identity, "score": score_id, "S": _positions_hash(S), "A": _positions_hash(A)})
+    for k in ("distill_folds", "distill_ood_factor", "distill_ood_exact", "distill_min_rows"):
+        score_id.pop(k, None)
+    # the cascade: its fraction never changes the sample pass; its layer does (the features it writes)
+    score_id.pop("distill_cascade_layer", None), score_id.pop("distill_cascade_fraction", None)
+    sample_id = {**identity, "score": score_id, "S": _positions_hash(S), "A": _positions_hash(A)}
+    if l_c is not None:
+        sample_id["cascade_layer"] = l_c
+    sample_fp = _hash(sample_id)
 
     probe_gradient, dups = _start_pass(cfg, plan, wall)
     passes: dict[str, _Pass] = {}
-    sample = passes["sample"] = _Pass("sample", "exact", SA, sample_fp, features=True)
+    sample = passes["sample"] = _Pass("sample", "exact", SA, sample_fp, features=True, cascade_layer=l_c)
     sample_parts = _run_pass(cfg, plan, dups, probe_gradient, sample, wall)
 
-    # fit on S, audit on A
+    # fit on S, audit on A (stage 1 at l_f; the cascade's stage 2 at l_c)
     t = time.perf_counter()
-    cols = ["reason", "score", FEATURES_COL]
+    meta = {
+        "model_fingerprint": identity["model_fingerprint"],
+        "heads": identity["heads"],
+        "probe_gradient": identity["probe_gradient"],
+        "sample_seed": s.distill_seed,
+    }
+
+    def reader(picks, column):
+        return lambda: _exact_xy(_read_parts(sample_parts, plan, picks, ["reason", "score", column]), column)
+
     reg_fp = _hash(
         {"sample": sample_fp, "alphas": ALPHAS, "folds": s.distill_folds, "ood": s.distill_ood_factor}
     )
-    saved = run.path(REGRESSOR_FILE)
-    reg = Regressor.from_bytes(saved.read_bytes()) if saved.is_file() else None
-    if reg is not None and reg.meta.get("fingerprint") == reg_fp:  # a resumed run: the very same numbers
-        cv = reg.meta["kfold"]
-    else:
-        Xs, ys, _ = _exact_xy(_read_parts(sample_parts, plan, S, cols))
-        if len(ys) < max(s.distill_folds, 3):
-            raise RuntimeError(f"distilled: {len(ys)} scorable sample rows; raise score.distill_sample_min")
-        reg, cv = fit_regressor(
-            Xs, ys, s.distill_folds, s.distill_seed, s.gate_top_fraction, s.distill_ood_factor
-        )
-        reg.meta = {
-            "fingerprint": reg_fp,
-            "model_fingerprint": identity["model_fingerprint"],
-            "heads": identity["heads"],
-            "probe_gradient": identity["probe_gradient"],
-            "sample_seed": s.distill_seed,
-            "layer": plan.distill_layer,
-            "regressor": "ridge (dual, strength by k-fold Spearman) on z-scored mean / position-weighted "
-            "mean / log-length features",
-            "features": int(Xs.shape[1]),
-            "kfold": cv,
-        }
-        tmp = saved.with_name(f".{saved.name}.tmp")
-        tmp.write_bytes(reg.to_bytes())
-        os.replace(tmp, saved)
-    audit = {"rows": 0}
-    if A:
-        Xa, ya, _ = _exact_xy(_read_parts(sample_parts, plan, A, cols))
-        if len(ya):
-            pa_, _, ood_a = reg.predict(Xa)
-            audit = {
-                "rows": len(ya),
-                "spearman": spearman(ya, pa_),
-                "top_recall": top_recall(ya, pa_, s.gate_top_fraction),
-                "ood": int(ood_a.sum()),
-            }
+    reg, cv = _fit_stage(run, REGRESSOR_FILE, reg_fp, reader(S, FEATURES_COL), s, {**meta, "layer": l_f})
+    audit = _audit(reg, reader(A, FEATURES_COL), s) if A else {"rows": 0}
     verdict = gate(cv, audit, s)
+    cascade_fid = None
+    if l_c is not None:
+        reg2_fp = _hash([reg_fp, "cascade", l_c])
+        reg2, cv2 = _fit_stage(
+            run, CASCADE_REGRESSOR_FILE, reg2_fp, reader(S, CASCADE_FEATURES_COL), s, {**meta, "layer": l_c}
+        )
+        audit2 = _audit(reg2, reader(A, CASCADE_FEATURES_COL), s) if A else {"rows": 0}
+        cascade_fid = {
+            "layer": l_c,
+            "fraction": s.distill_cascade_fraction,
+            "kfold": cv2,
+            "audit": audit2,
+            "gate": gate(cv2, audit2, s),
+            "regressor": reg2.meta,
+        }
     wall["fit"] = time.perf_counter() - t
     fallback = not verdict["passed"] and s.gate_fallback == "exact"
     if not verdict["passed"]:
@@ -606,6 +727,21 @@ def run_distilled(cfg, plan, store, todo: dict, on_shard_done, wall: dict):
         print(
             f"score: WARNING fidelity gate failed ({'; '.join(verdict['failed'])}); fallback={s.gate_fallback}"
         )
+    use_cascade = cascade_fid is not None and not fallback
+    if use_cascade and not cascade_fid["gate"]["passed"]:
+        failed = "; ".join(cascade_fid["gate"]["failed"])
+        use_cascade = s.gate_fallback == "warn"
+        log.warning("distilled: the cascade's (layer %d) fidelity gate FAILED (%s)", l_c, failed)
+        print(
+            f"score: WARNING the cascade's fidelity gate failed ({failed}); "
+            + (
+                "continuing with it (score.gate_fallback=warn)"
+                if use_cascade
+                else "the band from stage 1 alone"
+            )
+        )
+    if cascade_fid is not None:
+        cascade_fid["used"] = use_cascade
 
     # bulk: predicted (or, after a failed gate with fallback exact, exact) scores for every other row
     if fallback:
@@ -616,47 +752,77 @@ def run_distilled(cfg, plan, store, todo: dict, on_shard_done, wall: dict):
         )
     bulk_parts = _run_pass(cfg, plan, dups, probe_gradient, bulk, wall)
 
-    # refine: the predicted top band (+ OOD rows) scored exactly
+    # cascade: the stage-1 predicted top distill_cascade_fraction re-predicted from layer l_c
+    cascade_picks: dict[int, np.ndarray] = {}
+    cascade_parts = None
     refine_picks: dict[int, np.ndarray] = {}
     n_ood = 0
     if not fallback:
-        table = _read_parts(bulk_parts, plan, rest, ["reason", "score", OOD_COL])
-        ok = table.column("reason").is_null().to_numpy(zero_copy_only=False)
-        pred = np.where(ok, table.column("score").to_numpy(zero_copy_only=False), -np.inf)
-        sid, row = table.column("_shard").to_numpy(), table.column("_row").to_numpy()
-        ood = table.column(OOD_COL).to_numpy(zero_copy_only=False) & ok
+        p1 = _predictions(bulk_parts, plan, rest)
+        order = np.argsort(-p1["pred"], kind="stable")  # stage 1's ranking
+        in_cascade = np.zeros(len(order), dtype=bool)
+        ood = p1["ood"]
+        if use_cascade:
+            n_c = min(int(round(s.distill_cascade_fraction * n_rows)), int(p1["ok"].sum()))
+            in_cascade[order[:n_c]] = True
+            cascade_picks = _picks_of(p1["sid"], p1["row"], in_cascade)
+            cascade = passes["cascade"] = _Pass(
+                "cascade",
+                "predict",
+                cascade_picks,
+                _hash([reg2_fp, bulk.fingerprint, _positions_hash(cascade_picks), "predict"]),
+                regressor=reg2.to_bytes(),
+                layer=l_c,
+            )
+            if cascade_picks:
+                cascade_parts = _run_pass(cfg, plan, dups, probe_gradient, cascade, wall)
+                p2 = _predictions(cascade_parts, plan, cascade_picks)
+                at = np.searchsorted(_key(p1["sid"], p1["row"]), _key(p2["sid"], p2["row"]))
+                p1["pred"][at] = p2["pred"]  # the parts are read in (shard, row) order: keys sorted
+                ood = ood.copy()
+                ood[at] |= p2["ood"]
+        # refine: the top band of the cascaded ranking (the cascade's rows first, by stage 2; then the
+        # others by stage 1) + the OOD rows, scored exactly
         n_ood = int(ood.sum())
-        k = min(int(round(s.refine_fraction * n_rows)), int(ok.sum()))
-        chosen = np.zeros(len(pred), dtype=bool)
-        if k > 0:
-            chosen[np.argsort(-pred, kind="stable")[:k]] = True
+        order = np.lexsort((-p1["pred"], ~in_cascade))
+        k = min(int(round(s.refine_fraction * n_rows)), int(p1["ok"].sum()))
+        chosen = np.zeros(len(order), dtype=bool)
+        chosen[order[:k]] = True
         if s.distill_ood_exact:
             chosen |= ood
-        for i in np.unique(sid[chosen]):
-            refine_picks[int(i)] = np.sort(row[chosen & (sid == i)])
+        refine_picks = _picks_of(p1["sid"], p1["row"], chosen)
+    base_fp = passes["cascade"].fingerprint if "cascade" in passes else bulk.fingerprint
     refine = passes["refine"] = _Pass(
-        "refine", "exact", refine_picks, _hash([bulk.fingerprint, _positions_hash(refine_picks)])
+        "refine", "exact", refine_picks, _hash([base_fp, _positions_hash(refine_picks)])
     )
     refine_parts = _run_pass(cfg, plan, dups, probe_gradient, refine, wall) if refine_picks else None
 
     # assemble: per shard, the passes' rows merged by row, through the engine's collector
     t = time.perf_counter()
     collector = ShardCollector(store, plan, todo, cfg.data.id_column, on_shard_done)
-    collector.extra_columns = (SOURCE_COL, OOD_COL)
+    collector.extra_columns = (SOURCE_COL, LAYER_COL, OOD_COL)
     bulk_source = "exact" if fallback else "distilled"
     for sid, shard in todo.items():
         pieces = []
         for parts, picks, src in (
             (bulk_parts, rest, bulk_source),
+            (cascade_parts, cascade_picks, "distilled"),
             (sample_parts, SA, "exact"),
             (refine_parts, refine_picks, "refined"),
         ):
             if parts is None or sid not in picks or not len(picks[sid]):
                 continue
             tb = parts.read(shard.key)
-            if FEATURES_COL in tb.column_names:
-                tb = tb.drop_columns([FEATURES_COL])
-            pieces.append(tb.append_column(SOURCE_COL, pa.array([src] * tb.num_rows, pa.string())))
+            tb = tb.drop_columns([c for c in (FEATURES_COL, CASCADE_FEATURES_COL) if c in tb.column_names])
+            rows = tb.column("_row").to_numpy()
+            if parts is sample_parts or fallback:
+                layer = np.zeros(len(rows), dtype=np.int16)
+                valid = np.zeros(len(rows), dtype=bool)
+            else:  # which stage ranked the row: l_c for the cascade's rows, l_f for the others
+                layer = np.where(np.isin(rows, cascade_picks.get(sid, ())), l_c or 0, l_f).astype(np.int16)
+                valid = np.ones(len(rows), dtype=bool)
+            tb = tb.append_column(SOURCE_COL, pa.array([src] * tb.num_rows, pa.string()))
+            pieces.append(tb.append_column(LAYER_COL, pa.array(layer, mask=~valid)))
         merged = _merge_by_row(pieces)
         collector.add(merged)
     collector.check_complete()
@@ -665,12 +831,14 @@ def run_distilled(cfg, plan, store, todo: dict, on_shard_done, wall: dict):
     fidelity = {
         "strategy": "distilled",
         "reason": plan.strategy_reason,
-        "layer": plan.distill_layer,
+        "layer": l_f,
         "sample_rows": int(sum(len(r) for r in S.values())),
         "audit_rows_picked": int(sum(len(r) for r in A.values())),
         "kfold": cv,
         "audit": audit,
         "gate": verdict,
+        "cascade": cascade_fid,
+        "cascade_rows": int(sum(len(r) for r in cascade_picks.values())),
         "refine_rows": int(sum(len(r) for r in refine_picks.values())),
         "ood_rows": n_ood,
         "score_source": sources,
@@ -678,7 +846,10 @@ def run_distilled(cfg, plan, store, todo: dict, on_shard_done, wall: dict):
     }
     run.path(FIDELITY_FILE).write_text(json.dumps(fidelity, indent=1))
     stats = {
-        "passes": {name: {"mode": p.mode, **p.stats} for name, p in passes.items()},
+        "passes": {
+            name: {"mode": p.mode, "layer": (p.layer or l_f) if p.mode == "predict" else None, **p.stats}
+            for name, p in passes.items()
+        },
         "fit_s": wall["fit"],
     }
     return collector, stats

@@ -31,6 +31,8 @@ DISTILL_FIELDS = (
     "distill_layer",
     "distill_seed",
     "distill_folds",
+    "distill_cascade_layer",
+    "distill_cascade_fraction",
     "refine_fraction",
     "gate_min_spearman",
     "gate_min_recall",
@@ -63,6 +65,7 @@ class ScorePlan:
     distill_layer: int | None = None  # distilled: l_f, the layer the truncated forward stops at
     # Several targets in one pass (scoring/targets.py): {name: {cfg, heads, probe_rows, gradient_fingerprint}}
     targets: dict = field(default_factory=dict)
+    cascade_layer: int | None = None  # distilled: l_c, the cascade's layer (None: no cascade)
 
 
 def _context_length(hf_config) -> int | None:
@@ -88,7 +91,7 @@ def pick_demos(probe_rows: list[dict], k: int, seed: int) -> list[dict]:
 def plan_score(cfg: P2DConfig) -> ScorePlan:
     """Resolve and check model, heads, corpus and prompt format. Raises ValueError before any work."""
     from p2d_ray.models.loading import resolve_path
-    from p2d_ray.scoring.distill import distill_layer
+    from p2d_ray.scoring.distill import cascade_layer, distill_layer
 
     d, s = cfg.data, cfg.score
     model = _check_model(cfg)
@@ -142,13 +145,14 @@ def plan_score(cfg: P2DConfig) -> ScorePlan:
         strategy,
         why,
         distill_layer(s, model.hf_config) if strategy == "distilled" else None,
+        cascade_layer=cascade_layer(s, model.hf_config) if strategy == "distilled" else None,
     )
 
 
 def resolve_strategy(s, n_rows: int, hf_config) -> tuple[str, str]:
     """``score.strategy`` -> (exact | distilled, why). auto: distilled from ``distill_min_rows`` rows up; a
     distilled run whose sample would be the whole corpus is exact (the same scores, without the detour)."""
-    from p2d_ray.scoring.distill import distill_layer, sample_size
+    from p2d_ray.scoring.distill import cascade_layer, distill_layer, sample_size
 
     if s.strategy == "exact":
         return "exact", "score.strategy=exact"
@@ -173,10 +177,11 @@ def resolve_strategy(s, n_rows: int, hf_config) -> tuple[str, str]:
             "exact",
             f"{n_rows:,} rows: the distilled sample ({n_sample:,} + audit) would be the whole corpus",
         )
-    layer = distill_layer(s, hf_config)
+    layer, l_c = distill_layer(s, hf_config), cascade_layer(s, hf_config)
+    cascade = f", its top {s.distill_cascade_fraction:.0%} again from layer {l_c}" if l_c is not None else ""
     return "distilled", (
         f"score.strategy={s.strategy}: {n_rows:,} rows, {n_sample:,} scored exactly (+{s.distill_audit_rows} "
-        f"audit), the rest predicted from layer {layer}"
+        f"audit), the rest predicted from layer {layer}{cascade}"
     )
 
 
