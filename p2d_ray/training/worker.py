@@ -47,6 +47,9 @@ def _setup_env(use_gpu: bool) -> None:
     # Everything else (caches, offline switches) arrives through the job's runtime_env (p2d_ray.runtime).
     # Must precede the first `import deepspeed` in this process: it picks its accelerator at import.
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")
+    from p2d_ray.assets.cache import use_this_environments_ninja
+
+    use_this_environments_ninja()  # the op is built once, not again by whichever ninja PATH finds first
 
 
 def deepspeed_config(cfg: P2DConfig, world_size: int, bf16: bool) -> dict:
