@@ -28,6 +28,7 @@ from p2d_ray.scoring.distill import (
     fit_regressor,
     pick_rows,
     pool_features,
+    pool_features_all,
     spearman,
     truncated_hidden,
     truncated_hiddens,
@@ -63,6 +64,15 @@ def test_truncated_forward_equals_full_models_hidden_state(tiny3):
     torch.testing.assert_close(h2, ref[2], rtol=0, atol=1e-6)
     f = pool_features(h1, mask)
     assert f.shape == (3, 2 * h1.shape[-1] + 1)
+    lm = torch.zeros_like(mask)
+    lm[:, 4:7] = 1  # the response tokens
+    fa = pool_features_all(h1, mask, lm)  # the cascade's: + response-token mean, last token
+    e = h1.shape[-1]
+    torch.testing.assert_close(fa[:, : 2 * e + 1], f)
+    torch.testing.assert_close(fa[1, 2 * e + 1 : 3 * e + 1], h1[1, 4:7].mean(0))
+    torch.testing.assert_close(fa[1, 3 * e + 1 :], h1[1, 6]) and torch.testing.assert_close(
+        fa[0, -e:], h1[0, 10]
+    )
     torch.testing.assert_close(f[1, : h1.shape[-1]], h1[1, :7].mean(0))
     assert float(f[1, -1]) == pytest.approx(np.log(7))
 
@@ -88,6 +98,10 @@ def test_ridge_recovers_a_linear_score_and_round_trips():
     assert spearman(Xt[:, :3] @ np.array([1.0, -2.0, 0.5]), pred) > 0.9
     assert not ood.any()
     assert reg.predict(Xt * 20)[2].all(), "rows far from the sample are flagged"
+    # block-balanced: each z-scored block weighted 1 / sqrt(width), i.e. its std scaled by sqrt(width)
+    regb, cvb = fit_regressor(X, y, folds=5, seed=0, top_fraction=0.1, ood_factor=1.5, blocks=[3, 37])
+    np.testing.assert_allclose(regb.std, reg.std * np.r_[np.full(3, np.sqrt(3)), np.full(37, np.sqrt(37))])
+    assert cvb["spearman"] > 0.9
 
 
 def test_strategy_resolution_keeps_the_demo_exact():
@@ -306,7 +320,8 @@ def test_gate_falls_back_to_exact_on_a_corpus_that_defeats_the_regressor(
     corpus.mkdir()
     pq.write_table(pa.Table.from_pylist(rows), corpus / "a.parquet", row_group_size=30)
     run = tmp_path / "run"
-    out = run_score(_cfg(run, tiny_llama, corpus, probe, gate_fallback="exact"))
+    # (2 layers: no room for a cascade; the default layer round(L / 2) = l_f turns it off)
+    out = run_score(_cfg(run, tiny_llama, corpus, probe, gate_fallback="exact", distill_cascade_layer=None))
     assert out["strategy"] == "distilled"
     fid = json.loads((run / "score_summary.json").read_text())["distilled"]
     assert not fid["gate"]["passed"] and fid["gate"]["fallback"] == "exact", fid

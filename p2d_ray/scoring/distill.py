@@ -185,6 +185,33 @@ def pool_features(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.T
     return torch.cat([mean, wmean, n.log()[:, None]], dim=1)
 
 
+# The cascade's second stage pools more: + the mean over the response tokens and the last token's state,
+# each pool's block weighted 1 / sqrt(its width) ("block-balanced"). Offline at layer 15 this beat the three
+# engine pools at every refine band (nine SmolLM2 corpora and the 3,000-row arithmetic draw: -0.04 against
+# -0.06 at r = 0.05; RESULTS.md Session 11 and Session 12, issue 24).
+CASCADE_POOLING = "all"
+
+
+def pool_features_all(
+    hidden: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor
+) -> torch.Tensor:
+    """``[B, T, E]`` -> ``[B, 4E + 1]``: :func:`pool_features` (mean, position-weighted mean, log length),
+    the mean over the response tokens (``loss_mask``) and the last real token's state (right padding)."""
+    h = hidden.to(torch.float32)
+    lm = loss_mask.to(torch.float32)
+    resp = (h * lm[..., None]).sum(1) / lm.sum(1).clamp(min=1)[:, None]
+    last = h[torch.arange(len(h), device=h.device), (attention_mask.sum(1) - 1).clamp(min=0)]
+    return torch.cat([pool_features(hidden, attention_mask), resp, last], dim=1)
+
+
+def pool_blocks(d: int, pooling: str) -> list[int] | None:
+    """The widths of a feature vector's pool blocks (for block balancing), or None: not balanced."""
+    if pooling != "all":
+        return None
+    e = (d - 1) // 4
+    return [e, e, 1, e, e]
+
+
 # -- the regressor --------------------------------------------------------------------------------
 def ranks(x: np.ndarray) -> np.ndarray:
     order = np.argsort(x, kind="stable")
@@ -256,13 +283,25 @@ class Regressor:
 
 
 def fit_regressor(
-    X: np.ndarray, y: np.ndarray, folds: int, seed: int, top_fraction: float, ood_factor: float
+    X: np.ndarray,
+    y: np.ndarray,
+    folds: int,
+    seed: int,
+    top_fraction: float,
+    ood_factor: float,
+    blocks: list[int] | None = None,
 ) -> tuple[Regressor, dict]:
     """Ridge on z-scored features and scores, strength chosen by k-fold held-out Spearman (pooled
-    out-of-fold predictions). Returns the regressor fitted on all rows and the k-fold figures."""
+    out-of-fold predictions). Returns the regressor fitted on all rows and the k-fold figures. ``blocks``:
+    the widths of the features' pool blocks, each z-scored block then weighted 1 / sqrt(width) (folded into
+    the regressor's ``std``)."""
     X = X.astype(np.float64)
     mean, std = X.mean(0), X.std(0)
     std[std < 1e-8] = 1.0
+    if blocks is not None:
+        if sum(blocks) != X.shape[1]:
+            raise ValueError(f"pool blocks {blocks} do not add up to {X.shape[1]} features")
+        std = std * np.concatenate([np.full(b, np.sqrt(b)) for b in blocks])
     Z = (X - mean) / std
     y_mean, y_std = float(y.mean()), float(y.std()) or 1.0
     yz = (y - y_mean) / y_std
@@ -324,11 +363,19 @@ class DistillActor(ScorerActor):
     regressor's prediction as ``score`` and the ``ood`` flag."""
 
     def __init__(
-        self, mode: str, layer: int, features: bool, regressor: list | None, cascade_layer=None, **kw
+        self,
+        mode: str,
+        layer: int,
+        features: bool,
+        regressor: list | None,
+        cascade_layer=None,
+        pooling: str = "engine",
+        **kw,
     ):
         super().__init__(**kw)
         self.mode, self.layer, self.want_features = mode, layer, features
         self.layers = [layer] + ([cascade_layer] if cascade_layer and mode == "exact" and features else [])
+        self.poolings = [pooling, CASCADE_POOLING][: len(self.layers)]  # per layer
         self.reg = None
         if regressor:
             import ray
@@ -351,7 +398,11 @@ class DistillActor(ScorerActor):
                 t = collate_arrow(batch.column("input_ids"), batch.column("loss_mask"), idx, self.pad_id)
                 ids, mask = t["input_ids"].to(self.device), t["attention_mask"].to(self.device)
                 hs = truncated_hiddens(self.model, ids, mask, self.layers)
-                fs = [pool_features(h, mask).cpu().numpy() for h in hs]
+                lm = t["loss_mask"].to(self.device)
+                fs = [
+                    (pool_features_all(h, mask, lm) if how == "all" else pool_features(h, mask)).cpu().numpy()
+                    for h, how in zip(hs, self.poolings, strict=True)
+                ]
                 if feats is None:
                     feats = [np.full((batch.num_rows, f.shape[1]), np.nan, dtype=np.float32) for f in fs]
                 for out, f in zip(feats, fs, strict=True):
@@ -489,6 +540,7 @@ class _Pass:
     regressor: bytes | None = None
     stats: dict = field(default_factory=dict)
     layer: int | None = None  # the truncated forward's layer (None: the plan's l_f)
+    pooling: str = "engine"  # predict mode: the features' pools (pool_features; "all": pool_features_all)
     cascade_layer: int | None = None  # features=True: also write the sample's features at this layer
 
 
@@ -528,6 +580,7 @@ def _run_pass(cfg, plan, dups, probe_gradient, p: _Pass, wall: dict) -> Parts:
             "mode": p.mode,
             "layer": p.layer or plan.distill_layer,
             "cascade_layer": p.cascade_layer,
+            "pooling": p.pooling,
             "features": p.features,
             "regressor": reg_ref,
             "model_json": plan.model_json,
@@ -586,7 +639,9 @@ def _union(*ps: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
     return out
 
 
-def _fit_stage(run, name: str, fp: str, read, s, meta: dict) -> tuple[Regressor, dict]:
+def _fit_stage(
+    run, name: str, fp: str, read, s, meta: dict, pooling: str = "engine"
+) -> tuple[Regressor, dict]:
     """Fit (or, on a resumed run with the same fingerprint, load) one stage's regressor on S."""
     saved = run.path(name)
     reg = Regressor.from_bytes(saved.read_bytes()) if saved.is_file() else None
@@ -595,14 +650,16 @@ def _fit_stage(run, name: str, fp: str, read, s, meta: dict) -> tuple[Regressor,
     Xs, ys, _ = read()
     if len(ys) < max(s.distill_folds, 3):
         raise RuntimeError(f"distilled: {len(ys)} scorable sample rows; raise score.distill_sample_min")
+    blocks = pool_blocks(Xs.shape[1], pooling)
     reg, cv = fit_regressor(
-        Xs, ys, s.distill_folds, s.distill_seed, s.gate_top_fraction, s.distill_ood_factor
+        Xs, ys, s.distill_folds, s.distill_seed, s.gate_top_fraction, s.distill_ood_factor, blocks
     )
     reg.meta = {
         "fingerprint": fp,
         **meta,
         "regressor": "ridge (dual, strength by k-fold Spearman) on z-scored mean / position-weighted "
-        "mean / log-length features",
+        "mean / log-length features"
+        + (", response-token mean and last token, each block weighted 1 / sqrt(width)" if blocks else ""),
         "features": int(Xs.shape[1]),
         "kfold": cv,
     }
@@ -673,7 +730,7 @@ def run_distilled(cfg, plan, store, todo: dict, on_shard_done, wall: dict):
     score_id.pop("distill_cascade_layer", None), score_id.pop("distill_cascade_fraction", None)
     sample_id = {**identity, "score": score_id, "S": _positions_hash(S), "A": _positions_hash(A)}
     if l_c is not None:
-        sample_id["cascade_layer"] = l_c
+        sample_id["cascade_layer"], sample_id["cascade_pooling"] = l_c, CASCADE_POOLING
     sample_fp = _hash(sample_id)
 
     probe_gradient, dups = _start_pass(cfg, plan, wall)
@@ -701,9 +758,15 @@ def run_distilled(cfg, plan, store, todo: dict, on_shard_done, wall: dict):
     verdict = gate(cv, audit, s)
     cascade_fid = None
     if l_c is not None:
-        reg2_fp = _hash([reg_fp, "cascade", l_c])
+        reg2_fp = _hash([reg_fp, "cascade", l_c, CASCADE_POOLING])
         reg2, cv2 = _fit_stage(
-            run, CASCADE_REGRESSOR_FILE, reg2_fp, reader(S, CASCADE_FEATURES_COL), s, {**meta, "layer": l_c}
+            run,
+            CASCADE_REGRESSOR_FILE,
+            reg2_fp,
+            reader(S, CASCADE_FEATURES_COL),
+            s,
+            {**meta, "layer": l_c, "pooling": CASCADE_POOLING},
+            CASCADE_POOLING,
         )
         audit2 = _audit(reg2, reader(A, CASCADE_FEATURES_COL), s) if A else {"rows": 0}
         cascade_fid = {
@@ -773,6 +836,7 @@ def run_distilled(cfg, plan, store, todo: dict, on_shard_done, wall: dict):
                 _hash([reg2_fp, bulk.fingerprint, _positions_hash(cascade_picks), "predict"]),
                 regressor=reg2.to_bytes(),
                 layer=l_c,
+                pooling=CASCADE_POOLING,
             )
             if cascade_picks:
                 cascade_parts = _run_pass(cfg, plan, dups, probe_gradient, cascade, wall)
