@@ -40,8 +40,7 @@ def main(argv=None) -> dict:
     from p2d_ray.data.io import read_rows
     from p2d_ray.heads.headset import HeadSet
     from p2d_ray.models.loading import load_model, load_tokenizer
-    from p2d_ray.scoring.gradient import ProbeGradient, RowGradients
-    from p2d_ray.scoring.targets import MultiRowGradients
+    from p2d_ray.scoring.gradient import MultiRowGradients, ProbeGradient, RowGradients
     from p2d_ray.training.deltas import plan_head_deltas
 
     torch.set_num_threads(1)

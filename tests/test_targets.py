@@ -49,7 +49,7 @@ def _cfg(run_dir, model, d, targets=True, **extra):
         "data": {"corpus_path": str(d / "corpus"), "max_length": 64},
         "localize": {"top_k": 2, "batch_size": 4},
         "score": {"scorer": "gradient_alignment", **knobs},
-        "select": {"fraction": 0.25},
+        "select": {"fraction": 0.25, "rule": "relevance"},  # the subset checks below: the plain top k
     }
     if targets:
         base["targets"] = [

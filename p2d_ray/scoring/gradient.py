@@ -230,8 +230,9 @@ class HeadShift:
                     w.index_copy_(dim, idx, orig)
 
 
-class RowGradients:
-    """Each row's ``<g_i, G>`` and ``|g_i|^2`` in the head subspace from one batched forward + backward.
+class MultiRowGradients:
+    """Each row's ``<g_i, G_t>`` and ``|g_i^t|^2`` for every target ``t`` (its heads ``H_t``, its unit probe
+    gradient ``G_t``) from ONE batched forward + backward over the union of the targets' head subspaces.
 
     A projection ``y = x W^T`` (or Conv1D's ``x W``) seen by row ``i`` over its tokens ``t``: with
     ``x [B, T, in]`` its input and ``delta [B, T, out] = dL/dy`` (rows do not interact, so the gradient of
@@ -239,45 +240,75 @@ class RowGradients:
     head-delta layout is
         rows (q, k, v rows r):  ``P_i = sum_t delta[i, t, r]^T x[i, t]``          ``[|r|, in]``
         cols (o_proj cols c):   ``P_i = sum_t delta[i, t]^T x[i, t, c]``          ``[out, |c|]``
-    so ``<g_i, G> = sum_modules <P_i, G_module>`` and ``|g_i|^2 = sum_modules |P_i|^2``. ``P`` is formed in the
-    backward hook of each projection and dropped at once (``B x |r| x in`` floats: ~2 MB per head at B=16 on
-    SmolLM2), a few percent of the forward's work; no ``[B, T, out]`` gradient is kept past its layer.
+    with ``r`` / ``c`` the union of the targets' rows / columns of that module. Target ``t`` reads its own
+    coordinates: ``<g_i, G_t> = sum_modules <P_i[H_t], G_t,module>``, ``|g_i^t|^2 = sum_modules |P_i[H_t]|^2``
+    (a target whose coordinates are the module's whole union reads ``P_i`` itself, no copy: always so with
+    one target). ``P`` is formed in the backward hook of each projection and dropped at once
+    (``B x |r| x in`` floats: ~2 MB per head at B=16 on SmolLM2), a few percent of the forward's work; no
+    ``[B, T, out]`` gradient is kept past its layer.
 
-    Autograd starts at the input of layer ``l_min`` (a pre-hook makes it require grad) and no parameter
-    requires grad during the pass, so the lower layers build no graph and the backward computes activation
-    gradients only.
+    Autograd starts at the input of the union's lowest layer (a pre-hook makes it require grad) and no
+    parameter requires grad during the pass, so the lower layers build no graph and the backward computes
+    activation gradients only. ``feature_layer``: also keep the residual stream after decoder layer
+    ``feature_layer - 1``, pooled (``distill.pool_features``), as ``self.features`` ``[B, D]`` -- the distilled
+    strategy's features, taken from this very forward (stored for targets added later, scoring/targets.py).
     """
 
-    def __init__(self, model: nn.Module, pg: ProbeGradient):
+    def __init__(
+        self, model: nn.Module, gradients: dict[str, ProbeGradient], feature_layer: int | None = None
+    ):
         modules = dict(model.named_modules())
+        layers = decoder_layers(model)
         self.model = model
-        self.first = decoder_layers(model)[pg.first_layer]
-        self._parts = []  # (module, axis, index [r], G [Δ shape] fp32)
-        for spec in pg.specs:
-            module = modules.get(spec.module_name)
+        self.feature_at = layers[feature_layer - 1] if feature_layer else None
+        self.features = None
+        self.names = list(gradients)
+        self.first = layers[min(pg.first_layer for pg in gradients.values())]
+        union: dict[str, tuple[str, set[int]]] = {}
+        for pg in gradients.values():
+            for spec in pg.specs:
+                axis, idx = union.setdefault(spec.module_name, (spec.axis, set()))
+                if axis != spec.axis:
+                    raise ValueError(f"{spec.module_name}: targets disagree on its delta axis")
+                idx.update(spec.index)
+        # (module, axis, union index, [(target position k, its positions in the union or None = all, G_t)])
+        self._parts = []
+        for name, (axis, idx) in union.items():
+            module = modules.get(name)
             if module is None:
-                raise ValueError(
-                    f"probe gradient targets {spec.module_name!r}, which this model does not have"
-                )
+                raise ValueError(f"probe gradient targets {name!r}, which this model does not have")
             device = module.weight.device
-            idx = torch.tensor(spec.index, dtype=torch.long, device=device)
+            index = sorted(idx)
+            where = {f: i for i, f in enumerate(index)}
+            per_target = []
+            for k, pg in enumerate(gradients.values()):
+                for spec in pg.specs:
+                    if spec.module_name == name:
+                        pos = None
+                        if list(spec.index) != index:
+                            pos = torch.tensor(
+                                [where[f] for f in spec.index], dtype=torch.long, device=device
+                            )
+                        per_target.append((k, pos, pg.direction[name].to(device, torch.float32)))
             self._parts.append(
-                (module, spec.axis, idx, pg.direction[spec.module_name].to(device, torch.float32))
+                (module, axis, torch.tensor(index, dtype=torch.long, device=device), per_target)
             )
 
     def __call__(self, batch: dict[str, torch.Tensor], chunk_tokens: int = 1024):
-        """``(mean loss [B], target tokens [B], <g_i, G> [B], |g_i|^2 [B])`` for a collated batch."""
+        """``(mean loss [B], target tokens [B], dot [K, B], sq [K, B], union sq [B])``; with one target the
+        union's ``|P_i|^2`` is its own ``sq[0]``."""
         ids, am, lm = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
-        B = ids.shape[0]
-        dot = torch.zeros(B, dtype=torch.float64, device=ids.device)
-        sq = torch.zeros(B, dtype=torch.float64, device=ids.device)
+        B, K = ids.shape[0], len(self.names)
+        dot = torch.zeros(K, B, dtype=torch.float64, device=ids.device)
+        sq = torch.zeros(K, B, dtype=torch.float64, device=ids.device)
+        union_sq = torch.zeros(B, dtype=torch.float64, device=ids.device) if K > 1 else None
 
         def start_graph(module, args, kwargs):
             if args:
                 return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach().requires_grad_(True)}
 
-        def capture(axis: str, idx: torch.Tensor, g: torch.Tensor):
+        def capture(axis: str, idx: torch.Tensor, per_target):
             # Forward: keep the input slice the product needs (rows: the whole input, a view autograd keeps
             # anyway; cols: the selected input features). Backward: form the per-row slice gradient at once and
             # fold it into dot / sq, so no [B, T, out] gradient outlives its layer's backward.
@@ -288,9 +319,15 @@ class RowGradients:
                 def on_grad(delta):  # delta [B, T, out] = dL/dy
                     d = delta.detach().float()
                     d = d.index_select(-1, idx) if axis == "rows" else d  # [B, T, out']
-                    per_row = torch.einsum("bto,bti->boi", d, x.float())  # [B, out', in']: the Δ layout
-                    dot.add_((per_row * g).sum(dim=(1, 2)).double())
-                    sq.add_(per_row.square().sum(dim=(1, 2)).double())
+                    per_row = torch.einsum("bto,bti->boi", d, x.float())  # [B, out', in'] on the union
+                    if union_sq is not None:
+                        union_sq.add_(per_row.square().sum(dim=(1, 2)).double())
+                    for k, pos, g in per_target:
+                        own = (
+                            per_row if pos is None else per_row.index_select(1 if axis == "rows" else 2, pos)
+                        )
+                        dot[k].add_((own * g).sum(dim=(1, 2)).double())  # target t's Δ layout
+                        sq[k].add_(own.square().sum(dim=(1, 2)).double())
 
                 y = output[0] if isinstance(output, tuple) else output
                 y.register_hook(on_grad)
@@ -299,7 +336,16 @@ class RowGradients:
 
         params = [(p, p.requires_grad) for p in self.model.parameters()]
         handles = [self.first.register_forward_pre_hook(start_graph, with_kwargs=True)]
-        handles += [m.register_forward_hook(capture(axis, idx, g)) for m, axis, idx, g in self._parts]
+        handles += [m.register_forward_hook(capture(axis, idx, pt)) for m, axis, idx, pt in self._parts]
+        self.features = None
+        if self.feature_at is not None:
+            from p2d_ray.scoring.distill import pool_features
+
+            def keep(module, args, output):
+                hidden = output[0] if isinstance(output, tuple) else output
+                self.features = pool_features(hidden.detach(), am)
+
+            handles.append(self.feature_at.register_forward_hook(keep))
         try:
             for p, _ in params:
                 p.requires_grad_(False)
@@ -312,7 +358,21 @@ class RowGradients:
             for p, flag in params:
                 p.requires_grad_(flag)
         # A slice whose output never reaches the loss gets no gradient hook call: it adds 0, as it should.
-        return loss.mean.detach(), loss.n_tokens, dot.float(), sq.float()
+        union_sq = sq[0] if union_sq is None else union_sq
+        return loss.mean.detach(), loss.n_tokens, dot.float(), sq.float(), union_sq.float()
+
+
+class RowGradients(MultiRowGradients):
+    """One target's :class:`MultiRowGradients` (the single-target exact scorer's compass): each row's
+    ``<g_i, G>`` and ``|g_i|^2`` in the head subspace from one batched forward + backward."""
+
+    def __init__(self, model: nn.Module, pg: ProbeGradient):
+        super().__init__(model, {"": pg})
+
+    def __call__(self, batch: dict[str, torch.Tensor], chunk_tokens: int = 1024):
+        """``(mean loss [B], target tokens [B], <g_i, G> [B], |g_i|^2 [B])`` for a collated batch."""
+        loss, n_tokens, dot, sq, _ = super().__call__(batch, chunk_tokens)
+        return loss, n_tokens, dot[0], sq[0]
 
 
 def check_alignment(method: str, normalize: str) -> None:

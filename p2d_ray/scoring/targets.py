@@ -2,9 +2,10 @@
 
 Every target ``t`` has its own heads ``H_t`` (``targets/<t>/heads.json``) and its own unit probe gradient
 ``G_t`` in ``H_t``'s head-delta subspace. One forward + ONE backward per row over the union of the targets'
-heads gives the row's per-row gradient slice ``P_i`` on the union's coordinates (``RowGradients``' hooks,
-on every projection any target touches); each target's alignment is then read off ``P_i`` restricted to its
-own coordinates:
+heads gives the row's per-row gradient slice ``P_i`` on the union's coordinates
+(``gradient.MultiRowGradients``, whose one-target case is the single-target scorer's ``RowGradients``: the same
+hooks, on every projection any target touches); each target's alignment is then read off ``P_i`` restricted to
+its own coordinates:
 
     d_i^t = <P_i[H_t], G_t>,   |g_i^t|^2 = |P_i[H_t]|^2,   score__t = d_i^t / |g_i^t|  (cosine)
 
@@ -40,10 +41,8 @@ import torch
 from torch import nn
 
 from p2d_ray.heads.headset import HeadSet
-from p2d_ray.models.geometry import decoder_layers
-from p2d_ray.models.loss import hidden_states, loss_from_hidden
 from p2d_ray.scoring.actor import FEATURES_COL
-from p2d_ray.scoring.gradient import DERIVATIVE_COL, GRAD_NORM_COL, ProbeGradient
+from p2d_ray.scoring.gradient import DERIVATIVE_COL, GRAD_NORM_COL, MultiRowGradients, ProbeGradient
 from p2d_ray.scoring.scorers import EPS, ScoreOutput
 
 log = logging.getLogger("p2d_ray.score")
@@ -57,105 +56,6 @@ def score_col(name: str) -> str:
 def target_columns(names) -> tuple[str, ...]:
     """The per-target columns of the shared scores files, in target order."""
     return tuple(c for n in names for c in (score_col(n), f"{DERIVATIVE_COL}__{n}", f"{GRAD_NORM_COL}__{n}"))
-
-
-class MultiRowGradients:
-    """Per target ``(<P_i[H_t], G_t>, |P_i[H_t]|^2)`` for every row of a batch from one forward + backward
-    over the union of the targets' head subspaces (see the module docstring; one target = ``RowGradients``)."""
-
-    def __init__(
-        self, model: nn.Module, gradients: dict[str, ProbeGradient], feature_layer: int | None = None
-    ):
-        modules = dict(model.named_modules())
-        self.model = model
-        # the residual stream after decoder layer feature_layer - 1, pooled (distill.pool_features): the
-        # distilled strategy's features, taken from this very forward for targets added later
-        self.feature_at = decoder_layers(model)[feature_layer - 1] if feature_layer else None
-        self.features = None
-        self.names = list(gradients)
-        self.first = decoder_layers(model)[min(pg.first_layer for pg in gradients.values())]
-        union: dict[str, tuple[str, set[int]]] = {}
-        for pg in gradients.values():
-            for spec in pg.specs:
-                axis, idx = union.setdefault(spec.module_name, (spec.axis, set()))
-                if axis != spec.axis:
-                    raise ValueError(f"{spec.module_name}: targets disagree on its delta axis")
-                idx.update(spec.index)
-        self._parts = []  # (module, axis, union index, [(target position k, positions in union, G_t)])
-        for name, (axis, idx) in union.items():
-            module = modules.get(name)
-            if module is None:
-                raise ValueError(f"probe gradient targets {name!r}, which this model does not have")
-            device = module.weight.device
-            index = sorted(idx)
-            where = {f: i for i, f in enumerate(index)}
-            per_target = []
-            for k, pg in enumerate(gradients.values()):
-                for spec in pg.specs:
-                    if spec.module_name == name:
-                        pos = torch.tensor([where[f] for f in spec.index], dtype=torch.long, device=device)
-                        per_target.append((k, pos, pg.direction[name].to(device, torch.float32)))
-            self._parts.append(
-                (module, axis, torch.tensor(index, dtype=torch.long, device=device), per_target)
-            )
-
-    def __call__(self, batch: dict[str, torch.Tensor], chunk_tokens: int = 1024):
-        """``(mean loss [B], target tokens [B], dot [K, B], sq [K, B], union sq [B])``."""
-        ids, am, lm = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
-        B, K = ids.shape[0], len(self.names)
-        dot = torch.zeros(K, B, dtype=torch.float64, device=ids.device)
-        sq = torch.zeros(K, B, dtype=torch.float64, device=ids.device)
-        union_sq = torch.zeros(B, dtype=torch.float64, device=ids.device)
-
-        def start_graph(module, args, kwargs):
-            if args:
-                return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach().requires_grad_(True)}
-
-        def capture(axis: str, idx: torch.Tensor, per_target):
-            def hook(module, args, output):
-                x = args[0].detach()
-                x = x if axis == "rows" else x.index_select(-1, idx)  # [B, T, in']
-
-                def on_grad(delta):  # delta [B, T, out] = dL/dy
-                    d = delta.detach().float()
-                    d = d.index_select(-1, idx) if axis == "rows" else d
-                    per_row = torch.einsum("bto,bti->boi", d, x.float())  # [B, out', in'] on the union
-                    union_sq.add_(per_row.square().sum(dim=(1, 2)).double())
-                    for k, pos, g in per_target:
-                        own = per_row.index_select(1 if axis == "rows" else 2, pos)  # target t's Δ layout
-                        dot[k].add_((own * g).sum(dim=(1, 2)).double())
-                        sq[k].add_(own.square().sum(dim=(1, 2)).double())
-
-                y = output[0] if isinstance(output, tuple) else output
-                y.register_hook(on_grad)
-
-            return hook
-
-        params = [(p, p.requires_grad) for p in self.model.parameters()]
-        handles = [self.first.register_forward_pre_hook(start_graph, with_kwargs=True)]
-        handles += [m.register_forward_hook(capture(axis, idx, pt)) for m, axis, idx, pt in self._parts]
-        self.features = None
-        if self.feature_at is not None:
-            from p2d_ray.scoring.distill import pool_features
-
-            def keep(module, args, output):
-                hidden = output[0] if isinstance(output, tuple) else output
-                self.features = pool_features(hidden.detach(), am)
-
-            handles.append(self.feature_at.register_forward_hook(keep))
-        try:
-            for p, _ in params:
-                p.requires_grad_(False)
-            with torch.enable_grad():
-                loss = loss_from_hidden(self.model, hidden_states(self.model, ids, am), ids, lm, chunk_tokens)
-                loss.mean.sum().backward()
-        finally:
-            for h in handles:
-                h.remove()
-            for p, flag in params:
-                p.requires_grad_(flag)
-        return loss.mean.detach(), loss.n_tokens, dot.float(), sq.float(), union_sq.float()
 
 
 def build_multi_scorer(
