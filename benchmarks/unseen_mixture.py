@@ -15,6 +15,9 @@ Tasks (``task`` column): ``capitals`` (country -> capital), ``letters`` (how man
 ``antonyms``, ``plurals``, ``chat`` (small talk answered by a generic sentence). ``--target`` is
 ``capitals`` or ``letters``: the probe (64 rows) is clean rows of the target, disjoint from the corpus prompts;
 the hidden label ``is_clean_on_task`` (read only by ``report/precision.py``) is true for clean target rows.
+``--targets capitals,letters`` writes one corpus for both (the first target's draw, one label
+``is_clean_on_task_<target>`` per target) and a probe / held-out set per target (``<out>/<target>/``), for
+issue 27's shared pass (``benchmarks/targets_unseen.py``).
 Mixture shares mirror the demo's so the numbers are comparable: target clean 16 %, target wrong 8 %, target
 shuffled 4 %, the other target-capable task 28 % (same corruption shares), the three other tasks 44 %.
 """
@@ -22,7 +25,9 @@ shuffled 4 %, the other target-capable task 28 % (same corruption shares), the t
 from __future__ import annotations
 
 import argparse
+import json
 import random
+import shutil
 from pathlib import Path
 
 from benchmarks import write_data_once
@@ -308,29 +313,44 @@ def _row(rng: random.Random, task: str, quality: str) -> tuple[str, str]:
     return prompt, response
 
 
-def _draw(target: str, n_rows: int, n_probe: int, seed: int, reserve: bool):
-    """(corpus rows, probe rows, held-out rows); ``reserve``: probe and held-out drawn first (own stream)."""
+def _clean_set(task: str, rng: random.Random, n: int, id_start: int, exclude: set[str]) -> list[dict]:
+    """Up to ``n`` clean rows of ``task`` whose prompts are not in ``exclude`` (which grows by theirs)."""
+    out_rows, tries = [], 0
+    while len(out_rows) < n and tries < 100 * n:
+        tries += 1
+        prompt, response = TASKS[task](rng, "clean")
+        if prompt in exclude:
+            continue
+        exclude.add(prompt)
+        out_rows.append(
+            {
+                "id": id_start + len(out_rows),
+                "task": task,
+                "quality": "clean",
+                "prompt": prompt,
+                "response": response,
+                LABEL: True,
+            }
+        )
+    return out_rows
+
+
+def _draw(target: str, n_rows: int, n_probe: int, seed: int, reserve: bool, others: tuple[str, ...] = ()):
+    """(corpus rows, probe rows, held-out rows); ``reserve``: probe and held-out drawn first (own stream).
+    ``others``: further targets whose probe and held-out sets are drawn too, each from its own stream, after
+    the corpus (or first, with ``reserve``); the probe / held-out returned are then ``{target: rows}``."""
     rng = random.Random(seed)
 
     def clean_set(rng: random.Random, n: int, id_start: int, exclude: set[str]) -> list[dict]:
-        out_rows, tries = [], 0
-        while len(out_rows) < n and tries < 100 * n:
-            tries += 1
-            prompt, response = TASKS[target](rng, "clean")
-            if prompt in exclude:
-                continue
-            exclude.add(prompt)
-            out_rows.append(
-                {
-                    "id": id_start + len(out_rows),
-                    "task": target,
-                    "quality": "clean",
-                    "prompt": prompt,
-                    "response": response,
-                    LABEL: True,
-                }
-            )
-        return out_rows
+        return _clean_set(target, rng, n, id_start, exclude)
+
+    def other_sets(exclude: set[str]) -> tuple[dict, dict]:
+        probes, heldouts = {}, {}
+        for t in others:
+            orng = random.Random(f"{seed}-probe-{t}")
+            probes[t] = _clean_set(t, orng, n_probe, 10_000_000, set(exclude))
+            heldouts[t] = _clean_set(t, orng, n_probe, 20_000_000, exclude | {r["prompt"] for r in probes[t]})
+        return probes, heldouts
 
     reserved: set[str] = set()
     if reserve:
@@ -338,6 +358,9 @@ def _draw(target: str, n_rows: int, n_probe: int, seed: int, reserve: bool):
         probe = clean_set(prng, n_probe, 10_000_000, set())
         heldout = clean_set(prng, n_probe, 20_000_000, {r["prompt"] for r in probe})
         reserved = {r["prompt"] for r in probe + heldout}
+        if others:
+            more = other_sets(set())
+            reserved |= {r["prompt"] for sets in more for rows in sets.values() for r in rows}
     cells = []
     for (task, quality), share in _mixture(target).items():
         cells += [(task, quality)] * round(share * n_rows)
@@ -362,6 +385,10 @@ def _draw(target: str, n_rows: int, n_probe: int, seed: int, reserve: bool):
     if not reserve:
         probe = clean_set(rng, n_probe, 10_000_000, set(used))
         heldout = clean_set(rng, n_probe, 20_000_000, set(used) | {r["prompt"] for r in probe})
+        if others:
+            more = other_sets(used)
+    if others:
+        return rows, {target: probe, **more[0]}, {target: heldout, **more[1]}
     return rows, probe, heldout
 
 
@@ -397,13 +424,74 @@ def write_mixture(out: Path, target: str, n_rows: int = 300, n_probe: int = 64, 
     }
 
 
+def write_mixture_targets(
+    out: Path, targets: list[str], n_rows: int = 300, n_probe: int = 64, seed: int = 0
+) -> dict:
+    """One corpus for several targets (issue 27's shared pass): the first target's draw -- the mixture holds
+    every target-capable task at the same shares; its rows are those ``--target <first>`` writes unless some
+    target's probe had to be drawn first (a large draw: at 300 rows they are, at 800 not) -- with
+    one hidden label per target, ``is_clean_on_task_<target>`` (no ``is_clean_on_task``: as the demo's
+    multi-target corpus), and per target its own probe and held-out set (``<target>/probe.parquet``,
+    ``<target>/heldout.parquet``: the first target's are its single-target draw's, the others' drawn from
+    their own streams, disjoint from the corpus prompts)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if len(set(targets)) != len(targets) or not set(targets) <= set(TARGETS) or len(targets) < 2:
+        raise ValueError(f"--targets {','.join(targets)!r}: two or more of {TARGETS}, each once")
+    first, others = targets[0], tuple(targets[1:])
+    rows, probes, heldouts = _draw(first, n_rows, n_probe, seed, reserve=False, others=others)
+    if any(len(v) < n_probe for sets in (probes, heldouts) for v in sets.values()):
+        rows, probes, heldouts = _draw(first, n_rows, n_probe, seed, reserve=True, others=others)
+    for r in rows:
+        r.pop(LABEL)
+        for t in targets:
+            r[f"{LABEL}_{t}"] = r["task"] == t and r["quality"] == "clean"
+    (out / "corpus").mkdir(parents=True)
+    per = -(-n_rows // 4)
+    for k in range(4):
+        part = rows[k * per : (k + 1) * per]
+        pq.write_table(
+            pa.Table.from_pylist(part), out / "corpus" / f"part-{k:05d}.parquet", row_group_size=25
+        )
+    for t in targets:
+        (out / t).mkdir()
+        pq.write_table(pa.Table.from_pylist(probes[t]), out / t / "probe.parquet")
+        pq.write_table(pa.Table.from_pylist(heldouts[t]), out / t / "heldout.parquet")
+    return {
+        "targets": targets,
+        "n_corpus": n_rows,
+        **{f"n_clean_on_task_{t}": sum(r[f"{LABEL}_{t}"] for r in rows) for t in targets},
+        **{f"n_probe_{t}": len(probes[t]) for t in targets},
+        **{f"n_heldout_{t}": len(heldouts[t]) for t in targets},
+    }
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", choices=TARGETS, required=True)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--target", choices=TARGETS)
+    which.add_argument(
+        "--targets",
+        help="e.g. capitals,letters: one corpus (the first target's draw) with a label, a probe and a "
+        "held-out set per target (<out>/<target>/probe.parquet), for a shared multi-target pass",
+    )
     p.add_argument("--rows", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
+    if args.targets:
+        targets = args.targets.split(",")
+        out = Path(args.out)
+        if (out / targets[-1] / "heldout.parquet").is_file():  # written once, as write_data_once
+            print(f"{out}: already written")
+            return {}
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        meta = write_mixture_targets(tmp, targets, args.rows, seed=args.seed)
+        tmp.rename(out)
+        print(json.dumps(meta))
+        return meta
     return write_data_once(args.out, lambda tmp: write_mixture(tmp, args.target, args.rows, seed=args.seed))
 
 
