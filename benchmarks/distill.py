@@ -149,8 +149,8 @@ def main(argv=None) -> dict:
 
 def _stage1(run: Path) -> dict:
     """id -> the bulk pass's (stage-1) prediction, from its part files."""
-    t = pads.dataset(str(run / "_state" / "distill" / "bulk"), format="parquet", ignore_prefixes=["_", "."])
-    t = t.to_table(columns=["id", "reason", "score"])
+    files = sorted(str(p) for p in (run / "_state" / "distill" / "bulk").glob("*.parquet"))
+    t = pads.dataset(files, format="parquet").to_table(columns=["id", "reason", "score"])
     ok = t.column("reason").is_null().to_numpy(zero_copy_only=False)
     s = np.asarray(t.column("score").to_numpy(zero_copy_only=False), dtype=np.float64)
     return dict(zip(t.column("id").to_pylist(), np.where(ok, s, -np.inf).tolist(), strict=True))
