@@ -77,6 +77,36 @@ def evaluate(run: dict, rules: dict[str, dict], fraction: float = 0.10) -> dict[
     return res
 
 
+def grid_rules() -> dict[str, dict]:
+    """``--grid``: relevance alone and the rule over band factor x quality weight (guard 0.5), to re-check the
+    defaults on a choice set of runs (the demo's draws) before looking at any other corpus."""
+    out = {"relevance": {"rule": "relevance"}}
+    for bf in (1.1, 1.25, 1.5, 2.0):
+        for w in (0.25, 0.5, 1.0):
+            out[f"band {bf}x, weight {w}"] = {
+                "rule": "relevance_then_quality",
+                "band_factor": bf,
+                "guard": 0.5,
+                "quality_column": "loss_full",
+                "quality_weight": w,
+            }
+    return out
+
+
+def summarize(table: dict) -> None:
+    """Per variant over the runs: mean / worst clean precision, worst and summed on-task change vs relevance."""
+    runs = list(table)
+    for name in table[runs[0]]:
+        if name == "target":
+            continue
+        clean = [table[r][name]["clean"] for r in runs]
+        d = [table[r][name]["on_task"] - table[r]["relevance"]["on_task"] for r in runs]
+        print(
+            f"{name:26s} clean mean {np.mean(clean):.3f} worst {np.min(clean):.3f} | on-task vs relevance "
+            f"worst {np.min(d):+.3f} sum {np.sum(d):+.3f} | " + " ".join(f"{c:.2f}" for c in clean)
+        )
+
+
 def rules() -> dict[str, dict]:
     """The variants compared: relevance alone, the product's defaults, and the band without its guard."""
     from p2d_ray.config import SelectConfig
@@ -103,12 +133,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", nargs="+", required=True)
     ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--grid", action="store_true", help="band factor x quality weight instead of the variants"
+    )
     args = ap.parse_args()
-    table, variants = {}, rules()
+    table, variants = {}, grid_rules() if args.grid else rules()
     for r in args.runs:
         run = load_run(r)
         table[r] = {"target": run["target"], **evaluate(run, variants)}
         print(r, run["target"], {k: (v["clean"], v["on_task"]) for k, v in table[r].items() if k != "target"})
+    summarize(table)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         Path(args.out, "results.json").write_text(json.dumps(table, indent=1))
