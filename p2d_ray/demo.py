@@ -68,7 +68,7 @@ def _beats(a: float, b: float, n_a: int, n_b: int | None = None) -> int:
     return 1 if a - b > margin else -1 if b - a > margin else 0
 
 
-def _selection_lines(sp: dict, scorer: str) -> list[str]:
+def _selection_lines(sp: dict, scorer: str, rule: str | None = None) -> list[str]:
     """Whether the selection beat random and the random-heads control, in words, with the numbers.
 
     Reads report.json's ``selection_precision``: ``selected``, ``base_rate``, ``k``, ``n_corpus``, and when
@@ -78,7 +78,7 @@ def _selection_lines(sp: dict, scorer: str) -> list[str]:
     ratio = f" ({sel / base:.1f}x random)" if base else ""
     verdict = {1: "better than random", 0: "no better than random (within noise)", -1: "WORSE than random"}
     lines = [
-        f"selection ({scorer}): {_pct(sel)} on-task among the {k:,} selected of {sp['n_corpus']:,} rows "
+        f"selection ({scorer}{f', {rule}' if rule else ''}): {_pct(sel)} on-task among the {k:,} selected of {sp['n_corpus']:,} rows "
         f"vs {_pct(base)} base rate{ratio} -- {verdict[_beats(sel, base, k)]}"
     ]
     control = sp.get("random_heads")
@@ -131,7 +131,7 @@ def summary_lines(report: dict, times: dict | None = None, title: str = "P2D dem
     lines.append(f"task heads ({len(heads)}): " + ", ".join(f"L{layer}.H{h}" for layer, h in heads))
     sp = report.get("selection_precision")
     if sp:
-        lines += _selection_lines(sp, report.get("scorer", "p2d"))
+        lines += _selection_lines(sp, report.get("scorer", "p2d"), report.get("select_rule"))
     else:
         lines.append("selection: the corpus has no label column, so its precision cannot be measured here")
     ev = report.get("eval") or {}

@@ -148,6 +148,7 @@ def _lay_out_run(root, tiny_llama):
         run.record_stage(stage, s, "fp")
     run.heads_json.write_text(json.dumps({"heads": [[0, 1], [1, 2]]}))
     run.path("train_summary.json").write_text(json.dumps({"steps": 1, "rows": 4}))
+    run.path("selection.json").write_text(json.dumps({"rule": {"name": "relevance_then_quality"}}))
     run.path("eval.json").write_text(
         json.dumps(
             {
@@ -191,6 +192,7 @@ def test_report_estimated(labelled, tiny_llama):
 
     saved = json.loads((labelled / "run" / "report.json").read_text())
     assert saved["aer"] == report["aer"]
+    assert saved["select_rule"] == "relevance_then_quality"  # what the selection applied, for the summary
     a = report["aer"]
     full = json.loads((labelled / "run" / "full_baseline.json").read_text())
     # subset: 4 rows, 1 step (max_steps) = 1 epoch; full: 40 rows / batch 4 = 10 steps

@@ -48,6 +48,11 @@ def test_a_good_run_says_so_with_the_numbers():
     assert "AER (estimated): 0.400" in text and "cheaper than full fine-tuning" in text
 
 
+def test_the_selection_line_names_the_rule_that_ran():
+    report = _report(0.62, 0.18, 0.10, 0.20, select_rule="relevance_then_quality")
+    assert "selection (influence, relevance_then_quality): 62.0% on-task" in "\n".join(summary_lines(report))
+
+
 def test_a_failed_run_says_so_plainly():
     text = "\n".join(summary_lines(_report(0.0, 0.01, 0.20, 0.10)))
     assert "0.0% on-task" in text and "WORSE than random" in text

@@ -118,11 +118,15 @@ def run_report(cfg: P2DConfig) -> dict:
             json.loads(run.path("eval.json").read_text()) if run.path("eval.json").is_file() else None
         )
         heads = json.loads(run.heads_json.read_text()) if run.heads_json.is_file() else {}
+        selection = run.path("selection.json")
+        # the rule the selection applied (relevance_then_quality by default; relevance for other columns)
+        rule = json.loads(selection.read_text()).get("rule", {}) if selection.is_file() else {}
         report = {
             "run_dir": str(cfg.run_dir),
             "variant": variant_name(cfg),
             "adaptation": cfg.train.adaptation,
             "scorer": cfg.score.scorer,
+            "select_rule": rule.get("name"),
             "heads": heads.get("heads"),
             "stage_seconds": timings,
             "aer": aer(timings, full["full_train_seconds"], full["label"], **inputs),
