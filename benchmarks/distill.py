@@ -65,6 +65,12 @@ def main(argv=None) -> dict:
     )
     ap.add_argument("--refine", nargs="*", type=float, default=[0.0, 0.05, 0.1, 0.15, 0.2])
     ap.add_argument("--fraction", type=float, default=0.10)
+    ap.add_argument(
+        "--engine-refine",
+        type=float,
+        default=0.0,
+        help="refine_fraction in the engine itself (its pass measured; the --refine frontier is then moot)",
+    )
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--out", required=True)
     ap.add_argument(
@@ -106,6 +112,8 @@ def main(argv=None) -> dict:
     run = work / f"distilled-n{args.sample}-a{args.audit}-l{args.layer or 'auto'}"
     if args.cascade_fraction > 0:
         run = run.with_name(f"{run.name}-c{args.cascade_layer or 'auto'}x{args.cascade_fraction:g}")
+    if args.engine_refine:
+        run = run.with_name(f"{run.name}-r{args.engine_refine:g}")
     run.mkdir(parents=True, exist_ok=True)
     for f in ("heads.json", FILENAME):  # the same heads and probe gradient as the exact reference
         if (exact_dir / f).is_file() and not (run / f).is_file():
@@ -119,7 +127,7 @@ def main(argv=None) -> dict:
         "distill_layer": args.layer,
         "distill_cascade_layer": args.cascade_layer,
         "distill_cascade_fraction": args.cascade_fraction,
-        "refine_fraction": 0.0,
+        "refine_fraction": args.engine_refine,
         "gate_fallback": "warn",  # measure the predictions whatever the gate says (its verdict is reported)
         "gate_top_fraction": args.fraction,
     }
@@ -252,9 +260,15 @@ def analyse(run: Path, exact_dir: Path, labels: dict, fraction: float, refines, 
                 "spearman_stage2": spearman(truth[in_cascade], final[in_cascade]),
                 "spearman_stage1": spearman(truth[in_cascade], stage1[in_cascade]),
             }
+    # everything this run did, in forwards per corpus row: every pass's busy seconds over the exact row's (from
+    # the same run's sample pass), plus the fits
+    busy = sum(p.get("busy_s", 0.0) for p in passes.values())
+    measured_total = S_EXACT * busy / exact_est_s / n + fit_fwd
     return {
         "rows": n,
         "k": k,
+        "measured_forwards_per_row": measured_total,
+        "final_precision": _top_rate(ids, final, labels, k),
         "layer": summary["layer"],
         "cascade_layer": (summary.get("cascade") or {}).get("layer"),
         "exact_precision": exact_prec,
