@@ -166,7 +166,7 @@ def _stage1(run: Path) -> dict:
 
 def analyse(run: Path, exact_dir: Path, labels: dict, fraction: float, refines, cascade_eval=()) -> dict:
     """Precision, fidelity and cost of a distilled run against its exact reference (module docstring)."""
-    from p2d_ray.scoring.distill import spearman, top_recall
+    from p2d_ray.scoring.regressor import spearman, top_recall
 
     ex, di = _scores(exact_dir), _scores(run)
     ex_score = dict(zip(ex.column("id").to_pylist(), ex.column("score").to_pylist(), strict=True))

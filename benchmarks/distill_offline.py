@@ -55,8 +55,9 @@ def main(argv=None) -> dict:
     from p2d_ray.data.formatting import collate
     from p2d_ray.heads.headset import HeadSet
     from p2d_ray.report.precision import LABEL
-    from p2d_ray.scoring.distill import fit_regressor, pool_features, spearman, top_recall, truncated_hidden
+    from p2d_ray.scoring.features import pool_features, truncated_hidden
     from p2d_ray.scoring.gradient import FILENAME, ProbeGradient
+    from p2d_ray.scoring.regressor import fit_regressor, spearman, top_recall
     from p2d_ray.scoring.scorers import build_scorer
 
     run = Path(args.exact_run)
@@ -266,7 +267,7 @@ def cached_features(run: Path, layers: list[int], cache: Path, corpus: Path | No
     if todo:
         from p2d_ray.data.formatting import collate
         from p2d_ray.models.geometry import decoder_layers
-        from p2d_ray.scoring.distill import pool_features, truncated_hidden
+        from p2d_ray.scoring.features import pool_features, truncated_hidden
 
         cfg, tok, model, enc, pad = _load_and_encode(run, rows)
         order = np.argsort([-len(e.input_ids) for e in enc], kind="stable")
@@ -356,7 +357,7 @@ def time_truncated(run: Path, layers: list[int], batches: int) -> dict:
     micro-batches of the run's corpus, alternating (same load), one torch thread: forwards per row."""
 
     from p2d_ray.data.formatting import collate
-    from p2d_ray.scoring.distill import truncated_hidden
+    from p2d_ray.scoring.features import truncated_hidden
 
     rows = pads.dataset(str(run_corpus(run)), format="parquet").to_table().to_pylist()
     cfg, tok, model, enc, pad = _load_and_encode(run, rows)
@@ -456,7 +457,7 @@ def kernel_ridge(K: np.ndarray, Kr: np.ndarray, t: np.ndarray, y: np.ndarray, se
 def _objective(kind: str, y: np.ndarray, oof: np.ndarray) -> float:
     """spearman: k-fold Spearman (the engine's choice); top: the share of the sample's exact top 10 %
     within the out-of-fold top 20 % (what a refine band needs), Spearman breaking ties."""
-    from p2d_ray.scoring.distill import spearman
+    from p2d_ray.scoring.regressor import spearman
 
     rho = spearman(y, oof)
     if kind == "spearman":
@@ -520,7 +521,7 @@ def evaluate(data: dict, spec: dict, sample_fraction: float, refines, seeds: int
     precision of exact (S + band) + predicted (rest) scores. ``cascade`` = (spec2, c): the stage-1 top c of
     the corpus re-predicted by spec2 (its features: a second truncated forward), ranked above the other
     rows; the band is the top r of that order."""
-    from p2d_ray.scoring.distill import spearman, top_recall
+    from p2d_ray.scoring.regressor import spearman, top_recall
 
     y, ids, label = data["y"], data["ids"], data["label"]
     n = len(y)

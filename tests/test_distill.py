@@ -1,4 +1,4 @@
-"""score.strategy=distilled (scoring/distill.py): the truncated forward, the sample, the regressor, and the
+"""score.strategy=distilled (scoring/distill.py, features.py, regressor.py): the truncated forward, the sample, the regressor, and the
 strategy end to end through the engine on Ray with the tiny model (ids once, resume, fingerprints, the gate)."""
 
 from __future__ import annotations
@@ -19,21 +19,16 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from p2d_ray.config import build_config
 from p2d_ray.heads.headset import HeadSet
 from p2d_ray.models.geometry import geometry_from_config
-from p2d_ray.scoring.distill import (
-    CASCADE_REGRESSOR_FILE,
-    FIDELITY_FILE,
-    REGRESSOR_FILE,
-    Regressor,
+from p2d_ray.scoring.distill import CASCADE_REGRESSOR_FILE, FIDELITY_FILE, REGRESSOR_FILE, pick_rows
+from p2d_ray.scoring.features import (
     cascade_layer,
-    fit_regressor,
-    pick_rows,
     pool_features,
     pool_features_all,
-    spearman,
     truncated_hidden,
     truncated_hiddens,
 )
 from p2d_ray.scoring.pipeline import run_score
+from p2d_ray.scoring.regressor import Regressor, fit_regressor, spearman
 
 HEADS = ((1, 0), (1, 3))
 

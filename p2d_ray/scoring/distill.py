@@ -25,12 +25,14 @@ of what that pass depends on, so a killed run resumes per shard in every pass, a
 gate reuses the sample's exact scores. The regressor is saved beside the probe gradient
 (``distill_regressor.npz`` + ``.json``) with its fingerprint (model, heads, probe, sample seed, l_f,
 regressor) and the fidelity figures.
+
+This module is the engine's side (passes, parts, assembly); the features (which layers, the truncated forward,
+pooling) are ``scoring/features.py`` and the regressor and its gate ``scoring/regressor.py``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -44,9 +46,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from torch import nn
 
 from p2d_ray.scoring.actor import SCORE_TIME_COL, ScorerActor, collate_arrow, micro_batch_rows
+from p2d_ray.scoring.features import (
+    CASCADE_POOLING,
+    pool_blocks,
+    pool_features,
+    pool_features_all,
+    truncated_hiddens,
+)
+from p2d_ray.scoring.regressor import ALPHAS, Regressor, fit_regressor, gate, spearman, top_recall
 from p2d_ray.scoring.scorers import COMPONENT_COLUMNS, ScoreOutput
 
 log = logging.getLogger("p2d_ray.score")
@@ -60,8 +69,6 @@ PICK_COL = "_pick"
 REGRESSOR_FILE = "distill_regressor.npz"
 FIDELITY_FILE = "distill_regressor.json"
 CASCADE_REGRESSOR_FILE = "distill_regressor_cascade.npz"
-ALPHAS = tuple(float(a) for a in np.logspace(-3, 3, 13))  # x mean(diag K): the ridge strengths tried
-PCS = 16  # principal components of the sample's features for the out-of-distribution distance
 
 
 # -- sample ---------------------------------------------------------------------------------------
@@ -69,37 +76,6 @@ def sample_size(n_rows: int, s) -> int:
     """score.distill_sample_fraction of the corpus clamped to [distill_sample_min, distill_sample_max]."""
     want = round(n_rows * s.distill_sample_fraction)
     return int(min(n_rows, max(s.distill_sample_min, min(s.distill_sample_max, want))))
-
-
-def _n_layers(hf_config) -> int:
-    return int(getattr(hf_config, "num_hidden_layers", None) or getattr(hf_config, "n_layer", 1))
-
-
-def distill_layer(s, hf_config) -> int:
-    """l_f: score.distill_layer, else round(L / 10) (at least 1; below the last layer)."""
-    n_layers = _n_layers(hf_config)
-    layer = s.distill_layer if s.distill_layer is not None else max(1, round(n_layers / 10))
-    if not 1 <= layer < max(n_layers, 2):
-        raise ValueError(f"score.distill_layer={layer} must be in [1, {n_layers - 1}] for this model")
-    return layer
-
-
-def cascade_layer(s, hf_config) -> int | None:
-    """l_c, the cascade's layer: score.distill_cascade_layer, else round(L / 2); None (no cascade) when
-    score.distill_cascade_fraction is 0 or the default is not above l_f (a model too shallow for two stages).
-    An explicit layer must lie above l_f and below the last layer."""
-    if s.distill_cascade_fraction <= 0:
-        return None
-    n_layers, l_f = _n_layers(hf_config), distill_layer(s, hf_config)
-    if s.distill_cascade_layer is None:
-        layer = round(n_layers / 2)
-        return layer if l_f < layer < n_layers else None
-    if not l_f < s.distill_cascade_layer < n_layers:
-        raise ValueError(
-            f"score.distill_cascade_layer={s.distill_cascade_layer} must be in [{l_f + 1}, {n_layers - 1}] "
-            f"for this model (above distill_layer={l_f}, below the last layer)"
-        )
-    return s.distill_cascade_layer
 
 
 def pick_rows(
@@ -125,234 +101,6 @@ def pick_rows(
         rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
         out[i] = np.sort(rng.choice(rows, size=int(take[i]), replace=False))
     return out
-
-
-# -- features: the truncated forward --------------------------------------------------------------
-class _Stop(Exception):
-    def __init__(self, hidden: torch.Tensor):
-        self.hidden = hidden
-
-
-def truncated_hidden(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int
-) -> torch.Tensor:
-    """The residual stream after decoder layer ``layer - 1`` (= ``output_hidden_states[layer]``), ``[B, T, E]``,
-    from a forward that stops there: a hook on that layer raises, so no upper layer, LM head or backward runs."""
-    return truncated_hiddens(model, input_ids, attention_mask, [layer])[0]
-
-
-def truncated_hiddens(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: list[int]
-) -> list[torch.Tensor]:
-    """:func:`truncated_hidden` at several layers from ONE forward that stops at the highest of them."""
-    from p2d_ray.models.geometry import decoder_layers
-    from p2d_ray.models.loss import base_model
-
-    top, got = max(layers), {}
-
-    def keep(layer):
-        def hook(module, args, output):
-            h = output[0] if isinstance(output, tuple) else output
-            if layer == top:
-                raise _Stop(h)
-            got[layer] = h
-
-        return hook
-
-    blocks = decoder_layers(model)
-    handles = [blocks[layer - 1].register_forward_hook(keep(layer)) for layer in sorted(set(layers))]
-    try:
-        base_model(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    except _Stop as done:
-        got[top] = done.hidden
-    finally:
-        for h in handles:
-            h.remove()
-    if top not in got:
-        raise RuntimeError(f"the forward never reached decoder layer {top - 1}")
-    return [got[layer] for layer in layers]
-
-
-def pool_features(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """``[B, T, E]`` -> ``[B, 2E + 1]`` float32: mean and position-weighted mean (weight = position + 1) over
-    the row's tokens, and log(length)."""
-    m = attention_mask.to(torch.float32)  # [B, T]
-    h = hidden.to(torch.float32)
-    n = m.sum(1).clamp(min=1)  # [B]
-    mean = (h * m[..., None]).sum(1) / n[:, None]
-    w = m * torch.arange(1, m.shape[1] + 1, dtype=torch.float32, device=m.device)[None]
-    wmean = (h * w[..., None]).sum(1) / w.sum(1).clamp(min=1)[:, None]
-    return torch.cat([mean, wmean, n.log()[:, None]], dim=1)
-
-
-# The cascade's second stage pools more: + the mean over the response tokens and the last token's state,
-# each pool's block weighted 1 / sqrt(its width) ("block-balanced"). Offline at layer 15 this beat the three
-# engine pools at every refine band (nine SmolLM2 corpora and the 3,000-row arithmetic draw: -0.04 against
-# -0.06 at r = 0.05; RESULTS.md Session 11 and Session 12, issue 24).
-CASCADE_POOLING = "all"
-
-
-def pool_features_all(
-    hidden: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor
-) -> torch.Tensor:
-    """``[B, T, E]`` -> ``[B, 4E + 1]``: :func:`pool_features` (mean, position-weighted mean, log length),
-    the mean over the response tokens (``loss_mask``) and the last real token's state (right padding)."""
-    h = hidden.to(torch.float32)
-    lm = loss_mask.to(torch.float32)
-    resp = (h * lm[..., None]).sum(1) / lm.sum(1).clamp(min=1)[:, None]
-    last = h[torch.arange(len(h), device=h.device), (attention_mask.sum(1) - 1).clamp(min=0)]
-    return torch.cat([pool_features(hidden, attention_mask), resp, last], dim=1)
-
-
-def pool_blocks(d: int, pooling: str) -> list[int] | None:
-    """The widths of a feature vector's pool blocks (for block balancing), or None: not balanced."""
-    if pooling != "all":
-        return None
-    e = (d - 1) // 4
-    return [e, e, 1, e, e]
-
-
-# -- the regressor --------------------------------------------------------------------------------
-def ranks(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="stable")
-    r = np.empty(len(x))
-    r[order] = np.arange(len(x))
-    return r
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    if len(a) < 3:
-        return float("nan")
-    ra, rb = ranks(a), ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    den = np.sqrt((ra * ra).sum() * (rb * rb).sum())
-    return float((ra * rb).sum() / den) if den else float("nan")
-
-
-def top_recall(true: np.ndarray, pred: np.ndarray, fraction: float) -> float:
-    """Share of the exact top ``fraction`` that is in the predicted top ``fraction``."""
-    k = max(1, round(fraction * len(true)))
-    return len(set(np.argsort(-true)[:k]) & set(np.argsort(-pred)[:k])) / k
-
-
-def _ridge_dual(X: np.ndarray, y: np.ndarray, alpha: float) -> np.ndarray:
-    """Primal weights of ridge regression from its dual (n << d): w = X^T (X X^T + alpha I)^-1 y."""
-    K = X @ X.T
-    return X.T @ np.linalg.solve(K + alpha * np.eye(len(X)), y)
-
-
-@dataclass
-class Regressor:
-    """z-scored features -> z-scored score, linear; plus the sample's PCA frame for the OOD distance."""
-
-    mean: np.ndarray  # [d]
-    std: np.ndarray  # [d]
-    w: np.ndarray  # [d]
-    y_mean: float
-    y_std: float
-    alpha: float
-    pcs: np.ndarray  # [k, d] unit directions in z-space
-    pc_std: np.ndarray  # [k]
-    ood_threshold: float
-    meta: dict = field(default_factory=dict)
-
-    def predict(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """-> (score in the exact scorer's units, OOD distance, OOD flag)."""
-        Z = (X - self.mean) / self.std
-        score = Z @ self.w * self.y_std + self.y_mean
-        dist = self.distance(Z)
-        return score, dist, dist > self.ood_threshold
-
-    def distance(self, Z: np.ndarray) -> np.ndarray:
-        """RMS of the row's coordinates in the sample's top principal components, in units of their std."""
-        return np.sqrt((((Z @ self.pcs.T) / self.pc_std) ** 2).mean(1))
-
-    def to_bytes(self) -> bytes:
-        buf = io.BytesIO()
-        arrays = {k: getattr(self, k) for k in ("mean", "std", "w", "pcs", "pc_std")}
-        scalars = np.array([self.y_mean, self.y_std, self.alpha, self.ood_threshold])
-        np.savez(buf, scalars=scalars, meta=np.frombuffer(json.dumps(self.meta).encode(), np.uint8), **arrays)
-        return buf.getvalue()
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> Regressor:
-        z = np.load(io.BytesIO(data))
-        y_mean, y_std, alpha, thr = (float(v) for v in z["scalars"])
-        meta = json.loads(z["meta"].tobytes().decode())
-        return cls(z["mean"], z["std"], z["w"], y_mean, y_std, alpha, z["pcs"], z["pc_std"], thr, meta)
-
-
-def fit_regressor(
-    X: np.ndarray,
-    y: np.ndarray,
-    folds: int,
-    seed: int,
-    top_fraction: float,
-    ood_factor: float,
-    blocks: list[int] | None = None,
-) -> tuple[Regressor, dict]:
-    """Ridge on z-scored features and scores, strength chosen by k-fold held-out Spearman (pooled
-    out-of-fold predictions). Returns the regressor fitted on all rows and the k-fold figures. ``blocks``:
-    the widths of the features' pool blocks, each z-scored block then weighted 1 / sqrt(width) (folded into
-    the regressor's ``std``)."""
-    X = X.astype(np.float64)
-    mean, std = X.mean(0), X.std(0)
-    std[std < 1e-8] = 1.0
-    if blocks is not None:
-        if sum(blocks) != X.shape[1]:
-            raise ValueError(f"pool blocks {blocks} do not add up to {X.shape[1]} features")
-        std = std * np.concatenate([np.full(b, np.sqrt(b)) for b in blocks])
-    Z = (X - mean) / std
-    y_mean, y_std = float(y.mean()), float(y.std()) or 1.0
-    yz = (y - y_mean) / y_std
-    scale = float(np.mean((Z * Z).sum(1))) or 1.0
-    fold_of = np.random.default_rng(seed).permutation(len(y)) % folds
-    best = None
-    for a in ALPHAS:
-        oof = np.zeros(len(y))
-        for f in range(folds):
-            tr, te = fold_of != f, fold_of == f
-            oof[te] = Z[te] @ _ridge_dual(Z[tr], yz[tr], a * scale)
-        rho = spearman(yz, oof)
-        if best is None or rho > best[0]:
-            best = (rho, a, oof)
-    rho, a, oof = best
-    w = _ridge_dual(Z, yz, a * scale)
-    k = max(1, min(PCS, len(y) - 1))
-    _, sv, vt = np.linalg.svd(Z - Z.mean(0), full_matrices=False)
-    pcs, pc_std = vt[:k], np.maximum(sv[:k] / np.sqrt(max(len(y) - 1, 1)), 1e-8)
-    reg = Regressor(mean, std, w, y_mean, y_std, a * scale, pcs, pc_std, 0.0)
-    reg.ood_threshold = float(ood_factor * reg.distance(Z).max())
-    cv = {
-        "folds": folds,
-        "alpha": a,
-        "spearman": rho,
-        "top_recall": top_recall(yz, oof, top_fraction),
-        "rows": len(y),
-    }
-    return reg, cv
-
-
-def gate(cv: dict, audit: dict, s) -> dict:
-    """The fidelity gate: k-fold and audit Spearman >= gate_min_spearman, k-fold top recall >=
-    gate_min_recall (the audit's recall too when it has at least 1 / gate_top_fraction rows)."""
-    failed = []
-    if not cv["spearman"] >= s.gate_min_spearman:
-        failed.append(f"k-fold Spearman {cv['spearman']:.3f} < {s.gate_min_spearman}")
-    if not cv["top_recall"] >= s.gate_min_recall:
-        failed.append(
-            f"k-fold top-{s.gate_top_fraction:.0%} recall {cv['top_recall']:.3f} < {s.gate_min_recall}"
-        )
-    if audit.get("rows", 0) >= 3 and not audit["spearman"] >= s.gate_min_spearman:
-        failed.append(f"audit Spearman {audit['spearman']:.3f} < {s.gate_min_spearman}")
-    if audit.get("rows", 0) * s.gate_top_fraction >= 1 and not audit["top_recall"] >= s.gate_min_recall:
-        failed.append(f"audit top recall {audit['top_recall']:.3f} < {s.gate_min_recall}")
-    return {
-        "passed": not failed,
-        "failed": failed,
-        "fallback": None if not failed else s.gate_fallback,
-        "thresholds": {"spearman": s.gate_min_spearman, "top_recall": s.gate_min_recall},
-    }
 
 
 # -- the actor --------------------------------------------------------------------------------------

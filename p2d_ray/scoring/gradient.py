@@ -250,7 +250,7 @@ class MultiRowGradients:
     Autograd starts at the input of the union's lowest layer (a pre-hook makes it require grad) and no
     parameter requires grad during the pass, so the lower layers build no graph and the backward computes
     activation gradients only. ``feature_layer``: also keep the residual stream after decoder layer
-    ``feature_layer - 1``, pooled (``distill.pool_features``), as ``self.features`` ``[B, D]`` -- the distilled
+    ``feature_layer - 1``, pooled (``features.pool_features``), as ``self.features`` ``[B, D]`` -- the distilled
     strategy's features, taken from this very forward (stored for targets added later, scoring/targets.py).
     """
 
@@ -339,7 +339,7 @@ class MultiRowGradients:
         handles += [m.register_forward_hook(capture(axis, idx, pt)) for m, axis, idx, pt in self._parts]
         self.features = None
         if self.feature_at is not None:
-            from p2d_ray.scoring.distill import pool_features
+            from p2d_ray.scoring.features import pool_features
 
             def keep(module, args, output):
                 hidden = output[0] if isinstance(output, tuple) else output

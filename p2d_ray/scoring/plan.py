@@ -91,7 +91,7 @@ def pick_demos(probe_rows: list[dict], k: int, seed: int) -> list[dict]:
 def plan_score(cfg: P2DConfig) -> ScorePlan:
     """Resolve and check model, heads, corpus and prompt format. Raises ValueError before any work."""
     from p2d_ray.models.loading import resolve_path
-    from p2d_ray.scoring.distill import cascade_layer, distill_layer
+    from p2d_ray.scoring.features import cascade_layer, distill_layer
 
     d, s = cfg.data, cfg.score
     model = _check_model(cfg)
@@ -152,7 +152,8 @@ def plan_score(cfg: P2DConfig) -> ScorePlan:
 def resolve_strategy(s, n_rows: int, hf_config) -> tuple[str, str]:
     """``score.strategy`` -> (exact | distilled, why). auto: distilled from ``distill_min_rows`` rows up; a
     distilled run whose sample would be the whole corpus is exact (the same scores, without the detour)."""
-    from p2d_ray.scoring.distill import cascade_layer, distill_layer, sample_size
+    from p2d_ray.scoring.distill import sample_size
+    from p2d_ray.scoring.features import cascade_layer, distill_layer
 
     if s.strategy == "exact":
         return "exact", "score.strategy=exact"

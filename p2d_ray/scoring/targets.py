@@ -145,7 +145,7 @@ def plan_targets(cfg):
     }
     fingerprint = _hash(identity)
     from p2d_ray.models.loading import load_config_checked
-    from p2d_ray.scoring.distill import distill_layer
+    from p2d_ray.scoring.features import distill_layer
 
     layer = distill_layer(cfg.score, load_config_checked(cfg.model))
     manifest = {
@@ -324,15 +324,16 @@ def check_feature_store(store, plan, todo: dict) -> None:
 
 def score_late_targets(cfg, plan, store, dups: dict | None = None) -> dict:
     """Every target with ``later: true``: its exact scores on a seeded sample of the scored rows (one engine
-    pass over those rows only, all late targets at once), a ridge regressor (distill.fit_regressor) from the
+    pass over those rows only, all late targets at once), a ridge regressor (regressor.fit_regressor) from the
     stored per-row features to them, its predictions for every other row; written as ``targets/<t>/scores/``
     with ``score_source`` exact | distilled. No model pass over the rest of the corpus."""
     from p2d_ray.progress import ray_data_output
     from p2d_ray.runtime import ensure_ray
     from p2d_ray.scoring.actor import ScorerActor
-    from p2d_ray.scoring.distill import fit_regressor, sample_size
+    from p2d_ray.scoring.distill import sample_size
     from p2d_ray.scoring.pipeline import _wait_for_actors, actor_pool, check_pool_fits, corpus_blocks
     from p2d_ray.scoring.quarantine import duplicate_positions_local
+    from p2d_ray.scoring.regressor import fit_regressor
     from p2d_ray.scoring.tokenize import DUP_COL
 
     late = getattr(plan, "late", {})
