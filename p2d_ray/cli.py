@@ -317,6 +317,14 @@ def _progress(cfg) -> str:
         return ""
 
 
+def _say(line: str) -> None:
+    """One line on stderr in ONE write: ``print`` writes the text and its newline separately, and Ray's
+    log thread (forwarding a worker's progress line) can write in between, gluing the two lines together
+    (seen: "...; rerun to resumetrain: 5/16 steps ...")."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def _run_guarded(command: str, func, cfg) -> tuple[int, object]:
     """Run ``func(cfg)`` for ``command`` after checking every input it reads; returns (exit code, result).
 
@@ -354,20 +362,23 @@ def _run_guarded(command: str, func, cfg) -> tuple[int, object]:
         from p2d_ray.runtime import interrupt_exit
 
         rc, what = interrupt_exit(err)  # Ctrl-C: 130 "interrupted"; SIGTERM: 143 "terminated (SIGTERM)"
-        print(f"p2d-ray {command}: {what}; {_progress(cfg)}rerun to resume", file=sys.stderr)
+        # Ray first: its log thread forwards the workers' lines onto our stderr and could split ours. A Ray
+        # torn mid-call may complain on the way down; the user is owed the one line and rc either way.
         if not ray_before and "ray" in sys.modules and sys.modules["ray"].is_initialized():
-            sys.modules["ray"].shutdown()
+            with contextlib.suppress(Exception):
+                sys.modules["ray"].shutdown()
+        _say(f"p2d-ray {command}: {what}; {_progress(cfg)}rerun to resume")
         return rc, None
     except (ValueError, FileNotFoundError) as err:
         if debug:
             raise
         # Bad user input found up front: one clear message, no traceback from deep inside Ray.
-        print(f"p2d-ray {command}: error: {err}", file=sys.stderr)
+        _say(f"p2d-ray {command}: error: {err}")
         return 2, None
     except RuntimeError as err:
         if debug:
             raise
-        print(f"p2d-ray {command}: error: {err} (P2D_RAY_DEBUG=1 shows the traceback)", file=sys.stderr)
+        _say(f"p2d-ray {command}: error: {err} (P2D_RAY_DEBUG=1 shows the traceback)")
         return 1, None
     finally:
         if locked:  # on success, error, Ctrl-C and SIGTERM alike
