@@ -392,6 +392,20 @@ def _draw(target: str, n_rows: int, n_probe: int, seed: int, reserve: bool, othe
     return rows, probe, heldout
 
 
+def _write_corpus(out: Path, rows: list[dict]) -> None:
+    """``<out>/corpus/part-0000{0..3}.parquet``: the rows in 4 shards of row groups of 25."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (out / "corpus").mkdir(parents=True)
+    per = -(-len(rows) // 4)
+    for k in range(4):
+        part = rows[k * per : (k + 1) * per]
+        pq.write_table(
+            pa.Table.from_pylist(part), out / "corpus" / f"part-{k:05d}.parquet", row_group_size=25
+        )
+
+
 def write_mixture(out: Path, target: str, n_rows: int = 300, n_probe: int = 64, seed: int = 0) -> dict:
     """Corpus (4 Parquet shards), probe and held-out sets under ``out``; returns the counts."""
     import pyarrow as pa
@@ -406,13 +420,7 @@ def write_mixture(out: Path, target: str, n_rows: int = 300, n_probe: int = 64, 
         # are drawn first, from their own stream, and the corpus never asks them; draws small enough for
         # the old order keep it, so their corpora stay the ones earlier results were measured on.
         rows, probe, heldout = _draw(target, n_rows, n_probe, seed, reserve=True)
-    (out / "corpus").mkdir(parents=True)
-    per = -(-n_rows // 4)
-    for k in range(4):
-        part = rows[k * per : (k + 1) * per]
-        pq.write_table(
-            pa.Table.from_pylist(part), out / "corpus" / f"part-{k:05d}.parquet", row_group_size=25
-        )
+    _write_corpus(out, rows)
     pq.write_table(pa.Table.from_pylist(probe), out / "probe.parquet")
     pq.write_table(pa.Table.from_pylist(heldout), out / "heldout.parquet")
     return {
@@ -447,13 +455,7 @@ def write_mixture_targets(
         r.pop(LABEL)
         for t in targets:
             r[f"{LABEL}_{t}"] = r["task"] == t and r["quality"] == "clean"
-    (out / "corpus").mkdir(parents=True)
-    per = -(-n_rows // 4)
-    for k in range(4):
-        part = rows[k * per : (k + 1) * per]
-        pq.write_table(
-            pa.Table.from_pylist(part), out / "corpus" / f"part-{k:05d}.parquet", row_group_size=25
-        )
+    _write_corpus(out, rows)
     for t in targets:
         (out / t).mkdir()
         pq.write_table(pa.Table.from_pylist(probes[t]), out / t / "probe.parquet")
