@@ -465,7 +465,8 @@ class P2DConfig(_Section):
 
 
 def _target_problems(cfg: P2DConfig) -> list[str]:
-    """``targets``: unique names, a probe set each, and the scorer / strategy one shared pass supports."""
+    """``targets``: unique names, a probe set each, and the scorer one shared pass supports (exact
+    gradient_alignment; either score.strategy: distill.py runs its passes once for every target)."""
     if not cfg.targets:
         return []
     problems = []
@@ -491,10 +492,6 @@ def _target_problems(cfg: P2DConfig) -> list[str]:
         )
     elif cfg.score.alignment_method != "exact":
         problems.append("targets: one pass for several targets needs score.alignment_method=exact")
-    if cfg.score.strategy == "distilled":
-        problems.append(
-            "targets: score.strategy=distilled is not supported with several targets yet; use exact"
-        )
     if cfg.localize.control != "none":
         problems.append("targets: localize.control=random_heads is not supported with several targets")
     return problems

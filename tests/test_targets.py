@@ -1,17 +1,19 @@
 """Several targets in one corpus pass (issue 27) through the real Ray pipeline on the tiny model: one localize
 for every target, one exact gradient_alignment pass whose per-target scores equal single-target passes (the
 union-backward trick), every id once per target, resume after a partial pass, per-target and combined
-selection."""
+selection; the distilled strategy for both targets in one run (one sample / bulk / cascade / refine pass)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import save_tiny_model
 from helpers import task_or_item_rows
 from transformers import AutoConfig
 
@@ -41,14 +43,34 @@ def data(tmp_path_factory):
     return d
 
 
-def _cfg(run_dir, model, d, targets=True, **extra):
+@pytest.fixture(scope="module")
+def tiny3(tmp_path_factory) -> str:
+    """The tiny Llama with 3 layers: room for the distilled strategy's cascade (l_f = 1 < l_c = 2 < L = 3)."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny3"), "llama", num_hidden_layers=3)
+
+
+# the distilled strategy on the 40-row corpus: 14 sample + 6 audit rows exact, the other 20 predicted from
+# layer 1, each target's stage-1 top 10 rows (25 %) again from layer 2, each target's top 4 (10 %) refined
+DISTILL = {
+    "strategy": "distilled",
+    "distill_sample_min": 14,
+    "distill_audit_rows": 6,
+    "distill_layer": 1,
+    "distill_cascade_layer": 2,
+    "distill_cascade_fraction": 0.25,
+    "refine_fraction": 0.1,
+    "gate_fallback": "warn",
+}
+
+
+def _cfg(run_dir, model, d, targets=True, score=None, **extra):
     knobs = {"batch_size": 8, "bucket_batches": 2, "max_rows_per_block": 20, "min_actors": 1, "max_actors": 2}
     base = {
         "run_dir": str(run_dir),
         "model": {"name_or_path": model},
         "data": {"corpus_path": str(d / "corpus"), "max_length": 64},
         "localize": {"top_k": 2, "batch_size": 4},
-        "score": {"scorer": "gradient_alignment", **knobs},
+        "score": {"scorer": "gradient_alignment", **knobs, **(score or {})},
         "select": {"fraction": 0.25, "rule": "relevance"},  # the subset checks below: the plain top k
     }
     if targets:
@@ -74,7 +96,8 @@ def test_target_config_validation():
     )  # unchanged fingerprints
 
 
-def test_targets_one_pass_equals_single_target_passes(ray_local, tiny_llama, data, tmp_path):
+def test_targets_one_pass_equals_single_target_passes(ray_local, tiny3, data, tmp_path):
+    tiny_llama = tiny3  # 3 layers, for the distilled strategy's cascade at the end
     geo = geometry_from_config(AutoConfig.from_pretrained(tiny_llama))
     cfg = _cfg(tmp_path / "multi", tiny_llama, data)
     # One localize stage: heads and a heatmap per target, their union at the root.
@@ -188,6 +211,104 @@ def test_targets_one_pass_equals_single_target_passes(ray_local, tiny_llama, dat
     manifest_path.write_text(json.dumps({**m, "feature_fingerprint": "0000", "feature_layer": 7}))
     with pytest.raises(ValueError, match="another model, layer or tokenisation"):
         run_score(cfg2)
+
+    _distilled_targets(cfg, tiny_llama, data, tmp_path)
+
+
+def _distilled_targets(exact_cfg, model, data, tmp_path):
+    """score.strategy=distilled with both targets in one run: ONE sample pass (exact, the union backward, and
+    the features), ONE bulk pass, ONE cascade pass over the union of the targets' bands, ONE refine pass over
+    the union of their refine bands; each target its own fit, gate and columns. Resume after a driver stopped
+    while writing, and after killed bulk / cascade shards: identical output. A target's exact rows carry the
+    exact shared pass's scores."""
+    run = tmp_path / "dist"
+    for name in HEADS:  # the exact run's heads (localize is not the subject here)
+        (run / "targets" / name).mkdir(parents=True)
+        shutil.copy(
+            tmp_path / "multi" / "targets" / name / "heads.json", run / "targets" / name / "heads.json"
+        )
+    shutil.copy(tmp_path / "multi" / "heads.json", run / "heads.json")
+    cfg = _cfg(run, model, data, score=DISTILL)  # accepted by the config (was refused before)
+
+    class Stop(Exception):
+        pass
+
+    def stop(_shard):
+        raise Stop
+
+    with pytest.raises(Stop):  # all passes done, the driver stopped after writing the first final shard
+        run_score(cfg, on_shard_done=stop)
+    out = run_score(cfg)
+    assert out["strategy"] == "distilled" and "2 targets in one distilled pass" in out["strategy_reason"]
+
+    def outputs():
+        shared = pq.read_table(run / "scores").sort_by("id")
+        views = {n: pq.read_table(run / "targets" / n / "scores").sort_by("id") for n in HEADS}
+        return shared, views
+
+    shared, views = outputs()
+    assert shared.column("id").to_pylist() == list(range(40)), "every id once"
+    summary = json.loads((run / "score_summary.json").read_text())["distilled"]
+    stats = json.loads((run / "score_stats.json").read_text())["distill"]["passes"]
+    assert set(stats) == {"sample", "bulk", "cascade", "refine"}, "one pass of each kind for both targets"
+    assert stats["sample"]["rows"] == 20 and stats["bulk"]["rows"] == 20
+    exact = {n: pq.read_table(tmp_path / "multi" / "targets" / n / "scores").sort_by("id") for n in HEADS}
+    bands = []
+    for name in HEADS:
+        view = views[name]
+        assert view.column("id").to_pylist() == list(range(40)), f"{name}: every id once"
+        src = view.column("score_source").to_pylist()
+        fid = summary["targets"][name]
+        counts = {k: src.count(k) for k in ("exact", "distilled", "refined")}
+        assert counts["exact"] == 20 and counts["refined"] >= 4 and sum(counts.values()) == 40
+        assert summary["score_source"] == counts, "the per-target sources add up to the corpus"
+        assert fid["kfold"]["rows"] == 14 and fid["audit"]["rows"] == 6 and "passed" in fid["gate"]
+        assert fid["cascade"]["used"] and fid["cascade_band_rows"] == 10 and fid["refine_band_rows"] == 4
+        assert (run / "targets" / name / "distill_regressor.npz").is_file()
+        np.testing.assert_array_equal(
+            view.column("score").to_numpy(), shared.column(f"score__{name}").to_numpy()
+        )
+        # its stage 2 (layer 2) ranked exactly its own stage-1 top 10 of the bulk rows
+        layer = view.column("predicted_layer").to_pylist()
+        assert {layer[i] for i, s in enumerate(src) if s == "exact"} == {None}
+        band = {i for i, x in enumerate(layer) if x == 2}
+        assert len(band) == 10 and {x for x in layer if x is not None} == {1, 2}
+        bands.append(band)
+        # a row scored exactly (sample, audit, refined) carries the exact shared pass's score
+        rows = [i for i, s in enumerate(src) if s != "distilled"]
+        np.testing.assert_allclose(
+            view.column("score").to_numpy()[rows],
+            exact[name].column("score").to_numpy()[rows],
+            rtol=0,
+            atol=1e-5,
+        )
+    assert stats["cascade"]["rows"] == len(bands[0] | bands[1]) == summary["cascade_rows"], "the union"
+    assert 4 <= stats["refine"]["rows"] <= 8 + summary["ood_rows"]
+    assert shared.column("features").type.list_size > 0, "the feature store for a target added later"
+
+    # bulk and cascade shards killed part-way, their final files gone: only those redone, the same output
+    keys = sorted(p.stem for p in (run / "scores").glob("*.parquet"))
+    cascaded = sorted(p.stem for p in (run / "_state" / "distill" / "cascade").glob("*.parquet"))
+    (run / "_state" / "distill" / "bulk" / "done" / f"{keys[1]}.json").unlink()
+    (run / "_state" / "distill" / "cascade" / "done" / f"{cascaded[0]}.json").unlink()
+    for key in {keys[1], cascaded[0]}:
+        (run / "_state" / "scores" / "done" / f"{key}.json").unlink()
+    run_score(cfg)
+    passes = json.loads((run / "score_stats.json").read_text())["distill"]["passes"]
+    assert passes["sample"]["shards_this_run"] == 0 and passes["bulk"]["shards_this_run"] == 1
+    assert passes["cascade"]["shards_this_run"] == 1
+    again = outputs()[0]
+    for c in ("id", "score_source", "loss_full", *(f"predicted_layer__{n}" for n in HEADS)):
+        assert again.column(c).to_pylist() == shared.column(c).to_pylist(), c
+    for name in HEADS:  # a re-predicted shard: up to float32 rounding of its truncated forward (test_distill)
+        np.testing.assert_allclose(
+            again.column(f"score__{name}").to_numpy(), shared.column(f"score__{name}").to_numpy(), rtol=1e-6
+        )
+
+    # per-target and combined selection, unchanged downstream
+    sel = run_select(cfg)
+    assert sel["targets"]["plus"]["n_selected"] == 10 and sel["targets"]["items"]["n_selected"] == 5
+    assert pq.read_table(run / "subset").num_rows == sel["combined"]["budget"] == 10
 
 
 def test_demo_targets_flag_sets_the_targets(capsys):

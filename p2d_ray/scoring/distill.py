@@ -26,6 +26,12 @@ gate reuses the sample's exact scores. The regressor is saved beside the probe g
 (``distill_regressor.npz`` + ``.json``) with its fingerprint (model, heads, probe, sample seed, l_f,
 regressor) and the fidelity figures.
 
+Several targets (``targets:``, issue 27): every pass runs once for all of them (the exact passes with the
+union backward of scoring/targets.py, the predict passes with one regressor per target); each target has its
+own fit, gate, cascade band and refine band, the cascade and refine passes cover the union of the bands, and
+the scores carry the shared pass's per-target columns (``score__<t>``, ``predicted_layer__<t>``) beside one
+``score_source`` and the stored features (``features``, for a target added later). See :func:`run_distilled`.
+
 This module is the engine's side (passes, parts, assembly); the features (which layers, the truncated forward,
 pooling) are ``scoring/features.py`` and the regressor and its gate ``scoring/regressor.py``.
 """
@@ -107,15 +113,16 @@ def pick_rows(
 class DistillActor(ScorerActor):
     """The engine's ScorerActor, plus: ``mode="exact"`` appends the rows' pooled layer-``layer`` features
     (``features=True``; and layer-``cascade_layer`` ones from the same truncated forward when given);
-    ``mode="predict"`` runs no scorer at all, only the truncated forward to ``layer``, and writes the
-    regressor's prediction as ``score`` and the ``ood`` flag."""
+    ``mode="predict"`` runs no scorer at all, only the truncated forward to ``layer``, and writes each
+    regressor's prediction into its column (``regressors``: {column: [bytes or ObjectRef]}; ``score`` for one
+    target, ``score__<t>`` per target with ``targets:``) and the ``ood`` flag."""
 
     def __init__(
         self,
         mode: str,
         layer: int,
         features: bool,
-        regressor: list | None,
+        regressors: dict | None,
         cascade_layer=None,
         pooling: str = "engine",
         **kw,
@@ -124,18 +131,21 @@ class DistillActor(ScorerActor):
         self.mode, self.layer, self.want_features = mode, layer, features
         self.layers = [layer] + ([cascade_layer] if cascade_layer and mode == "exact" and features else [])
         self.poolings = [pooling, CASCADE_POOLING][: len(self.layers)]  # per layer
-        self.reg = None
-        if regressor:
+        self.regs: dict[str, Regressor] = {}
+        if regressors:
             import ray
 
-            data = regressor[0]
-            self.reg = Regressor.from_bytes(ray.get(data) if isinstance(data, ray.ObjectRef) else data)
+            for column, ref in regressors.items():
+                data = ref[0]
+                self.regs[column] = Regressor.from_bytes(
+                    ray.get(data) if isinstance(data, ray.ObjectRef) else data
+                )
         if mode == "predict":
             self.score = self._count_only  # the base __call__'s loop only collates and counts
 
     def _count_only(self, tensors):
         n_tokens = tensors["loss_mask"][:, 1:].sum(1)
-        return ScoreOutput(torch.zeros(len(n_tokens)), n_tokens)
+        return ScoreOutput(torch.full((len(n_tokens),), float("nan")), n_tokens)
 
     def _features(self, batch: pa.Table, ok: np.ndarray) -> tuple[list[np.ndarray], float]:
         """Pooled features at each of ``self.layers`` (one truncated forward per micro-batch)."""
@@ -170,14 +180,18 @@ class DistillActor(ScorerActor):
         ood = np.zeros(n, dtype=bool)
         dist = np.full(n, np.nan)
         if self.mode == "predict":
-            score = np.full(n, np.nan)
-            if feats is not None:
-                score[ok], dist[ok], ood[ok] = self.reg.predict(feats[ok].astype(np.float64))
-            i = out.schema.get_field_index("score")
-            out = out.set_column(i, "score", pa.array(score, mask=~valid))
-            for c in COMPONENT_COLUMNS.get(self.cfg.scorer, ()):  # the exact scorer's own: not computed
-                i = out.schema.get_field_index(c)
-                out = out.set_column(i, c, pa.nulls(n, out.schema.field(c).type))
+            for column, reg in self.regs.items():  # one regressor per target (the same PCA frame: one ood)
+                score = np.full(n, np.nan)
+                if feats is not None:
+                    score[ok], dist[ok], flag = reg.predict(feats[ok].astype(np.float64))
+                    ood[ok] |= flag
+                i = out.schema.get_field_index(column)
+                out = out.set_column(i, column, pa.array(score, mask=~valid))
+            # the exact scorer's own columns (and every target's): not computed
+            for c in (*COMPONENT_COLUMNS.get(self.cfg.scorer, ()), *self.target_columns):
+                if c not in self.regs:
+                    i = out.schema.get_field_index(c)
+                    out = out.set_column(i, c, pa.nulls(n, out.schema.field(c).type))
         if secs and len(ok):  # the truncated forward's seconds, shared out over the call's rows
             t = out.column(SCORE_TIME_COL).to_numpy() + np.float32(secs / len(ok)) * valid
             out = out.set_column(out.schema.get_field_index(SCORE_TIME_COL), SCORE_TIME_COL, pa.array(t))
@@ -285,7 +299,7 @@ class _Pass:
     picks: dict[int, np.ndarray]  # shard index -> rows
     fingerprint: str
     features: bool = False
-    regressor: bytes | None = None
+    regressors: dict[str, bytes] | None = None  # predict mode: {score column: regressor bytes}
     stats: dict = field(default_factory=dict)
     layer: int | None = None  # the truncated forward's layer (None: the plan's l_f)
     pooling: str = "engine"  # predict mode: the features' pools (pool_features; "all": pool_features_all)
@@ -319,7 +333,7 @@ def _run_pass(cfg, plan, dups, probe_gradient, p: _Pass, wall: dict) -> Parts:
         flags[PICK_COL] = todo
     shards = {sid: plan.shards[sid] for sid in todo}
     ds, window = corpus_blocks(cfg, plan, shards, flags, keep=_keep_picked if subset else None)
-    reg_ref = [ray.put(p.regressor)] if p.regressor is not None else None
+    reg_refs = {c: [ray.put(b)] for c, b in p.regressors.items()} if p.regressors else None
     ds = actor_pool(
         ds,
         DistillActor,
@@ -330,13 +344,15 @@ def _run_pass(cfg, plan, dups, probe_gradient, p: _Pass, wall: dict) -> Parts:
             "cascade_layer": p.cascade_layer,
             "pooling": p.pooling,
             "features": p.features,
-            "regressor": reg_ref,
+            "regressors": reg_refs,
             "model_json": plan.model_json,
             "score_json": s.model_dump_json(),
             "heads_json": plan.heads.to_json() if plan.heads is not None else None,
             "id_column": cfg.data.id_column,
             "icl_json": None,
-            "probe_gradient": probe_gradient,
+            # several targets: every target's probe gradient ({name: [ObjectRef]}, the union backward)
+            "probe_gradient": None if plan.targets else probe_gradient,
+            "targets": probe_gradient if plan.targets else None,
             "window_rows": window,
         },
     )
@@ -364,10 +380,13 @@ def _read_parts(parts: Parts, plan, picks: dict[int, np.ndarray], columns: list[
     return pa.concat_tables(tables) if tables else None
 
 
-def _exact_xy(table: pa.Table, column: str = FEATURES_COL) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(features [n, d], exact scores [n], keep mask) of a sample part table: scorable, finite rows."""
+def _exact_xy(
+    table: pa.Table, column: str = FEATURES_COL, y_column: str = "score"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(features [n, d], exact scores [n], keep mask) of a sample part table: scorable, finite rows.
+    ``y_column``: the target's exact score (``score__<t>`` with several targets)."""
     ok = table.column("reason").is_null().to_numpy(zero_copy_only=False)
-    y = table.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
+    y = table.column(y_column).to_numpy(zero_copy_only=False).astype(np.float64)
     feats = table.column(column)
     d = feats.type.list_size
     X = feats.combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.float64).reshape(-1, d)
@@ -431,16 +450,20 @@ def _audit(reg: Regressor, read, s) -> dict:
     }
 
 
-def _predictions(parts: Parts, plan, picks: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
-    """A predict pass's rows: shard, row, scorable, predicted score (-inf where not), OOD flag."""
-    table = _read_parts(parts, plan, picks, ["reason", "score", OOD_COL])
+def _predictions(parts: Parts, plan, picks: dict[int, np.ndarray], columns: list[str]) -> dict:
+    """A predict pass's rows: shard, row, scorable, per score column the predicted score (-inf where not
+    scorable), OOD flag."""
+    table = _read_parts(parts, plan, picks, ["reason", *columns, OOD_COL])
     ok = table.column("reason").is_null().to_numpy(zero_copy_only=False)
-    score = table.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
+    pred = {}
+    for c in columns:
+        score = table.column(c).to_numpy(zero_copy_only=False).astype(np.float64)
+        pred[c] = np.where(ok & np.isfinite(score), score, -np.inf)
     return {
         "sid": table.column("_shard").to_numpy().astype(np.int64),
         "row": table.column("_row").to_numpy().astype(np.int64),
         "ok": ok,
-        "pred": np.where(ok & np.isfinite(score), score, -np.inf),
+        "pred": pred,
         "ood": table.column(OOD_COL).to_numpy(zero_copy_only=False) & ok,
     }
 
@@ -453,15 +476,128 @@ def _key(sid: np.ndarray, row: np.ndarray) -> np.ndarray:
     return sid.astype(np.int64) << 32 | row.astype(np.int64)
 
 
+def _targets(plan) -> dict:
+    """{target name: its exact score column}: ``{None: "score"}`` for one target; with ``targets:`` one entry
+    per target, named as the exact shared pass names them (``score__<t>``, scoring/targets.py)."""
+    if not plan.targets:
+        return {None: "score"}
+    from p2d_ray.scoring.targets import score_col
+
+    return {name: score_col(name) for name in plan.targets}
+
+
+def _col(base: str, name: str | None) -> str:
+    """A per-target column: ``base`` for one target, ``base__<t>`` with several (as scoring/targets.py)."""
+    return base if name is None else f"{base}__{name}"
+
+
+def _one(values: list):
+    """A fingerprint input: the value itself for one target (what it always was), the list for several."""
+    return values[0] if len(values) == 1 else values
+
+
+@dataclass
+class _Fit:
+    """One target's regressors, fidelity figures and gate verdicts."""
+
+    reg: Regressor
+    fp: str
+    fidelity: dict
+    fallback: bool  # its stage-1 gate failed with score.gate_fallback=exact
+    reg2: Regressor | None = None  # the cascade's stage 2 (None: no cascade)
+    fp2: str | None = None
+
+
+def _fit_target(run, name, column: str, reader, S, A, s, meta: dict, sample_fp: str, l_f, l_c) -> _Fit:
+    """Fit, audit and gate one target's regressor on S (stage 1 at l_f; the cascade's stage 2 at l_c), saved
+    in ``run`` (the target's own run dir with several targets)."""
+    label = "" if name is None else f" (target {name})"
+    fp = _hash(
+        {"sample": sample_fp, "alphas": ALPHAS, "folds": s.distill_folds, "ood": s.distill_ood_factor}
+        | ({} if name is None else {"target": name})
+    )
+    reg, cv = _fit_stage(run, REGRESSOR_FILE, fp, reader(S, FEATURES_COL, column), s, {**meta, "layer": l_f})
+    audit = _audit(reg, reader(A, FEATURES_COL, column), s) if A else {"rows": 0}
+    verdict = gate(cv, audit, s)
+    fid = {"layer": l_f, "kfold": cv, "audit": audit, "gate": verdict, "cascade": None, "regressor": reg.meta}
+    fit = _Fit(reg, fp, fid, not verdict["passed"] and s.gate_fallback == "exact")
+    if not verdict["passed"]:
+        log.warning(
+            "distilled%s: the fidelity gate FAILED (%s); %s",
+            label,
+            "; ".join(verdict["failed"]),
+            "falling back to exact scores for every row (score.gate_fallback=exact)"
+            if fit.fallback
+            else "continuing with predicted scores (score.gate_fallback=warn): the selection may be poor",
+        )
+        print(
+            f"score: WARNING fidelity gate failed{label} ({'; '.join(verdict['failed'])}); "
+            f"fallback={s.gate_fallback}"
+        )
+    if l_c is not None:
+        fit.fp2 = _hash([fp, "cascade", l_c, CASCADE_POOLING])
+        fit.reg2, cv2 = _fit_stage(
+            run,
+            CASCADE_REGRESSOR_FILE,
+            fit.fp2,
+            reader(S, CASCADE_FEATURES_COL, column),
+            s,
+            {**meta, "layer": l_c, "pooling": CASCADE_POOLING},
+            CASCADE_POOLING,
+        )
+        audit2 = _audit(fit.reg2, reader(A, CASCADE_FEATURES_COL, column), s) if A else {"rows": 0}
+        fid["cascade"] = {
+            "layer": l_c,
+            "fraction": s.distill_cascade_fraction,
+            "kfold": cv2,
+            "audit": audit2,
+            "gate": gate(cv2, audit2, s),
+            "regressor": fit.reg2.meta,
+        }
+    return fit
+
+
+def _use_cascade(fit: _Fit, name, fallback: bool, s) -> bool:
+    """Whether a target's cascade ranks its band: it has one, no exact fallback, and its gate passed (or
+    score.gate_fallback=warn); a failed cascade gate is warned about."""
+    cas = fit.fidelity["cascade"]
+    if cas is None:
+        return False
+    used = not fallback
+    if used and not cas["gate"]["passed"]:
+        failed = "; ".join(cas["gate"]["failed"])
+        used = s.gate_fallback == "warn"
+        label = "" if name is None else f" (target {name})"
+        log.warning(
+            "distilled%s: the cascade's (layer %d) fidelity gate FAILED (%s)", label, cas["layer"], failed
+        )
+        print(
+            f"score: WARNING the cascade's fidelity gate failed{label} ({failed}); "
+            + ("continuing with it (score.gate_fallback=warn)" if used else "the band from stage 1 alone")
+        )
+    cas["used"] = used
+    return used
+
+
 def run_distilled(cfg, plan, store, todo: dict, on_shard_done, wall: dict):
     """The distilled strategy's passes (module docstring); returns the final ShardCollector and the
-    ``distill`` stats block. ``todo``: the shards without a final marker."""
+    ``distill`` stats block. ``todo``: the shards without a final marker.
+
+    With several targets (``targets:``, issue 27) every pass runs ONCE for all of them: the sample and refine
+    passes score exactly with the union backward (scoring/targets.py: every target's score from one
+    backward), the bulk and cascade passes' truncated forward feeds one regressor per target. Each target has
+    its own fit, gate and cascade band; the cascade pass runs over the union of the targets' bands and the
+    refine pass over the union of their refine bands (each target keeps the exact scores of every refined
+    row, its own band's or another's). One exact fallback (a failed gate, score.gate_fallback=exact) scores
+    every row exactly for every target: one exact pass gives all their scores."""
     from p2d_ray.rundir import RunDir
     from p2d_ray.scoring.collect import ShardCollector
     from p2d_ray.scoring.pipeline import _start_pass
 
     s = cfg.score
     run = RunDir(cfg.run_dir)
+    columns = _targets(plan)
+    multi = bool(plan.targets)
     l_f, l_c = plan.distill_layer, plan.cascade_layer
     shard_rows = [(sh.key, sh.num_rows) for sh in plan.shards]
     n_rows = sum(n for _, n in shard_rows)
@@ -486,7 +622,7 @@ def run_distilled(cfg, plan, store, todo: dict, on_shard_done, wall: dict):
     sample = passes["sample"] = _Pass("sample", "exact", SA, sample_fp, features=True, cascade_layer=l_c)
     sample_parts = _run_pass(cfg, plan, dups, probe_gradient, sample, wall)
 
-    # fit on S, audit on A (stage 1 at l_f; the cascade's stage 2 at l_c)
+    # fit on S, audit on A, per target (stage 1 at l_f; the cascade's stage 2 at l_c)
     t = time.perf_counter()
     meta = {
         "model_fingerprint": identity["model_fingerprint"],
@@ -495,111 +631,100 @@ def run_distilled(cfg, plan, store, todo: dict, on_shard_done, wall: dict):
         "sample_seed": s.distill_seed,
     }
 
-    def reader(picks, column):
-        return lambda: _exact_xy(_read_parts(sample_parts, plan, picks, ["reason", "score", column]), column)
+    def reader(picks, features, y):
+        return lambda: _exact_xy(_read_parts(sample_parts, plan, picks, ["reason", y, features]), features, y)
 
-    reg_fp = _hash(
-        {"sample": sample_fp, "alphas": ALPHAS, "folds": s.distill_folds, "ood": s.distill_ood_factor}
-    )
-    reg, cv = _fit_stage(run, REGRESSOR_FILE, reg_fp, reader(S, FEATURES_COL), s, {**meta, "layer": l_f})
-    audit = _audit(reg, reader(A, FEATURES_COL), s) if A else {"rows": 0}
-    verdict = gate(cv, audit, s)
-    cascade_fid = None
-    if l_c is not None:
-        reg2_fp = _hash([reg_fp, "cascade", l_c, CASCADE_POOLING])
-        reg2, cv2 = _fit_stage(
-            run,
-            CASCADE_REGRESSOR_FILE,
-            reg2_fp,
-            reader(S, CASCADE_FEATURES_COL),
-            s,
-            {**meta, "layer": l_c, "pooling": CASCADE_POOLING},
-            CASCADE_POOLING,
-        )
-        audit2 = _audit(reg2, reader(A, CASCADE_FEATURES_COL), s) if A else {"rows": 0}
-        cascade_fid = {
-            "layer": l_c,
-            "fraction": s.distill_cascade_fraction,
-            "kfold": cv2,
-            "audit": audit2,
-            "gate": gate(cv2, audit2, s),
-            "regressor": reg2.meta,
-        }
+    fits: dict = {}
+    for name, column in columns.items():
+        trun, tmeta = run, meta
+        if name is not None:  # its regressors and figures in its own run dir, beside its probe gradient
+            entry = plan.targets[name]
+            trun = RunDir(entry["cfg"].run_dir)
+            tmeta = {
+                **meta,
+                "target": name,
+                "heads": entry["heads"].fingerprint(),
+                "probe_gradient": entry["gradient_fingerprint"],
+            }
+        fits[name] = _fit_target(trun, name, column, reader, S, A, s, tmeta, sample_fp, l_f, l_c)
     wall["fit"] = time.perf_counter() - t
-    fallback = not verdict["passed"] and s.gate_fallback == "exact"
-    if not verdict["passed"]:
-        log.warning(
-            "distilled: the fidelity gate FAILED (%s); %s",
-            "; ".join(verdict["failed"]),
-            "falling back to exact scores for every row (score.gate_fallback=exact)"
-            if fallback
-            else "continuing with predicted scores (score.gate_fallback=warn): the selection may be poor",
-        )
-        print(
-            f"score: WARNING fidelity gate failed ({'; '.join(verdict['failed'])}); fallback={s.gate_fallback}"
-        )
-    use_cascade = cascade_fid is not None and not fallback
-    if use_cascade and not cascade_fid["gate"]["passed"]:
-        failed = "; ".join(cascade_fid["gate"]["failed"])
-        use_cascade = s.gate_fallback == "warn"
-        log.warning("distilled: the cascade's (layer %d) fidelity gate FAILED (%s)", l_c, failed)
-        print(
-            f"score: WARNING the cascade's fidelity gate failed ({failed}); "
-            + (
-                "continuing with it (score.gate_fallback=warn)"
-                if use_cascade
-                else "the band from stage 1 alone"
-            )
-        )
-    if cascade_fid is not None:
-        cascade_fid["used"] = use_cascade
+    fallback = any(f.fallback for f in fits.values())
+    if fallback and multi:
+        print("score: the exact fallback scores every row exactly for every target (one pass gives all)")
+    users = [name for name, f in fits.items() if _use_cascade(f, name, fallback, s)]
 
-    # bulk: predicted (or, after a failed gate with fallback exact, exact) scores for every other row
+    # bulk: predicted (or, after a failed gate with fallback exact, exact) scores for every other row; with
+    # several targets it also keeps every row's layer-l_f features (stored for targets added later)
     if fallback:
-        bulk = passes["bulk"] = _Pass("bulk", "exact", rest, _hash([sample_fp, "exact"]))
+        bulk = passes["bulk"] = _Pass("bulk", "exact", rest, _hash([sample_fp, "exact"]), features=multi)
     else:
         bulk = passes["bulk"] = _Pass(
-            "bulk", "predict", rest, _hash([reg_fp, "predict"]), regressor=reg.to_bytes()
+            "bulk",
+            "predict",
+            rest,
+            _hash([_one([f.fp for f in fits.values()]), "predict"]),
+            regressors={columns[n]: f.reg.to_bytes() for n, f in fits.items()},
+            features=multi,
         )
     bulk_parts = _run_pass(cfg, plan, dups, probe_gradient, bulk, wall)
 
-    # cascade: the stage-1 predicted top distill_cascade_fraction re-predicted from layer l_c
+    # cascade: each target's stage-1 predicted top distill_cascade_fraction, re-predicted from layer l_c
+    # (one pass over the union of the targets' bands)
+    bands: dict = {}  # target -> its cascade band's rows {shard index: rows}
     cascade_picks: dict[int, np.ndarray] = {}
     cascade_parts = None
     refine_picks: dict[int, np.ndarray] = {}
     n_ood = 0
+    per_target: dict = {name: {"cascade_band_rows": 0, "refine_band_rows": 0} for name in columns}
     if not fallback:
-        p1 = _predictions(bulk_parts, plan, rest)
-        order = np.argsort(-p1["pred"], kind="stable")  # stage 1's ranking
-        in_cascade = np.zeros(len(order), dtype=bool)
+        p1 = _predictions(bulk_parts, plan, rest, list(columns.values()))
+        n_ok = int(p1["ok"].sum())
         ood = p1["ood"]
-        if use_cascade:
-            n_c = min(int(round(s.distill_cascade_fraction * n_rows)), int(p1["ok"].sum()))
-            in_cascade[order[:n_c]] = True
-            cascade_picks = _picks_of(p1["sid"], p1["row"], in_cascade)
+        in_band = {}
+        for name in users:
+            order = np.argsort(-p1["pred"][columns[name]], kind="stable")  # its stage 1's ranking
+            n_c = min(int(round(s.distill_cascade_fraction * n_rows)), n_ok)
+            in_band[name] = np.zeros(len(order), dtype=bool)
+            in_band[name][order[:n_c]] = True
+            bands[name] = _picks_of(p1["sid"], p1["row"], in_band[name])
+            per_target[name]["cascade_band_rows"] = n_c
+        if users:
+            cascade_picks = _picks_of(p1["sid"], p1["row"], np.logical_or.reduce(list(in_band.values())))
             cascade = passes["cascade"] = _Pass(
                 "cascade",
                 "predict",
                 cascade_picks,
-                _hash([reg2_fp, bulk.fingerprint, _positions_hash(cascade_picks), "predict"]),
-                regressor=reg2.to_bytes(),
+                _hash(
+                    [
+                        _one([fits[n].fp2 for n in users]),
+                        bulk.fingerprint,
+                        _positions_hash(cascade_picks),
+                        "predict",
+                    ]
+                ),
+                regressors={columns[n]: fits[n].reg2.to_bytes() for n in users},
                 layer=l_c,
                 pooling=CASCADE_POOLING,
             )
             if cascade_picks:
                 cascade_parts = _run_pass(cfg, plan, dups, probe_gradient, cascade, wall)
-                p2 = _predictions(cascade_parts, plan, cascade_picks)
+                p2 = _predictions(cascade_parts, plan, cascade_picks, [columns[n] for n in users])
                 at = np.searchsorted(_key(p1["sid"], p1["row"]), _key(p2["sid"], p2["row"]))
-                p1["pred"][at] = p2["pred"]  # the parts are read in (shard, row) order: keys sorted
                 ood = ood.copy()
                 ood[at] |= p2["ood"]
-        # refine: the top band of the cascaded ranking (the cascade's rows first, by stage 2; then the
-        # others by stage 1) + the OOD rows, scored exactly
+                for name in users:  # a target's stage 2 replaces its stage 1 on its own band only
+                    own = in_band[name][at]
+                    p1["pred"][columns[name]][at[own]] = p2["pred"][columns[name]][own]
+        # refine: per target the top band of its cascaded ranking (its band's rows first, by stage 2; then
+        # the others by stage 1); the union of the targets' bands + the OOD rows, scored exactly
         n_ood = int(ood.sum())
-        order = np.lexsort((-p1["pred"], ~in_cascade))
-        k = min(int(round(s.refine_fraction * n_rows)), int(p1["ok"].sum()))
-        chosen = np.zeros(len(order), dtype=bool)
-        chosen[order[:k]] = True
+        k = min(int(round(s.refine_fraction * n_rows)), n_ok)
+        chosen = np.zeros(len(ood), dtype=bool)
+        for name, column in columns.items():
+            own = in_band.get(name, np.zeros(len(ood), dtype=bool))
+            order = np.lexsort((-p1["pred"][column], ~own))
+            chosen[order[:k]] = True
+            per_target[name]["refine_band_rows"] = k
         if s.distill_ood_exact:
             chosen |= ood
         refine_picks = _picks_of(p1["sid"], p1["row"], chosen)
@@ -612,50 +737,40 @@ def run_distilled(cfg, plan, store, todo: dict, on_shard_done, wall: dict):
     # assemble: per shard, the passes' rows merged by row, through the engine's collector
     t = time.perf_counter()
     collector = ShardCollector(store, plan, todo, cfg.data.id_column, on_shard_done)
-    collector.extra_columns = (SOURCE_COL, LAYER_COL, OOD_COL)
-    bulk_source = "exact" if fallback else "distilled"
+    collector.extra_columns = _output_columns(plan)
+    merge = [
+        (bulk_parts, rest, "exact" if fallback else "distilled"),
+        (sample_parts, SA, "exact"),
+        (refine_parts, refine_picks, "refined"),
+    ]
     for sid, shard in todo.items():
-        pieces = []
-        for parts, picks, src in (
-            (bulk_parts, rest, bulk_source),
-            (cascade_parts, cascade_picks, "distilled"),
-            (sample_parts, SA, "exact"),
-            (refine_parts, refine_picks, "refined"),
-        ):
-            if parts is None or sid not in picks or not len(picks[sid]):
-                continue
-            tb = parts.read(shard.key)
-            tb = tb.drop_columns([c for c in (FEATURES_COL, CASCADE_FEATURES_COL) if c in tb.column_names])
-            rows = tb.column("_row").to_numpy()
-            if parts is sample_parts or fallback:
-                layer = np.zeros(len(rows), dtype=np.int16)
-                valid = np.zeros(len(rows), dtype=bool)
-            else:  # which stage ranked the row: l_c for the cascade's rows, l_f for the others
-                layer = np.where(np.isin(rows, cascade_picks.get(sid, ())), l_c or 0, l_f).astype(np.int16)
-                valid = np.ones(len(rows), dtype=bool)
-            tb = tb.append_column(SOURCE_COL, pa.array([src] * tb.num_rows, pa.string()))
-            pieces.append(tb.append_column(LAYER_COL, pa.array(layer, mask=~valid)))
-        merged = _merge_by_row(pieces)
-        collector.add(merged)
+        table = _assemble_shard(
+            sid, shard.key, merge, (cascade_parts, cascade_picks), columns, bands, l_f, l_c
+        )
+        collector.add(_with_stored_features(table, sid, shard.key, merge) if multi else table)
     collector.check_complete()
     wall["assemble"] = time.perf_counter() - t
-    sources = _count_sources(store, plan)
     fidelity = {
         "strategy": "distilled",
         "reason": plan.strategy_reason,
         "layer": l_f,
         "sample_rows": int(sum(len(r) for r in S.values())),
         "audit_rows_picked": int(sum(len(r) for r in A.values())),
-        "kfold": cv,
-        "audit": audit,
-        "gate": verdict,
-        "cascade": cascade_fid,
         "cascade_rows": int(sum(len(r) for r in cascade_picks.values())),
         "refine_rows": int(sum(len(r) for r in refine_picks.values())),
         "ood_rows": n_ood,
-        "score_source": sources,
-        "regressor": reg.meta,
+        "score_source": _count_sources(store, plan),
     }
+    if multi:  # every target's own fit, gate and bands (also in targets/<t>/distill_regressor.json)
+        fidelity["targets"] = {
+            name: {**f.fidelity, **per_target[name], "fallback_exact": f.fallback} for name, f in fits.items()
+        }
+        for name, block in fidelity["targets"].items():
+            RunDir(plan.targets[name]["cfg"].run_dir).path(FIDELITY_FILE).write_text(
+                json.dumps(block, indent=1)
+            )
+    else:
+        fidelity.update(fits[None].fidelity)
     run.path(FIDELITY_FILE).write_text(json.dumps(fidelity, indent=1))
     stats = {
         "passes": {
@@ -665,6 +780,86 @@ def run_distilled(cfg, plan, store, todo: dict, on_shard_done, wall: dict):
         "fit_s": wall["fit"],
     }
     return collector, stats
+
+
+def _output_columns(plan) -> tuple[str, ...]:
+    """The columns a distilled run writes beside the scores: ``score_source``, ``predicted_layer`` and ``ood``;
+    with several targets every target's exact-pass columns (``score__<t>`` ...), one ``predicted_layer__<t>``
+    each (which of ITS stages ranked the row), the shared ``score_source`` (a row scored exactly is exact for
+    every target) and the stored features (for targets added later)."""
+    if not plan.targets:
+        return (SOURCE_COL, LAYER_COL, OOD_COL)
+    from p2d_ray.scoring.actor import FEATURES_COL as STORED_FEATURES_COL
+    from p2d_ray.scoring.targets import target_columns
+
+    layers = tuple(_col(LAYER_COL, name) for name in plan.targets)
+    return (*target_columns(plan.targets), SOURCE_COL, *layers, OOD_COL, STORED_FEATURES_COL)
+
+
+def _assemble_shard(sid, key, merge: list, cascade: tuple, columns: dict, bands: dict, l_f, l_c) -> pa.Table:
+    """One shard's final rows: the bulk, sample and refine passes' rows merged by row (a later pass wins),
+    ``score_source``; each target's score on its own cascade band (rows not refined) from the cascade pass,
+    with the cascade's ``ood``; each target's ``predicted_layer`` (l_c on its band, l_f elsewhere, null where
+    the row's score is the sample's or the exact fallback's)."""
+    pieces = []
+    for parts, picks, src in merge:
+        if parts is None or sid not in picks or not len(picks[sid]):
+            continue
+        tb = parts.read(key)
+        tb = tb.drop_columns([c for c in (FEATURES_COL, CASCADE_FEATURES_COL) if c in tb.column_names])
+        pieces.append(tb.append_column(SOURCE_COL, pa.array([src] * tb.num_rows, pa.string())))
+    table = _merge_by_row(pieces)
+    rows = table.column("_row").to_numpy()
+    src = table.column(SOURCE_COL).to_numpy(zero_copy_only=False)
+    cascade_parts, cascade_picks = cascade
+    if cascade_parts is not None and len(cascade_picks.get(sid, ())):
+        cas = cascade_parts.read(key, ["_row", OOD_COL, *(columns[n] for n in bands)])
+        crow = cas.column("_row").to_numpy()
+        at = np.searchsorted(rows, crow)
+        keep = src[at] == "distilled"  # a refined row keeps its exact score
+        table = _set_rows(table, OOD_COL, at[keep], cas.column(OOD_COL).to_numpy(zero_copy_only=False)[keep])
+        for name, picks in bands.items():
+            own = keep & np.isin(crow, picks.get(sid, ()))
+            values = cas.column(columns[name]).to_numpy(zero_copy_only=False)[own]
+            table = _set_rows(table, columns[name], at[own], values)
+    for name in columns:
+        layer = np.where(np.isin(rows, bands.get(name, {}).get(sid, ())), l_c or 0, l_f).astype(np.int16)
+        table = table.append_column(_col(LAYER_COL, name), pa.array(layer, mask=src == "exact"))
+    return table
+
+
+def _set_rows(table: pa.Table, column: str, at: np.ndarray, values: np.ndarray) -> pa.Table:
+    """``table[column][at] = values`` (its nulls kept)."""
+    col = table.column(column)
+    out = col.to_numpy(zero_copy_only=False).copy()
+    out[at] = values
+    i = table.schema.get_field_index(column)
+    return table.set_column(
+        i, column, pa.array(out, col.type, mask=col.is_null().to_numpy(zero_copy_only=False))
+    )
+
+
+def _with_stored_features(table: pa.Table, sid, key, merge: list) -> pa.Table:
+    """Several targets: every row's pooled layer-l_f features (written by the sample and bulk passes) as the
+    ``features`` column (fp16), the feature store a target added later reads (scoring/targets.py)."""
+    from p2d_ray.scoring.actor import FEATURES_COL as STORED_FEATURES_COL
+
+    feats = [
+        parts.read(key, ["_row", FEATURES_COL])
+        for parts, picks, _ in merge[:2]  # bulk + sample: every row of the shard once
+        if parts is not None
+        and len(picks.get(sid, ()))
+        and FEATURES_COL in pq.read_schema(parts.path(key)).names
+    ]
+    f = pa.concat_tables(feats).sort_by("_row")
+    if not np.array_equal(f.column("_row").to_numpy(), table.column("_row").to_numpy()):
+        raise RuntimeError(f"shard {key}: the stored features do not cover its rows once")
+    col = f.column(FEATURES_COL).combine_chunks()
+    flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.float16)
+    return table.append_column(
+        STORED_FEATURES_COL,
+        pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float16()), col.type.list_size),
+    )
 
 
 def _merge_by_row(pieces: list[pa.Table]) -> pa.Table:

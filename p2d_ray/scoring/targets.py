@@ -95,7 +95,8 @@ def build_multi_scorer(
 def plan_targets(cfg):
     """The shared pass's plan: ``plan_score`` over the union heads (``<run_dir>/heads.json``, written by the
     multi-target localize), then every target's heads, probe rows and probe-gradient fingerprint. The
-    fingerprint covers the target set (names, heads, probe gradients); strategy is exact."""
+    fingerprint covers the target set (names, heads, probe gradients) and the resolved strategy (exact, or
+    distilled: scoring/distill.py runs its passes once for every target)."""
     from p2d_ray.assets.paths import probe_path
     from p2d_ray.data.io import rows_hash
     from p2d_ray.rundir import RunDir
@@ -104,13 +105,8 @@ def plan_targets(cfg):
     from p2d_ray.targets import target_config
 
     first = target_config(cfg, cfg.targets[0])
-    root = cfg.model_copy(
-        update={
-            "data": cfg.data.model_copy(update={"probe_path": probe_path(first)}),
-            "score": cfg.score.model_copy(update={"strategy": "exact"}),
-        }
-    )
-    plan = plan_score(root)
+    root = cfg.model_copy(update={"data": cfg.data.model_copy(update={"probe_path": probe_path(first)})})
+    plan = plan_score(root)  # resolves score.strategy (auto: distilled from distill_min_rows rows up)
     union = plan.heads
     model_fp = plan.provenance["model_fingerprint"]
     data = plan.manifest["identity"]["data"]
@@ -178,8 +174,12 @@ def plan_targets(cfg):
         provenance=provenance,
         probe_rows=[],
         gradient_fingerprint=None,
-        strategy="exact",
-        strategy_reason=f"{len(targets)} targets in one exact pass (union of their heads, one backward a row)",
+        strategy_reason=f"{len(targets)} targets in one "
+        + (
+            "exact pass (union of their heads, one backward a row)"
+            if plan.strategy == "exact"
+            else f"distilled pass, one regressor each; {plan.strategy_reason}"
+        ),
         targets=targets,
     )
     out.late = late  # targets added later: scored from the stored features after the pass
@@ -259,6 +259,7 @@ def write_target_views(cfg, plan, store) -> dict[str, str]:
     names, its own manifest and markers (written last), so ``targets/<t>/`` is an ordinary run directory for
     select / train / evaluate. Shards whose view is already there under this pass are skipped.
     Returns ``{name: scores dir}``."""
+    from p2d_ray.scoring.distill import LAYER_COL, OOD_COL, SOURCE_COL
     from p2d_ray.scoring.outputs import SCORE_COLUMNS, ScoreStore, _atomic_write_text
 
     t0 = time.perf_counter()
@@ -283,7 +284,11 @@ def write_target_views(cfg, plan, store) -> dict[str, str]:
                 continue
             record = store.marker(shard, plan.fingerprint)
             table = pq.read_table(store.score_path(shard))
-            cols = [cfg.data.id_column, *[c for c in SCORE_COLUMNS if c != "score"], *rename]
+            # a distilled pass: the shared score_source / ood and this target's predicted_layer (distill.py)
+            rename[f"{LAYER_COL}__{name}"] = LAYER_COL
+            shared = [c for c in (SOURCE_COL, OOD_COL) if c in table.column_names]
+            own = [c for c in rename if c in table.column_names]
+            cols = [cfg.data.id_column, *[c for c in SCORE_COLUMNS if c != "score"], *own, *shared]
             part = table.select(cols).rename_columns([rename.get(c, c) for c in cols])
             part = part.select(
                 [cfg.data.id_column, "score", *[c for c in part.column_names[1:] if c != "score"]]
