@@ -23,6 +23,7 @@ from p2d_ray.scoring.gradient import (
     HeadShift,
     ProbeGradient,
     probe_gradient,
+    probe_row_losses,
 )
 from p2d_ray.scoring.scorers import alignment_score, build_scorer, influence_score
 
@@ -297,3 +298,15 @@ def test_a_probe_like_row_scores_above_random_tokens(llama):
         build_scorer("gradient_alignment", model, HeadSet(((0, 0),), heads.geometry), probe_gradient=pg)
     with pytest.raises(ValueError, match="probe gradient"):
         build_scorer("gradient_alignment", model, heads)
+
+
+def test_probe_row_losses_are_the_scores_loss_full(llama):
+    """The probe rows' own losses (issue 29's reference for what a clean task row costs) are measured as a
+    corpus row's ``loss_full`` is: the exact scorer on the same rows gives the same numbers."""
+    model, tok = llama
+    heads = HeadSet(((1, 0), (2, 3)), attention_geometry(model))
+    pg = _probe_gradient(model, tok, heads)
+    batch = _batch(tok, PROBE + ROWS)
+    losses = probe_row_losses(model, [batch], chunk_tokens=16)
+    out = build_scorer("gradient_alignment", model, heads, chunk_tokens=16, probe_gradient=pg)(batch)
+    torch.testing.assert_close(torch.tensor(losses), out.loss_full.float(), rtol=0, atol=1e-5)

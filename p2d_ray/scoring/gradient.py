@@ -125,12 +125,27 @@ class ProbeGradient:
         return cls.from_bytes(Path(path).read_bytes(), str(path))
 
 
-def _probe_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int) -> torch.Tensor:
+def _probe_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int) -> torch.Tensor:
+    """``[B]`` each probe row's mean response loss: the scores' ``loss_full`` of a corpus row, for a probe row."""
     hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"])
     loss = loss_from_hidden(model, hidden, batch["input_ids"], batch["loss_mask"], chunk_tokens)
     if bool((loss.n_tokens == 0).any()):
         raise ValueError("every probe row needs at least one target token")
-    return loss.mean.sum()
+    return loss.mean
+
+
+def probe_row_losses(
+    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], chunk_tokens: int = 1024
+) -> list[float]:
+    """Each probe row's mean response loss (no gradient), in the batches' order: what a clean row of the
+    target task costs the model, measured as ``loss_full`` is (issue 29's typicality reference)."""
+    device = next(model.parameters()).device
+    out: list[float] = []
+    with torch.no_grad():
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out += _probe_loss(model, batch, chunk_tokens).float().cpu().tolist()
+    return out
 
 
 def probe_gradient(
@@ -161,7 +176,7 @@ def probe_gradient(
         with torch.enable_grad():
             for batch in batches:
                 batch = {k: v.to(device) for k, v in batch.items()}
-                _probe_loss_sum(model, batch, chunk_tokens).backward()
+                _probe_loss(model, batch, chunk_tokens).sum().backward()
                 n += batch["input_ids"].shape[0]
         if n == 0:
             raise ValueError("probe_gradient: the probe set is empty")
