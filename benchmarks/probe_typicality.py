@@ -285,6 +285,9 @@ def load(run_dir: str, cache: str) -> dict:
         "clean": corpus.column(label).to_numpy(zero_copy_only=False)[idx].astype(bool),
         "on_task": task == target,
         "task": task,
+        "quality": np.array(corpus.column("quality").to_pylist(), dtype=object)[idx]
+        if "quality" in corpus.column_names
+        else np.full(len(idx), None, dtype=object),
         "probe_losses": np.asarray(probe["losses"], float),
         **_forwards(run_dir, cache, scores.column("id").to_pylist()),
     }
@@ -469,6 +472,9 @@ def describe(run: dict) -> dict:
     # every target row (loss) and over the 2x band (the terms computed there only)
     on, cl = run["on_task"], run["clean"]
     out["auc_loss_all_target_rows"] = _auc(-run["loss_full"][cl], -run["loss_full"][on & ~cl])
+    for kind in sorted({q for q in run["quality"][on & ~cl] if q is not None}):
+        bad = on & (run["quality"] == kind)
+        out[f"auc_loss_all_target_rows_{kind}"] = _auc(-run["loss_full"][cl], -run["loss_full"][bad])
     terms = {"loss": run["loss_full"]}
     if "alone" in run:
         terms["ifd"] = run["loss_full"] / run["alone"]
