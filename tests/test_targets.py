@@ -218,8 +218,8 @@ def test_targets_one_pass_equals_single_target_passes(ray_local, tiny3, data, tm
 def _distilled_targets(exact_cfg, model, data, tmp_path):
     """score.strategy=distilled with both targets in one run: ONE sample pass (exact, the union backward, and
     the features), ONE bulk pass, ONE cascade pass over the union of the targets' bands, ONE refine pass over
-    the union of their refine bands; each target its own fit, gate and columns. Resume after killed bulk /
-    cascade shards: identical output. A target's exact rows carry the exact shared pass's scores."""
+    the union of their refine bands; each target its own fit, gate and columns. Resume after a killed bulk
+    shard: identical output. A target's exact rows carry the exact shared pass's scores."""
     run = tmp_path / "dist"
     for name in HEADS:  # the exact run's heads and probe gradients (localize is not the subject here)
         (run / "targets" / name).mkdir(parents=True)
