@@ -261,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with sigterm_as_interrupt():  # SIGTERM (Kubernetes, Slurm, a spot notice, `timeout`) ends like Ctrl-C
         rc, result = _run_guarded(args.command, _resolve(COMMANDS[args.command]), cfg)
+    if rc in (130, 143):  # interrupted: the line is written, the run lock released, Ray shut down
+        _exit_now(rc)
     if rc != 0:
         return rc
     if result is not None:
@@ -323,6 +325,20 @@ def _say(line: str) -> None:
     (seen: "...; rerun to resumetrain: 5/16 steps ...")."""
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
+
+
+def _exit_now(rc: int) -> typing.NoReturn:
+    """End an interrupted command with ``rc`` and no interpreter teardown. After SIGTERM / Ctrl-C in the
+    middle of a Ray Train or Ray Data call, native threads (Ray's core worker, gRPC, torch) can still be
+    running while Python finalises its modules, and the process then died by SIGSEGV (rc -11 instead of 143,
+    seen once in the suite's training-rerun test): a scheduler reads that as a crash, not a preemption.
+    Everything the user is owed is done by now; flush it and leave."""
+    import logging
+
+    logging.shutdown()  # the run log's handlers
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 def _run_guarded(command: str, func, cfg) -> tuple[int, object]:

@@ -60,6 +60,11 @@ DISTILL = {
     "distill_cascade_fraction": 0.25,
     "refine_fraction": 0.1,
     "gate_fallback": "warn",
+    # A random 3-layer model's features barely differ between rows, so a 14-row sample's PCA frame is
+    # degenerate and which rows count as out of distribution flips with float noise (in one suite run every
+    # bulk row did, and the refine pass took all 20). Not re-scoring them keeps the bands this test checks
+    # deterministic; the flag itself is still written (ood_rows), and tests/test_distill.py covers it.
+    "distill_ood_exact": False,
 }
 
 
@@ -250,7 +255,7 @@ def _distilled_targets(exact_cfg, model, data, tmp_path):
         fid = summary["targets"][name]
         counts = {k: src.count(k) for k in ("exact", "distilled", "refined")}
         assert counts["exact"] == 20 and counts["refined"] >= 4 and sum(counts.values()) == 40
-        assert summary["score_source"] == counts, "the per-target sources add up to the corpus"
+        assert summary["score_source"] == {k: n for k, n in counts.items() if n}, "the sources add up"
         assert fid["kfold"]["rows"] == 14 and fid["audit"]["rows"] == 6 and "passed" in fid["gate"]
         assert fid["cascade"]["used"] and fid["cascade_band_rows"] == 10 and fid["refine_band_rows"] == 4
         assert (run / "targets" / name / "distill_regressor.npz").is_file()
@@ -272,7 +277,7 @@ def _distilled_targets(exact_cfg, model, data, tmp_path):
             atol=1e-5,
         )
     assert stats["cascade"]["rows"] == len(bands[0] | bands[1]) == summary["cascade_rows"], "the union"
-    assert 4 <= stats["refine"]["rows"] <= 8 + summary["ood_rows"]
+    assert 4 <= stats["refine"]["rows"] <= 8, "the union of the two refine bands (OOD rows not re-scored)"
     assert shared.column("features").type.list_size > 0, "the feature store for a target added later"
 
     # the bulk pass killed part-way (one shard's part unfinished), its final files gone: only that shard is
