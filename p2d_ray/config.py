@@ -193,7 +193,10 @@ class ScoreConfig(_Section):
     # the worst corpus, at ~0.34 forwards per row at 100,000 rows (exact 2.4-2.6): both of issue 24's bars, the
     # worst corpus on the edge of both. For a margin: 0.1 (with or without the cascade: +0.00 mean, -0.01
     # worst, 0.40 forwards without it). Session 11's 0.2 was chosen on 30-333 fitted rows; the sample's floor
-    # of 1,000 rows moves the frontier left.
+    # of 1,000 rows moves the frontier left. Caveat (RESULTS.md Session 13): those corpora had a third of their
+    # rows exact. At 10,000 rows (1,200 exact) a band of 5 % is half the selection, so 40 % of the picks are
+    # ranked by prediction alone: 0.73 clean against 0.85 with refine_fraction 0.15 (~+0.03 AER). Set it to
+    # select.fraction x select.band_factor when within-task quality matters more than the last 0.03 of AER.
     refine_fraction: float = Field(0.05, ge=0, le=1)
     gate_min_spearman: float = Field(0.5, ge=-1, le=1)  # k-fold and audit held-out Spearman
     gate_min_recall: float = Field(0.4, ge=0, le=1)  # exact top select-fraction within the predicted top
