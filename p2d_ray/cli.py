@@ -226,6 +226,7 @@ def _resolve(target: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    own_process = argv is None  # the process's command line: an interrupt may end the process (_exit_now)
     argv = sys.argv[1:] if argv is None else argv
     unknown = _unknown_command(argv)
     if unknown:
@@ -261,8 +262,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with sigterm_as_interrupt():  # SIGTERM (Kubernetes, Slurm, a spot notice, `timeout`) ends like Ctrl-C
         rc, result = _run_guarded(args.command, _resolve(COMMANDS[args.command]), cfg)
-    if rc in (130, 143):  # interrupted: the line is written, the run lock released, Ray shut down
-        _exit_now(rc)
+    if rc in (130, 143) and own_process:  # interrupted: the line is written, the lock released, Ray down
+        _exit_now(rc)  # (a caller's in-process main([...]) gets rc back instead)
     if rc != 0:
         return rc
     if result is not None:
