@@ -65,13 +65,23 @@ def _key(cfg, rows: list[dict]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _model(cfg, models: dict) -> tuple:
+    """(tokenizer, model, pad id) for the run's model, loaded once per model across the runs (``models``)."""
+    from p2d_ray.models.loading import load_model, load_tokenizer
+
+    key = cfg.model.model_dump_json()
+    if key not in models:
+        models[key] = (load_tokenizer(cfg.model), load_model(cfg.model))
+    tok, model = models[key]
+    return tok, model, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
 def cmd_losses(runs: list[str], cache: str) -> None:
     import pyarrow.dataset as pads
     import torch
 
     from p2d_ray.assets.paths import corpus_path
     from p2d_ray.data.formatting import collate, encode_probe, encode_row, probe_batches, resolve_format
-    from p2d_ray.models.loading import load_model, load_tokenizer
     from p2d_ray.scoring.gradient import probe_row_losses
 
     torch.set_num_threads(1)
@@ -84,11 +94,7 @@ def cmd_losses(runs: list[str], cache: str) -> None:
         if path.is_file():
             print(f"{run}: cached {path}")
             continue
-        mkey = cfg.model.model_dump_json()
-        if mkey not in models:
-            models[mkey] = (load_tokenizer(cfg.model), load_model(cfg.model))
-        tok, model = models[mkey]
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        tok, model, pad = _model(cfg, models)
         chunk = cfg.score.loss_chunk_tokens
         batches = probe_batches(encode_probe(rows, tok, cfg.data), cfg.localize.batch_size, pad)
         losses = probe_row_losses(model, batches, chunk)
@@ -139,7 +145,6 @@ def cmd_forwards(runs: list[str], cache: str, factor: float, full: bool) -> None
     import torch
 
     from p2d_ray.data.formatting import collate, encode_probe, encode_row, resolve_format
-    from p2d_ray.models.loading import load_model, load_tokenizer
     from p2d_ray.models.loss import sample_loss
     from p2d_ray.scoring.scorers import response_alone
 
@@ -154,11 +159,7 @@ def cmd_forwards(runs: list[str], cache: str, factor: float, full: bool) -> None
         if path.is_file():
             print(f"{run}: cached {path}")
             continue
-        mkey = cfg.model.model_dump_json()
-        if mkey not in models:
-            models[mkey] = (load_tokenizer(cfg.model), load_model(cfg.model))
-        tok, model = models[mkey]
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        tok, model, pad = _model(cfg, models)
         bos = tok.bos_token_id if tok.bos_token_id is not None else (tok.eos_token_id or 0)
         chunk = cfg.score.loss_chunk_tokens
         band = _band_rows(run, cfg, factor)
@@ -205,7 +206,6 @@ def cmd_probe_relevance(runs: list[str], cache: str) -> None:
     from p2d_ray.assets.paths import corpus_path
     from p2d_ray.data.formatting import collate, encode_probe, encode_row, probe_batches, resolve_format
     from p2d_ray.heads.headset import HeadSet
-    from p2d_ray.models.loading import load_model, load_tokenizer
     from p2d_ray.scoring.gradient import ProbeGradient, RowGradients
 
     torch.set_num_threads(1)
@@ -218,11 +218,7 @@ def cmd_probe_relevance(runs: list[str], cache: str) -> None:
             print(f"{run}: cached {path}")
             continue
         cfg = _cfg(run)
-        mkey = cfg.model.model_dump_json()
-        if mkey not in models:
-            models[mkey] = (load_tokenizer(cfg.model), load_model(cfg.model))
-        tok, model = models[mkey]
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        tok, model, pad = _model(cfg, models)
         chunk = cfg.score.loss_chunk_tokens
         pg = ProbeGradient.load(Path(run, "probe_gradient.safetensors"))
         assert pg.meta["heads_fingerprint"] == HeadSet.load(Path(run, "heads.json")).fingerprint()
