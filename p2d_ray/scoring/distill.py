@@ -805,8 +805,9 @@ def _assemble_shard(sid, key, merge: list, cascade: tuple, columns: dict, bands:
     for parts, picks, src in merge:
         if parts is None or sid not in picks or not len(picks[sid]):
             continue
-        tb = parts.read(key)
-        tb = tb.drop_columns([c for c in (FEATURES_COL, CASCADE_FEATURES_COL) if c in tb.column_names])
+        # everything but the pooled features (the bulk of a part's bytes; the feature store reads its own)
+        names = pq.read_schema(parts.path(key)).names
+        tb = parts.read(key, [c for c in names if c not in (FEATURES_COL, CASCADE_FEATURES_COL)])
         pieces.append(tb.append_column(SOURCE_COL, pa.array([src] * tb.num_rows, pa.string())))
     table = _merge_by_row(pieces)
     rows = table.column("_row").to_numpy()
