@@ -163,8 +163,8 @@ class ScoreConfig(_Section):
     alignment_probe_rows: int = Field(100, ge=1)
     # Scoring strategy (scoring/distill.py). exact: the scorer on every row. distilled: the scorer on a seeded
     # sample (stratified by shard) + a ridge regressor on pooled residual-stream features from a forward that
-    # stops at layer distill_layer predicts the rest; the predicted top refine_fraction of the corpus is
-    # re-scored exactly; a fidelity gate (k-fold + a fresh audit sample) falls back to exact below thresholds.
+    # stops at layer distill_layer predicts the rest; the predicted top band (refine_fraction) is re-scored
+    # exactly; a fidelity gate (k-fold + a fresh audit sample) falls back to exact below thresholds.
     # auto: distilled from distill_min_rows corpus rows up (resolved in plan.py; the 300-row demo stays exact).
     strategy: Literal["auto", "exact", "distilled"] = "auto"
     distill_min_rows: int = Field(5000, ge=1)
@@ -186,18 +186,16 @@ class ScoreConfig(_Section):
     # at <= 0.35 forwards per row (0.34 at 100,000 rows); 0.15 costs 0.02 more and was no better.
     distill_cascade_layer: int | None = Field(None, ge=2)
     distill_cascade_fraction: float = Field(0.1, ge=0, le=1)
-    # The refine band: the share of the corpus re-scored exactly, from the predicted top (0: off; with the
-    # cascade, from its ranking). 0.05 by measurement
-    # (RESULTS.md / BENCHMARKS.md Session 12, issue 24; four SmolLM2 3,000-row corpora, 800 + 200 exact rows):
-    # with the cascade (fraction 0.1) top-10 % clean on-task precision is -0.02 from exact on the mean, -0.05 on
-    # the worst corpus, at ~0.34 forwards per row at 100,000 rows (exact 2.4-2.6): both of issue 24's bars, the
-    # worst corpus on the edge of both. For a margin: 0.1 (with or without the cascade: +0.00 mean, -0.01
-    # worst, 0.40 forwards without it). Session 11's 0.2 was chosen on 30-333 fitted rows; the sample's floor
-    # of 1,000 rows moves the frontier left. Caveat (RESULTS.md Session 13): those corpora had a third of their
-    # rows exact. At 10,000 rows (1,200 exact) a band of 5 % is half the selection, so 40 % of the picks are
-    # ranked by prediction alone: 0.73 clean against 0.85 with refine_fraction 0.15 (~+0.03 AER). Set it to
-    # select.fraction x select.band_factor when within-task quality matters more than the last 0.03 of AER.
-    refine_fraction: float = Field(0.05, ge=0, le=1)
+    # The refine band: the rows re-scored exactly, from the predicted top (with the cascade, from its ranking).
+    # None (default): the selection's band, select.band_factor x its k (per target, its own k), so every row
+    # the selection looks at is ranked by exact scores and has the loss the quality rule reads. A share of the
+    # corpus (0: off) instead caps the cost. Why (RESULTS.md / BENCHMARKS.md Session 14, issue 24): at 10,000
+    # rows (1,200 exact) a band of 5 % left 40 % of the picks ranked by prediction alone, 0.73 clean against
+    # ~0.87 for exact; the selection's band (15 %) gave 0.85, with the frontier 0.74 / 0.75 / 0.78 / 0.82 at
+    # 5 / 7.5 / 10 / 12.5 %. Its price: ~+0.015-0.03 AER, and ~0.49 forwards per row at 100,000 rows against
+    # 0.34 for 0.05 (Session 12 chose 0.05 on 3,000-row corpora a third exact, which hid the loss). When the
+    # band covers the cascade's, the cascade is skipped: it could not change which rows are refined.
+    refine_fraction: float | None = Field(None, ge=0, le=1)
     gate_min_spearman: float = Field(0.5, ge=-1, le=1)  # k-fold and audit held-out Spearman
     gate_min_recall: float = Field(0.4, ge=0, le=1)  # exact top select-fraction within the predicted top
     gate_top_fraction: float = Field(0.10, gt=0, le=1)

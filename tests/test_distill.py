@@ -102,19 +102,33 @@ def test_ridge_recovers_a_linear_score_and_round_trips():
 def test_strategy_resolution_keeps_the_demo_exact():
     from types import SimpleNamespace
 
-    from p2d_ray.config import ScoreConfig
+    from p2d_ray.config import ScoreConfig, SelectConfig
+    from p2d_ray.scoring.distill import cascade_needed, refine_rows
     from p2d_ray.scoring.plan import resolve_strategy
 
     hf = SimpleNamespace(num_hidden_layers=30)
-    assert resolve_strategy(ScoreConfig(), 300, hf)[0] == "exact"  # the demo: below distill_min_rows
-    strategy, why = resolve_strategy(ScoreConfig(), 100_000, hf)
+    SEL = SelectConfig()
+    assert resolve_strategy(ScoreConfig(), 300, hf, [SEL])[0] == "exact"  # the demo: below distill_min_rows
+    strategy, why = resolve_strategy(ScoreConfig(), 100_000, hf, [SEL])
     assert strategy == "distilled" and "2,000 scored exactly" in why and "layer 3" in why
-    assert resolve_strategy(ScoreConfig(strategy="distilled"), 1_100, hf)[0] == "exact"  # sample = corpus
-    assert resolve_strategy(ScoreConfig(scorer="perplexity"), 100_000, hf)[0] == "exact"
+    # the sample would be the whole corpus
+    assert resolve_strategy(ScoreConfig(strategy="distilled"), 1_100, hf, [SEL])[0] == "exact"
+    assert resolve_strategy(ScoreConfig(scorer="perplexity"), 100_000, hf, [SEL])[0] == "exact"
     with pytest.raises(ValueError, match="noop"):
-        resolve_strategy(ScoreConfig(scorer="noop", strategy="distilled"), 100_000, hf)
+        resolve_strategy(ScoreConfig(scorer="noop", strategy="distilled"), 100_000, hf, [SEL])
+    # the refine band: by default the selection's band (band_factor x k, per target); a fraction caps it
+    assert refine_rows(ScoreConfig(), SEL, 100_000) == 15_000 and "top 15,000 rescored exactly" in why
+    assert refine_rows(ScoreConfig(), SelectConfig(top_k=101), 100_000) == 152
+    assert refine_rows(ScoreConfig(refine_fraction=0.05), SEL, 100_000) == 5_000
+    # the cascade runs only where it can change what is refined: its band (10 %) beyond a refine band
+    assert not cascade_needed(ScoreConfig(), [SEL], 100_000) and "again from layer" not in why
+    # ... unless some target selects fewer rows (its band is then smaller than the cascade's)
+    assert cascade_needed(ScoreConfig(), [SEL, SelectConfig(fraction=0.05)], 100_000)
+    low = ScoreConfig(refine_fraction=0.05)
+    assert cascade_needed(low, [SEL], 100_000)
+    assert "again from layer 15" in resolve_strategy(low, 100_000, hf, [SEL])[1]
     # the cascade's layer: round(L / 2) by default, off on a model too shallow for it or at fraction 0
-    assert "again from layer 15" in why and cascade_layer(ScoreConfig(), hf) == 15
+    assert cascade_layer(ScoreConfig(), hf) == 15
     assert cascade_layer(ScoreConfig(distill_layer=1), SimpleNamespace(num_hidden_layers=2)) is None
     assert cascade_layer(ScoreConfig(distill_cascade_fraction=0), hf) is None
     with pytest.raises(ValueError, match="below the last layer"):
@@ -291,6 +305,21 @@ def test_distilled_end_to_end_resume_and_fingerprints(ray_local, tiny3, setup, t
     out = _outputs(killed)
     assert [r["score_source"] for r in out].count("refined") >= 24
     assert [r["predicted_layer"] for r in out].count(2) == 36
+    _ids_once(killed, 120)
+
+    # The default refine band is the selection's: select.band_factor 1.5 x its k (10 % of 120 = 12) = 18 rows.
+    # A cascade band no larger (10 %: 12 rows) could not change which rows are refined, so it does not run,
+    # and the sample pass no longer writes its layer's features (a new sample fingerprint: it reruns).
+    shutil.rmtree(killed / "scores"), shutil.rmtree(killed / "quarantine")
+    run_score(_cfg(killed, tiny_llama, corpus, probe, refine_fraction=None, distill_cascade_fraction=0.1))
+    stats = json.loads((killed / "score_stats.json").read_text())["distill"]
+    fid = json.loads((killed / FIDELITY_FILE).read_text())
+    assert "cascade" not in stats["passes"] and fid["cascade_rows"] == 0 and fid["cascade"] is None
+    assert stats["passes"]["sample"]["shards_this_run"] > 0
+    out = _outputs(killed)
+    assert (
+        fid["refine_rows"] >= 18 and [r["score_source"] for r in out].count("refined") == fid["refine_rows"]
+    )
     _ids_once(killed, 120)
 
 

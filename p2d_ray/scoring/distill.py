@@ -13,9 +13,11 @@ quarantine) runs up to four passes over the corpus instead of one::
     bulk pass    every other row -> a forward that STOPS at layer l_f (no upper layers, LM head or backward),
                  pooled features -> predicted score, out-of-distribution flag
     cascade pass the stage-1 predicted top score.distill_cascade_fraction of the corpus -> a forward that stops
-                 at layer l_c, the second regressor's prediction replaces stage 1's (these rows rank first)
-    refine pass  the predicted top score.refine_fraction of the corpus (and, by default, the OOD rows)
-                 re-scored exactly, so the rows finally selected are ranked by exact scores
+                 at layer l_c, the second regressor's prediction replaces stage 1's (these rows rank first);
+                 skipped when the refine band covers it (:func:`cascade_needed`)
+    refine pass  the predicted top band (:func:`refine_rows`: by default the selection's band, select.band_factor
+                 x its k) and, by default, the OOD rows re-scored exactly, so the rows the selection looks at
+                 are ranked by exact scores and carry the loss its quality rule reads
     assemble     per shard: the passes' rows merged by row, ``score_source`` in {exact, distilled, refined},
                  ``predicted_layer`` (l_f or l_c: which stage ranked the row; null for S and A), written
                  through the engine's ShardCollector (scores/, quarantine/, marker last)
@@ -41,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 import zlib
@@ -82,6 +85,26 @@ def sample_size(n_rows: int, s) -> int:
     """score.distill_sample_fraction of the corpus clamped to [distill_sample_min, distill_sample_max]."""
     want = round(n_rows * s.distill_sample_fraction)
     return int(min(n_rows, max(s.distill_sample_min, min(s.distill_sample_max, want))))
+
+
+def refine_rows(s, sel, n_rows: int) -> int:
+    """Rows of one target's refine band: ``score.refine_fraction`` of the corpus when set, else the selection's
+    band (``select.band_factor`` x its k: ``fraction`` / ``top_k`` of ``sel``, a SelectConfig), so every row
+    the selection looks at is ranked by its exact score and has its loss (RESULTS.md Session 14)."""
+    if s.refine_fraction is not None:
+        return int(round(s.refine_fraction * n_rows))
+    from p2d_ray.scoring.select import total_k
+
+    return int(min(n_rows, math.ceil(sel.band_factor * total_k(n_rows, sel.fraction, sel.top_k) - 1e-9)))
+
+
+def cascade_needed(s, selects: list, n_rows: int) -> bool:
+    """Whether the cascade can change what is refined: its band (the stage-1 top ``distill_cascade_fraction``)
+    is larger than some target's refine band. Otherwise every cascade row is refined anyway, and the refine
+    band, its band's rows first then stage 1's ranking, is stage 1's top: the cascade pass would change
+    nothing (``selects``: every target's SelectConfig)."""
+    n_c = int(round(s.distill_cascade_fraction * n_rows))
+    return n_c > 0 and any(n_c > refine_rows(s, sel, n_rows) for sel in selects)
 
 
 def pick_rows(
@@ -718,9 +741,9 @@ def run_distilled(cfg, plan, store, todo: dict, on_shard_done, wall: dict):
         # refine: per target the top band of its cascaded ranking (its band's rows first, by stage 2; then
         # the others by stage 1); the union of the targets' bands + the OOD rows, scored exactly
         n_ood = int(ood.sum())
-        k = min(int(round(s.refine_fraction * n_rows)), n_ok)
         chosen = np.zeros(len(ood), dtype=bool)
         for name, column in columns.items():
+            k = min(refine_rows(s, _select_of(cfg, plan, name), n_rows), n_ok)
             own = in_band.get(name, np.zeros(len(ood), dtype=bool))
             order = np.lexsort((-p1["pred"][column], ~own))
             chosen[order[:k]] = True
@@ -780,6 +803,11 @@ def run_distilled(cfg, plan, store, todo: dict, on_shard_done, wall: dict):
         "fit_s": wall["fit"],
     }
     return collector, stats
+
+
+def _select_of(cfg, plan, name):
+    """A target's SelectConfig (its own fraction / top_k), or the run's for a single target."""
+    return cfg.select if name is None else plan.targets[name]["cfg"].select
 
 
 def _output_columns(plan) -> tuple[str, ...]:

@@ -88,9 +88,13 @@ def pick_demos(probe_rows: list[dict], k: int, seed: int) -> list[dict]:
     return [probe_rows[i] for i in picked]
 
 
-def plan_score(cfg: P2DConfig) -> ScorePlan:
-    """Resolve and check model, heads, corpus and prompt format. Raises ValueError before any work."""
+def plan_score(cfg: P2DConfig, selects: list | None = None) -> ScorePlan:
+    """Resolve and check model, heads, corpus and prompt format. Raises ValueError before any work.
+
+    ``selects``: the SelectConfig of every target the pass scores for (default: ``cfg.select``); with the
+    distilled strategy they size the refine bands (scoring/distill.refine_rows)."""
     from p2d_ray.models.loading import resolve_path
+    from p2d_ray.scoring.distill import cascade_needed, refine_rows
     from p2d_ray.scoring.features import cascade_layer, distill_layer
 
     d, s = cfg.data, cfg.score
@@ -106,8 +110,12 @@ def plan_score(cfg: P2DConfig) -> ScorePlan:
     probe_rows = {"icl_attention": probe, "gradient_alignment": probe[: s.alignment_probe_rows]}.get(
         s.scorer, []
     )
-    strategy, why = resolve_strategy(s, sum(sh.num_rows for sh in shards), model.hf_config)
+    selects = selects or [cfg.select]
+    n_rows = sum(sh.num_rows for sh in shards)
+    strategy, why = resolve_strategy(s, n_rows, model.hf_config, selects)
     identity = _identity(cfg, corpus, fmt, heads, demos, probe_rows, model.fingerprint, strategy)
+    if strategy == "distilled":  # the refine bands the selection sizes are part of what the scores are
+        identity["score"]["refine_rows"] = [refine_rows(s, sel, n_rows) for sel in selects]
     fingerprint = _hash(identity)
     manifest = {
         "fingerprint": fingerprint,
@@ -145,14 +153,17 @@ def plan_score(cfg: P2DConfig) -> ScorePlan:
         strategy,
         why,
         distill_layer(s, model.hf_config) if strategy == "distilled" else None,
-        cascade_layer=cascade_layer(s, model.hf_config) if strategy == "distilled" else None,
+        cascade_layer=cascade_layer(s, model.hf_config)
+        if strategy == "distilled" and cascade_needed(s, selects, n_rows)
+        else None,
     )
 
 
-def resolve_strategy(s, n_rows: int, hf_config) -> tuple[str, str]:
+def resolve_strategy(s, n_rows: int, hf_config, selects: list) -> tuple[str, str]:
     """``score.strategy`` -> (exact | distilled, why). auto: distilled from ``distill_min_rows`` rows up; a
-    distilled run whose sample would be the whole corpus is exact (the same scores, without the detour)."""
-    from p2d_ray.scoring.distill import sample_size
+    distilled run whose sample would be the whole corpus is exact (the same scores, without the detour).
+    ``selects``: every target's SelectConfig (they size the refine bands and so decide the cascade)."""
+    from p2d_ray.scoring.distill import cascade_needed, refine_rows, sample_size
     from p2d_ray.scoring.features import cascade_layer, distill_layer
 
     if s.strategy == "exact":
@@ -179,10 +190,18 @@ def resolve_strategy(s, n_rows: int, hf_config) -> tuple[str, str]:
             f"{n_rows:,} rows: the distilled sample ({n_sample:,} + audit) would be the whole corpus",
         )
     layer, l_c = distill_layer(s, hf_config), cascade_layer(s, hf_config)
+    if not cascade_needed(s, selects, n_rows):
+        l_c = None
     cascade = f", its top {s.distill_cascade_fraction:.0%} again from layer {l_c}" if l_c is not None else ""
+    bands = sorted({refine_rows(s, sel, n_rows) for sel in selects})
+    band = "/".join(f"{b:,}" for b in bands)
+    whose = (
+        "the selection's band" if s.refine_fraction is None else f"score.refine_fraction={s.refine_fraction}"
+    )
     return "distilled", (
         f"score.strategy={s.strategy}: {n_rows:,} rows, {n_sample:,} scored exactly (+{s.distill_audit_rows} "
-        f"audit), the rest predicted from layer {layer}{cascade}"
+        f"audit), the rest predicted from layer {layer}{cascade}; the predicted top {band} rescored exactly "
+        f"({whose})"
     )
 
 

@@ -106,7 +106,10 @@ def plan_targets(cfg):
 
     first = target_config(cfg, cfg.targets[0])
     root = cfg.model_copy(update={"data": cfg.data.model_copy(update={"probe_path": probe_path(first)})})
-    plan = plan_score(root)  # resolves score.strategy (auto: distilled from distill_min_rows rows up)
+    # resolves score.strategy (auto: distilled from distill_min_rows rows up); each target's selection size
+    # sizes its refine band (scoring/distill.refine_rows)
+    selects = [target_config(cfg, t).select for t in cfg.targets if not t.later]
+    plan = plan_score(root, selects=selects)
     union = plan.heads
     model_fp = plan.provenance["model_fingerprint"]
     data = plan.manifest["identity"]["data"]
