@@ -191,8 +191,8 @@ class ScoreConfig(_Section):
     # the selection looks at is ranked by exact scores and has the loss the quality rule reads. A share of the
     # corpus (0: off) instead caps the cost. Why (RESULTS.md / BENCHMARKS.md Session 14, issue 24): at 10,000
     # rows (1,200 exact) a band of 5 % left 40 % of the picks ranked by prediction alone, 0.73 clean against
-    # ~0.87 for exact; the selection's band (15 %) gave 0.85, with the frontier 0.74 / 0.75 / 0.78 / 0.82 at
-    # 5 / 7.5 / 10 / 12.5 %. Its price: ~+0.015-0.03 AER, and ~0.49 forwards per row at 100,000 rows against
+    # ~0.87 for exact; the selection's band (15 %) gave 0.85, with the frontier 0.73 / 0.75 / 0.76 / 0.80 at
+    # 5 / 7.5 / 10 / 12.5 % (benchmarks/refine_frontier.py). Its price: ~+0.015-0.03 AER, and ~0.49 forwards per row at 100,000 rows against
     # 0.34 for 0.05 (Session 12 chose 0.05 on 3,000-row corpora a third exact, which hid the loss). When the
     # band covers the cascade's, the cascade is skipped: it could not change which rows are refined.
     refine_fraction: float | None = Field(None, ge=0, le=1)
