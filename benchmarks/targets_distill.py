@@ -315,7 +315,7 @@ def replay(args) -> dict:
     from p2d_ray.config import P2DConfig
 
     out = Path(args.out)
-    res = json.loads(Path(args.run_json).read_text())
+    res = [json.loads(Path(f).read_text()) for f in args.run_json.split(",")]
     k4 = out / "k4"
     cfg = P2DConfig.model_validate(yaml.safe_load((k4 / "config.yaml").read_text()))
     names = [t.name for t in cfg.targets]
@@ -355,16 +355,27 @@ def replay(args) -> dict:
         checks[f"{first}/{rule}/solo_vs_single_run"] = {"precision": p, "same_ids_as_single_run": same}
     # the frontier: a shared budget of B rows
     n_exact = int((rp.src == "exact").sum())
-    runs = {p["pass"]: p["distill"] for p in res["passes"]}
-    one_busy = float(
-        np.mean(
-            [
-                p["distill"]["busy_s_total"] + p["distill"]["fit_s"]
-                for p in res["passes"]
-                if p["pass"] == "one"
-            ]
-        )
-    )
+    # cost: every run JSON's passes of a kind averaged (busy seconds and rows per distilled pass, the fit)
+    all_passes = [p for r in res for p in r["passes"]]
+
+    def mean_run(kind: str) -> dict:
+        got = [p["distill"] for p in all_passes if p["pass"] == kind]
+        names_ = got[0]["passes"]
+        return {
+            "n": len(got),
+            "passes": {
+                k: {
+                    "rows": got[0]["passes"][k]["rows"],
+                    "busy_s": float(np.mean([g["passes"][k]["busy_s"] for g in got])),
+                }
+                for k in names_
+            },
+            "fit_s": float(np.mean([g["fit_s"] for g in got])),
+            "busy_s_total": float(np.mean([g["busy_s_total"] for g in got])),
+        }
+
+    runs = {"one": mean_run("one"), "k4": mean_run("k4")}
+    one_busy = runs["one"]["busy_s_total"] + runs["one"]["fit_s"]
     ck = runs["k4"]
     refine_row_busy = ck["passes"]["refine"]["busy_s"] / max(ck["passes"]["refine"]["rows"], 1)
     fixed_k4 = ck["busy_s_total"] - ck["passes"]["refine"]["busy_s"] + ck["fit_s"]
@@ -386,14 +397,50 @@ def replay(args) -> dict:
             entry["busy_s"] = fixed_k4 + rows * refine_row_busy
             entry["over_one"] = entry["busy_s"] / one_busy
         frontier[label] = entry
+
+    # a projection (NOT a measurement) to a larger corpus from this run's measured per-row busy seconds
+    def per_row(c, name):
+        ps = c["passes"].get(name) or {}
+        return ps.get("busy_s", 0.0) / ps["rows"] if ps.get("rows") else 0.0
+
+    projection = {}
+    big = args.project_rows
+    exact_big = min(max(round(0.02 * big), 1000), 100_000) + 200  # the product's default sample + audit
+    for label, entry in frontier.items():
+        if entry.get("refined_rows") is None:
+            continue
+        one_run = runs["one"]
+
+        def cost(c, cascade_share, refine_share):
+            return (
+                exact_big * per_row(c, "sample")
+                + (big - exact_big) * per_row(c, "bulk")
+                + cascade_share * big * per_row(c, "cascade")
+                + refine_share * big * per_row(c, "refine")
+            )
+
+        c_one = cost(
+            one_run,
+            one_run["passes"].get("cascade", {}).get("rows", 0) / n_rows,
+            one_run["passes"]["refine"]["rows"] / n_rows,
+        )
+        c_k4 = cost(
+            ck, ck["passes"].get("cascade", {}).get("rows", 0) / n_rows, entry["refined_rows"] / n_rows
+        )
+        projection[label] = {"over_one": c_k4 / c_one}
     result = {
+        "projection_rows": big,
+        "projection_over_one": projection,
         "n_rows": n_rows,
         "k": k,
         "band_rows": band,
         "exact_rows_sample_audit": n_exact,
         "ood_rows": int(len(ood)),
         "union_rows_uncapped": int(len(union)),
+        "runs_averaged": {k: v["n"] for k, v in runs.items()},
         "one_busy_s_mean": one_busy,
+        "one_per_pass_busy_s_mean": {k: v["busy_s"] for k, v in runs["one"]["passes"].items()},
+        "k4_per_pass_busy_s_mean": {k: v["busy_s"] for k, v in ck["passes"].items()},
         "k4_fixed_busy_s": fixed_k4,
         "k4_refine_busy_s_per_row": refine_row_busy,
         "checks": checks,
@@ -422,8 +469,15 @@ def main(argv=None) -> dict:
     q = sub.add_parser("replay")
     q.add_argument("--out", default="runs/s14/k4dist")
     q.add_argument("--json", default="benchmarks/results/targets/k4-distilled-replay.json")
-    q.add_argument("--run-json", default="benchmarks/results/targets/k4-distilled.json", help="run's JSON")
-    q.add_argument("--budgets", default="1,1.5,2,3,4", help="shared budgets B, in multiples of one band")
+    q.add_argument(
+        "--run-json",
+        default="benchmarks/results/targets/k4-distilled.json",
+        help="the run's JSON (a,b: several runs' costs averaged)",
+    )
+    q.add_argument("--project-rows", type=int, default=100_000, help="the cost projection's corpus size")
+    q.add_argument(
+        "--budgets", default="0,0.5,1,1.5,2,3,4", help="shared budgets B, in multiples of one band"
+    )
     args = p.parse_args(argv)
     return run(args) if args.cmd == "run" else replay(args)
 
