@@ -2,6 +2,7 @@
 
     .venv/bin/python -m benchmarks.training                 # demo model (p2d-demo), in-process + Ray Train
     .venv/bin/python -m benchmarks.training --model tiny    # 2-layer test model, if the demo is not built
+    .venv/bin/python -m benchmarks.training --model smollm2 --steps 5 --rounds 2 --trainer-steps 12
     .venv/bin/python -m benchmarks.training --no-trainer    # skip the Ray Train + DeepSpeed pass
 
 Two measurements, both interleaved per round so load on this shared machine hits every adaptation alike:
@@ -51,6 +52,8 @@ def _setup(workdir: Path, model_choice: str, n_rows: int) -> tuple[str, str, str
         from conftest import save_tiny_model
 
         model = save_tiny_model(workdir / "tiny_model", "llama")
+    elif model_choice == "smollm2":  # the real model (its converted safetensors in the cache)
+        model = "smollm2-135m"
     elif model_choice == "demo":
         from p2d_ray.assets.demo_model import ensure_demo_model
 
@@ -163,7 +166,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--model",
-        choices=["auto", "demo", "demo-shape", "tiny"],
+        choices=["auto", "demo", "demo-shape", "tiny", "smollm2"],
         default="auto",
         help="auto: the demo model if already built, else demo-shape (same architecture, untrained: step "
         "time and memory do not depend on weight values)",
@@ -218,6 +221,7 @@ def main(argv=None) -> int:
             "demo": "p2d-demo",
             "demo-shape": "p2d-demo architecture + tokenizer, 1 pre-training step (demo not built yet)",
             "tiny": "tiny 2-layer llama (tests/conftest.py)",
+            "smollm2": "SmolLM2-135M-Instruct (30 layers x 9 heads, 135 M parameters)",
         }[args.model],
         "model_path": model,
         "batch_size": args.batch_size,
