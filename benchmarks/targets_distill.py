@@ -365,7 +365,7 @@ def replay(args) -> dict:
             "n": len(got),
             "passes": {
                 k: {
-                    "rows": got[0]["passes"][k]["rows"],
+                    "rows": float(np.mean([g["passes"][k]["rows"] for g in got])),
                     "busy_s": float(np.mean([g["passes"][k]["busy_s"] for g in got])),
                 }
                 for k in names_
