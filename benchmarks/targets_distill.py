@@ -324,7 +324,12 @@ def replay(args) -> dict:
     n_rows = corpus.num_rows
     lab = {n: corpus.column(f"is_clean_on_task_{n}").to_numpy(zero_copy_only=False) for n in names}
     k = int(round(cfg.select.fraction * n_rows))
-    band = int(round(cfg.score.refine_fraction * n_rows))
+    try:  # the engine's own band size (its default: the selection's band)
+        from p2d_ray.scoring.distill import refine_rows
+
+        band = refine_rows(cfg.score, cfg.select, n_rows)
+    except ImportError:  # an engine from before refine_rows (a255724): always a share of the corpus
+        band = int(round(cfg.score.refine_fraction * n_rows))
     rp = _Replay(k4, cols, cfg.score.distill_cascade_fraction)
     assert np.array_equal(rp.ids, corpus.column("id").to_numpy())
     ood = rp.rk["ood"] if cfg.score.distill_ood_exact else np.zeros(0, dtype=np.int64)
