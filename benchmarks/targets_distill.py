@@ -163,55 +163,62 @@ def run(args) -> dict:
         entry["distill"] = _costs(cfg, args.rows)
         result["passes"].append(entry)
         print(json.dumps(entry, default=str), flush=True)
-    c1 = next(p for p in result["passes"] if p["pass"] == "one")["distill"]
-    ck = next(p for p in result["passes"] if p["pass"] == "k4")["distill"]
-    e1 = c1["exact_row_busy_s"]
-    for p in result["passes"]:
-        c = p["distill"]
-        c["forwards_per_row"] = (c["busy_s_total"] + c["fit_s"]) / e1 / args.rows
-    ones = [
-        p["distill"]["busy_s_total"] + p["distill"]["fit_s"] for p in result["passes"] if p["pass"] == "one"
-    ]
-    result["k4_over_mean_one_busy_s"] = (ck["busy_s_total"] + ck["fit_s"]) / float(np.mean(ones))
-    result["k4_over_one"] = {
-        "busy_s": (ck["busy_s_total"] + ck["fit_s"]) / (c1["busy_s_total"] + c1["fit_s"]),
-        "score_pass_wall_s": ck["wall_s"]["score_pass"] / c1["wall_s"]["score_pass"]
-        if "score_pass" in c1["wall_s"]
-        else None,
-        "exact_row_busy_s": ck["exact_row_busy_s"] / e1,
-        "per_pass_busy_s": {
-            k: (ck["passes"][k]["busy_s"] / c1["passes"][k]["busy_s"]) if c1["passes"][k]["busy_s"] else None
-            for k in c1["passes"]
-        },
-    }
+    has_one = any(p["pass"] == "one" for p in result["passes"])
+    if has_one:  # the ratios (a K-target-only run: its precision frontier only)
+        c1 = next(p for p in result["passes"] if p["pass"] == "one")["distill"]
+        ck = next(p for p in result["passes"] if p["pass"] == "k4")["distill"]
+        e1 = c1["exact_row_busy_s"]
+        for p in result["passes"]:
+            c = p["distill"]
+            c["forwards_per_row"] = (c["busy_s_total"] + c["fit_s"]) / e1 / args.rows
+        ones = [
+            p["distill"]["busy_s_total"] + p["distill"]["fit_s"]
+            for p in result["passes"]
+            if p["pass"] == "one"
+        ]
+        result["k4_over_mean_one_busy_s"] = (ck["busy_s_total"] + ck["fit_s"]) / float(np.mean(ones))
+        result["k4_over_one"] = {
+            "busy_s": (ck["busy_s_total"] + ck["fit_s"]) / (c1["busy_s_total"] + c1["fit_s"]),
+            "score_pass_wall_s": ck["wall_s"]["score_pass"] / c1["wall_s"]["score_pass"]
+            if "score_pass" in c1["wall_s"]
+            else None,
+            "exact_row_busy_s": ck["exact_row_busy_s"] / e1,
+            "per_pass_busy_s": {
+                k: (ck["passes"][k]["busy_s"] / c1["passes"][k]["busy_s"])
+                if c1["passes"][k]["busy_s"]
+                else None
+                for k in c1["passes"]
+            },
+        }
     result["precision"] = {}
     subsets: dict = {}
     for rule in RULES:
         kr = _with_rule(k4, rule)
         run_select(kr)
         prec = target_precision(kr)
-        orr = _with_rule(one, rule)
-        run_select(orr)
-        ref = selection_precision(
-            str(data / "corpus"),
-            str(Path(one.run_dir, "subset")),
-            str(Path(one.run_dir, "scores")),
-            label=f"is_clean_on_task_{first.name}",
-        )
+        if has_one:
+            run_select(_with_rule(one, rule))
+            ref = selection_precision(
+                str(data / "corpus"),
+                str(Path(one.run_dir, "subset")),
+                str(Path(one.run_dir, "scores")),
+                label=f"is_clean_on_task_{first.name}",
+            )
         subsets.setdefault(rule, {})["k4"] = {
             n: sorted(
                 pq.read_table(Path(k4.run_dir, "targets", n, "subset"), columns=["id"])["id"].to_pylist()
             )
             for n in NAMES
         }
-        subsets[rule]["one"] = sorted(
-            pq.read_table(Path(one.run_dir, "subset"), columns=["id"])["id"].to_pylist()
-        )
         result["precision"][rule] = {
             "k4": {n: prec[n]["selected"] for n in NAMES},
             "base_rate": {n: prec[n]["base_rate"] for n in NAMES},
-            f"one_{first.name}": ref["selected"],
         }
+        if has_one:
+            subsets[rule]["one"] = sorted(
+                pq.read_table(Path(one.run_dir, "subset"), columns=["id"])["id"].to_pylist()
+            )
+            result["precision"][rule][f"one_{first.name}"] = ref["selected"]
     result["uptime_end"] = uptime()
     (out / "subsets.json").write_text(json.dumps(subsets))  # the selected ids per rule (for replay's checks)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -356,7 +363,7 @@ def replay(args) -> dict:
                 "same_ids_as_run": len(run_ids & set(picked.tolist())),
             }
         p, picked = precision(cols[0], first, rp.rk["ranking"][cols[0]][:band], rule)
-        same = len(set(subsets[rule]["one"]) & set(picked.tolist()))
+        same = len(set(subsets[rule]["one"]) & set(picked.tolist())) if "one" in subsets[rule] else None
         checks[f"{first}/{rule}/solo_vs_single_run"] = {"precision": p, "same_ids_as_single_run": same}
     # the frontier: a shared budget of B rows
     n_exact = int((rp.src == "exact").sum())
@@ -379,8 +386,9 @@ def replay(args) -> dict:
             "busy_s_total": float(np.mean([g["busy_s_total"] for g in got])),
         }
 
-    runs = {"one": mean_run("one"), "k4": mean_run("k4")}
-    one_busy = runs["one"]["busy_s_total"] + runs["one"]["fit_s"]
+    has_one = any(p["pass"] == "one" for p in all_passes)
+    runs = {"one": mean_run("one") if has_one else None, "k4": mean_run("k4")}
+    one_busy = runs["one"]["busy_s_total"] + runs["one"]["fit_s"] if has_one else float("nan")
     ck = runs["k4"]
     refine_row_busy = ck["passes"]["refine"]["busy_s"] / max(ck["passes"]["refine"]["rows"], 1)
     fixed_k4 = ck["busy_s_total"] - ck["passes"]["refine"]["busy_s"] + ck["fit_s"]
@@ -412,7 +420,7 @@ def replay(args) -> dict:
     big = args.project_rows
     exact_big = min(max(round(0.02 * big), 1000), 100_000) + 200  # the product's default sample + audit
     for label, entry in frontier.items():
-        if entry.get("refined_rows") is None:
+        if entry.get("refined_rows") is None or not has_one:
             continue
         one_run = runs["one"]
 
@@ -442,9 +450,11 @@ def replay(args) -> dict:
         "exact_rows_sample_audit": n_exact,
         "ood_rows": int(len(ood)),
         "union_rows_uncapped": int(len(union)),
-        "runs_averaged": {k: v["n"] for k, v in runs.items()},
+        "runs_averaged": {k: (v or {}).get("n", 0) for k, v in runs.items()},
         "one_busy_s_mean": one_busy,
-        "one_per_pass_busy_s_mean": {k: v["busy_s"] for k, v in runs["one"]["passes"].items()},
+        "one_per_pass_busy_s_mean": {k: v["busy_s"] for k, v in runs["one"]["passes"].items()}
+        if has_one
+        else None,
         "k4_per_pass_busy_s_mean": {k: v["busy_s"] for k, v in ck["passes"].items()},
         "k4_fixed_busy_s": fixed_k4,
         "k4_refine_busy_s_per_row": refine_row_busy,
