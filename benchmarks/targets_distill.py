@@ -17,7 +17,9 @@ pass's rows, actors' busy seconds and wall seconds, forwards per corpus row (bus
 single run's exact row busy seconds), the K / 1 ratios; per target and rule (``relevance``,
 ``relevance_then_quality``, fraction 0.10) its top-10 % clean on-task precision.
 
-``replay`` (no model): from the K-target run's files -- the bulk and cascade passes' predicted scores
+``--order k4`` runs the K-target pass alone (its precision and the replay's frontier, no cost ratios).
+
+``replay`` (no model; ``--run-json a.json,b.json`` averages several runs' per-pass costs): from the K-target run's files -- the bulk and cascade passes' predicted scores
 (``_state/distill/``), the final exact scores and ``loss_full`` of the sample and refined rows -- each
 target's ranking is rebuilt as the engine builds it (its cascade band first, by stage 2; then stage 1) and
 the refine pass is replayed under a SHARED budget of B rows: the union of the targets' bands taken
