@@ -183,7 +183,8 @@ class ScoreConfig(_Section):
     # 2-layer model). An explicit layer must lie above distill_layer and below the last layer. Fraction 0: off.
     # 0.1 by measurement (RESULTS.md Session 12, issue 24: four SmolLM2 3,000-row corpora through the engine):
     # with refine_fraction 0.05 the only point within 0.05 of exact on every corpus (-0.02 mean, -0.05 worst)
-    # at <= 0.35 forwards per row (0.34 at 100,000 rows); 0.15 costs 0.02 more and was no better.
+    # at <= 0.35 forwards per row (0.34 at 100,000 rows); 0.15 costs 0.02 more and was no better. Since
+    # Session 14 it runs only where a refine band is smaller than its band (refine_fraction below).
     distill_cascade_layer: int | None = Field(None, ge=2)
     distill_cascade_fraction: float = Field(0.1, ge=0, le=1)
     # The refine band: the rows re-scored exactly, from the predicted top (with the cascade, from its ranking).
@@ -192,9 +193,11 @@ class ScoreConfig(_Section):
     # corpus (0: off) instead caps the cost. Why (RESULTS.md / BENCHMARKS.md Session 14, issue 24): at 10,000
     # rows (1,200 exact) a band of 5 % left 40 % of the picks ranked by prediction alone, 0.73 clean against
     # ~0.87 for exact; the selection's band (15 %) gave 0.85, with the frontier 0.73 / 0.75 / 0.76 / 0.80 at
-    # 5 / 7.5 / 10 / 12.5 % (benchmarks/refine_frontier.py). Its price: ~+0.015-0.03 AER, and ~0.49 forwards per row at 100,000 rows against
-    # 0.34 for 0.05 (Session 12 chose 0.05 on 3,000-row corpora a third exact, which hid the loss). When the
-    # band covers the cascade's, the cascade is skipped: it could not change which rows are refined.
+    # 5 / 7.5 / 10 / 12.5 % (benchmarks/refine_frontier.py). Its price: nothing at 10,000 rows (1,234 vs 1,235
+    # busy s: the cascade it replaces cost as much), ~0.1 forwards per row at scale (0.51 vs 0.41 from 100,000
+    # rows by those runs' terms; exact 2.4). Session 12 chose 0.05 on 3,000-row corpora a third exact, which hid
+    # the loss. When the band covers the cascade's, the cascade is skipped: it could not change which rows are
+    # refined (so with the defaults it runs only for a target that selects fewer rows than the cascade band).
     refine_fraction: float | None = Field(None, ge=0, le=1)
     gate_min_spearman: float = Field(0.5, ge=-1, le=1)  # k-fold and audit held-out Spearman
     gate_min_recall: float = Field(0.4, ge=0, le=1)  # exact top select-fraction within the predicted top
