@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 
 from benchmarks import uptime
 from benchmarks.targets_pass import _base, _copy_heads, _pass
-from benchmarks.targets_unseen import RULES, _with_rule
+from benchmarks.targets_unseen import RULES, _with_rule, gate_figures
 
 NAMES = ("arithmetic", "units", "capitals", "letters")
 
@@ -81,11 +81,7 @@ def _costs(cfg, n_rows: int) -> dict:
         "ood_rows": fid.get("ood_rows"),
         "targets": {
             n: {
-                "kfold_spearman": b["kfold"]["spearman"],
-                "kfold_top_recall": b["kfold"]["top_recall"],
-                "audit_spearman": b["audit"].get("spearman"),
-                "audit_top_recall": b["audit"].get("top_recall"),
-                "gate_passed": b["gate"]["passed"],
+                **gate_figures(b),
                 "cascade_band_rows": b.get("cascade_band_rows"),
                 "refine_band_rows": b.get("refine_band_rows"),
             }

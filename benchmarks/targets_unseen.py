@@ -77,6 +77,18 @@ def _strategy(cfg, args):
     return cfg.model_copy(update={"score": cfg.score.model_copy(update=knobs)})
 
 
+def gate_figures(b: dict) -> dict:
+    """One target's fidelity figures from its distilled fidelity block (k-fold and audit Spearman / recall,
+    the gate's verdict), as the target benchmarks report them."""
+    return {
+        "kfold_spearman": b["kfold"]["spearman"],
+        "kfold_top_recall": b["kfold"]["top_recall"],
+        "audit_spearman": b["audit"].get("spearman"),
+        "audit_top_recall": b["audit"].get("top_recall"),
+        "gate_passed": b["gate"]["passed"],
+    }
+
+
 def _distill_cost(cfg, n_rows: int) -> dict:
     """A distilled run's passes (rows, busy seconds), fit seconds, forwards per corpus row (everything over
     the exact row's busy seconds from the run's own sample pass) and each target's fidelity figures."""
@@ -97,11 +109,7 @@ def _distill_cost(cfg, n_rows: int) -> dict:
         "score_source": fid["score_source"],
         "fidelity": {
             n: {
-                "kfold_spearman": b["kfold"]["spearman"],
-                "kfold_top_recall": b["kfold"]["top_recall"],
-                "audit_spearman": b["audit"].get("spearman"),
-                "audit_top_recall": b["audit"].get("top_recall"),
-                "gate_passed": b["gate"]["passed"],
+                **gate_figures(b),
                 "cascade_gate_passed": (b.get("cascade") or {}).get("gate", {}).get("passed"),
             }
             for n, b in blocks.items()

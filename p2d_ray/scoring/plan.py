@@ -94,8 +94,8 @@ def plan_score(cfg: P2DConfig, selects: list | None = None) -> ScorePlan:
     ``selects``: the SelectConfig of every target the pass scores for (default: ``cfg.select``); with the
     distilled strategy they size the refine bands (scoring/distill.refine_rows)."""
     from p2d_ray.models.loading import resolve_path
-    from p2d_ray.scoring.distill import cascade_needed, refine_rows
-    from p2d_ray.scoring.features import cascade_layer, distill_layer
+    from p2d_ray.scoring.distill import refine_rows
+    from p2d_ray.scoring.features import distill_layer
 
     d, s = cfg.data, cfg.score
     model = _check_model(cfg)
@@ -153,18 +153,28 @@ def plan_score(cfg: P2DConfig, selects: list | None = None) -> ScorePlan:
         strategy,
         why,
         distill_layer(s, model.hf_config) if strategy == "distilled" else None,
-        cascade_layer=cascade_layer(s, model.hf_config)
-        if strategy == "distilled" and cascade_needed(s, selects, n_rows)
+        cascade_layer=_cascade_layer(s, model.hf_config, selects, n_rows)
+        if strategy == "distilled"
         else None,
     )
+
+
+def _cascade_layer(s, hf_config, selects: list, n_rows: int) -> int | None:
+    """l_c where the cascade runs: its layer (features.cascade_layer, which also checks an explicit one), or
+    None where it is off or cannot change what is refined (distill.cascade_needed)."""
+    from p2d_ray.scoring.distill import cascade_needed
+    from p2d_ray.scoring.features import cascade_layer
+
+    l_c = cascade_layer(s, hf_config)
+    return l_c if l_c is not None and cascade_needed(s, selects, n_rows) else None
 
 
 def resolve_strategy(s, n_rows: int, hf_config, selects: list) -> tuple[str, str]:
     """``score.strategy`` -> (exact | distilled, why). auto: distilled from ``distill_min_rows`` rows up; a
     distilled run whose sample would be the whole corpus is exact (the same scores, without the detour).
     ``selects``: every target's SelectConfig (they size the refine bands and so decide the cascade)."""
-    from p2d_ray.scoring.distill import cascade_needed, refine_rows, sample_size
-    from p2d_ray.scoring.features import cascade_layer, distill_layer
+    from p2d_ray.scoring.distill import refine_rows, sample_size
+    from p2d_ray.scoring.features import distill_layer
 
     if s.strategy == "exact":
         return "exact", "score.strategy=exact"
@@ -189,9 +199,7 @@ def resolve_strategy(s, n_rows: int, hf_config, selects: list) -> tuple[str, str
             "exact",
             f"{n_rows:,} rows: the distilled sample ({n_sample:,} + audit) would be the whole corpus",
         )
-    layer, l_c = distill_layer(s, hf_config), cascade_layer(s, hf_config)
-    if not cascade_needed(s, selects, n_rows):
-        l_c = None
+    layer, l_c = distill_layer(s, hf_config), _cascade_layer(s, hf_config, selects, n_rows)
     cascade = f", its top {s.distill_cascade_fraction:.0%} again from layer {l_c}" if l_c is not None else ""
     bands = sorted({refine_rows(s, sel, n_rows) for sel in selects})
     band = "/".join(f"{b:,}" for b in bands)
