@@ -6,15 +6,19 @@ clipping, and as many epochs as the subset run made (``train_summary.json``: its
 ``max_steps`` cap shortens both alike); only ``adaptation=full`` and the data (the whole scored corpus)
 differ. ``<run_dir>/full_baseline.json`` states that recipe, and whether the time was
 
-- **estimated** (default): seconds per full fine-tuning step, timed on a few batches in a Ray task sized
-  like one training worker, with the worker's own training step (``trainer.time_train_steps``, ``report.timing_steps``), x the steps. The
-  estimate leaves out trainer start-up and assumes perfect scaling over workers, so it errs against P2D;
+- **estimated** (default): seconds per full fine-tuning step x the steps. The step is timed through the
+  trainer itself: a short Ray Train + DeepSpeed run of ``adaptation=full`` on the corpus with the same
+  workers (``report.timing_steps`` steps after one warm-up step; no checkpoint, no export; in
+  ``<run_dir>/full_baseline_timing``), so the denominator pays the same per-step costs (DeepSpeed's ZeRO
+  buffers, the Ray Data feed, the ranks' all-reduce) as the P2D training it is divided into. The estimate
+  leaves out the trainer's start-up, which the P2D training time includes, so it errs against P2D;
 - **measured** (``report.full_baseline: true``): that full fine-tuning run itself, in
   ``<run_dir>/full_baseline/``, evaluated like the subset run.
 
 The result is cached in ``full_baseline.json`` under a key of everything it depends on, so rebuilding a
-run whose recipe did not change costs nothing. The report only reads this file. A stage of its own at the
-top level (like ``compare``), since the measured baseline both trains and evaluates.
+run whose recipe did not change costs nothing; the timed step has a key of its own (model, data, trainer
+shape), so another selection fraction (other steps) reuses it. The report only reads this file. A stage
+of its own at the top level (like ``compare``), since the measured baseline both trains and evaluates.
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ from p2d_ray.rundir import RunDir, stage_fingerprint
 from p2d_ray.training.loop import global_batch, total_steps
 
 BASELINE_DIR = "full_baseline"  # <run_dir>/full_baseline: the measured full fine-tuning run
+TIMING_DIR = "full_baseline_timing"  # <run_dir>/full_baseline_timing: the estimate's short timing run
 BASELINE_JSON = "full_baseline.json"
+TIMED_BY = "trainer"  # how the estimate's step is timed; in the cache key, so older estimates are re-timed
 
 
 # -- arithmetic --------------------------------------------------------------------------------------------
@@ -93,13 +99,30 @@ def _baseline_key(cfg: P2DConfig, n_full_rows: int, n_steps: int, mode: str) -> 
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def baseline_config(cfg: P2DConfig, n_steps: int, n_full_rows: int) -> P2DConfig:
+# Train settings a full step's time does not depend on: what is trained besides "full", the step budget,
+# where checkpoints go and how often, tracking sinks.
+_NOT_STEP_TIME = {
+    *("adaptation", "lora_r", "lora_alpha", "train_o_proj", "epochs", "max_steps", "storage_path"),
+    *("checkpoint_every", "checkpoints_to_keep", "max_failures", "export_merged"),
+    *("tensorboard", "mlflow_tracking_uri", "wandb_project", "tracking_experiment"),
+}
+
+
+def _timing_key(cfg: P2DConfig) -> str:
+    """The estimate's timed step depends on the model, the data and the trainer's shape, not on the step
+    count: a new selection fraction (another subset, so other epochs and steps) reuses it."""
+    train = cfg.train.model_dump(mode="json", exclude=_NOT_STEP_TIME)
+    payload = [cfg.fingerprint("model", "data"), train, cfg.report.timing_steps, TIMED_BY]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def baseline_config(cfg: P2DConfig, n_steps: int, n_full_rows: int, subdir: str = BASELINE_DIR) -> P2DConfig:
     """The full fine-tuning baseline: same model, data and trainer, all weights, ``n_steps`` optimizer steps
-    over the whole corpus (the subset run's epochs), in ``<run_dir>/full_baseline``."""
+    over the whole corpus (the subset run's epochs), in ``<run_dir>/<subdir>``."""
     from p2d_ray.assets.paths import corpus_parquet
 
     data = cfg.model_dump(mode="json")
-    data["run_dir"] = str(Path(cfg.run_dir) / BASELINE_DIR)
+    data["run_dir"] = str(Path(cfg.run_dir) / subdir)
     data["data"]["corpus_path"] = corpus_parquet(cfg)
     data["report"]["full_baseline"] = False
     per_epoch = math.ceil(n_full_rows / global_batch(cfg.train))
@@ -107,6 +130,46 @@ def baseline_config(cfg: P2DConfig, n_steps: int, n_full_rows: int) -> P2DConfig
         adaptation="full", storage_path=None, max_steps=n_steps, epochs=max(1, math.ceil(n_steps / per_epoch))
     )
     return P2DConfig.model_validate(data)
+
+
+def time_full_steps(cfg: P2DConfig, n_full_rows: int) -> dict:
+    """Seconds per full fine-tuning step through the trainer (Ray Train + DeepSpeed, the P2D run's workers
+    and recipe, ``adaptation=full`` on the whole corpus): ``report.timing_steps`` steps after one warm-up
+    step, which pays for the data pipeline's start and is left out. Nothing is checkpointed or exported.
+
+    Returns:
+        ``step_seconds`` (median of the timed steps, rank 0's clock), ``step_times``, ``n_steps``,
+        ``trainable_params``, ``peak_memory_bytes``, ``fit_seconds`` (the timing run's wall time, start-up
+        included: what the estimate leaves out).
+    """
+    import time
+
+    from p2d_ray.training.trainer import fit
+
+    timed = cfg.report.timing_steps
+    timing_cfg = baseline_config(cfg, timed + 1, n_full_rows, TIMING_DIR)
+    # A timing run: no tracking sinks, no checkpoints (the worker saves none with timing_only).
+    timing_cfg = timing_cfg.model_copy(
+        update={
+            "train": timing_cfg.train.model_copy(
+                update={"tensorboard": False, "mlflow_tracking_uri": None, "wandb_project": None}
+            )
+        }
+    )
+    t0 = time.perf_counter()
+    result, _ = fit(timing_cfg, timing_cfg.data.corpus_path, timing_only=True)
+    m = result.metrics
+    steady = m["step_time"]  # worker.final_stats: the steps after each attempt's first
+    if not steady.get("n"):
+        raise RuntimeError(f"baseline: the timing run made {m.get('step')} steps, none after the warm-up")
+    return {
+        "step_seconds": steady["median"],
+        "step_times": m["step_seconds"],
+        "n_steps": steady["n"],
+        "trainable_params": m["trainable_params"],
+        "peak_memory_bytes": m["peak_memory_bytes"],
+        "fit_seconds": time.perf_counter() - t0,
+    }
 
 
 def measure_full_baseline(cfg: P2DConfig, n_steps: int, n_full_rows: int) -> dict:
@@ -129,10 +192,9 @@ def full_baseline(cfg: P2DConfig, n_full_rows: int, n_subset_rows: int, subset_s
     n_steps = full_train_steps(n_full_rows, n_subset_rows, subset_steps, cfg.train)
     key = _baseline_key(cfg, n_full_rows, n_steps, mode)
     cache = run.path(BASELINE_JSON)
-    if cache.is_file():
-        cached = json.loads(cache.read_text())
-        if cached.get("key") == key and "recipe" in cached:
-            return cached
+    cached = json.loads(cache.read_text()) if cache.is_file() else {}
+    if cached.get("key") == key and "recipe" in cached:
+        return cached
     out = {
         "key": key,
         "label": mode,
@@ -145,22 +207,35 @@ def full_baseline(cfg: P2DConfig, n_full_rows: int, n_subset_rows: int, subset_s
     if mode == MEASURED:
         out.update(measure_full_baseline(cfg, n_steps, n_full_rows))
     else:
-        from p2d_ray.runtime import on_a_worker, training_worker, worker_result
-        from p2d_ray.training.trainer import time_train_steps
-
-        # Full fine-tuning steps of the whole model (weights, gradients, AdamW state): on a worker sized like
-        # one Ray Train worker (its GPU with train.use_gpu), never in the driver (a cluster's small head).
-        timing = on_a_worker(training_worker(cfg), time_train_steps, cfg, "full", cfg.report.timing_steps)
-        timed = worker_result(timing)
+        timing_key = _timing_key(cfg)
+        timing = {k: cached[k] for k in _TIMING_FIELDS if k in cached}
+        if cached.get("timing_key") != timing_key or len(timing) != len(_TIMING_FIELDS):
+            # Full fine-tuning steps of the whole model on the trainer's own workers (their GPUs with
+            # train.use_gpu), never in the driver (a cluster's small head).
+            timed = time_full_steps(cfg, n_full_rows)
+            timing = {
+                "timed_by": TIMED_BY,
+                "full_step_seconds": timed["step_seconds"],
+                "full_step_times": timed["step_times"],
+                "timing_steps": timed["n_steps"],
+                "timing_fit_seconds": timed["fit_seconds"],
+                "full_trainable_params": timed["trainable_params"],
+                "full_peak_memory_bytes": timed["peak_memory_bytes"],
+            }
         out.update(
-            full_step_seconds=timed["step_seconds"],
-            timing_steps=timed["n_steps"],
-            full_trainable_params=timed["trainable_params"],
-            full_train_seconds=estimate_full_seconds(timed["step_seconds"], n_steps),
+            timing_key=timing_key,
+            **timing,
+            full_train_seconds=estimate_full_seconds(timing["full_step_seconds"], n_steps),
         )
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(out, indent=1))
     return out
+
+
+_TIMING_FIELDS = (
+    *("timed_by", "full_step_seconds", "full_step_times", "timing_steps", "timing_fit_seconds"),
+    *("full_trainable_params", "full_peak_memory_bytes"),
+)
 
 
 def run_baseline(cfg: P2DConfig) -> dict:

@@ -203,22 +203,10 @@ def scoring_worker(cfg) -> dict:
     return {"num_cpus": cfg.score.num_cpus_per_actor, "num_gpus": cfg.score.num_gpus_per_actor}
 
 
-def training_worker(cfg) -> dict:
-    """Ray task options of one Ray Train worker (``train.cpus_per_worker``, a GPU with ``use_gpu``, and
-    ``train.resources_per_worker``)."""
-    t = cfg.train
-    extra = dict(t.resources_per_worker)  # custom resources only (the config refuses CPU / GPU there)
-    return {
-        "num_cpus": t.cpus_per_worker,
-        "num_gpus": 1 if t.use_gpu else 0,
-        **({"resources": extra} if extra else {}),
-    }
-
-
 def on_a_worker(options: dict, func, *args, num_returns: int = 1, **kwargs):
-    """``func(*args, **kwargs)`` as a Ray task with ``options`` (:func:`scoring_worker`,
-    :func:`training_worker`); starts or joins Ray first. Returns the task's ObjectRef(s), not the value,
-    so a large result can go on to other workers without passing through the driver."""
+    """``func(*args, **kwargs)`` as a Ray task with ``options`` (:func:`scoring_worker`); starts or joins
+    Ray first. Returns the task's ObjectRef(s), not the value, so a large result can go on to other
+    workers without passing through the driver."""
     import ray
 
     ensure_ray()

@@ -20,6 +20,7 @@ from p2d_ray.baseline import (
     run_baseline,
 )
 from p2d_ray.config import TrainConfig, build_config
+from p2d_ray.models.loading import load_model
 from p2d_ray.report.aer import aer
 from p2d_ray.report.plot import plot_aer, quality_of
 from p2d_ray.report.precision import selection_precision
@@ -199,6 +200,13 @@ def test_report_estimated(labelled, tiny_llama):
     assert a["label"] == "estimated" and a["full_train_steps"] == 10 and a["n_full_rows"] == 40
     assert a["n_subset_rows"] == 4 and a["subset_train_steps"] == 1
     assert a["full_step_seconds"] > 0 and a["timing_steps"] == 2
+    # The step was timed through the trainer (Ray Train + DeepSpeed, all weights trained, one warm-up step
+    # left out), and the timing run saved no weights: no DeepSpeed shard, no export.
+    assert full["timed_by"] == "trainer" and len(full["full_step_times"]) == 3
+    n_params = sum(p.numel() for p in load_model(cfg.model).parameters())
+    assert full["full_trainable_params"] == n_params
+    saved_files = [p.name for p in (labelled / "run" / "full_baseline_timing").rglob("*") if p.is_file()]
+    assert not [n for n in saved_files if n.endswith((".pt", ".safetensors", ".bin"))], saved_files
     assert a["full_train_seconds"] == pytest.approx(10 * a["full_step_seconds"])
     assert a["aer"] == pytest.approx(10.0 / a["full_train_seconds"])
     assert full["full_train_seconds"] == pytest.approx(a["full_train_seconds"])
@@ -215,6 +223,11 @@ def test_report_estimated(labelled, tiny_llama):
     run_baseline(cfg)
     again = run_report(cfg)
     assert again["aer"]["full_step_seconds"] == a["full_step_seconds"]
+    # Another subset (another selection fraction: 2 steps, so 2 epochs of the corpus) reuses the timed step.
+    (labelled / "run" / "train_summary.json").write_text(json.dumps({"steps": 2, "rows": 4}))
+    other = run_baseline(cfg)
+    assert other["full_train_steps"] == 20 and other["full_step_seconds"] == a["full_step_seconds"]
+    (labelled / "run" / "train_summary.json").write_text(json.dumps({"steps": 1, "rows": 4}))
     changed_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"batch_size": 2})})
     run_baseline(changed_cfg)
     changed = run_report(changed_cfg)

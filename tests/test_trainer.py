@@ -121,7 +121,7 @@ def test_heads_zero2_two_workers_failure_resume_export(tmp_path, tiny_llama, ray
         != weights_sha256(Path(run, "adapter", "peft"))
     )
 
-    # The step timer the AER report uses: same adaptation, in process.
+    # The in-process step timer (benchmarks/training.py): same adaptation and trained parameters.
     timed = time_train_steps(cfg, "heads", 2)
     assert timed["step_seconds"] > 0 and timed["rows_per_step"] == 4 and len(timed["step_times"]) == 2
     assert timed["trainable_params"] == summary["trainable_params"]

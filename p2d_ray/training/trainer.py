@@ -11,9 +11,10 @@ A restarted worker group (``FailureConfig(max_failures)``), a rerun after a fail
 and a rerun after Ctrl-C / SIGTERM all continue from that run's newest complete checkpoint
 (``training.checkpoints``); raising ``train.max_steps`` or ``train.epochs`` extends a finished run.
 
-Also here, for evaluation and the AER report: :func:`load_adapted_model` (the base model with the
-exported update applied) and :func:`time_train_steps` (seconds per optimizer step of an adaptation,
-timed in-process on a sample of batches).
+Also here: :func:`load_adapted_model` (the base model with the exported update applied, for evaluation)
+and :func:`time_train_steps` (seconds per optimizer step of an adaptation, timed in-process on a sample
+of batches, for ``benchmarks/training.py``); ``fit(..., timing_only=True)`` times steps through the
+trainer itself, for the AER's estimate.
 """
 
 from __future__ import annotations
@@ -165,7 +166,12 @@ def _ensure_ray(cfg: P2DConfig) -> None:
 
 
 def fit(
-    cfg: P2DConfig, data_path: str | None = None, *, fail_at_step: int | None = None, fail_kill: bool = False
+    cfg: P2DConfig,
+    data_path: str | None = None,
+    *,
+    fail_at_step: int | None = None,
+    fail_kill: bool = False,
+    timing_only: bool = False,
 ):
     """Run the Ray Train job and return ``(ray.train.Result, TrainInputs)``.
 
@@ -173,6 +179,8 @@ def fit(
         data_path: Parquet to train on (default ``<run_dir>/subset``; the AER's full baseline passes the corpus).
         fail_at_step: tests only: every worker raises once at this step, to exercise FailureConfig + resume;
             ``fail_kill``: the last rank's process is killed there instead (a lost worker).
+        timing_only: time the steps and nothing else (no checkpoint, no export): the AER's full fine-tuning
+            step, timed through this trainer (``p2d_ray.baseline``); ``result.metrics`` holds the step times.
     Raises:
         ValueError / FileNotFoundError: bad inputs, found before Ray starts.
         RuntimeError: the workers failed more often than ``train.max_failures`` allows; one line that names
@@ -185,7 +193,7 @@ def fit(
     # The dataset copies the DataContext when created: inside ray_data_output, the split coordinator's
     # progress bars and INFO lines go to <run_dir>/logs (our rank-0 progress line says steps, rate, ETA).
     with ray_data_output(cfg.run_dir):
-        trainer = _trainer(cfg, inputs, fail_at_step, fail_kill)
+        trainer = _trainer(cfg, inputs, fail_at_step, fail_kill, timing_only)
         try:
             return _fit_interruptible(trainer), inputs
         except Exception as err:
@@ -247,7 +255,13 @@ def _checkpoint_root(cfg: P2DConfig, inputs: TrainInputs) -> str:
     return f"{inputs.storage_path.rstrip('/')}/{inputs.run_name(cfg)}"
 
 
-def _trainer(cfg: P2DConfig, inputs: TrainInputs, fail_at_step: int | None, fail_kill: bool = False):
+def _trainer(
+    cfg: P2DConfig,
+    inputs: TrainInputs,
+    fail_at_step: int | None,
+    fail_kill: bool = False,
+    timing_only: bool = False,
+):
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -265,6 +279,7 @@ def _trainer(cfg: P2DConfig, inputs: TrainInputs, fail_at_step: int | None, fail
             "checkpoint_root": _checkpoint_root(cfg, inputs),
             "fail_at_step": fail_at_step,
             "fail_kill": fail_kill,
+            "timing_only": timing_only,
         },
         scaling_config=ScalingConfig(
             num_workers=t.num_workers,
@@ -397,8 +412,9 @@ def time_train_steps(cfg: P2DConfig, adaptation: str, n_steps: int, data_path: s
     Same model, micro-batch, gradient accumulation, loss and trainable parameters as the trainer, on the
     first ``n_steps`` optimizer steps' rows of ``data_path`` (default: the whole corpus, which is what full
     fine-tuning would train on), with torch AdamW and no Ray/DeepSpeed: the per-step compute, without
-    start-up. The first step is a warm-up and not counted. Used to estimate full fine-tuning time on all
-    data when the full baseline was not run.
+    start-up or the trainer's own per-step costs. The first step is a warm-up and not counted. For
+    ``benchmarks/training.py``'s side by side; the AER's estimate times its steps through the trainer
+    itself (``p2d_ray.baseline.time_full_steps``), since on this CPU a full step there costs ~2.5x this.
 
     Returns:
         ``step_seconds`` (median of timed steps), ``step_times``, ``rows_per_step`` (one process),

@@ -16,7 +16,8 @@
 4. :func:`save`: every ``checkpoint_every`` steps and at the end every rank saves its DeepSpeed shard into
    one directory and reports it (Ray merges the ranks' shards in storage). The last checkpoint also
    carries ``export/``: the trained update in its portable form (head deltas, PEFT adapter or full model),
-   written by rank 0, which the driver turns into ``<run_dir>/adapter``.
+   written by rank 0, which the driver turns into ``<run_dir>/adapter``. A timing run (``timing_only``,
+   the AER's full-step estimate) saves nothing and reports its step times (:func:`report_timing`).
 
 Data order after a resume is not replayed exactly (Ray Data does not preserve order); the step count,
 optimizer state and weights are.
@@ -337,6 +338,19 @@ def save(s: Session, final: bool) -> None:
         )
 
 
+def report_timing(s: Session) -> None:
+    """A timing run's result: the step times and :func:`final_stats` as ``result.metrics``. Ray Train 2.60
+    keeps only metrics that come with a checkpoint, so rank 0 reports a checkpoint holding just the state
+    file (no weights, no optimizer state)."""
+    import ray.train
+
+    metrics = {"step": s.state["step"], "step_seconds": s.state["step_seconds"], **s.state["final"]}
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, STATE_FILE).write_text(json.dumps(s.state))
+        checkpoint = ray.train.Checkpoint.from_directory(tmp) if s.rank == 0 else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name="timing")
+
+
 def final_stats(s: Session, loop_seconds: float) -> dict:
     """Identity of the ranks' weights, peak memory and sizes (collectives: every rank calls it)."""
     import torch.distributed as dist
@@ -371,14 +385,18 @@ def train_func(config: dict) -> None:
     ``config``: ``cfg`` (P2DConfig as JSON), ``fmt`` (row format), ``n_rows`` (rows in the training data),
     ``heads`` (HeadSet JSON or None), ``tb_dir`` (TensorBoard directory or None), ``checkpoint_root`` (the
     run's checkpoint directory, read by :func:`restore`), ``fail_at_step`` (tests: raise once at that step,
-    before any restore, to exercise FailureConfig; with ``fail_kill`` the last rank is SIGKILLed instead).
+    before any restore, to exercise FailureConfig; with ``fail_kill`` the last rank is SIGKILLed instead),
+    ``timing_only`` (the AER's full-step timing: no restore, no weights saved, no export; the step times
+    and :func:`final_stats` reported as the result's metrics, :func:`report_timing`).
     """
     import ray.train
 
     from p2d_ray.training.tracking import Tracker
 
     s = setup(config)
-    restore(s)
+    timing_only = bool(config.get("timing_only"))
+    if not timing_only:
+        restore(s)
     tracker = Tracker(s.cfg, config.get("tb_dir"), s.n_steps, s.state["step"], enabled=s.rank == 0)
     skipped = Counter(s.state["skipped"])
     stream = micro_batches(s)
@@ -394,12 +412,15 @@ def train_func(config: dict) -> None:
                         f"injected failure at step {s.state['step']} (fail_at_step, tests only)"
                     )
             tracker.log(s.state["step"] + 1, step(s, stream, skipped))
-            if s.state["step"] % s.cfg.train.checkpoint_every == 0 and s.state["step"] < s.n_steps:
+            periodic = s.state["step"] % s.cfg.train.checkpoint_every == 0 and s.state["step"] < s.n_steps
+            if periodic and not timing_only:
                 save(s, final=False)
     finally:
         tracker.close()
     s.state["final"] = final_stats(s, time.perf_counter() - t_first)
-    if s.resumed_from == s.state["step"] and s.has_export:
+    if timing_only:  # the AER's full-step timing (p2d_ray.baseline): step times, no weights saved
+        report_timing(s)
+    elif s.resumed_from == s.state["step"] and s.has_export:
         # A rerun of a finished run: its final checkpoint (with the export) is already the latest.
         ray.train.report({"step": s.state["step"]})
     else:
