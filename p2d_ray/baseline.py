@@ -96,6 +96,8 @@ def _baseline_key(cfg: P2DConfig, n_full_rows: int, n_steps: int, mode: str) -> 
         mode="json", exclude={"adaptation", "lora_r", "lora_alpha", "train_o_proj", "storage_path"}
     )
     payload = [cfg.fingerprint("model", "data"), train, n_full_rows, n_steps, mode, cfg.report.timing_steps]
+    if mode == ESTIMATED:  # an estimate cached before the step was timed through the trainer is redone
+        payload.append(TIMED_BY)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
