@@ -340,9 +340,9 @@ class ReportConfig(_Section):
     """The report step: AER and the quality-vs-AER plot."""
 
     # True: measure the AER denominator by full fine-tuning on the whole corpus (expensive; also evaluated);
-    # False: estimate it from timed full fine-tuning steps, labelled "estimated".
+    # False: estimate it from full fine-tuning steps timed through the same trainer, labelled "estimated".
     full_baseline: bool = False
-    timing_steps: int = Field(5, ge=1)  # full fine-tuning steps timed for the estimate
+    timing_steps: int = Field(5, ge=1)  # full steps timed for the estimate, after one warm-up step
     variants: list[str] = Field(default_factory=list)  # more run dirs / report.json files to plot
 
 

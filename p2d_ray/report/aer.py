@@ -5,9 +5,9 @@
 for the same training recipe and epochs. The denominator comes from ``<run_dir>/full_baseline.json``,
 written by the ``baseline`` stage (p2d_ray.baseline): either **measured** (full fine-tuning of all weights
 on the whole corpus, through the same trainer) or **estimated** (seconds per full fine-tuning step, timed
-on a sample of batches, x the steps a pass over all rows would take). The estimate assumes workers scale
-perfectly and leaves out the trainer's start-up, which the measured subset training includes: both make
-the estimated denominator small, so an estimated AER errs high (against P2D).
+through the same trainer on a few steps, x the steps its epochs over all rows take). The estimate leaves
+out the trainer's start-up, which the measured subset training includes: that makes the estimated
+denominator small, so an estimated AER errs high (against P2D).
 """
 
 from __future__ import annotations
