@@ -33,14 +33,15 @@ import pyarrow.dataset as pads
 from p2d_ray.config import P2DConfig, TrainConfig
 from p2d_ray.report.aer import ESTIMATED, MEASURED
 from p2d_ray.rundir import RunDir, stage_fingerprint
+from p2d_ray.stages import STAGE_BY_NAME
 from p2d_ray.training.loop import global_batch, total_steps
 
 BASELINE_DIR = "full_baseline"  # <run_dir>/full_baseline: the measured full fine-tuning run
 TIMING_DIR = "full_baseline_timing"  # <run_dir>/full_baseline_timing: the estimate's short timing run
 BASELINE_JSON = "full_baseline.json"
-# How the estimate's step is timed (through the trainer, the fastest timed step); in the cache keys, so an
-# estimate made another way is re-timed.
-TIMED_BY = "trainer-min"
+# How the estimate's step is timed (the fastest timed step through the trainer): the baseline stage's version
+# (stages.py), in the cache keys too, so an estimate made another way is re-timed.
+TIMED_BY = STAGE_BY_NAME["baseline"].version
 
 
 # -- arithmetic --------------------------------------------------------------------------------------------
@@ -116,13 +117,16 @@ def _timing_key(cfg: P2DConfig) -> str:
     """The estimate's timed step depends on the model, the data and the trainer's shape, not on the step
     count: a new selection fraction (another subset, so other epochs and steps) reuses it."""
     train = cfg.train.model_dump(mode="json", exclude=_NOT_STEP_TIME)
-    payload = [cfg.fingerprint("model", "data"), train, cfg.report.timing_steps, TIMED_BY]
+    # score.loss_chunk_tokens: the trainer's loss (models.loss.MaskedLM) computes the LM head in chunks.
+    payload = [cfg.fingerprint("model", "data"), train, cfg.score.loss_chunk_tokens, cfg.report.timing_steps]
+    payload.append(TIMED_BY)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def baseline_config(cfg: P2DConfig, n_steps: int, n_full_rows: int, subdir: str = BASELINE_DIR) -> P2DConfig:
     """The full fine-tuning baseline: same model, data and trainer, all weights, ``n_steps`` optimizer steps
-    over the whole corpus (the subset run's epochs), in ``<run_dir>/<subdir>``."""
+    over the whole corpus (the subset run's epochs), in ``<run_dir>/<subdir>``; its checkpoints under
+    ``<train.storage_path>/<subdir>`` when the P2D run has one (a cluster's shared storage), else in there."""
     from p2d_ray.assets.paths import corpus_parquet
 
     data = cfg.model_dump(mode="json")
@@ -130,16 +134,50 @@ def baseline_config(cfg: P2DConfig, n_steps: int, n_full_rows: int, subdir: str 
     data["data"]["corpus_path"] = corpus_parquet(cfg)
     data["report"]["full_baseline"] = False
     per_epoch = math.ceil(n_full_rows / global_batch(cfg.train))
+    storage = cfg.train.storage_path
     data["train"].update(
-        adaptation="full", storage_path=None, max_steps=n_steps, epochs=max(1, math.ceil(n_steps / per_epoch))
+        adaptation="full",
+        storage_path=f"{storage.rstrip('/')}/{subdir}" if storage else None,
+        max_steps=n_steps,
+        epochs=max(1, math.ceil(n_steps / per_epoch)),
     )
     return P2DConfig.model_validate(data)
 
 
+def _timing_rows(cfg: P2DConfig, out: Path, n: int) -> int:
+    """``n`` corpus rows drawn at random (``train.seed``) into ``out``: what the timing run trains on. A
+    seeded draw, so a corpus sorted by length times typical rows; a slice, so the timing run's data start-up
+    does not grow with the corpus. Returns the rows written (all rows of a smaller corpus)."""
+    import random
+
+    import pyarrow.parquet as pq
+
+    from p2d_ray.assets.paths import corpus_parquet
+
+    dataset = pads.dataset(corpus_parquet(cfg), format="parquet")
+    n_rows = dataset.count_rows()
+    picks = sorted(random.Random(cfg.train.seed).sample(range(n_rows), min(n, n_rows)))
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(dataset.take(picks), out / "part-00000.parquet")
+    return len(picks)
+
+
+def _clear_storage(uri: str) -> None:
+    """Empty a timing run's checkpoint storage (local or remote): every timing run starts fresh, since Ray
+    Train would otherwise reload the last one's checkpoint list under the same run name (a third re-time
+    in one run dir then failed: "the run snapshot contains a reference to a checkpoint that does not exist
+    anymore")."""
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(uri if "://" in uri else str(Path(uri).resolve()))
+    fs.delete_dir_contents(path, missing_dir_ok=True)
+
+
 def time_full_steps(cfg: P2DConfig, n_full_rows: int) -> dict:
     """Seconds per full fine-tuning step through the trainer (Ray Train + DeepSpeed, the P2D run's workers
-    and recipe, ``adaptation=full`` on the whole corpus): ``report.timing_steps`` steps after one warm-up
-    step, which pays for the data pipeline's start and is left out. Nothing is checkpointed or exported.
+    and recipe, ``adaptation=full``, rows drawn from the corpus): ``report.timing_steps`` steps after one
+    warm-up step, which pays for the data pipeline's start and is left out. No weights are saved; the run
+    starts fresh in ``<run_dir>/full_baseline_timing`` each time.
 
     Returns:
         ``step_seconds`` (the fastest timed step, rank 0's clock: as ``timeit`` takes the minimum, since
@@ -149,12 +187,17 @@ def time_full_steps(cfg: P2DConfig, n_full_rows: int) -> dict:
         ``trainable_params``, ``peak_memory_bytes``, ``fit_seconds`` (the timing run's wall time, start-up
         included: what the estimate leaves out).
     """
+    import shutil
     import time
 
     from p2d_ray.training.trainer import fit
 
     timed = cfg.report.timing_steps
-    timing_cfg = baseline_config(cfg, timed + 1, n_full_rows, TIMING_DIR)
+    timing_dir = Path(cfg.run_dir) / TIMING_DIR
+    shutil.rmtree(timing_dir, ignore_errors=True)
+    # Every worker needs timed + 1 steps of micro-batches: (timed + 1) global batches of rows.
+    n_rows = _timing_rows(cfg, timing_dir / "rows", (timed + 1) * global_batch(cfg.train))
+    timing_cfg = baseline_config(cfg, timed + 1, n_rows, TIMING_DIR)
     # A timing run: no tracking sinks, no checkpoints (the worker saves none with timing_only).
     timing_cfg = timing_cfg.model_copy(
         update={
@@ -163,8 +206,15 @@ def time_full_steps(cfg: P2DConfig, n_full_rows: int) -> dict:
             )
         }
     )
+    if timing_cfg.train.storage_path:
+        _clear_storage(timing_cfg.train.storage_path)
     t0 = time.perf_counter()
-    result, _ = fit(timing_cfg, timing_cfg.data.corpus_path, timing_only=True)
+    try:
+        result, _ = fit(timing_cfg, str(timing_dir / "rows"), timing_only=True)
+    except RuntimeError as err:
+        raise RuntimeError(
+            f"baseline: the full-step timing run failed (rerun to time again): {err}"
+        ) from None
     m = result.metrics
     steady = m["step_time"]  # worker.final_stats: the steps after each attempt's first
     if not steady.get("n"):

@@ -75,7 +75,8 @@ HELP = {
     "baseline": CommandHelp(
         "the AER denominator: full fine-tuning with the train recipe and epochs, estimated or measured",
         "scores/, subset/, train_summary.json, the model (report.full_baseline: also the held-out set)",
-        "full_baseline.json (recipe, label, seconds), full_baseline/ when measured",
+        "full_baseline.json (recipe, label, seconds), full_baseline_timing/ (the timed steps' run),"
+        " full_baseline/ when measured",
         ("report", "train"),
     ),
     "report": CommandHelp(

@@ -19,8 +19,8 @@ evaluation actor, so the held-out set is tokenised once per pass and not once pe
 Cost accounting (the AER numerator) per cell: localise (only if the selector or the adaptation uses
 heads) + score (0 for ``random``, which reads ids only) + select + train, over full fine-tuning of all
 corpus rows for the same epochs (estimated from timed steps, as in ``p2d-ray report``). ``aer_compute``
-replaces the train wall time (which includes Ray Train start-up) by median step time x steps, the same
-basis as the denominator.
+replaces the train wall time (which includes Ray Train start-up) by median step time x steps, and the
+denominator by the timed full steps' median x steps: the same basis on both sides.
 """
 
 from __future__ import annotations
@@ -286,6 +286,10 @@ def cell_row(root: Path, cell: dict, evaluation: dict, full: dict) -> dict:
     train_compute = median * summary["steps"] if median else None
     ev = evaluation[f"{selector}.{adaptation}.s{seed}"]
     denom = full["full_train_seconds"]
+    # aer_compute divides step compute by step compute: the cells' median step x steps over the full
+    # step's median x steps (the estimate's own denominator takes the fastest full step).
+    full_median = full.get("full_step_median_seconds")
+    denom_compute = full_median * full["full_train_steps"] if full_median else denom
     return {
         "selector": selector,
         "adaptation": adaptation,
@@ -297,7 +301,9 @@ def cell_row(root: Path, cell: dict, evaluation: dict, full: dict) -> dict:
         "train_steps": summary["steps"],
         "aer": sum(seconds.values()) / denom,
         "aer_compute": (
-            (sum(seconds.values()) - seconds["train"] + train_compute) / denom if train_compute else None
+            (sum(seconds.values()) - seconds["train"] + train_compute) / denom_compute
+            if train_compute
+            else None
         ),
         "heads": summary.get("heads"),
     }

@@ -104,11 +104,15 @@ def stage_fingerprint(cfg, stage: str) -> str:
     if stage not in STAGE_BY_NAME:
         raise ValueError(f"unknown stage {stage!r}; allowed: {list(STAGE_BY_NAME)}")
     sections: list[str] = []
+    versions: list[str] = []
     for entry in STAGE_TABLE:
         sections.extend(entry.sections)
+        versions.extend([f"{entry.name}={entry.version}"] if entry.version else [])
         if entry.name == stage:
             break
     extra = cfg.data.probe_path or ""
+    if versions:
+        extra += "|" + ",".join(versions)
     if cfg.localize.contrast == "corpus":  # contrastive localisation also reads the corpus
         extra += "|" + (cfg.data.corpus_path or "")
     if cfg.targets:  # several targets: every stage from localize on depends on the target set

@@ -22,6 +22,9 @@ class Stage:
     sections: tuple[str, ...]  # config sections its output depends on (its own; upstream ones are added)
     outputs: tuple[str, ...]  # run-dir-relative paths a finished stage leaves behind
     summary: str  # one line for the command line: what it reads and writes
+    # The stage's method, where a change of it (not of the config) must redo the stage's output: part of its
+    # fingerprint and of every later stage's.
+    version: str = ""
 
 
 STAGE_TABLE: tuple[Stage, ...] = (
@@ -67,6 +70,9 @@ STAGE_TABLE: tuple[Stage, ...] = (
         ("full_baseline.json",),
         "the AER denominator: full fine-tuning, same recipe, all rows (estimated or measured)"
         " -> full_baseline.json",
+        # The estimate: the fastest of report.timing_steps full steps timed through the trainer (Session 15;
+        # before it, steps timed in-process, without the trainer's per-step costs).
+        version="trainer-min",
     ),
     Stage(
         "report",

@@ -1,7 +1,8 @@
 """AER arithmetic (measured vs estimated, labels), selection precision, report.json and aer.png.
 
 The report reads only files, so a run directory is laid out here by hand with known timings, scores and
-labels; the estimated denominator is timed for real (in-process full fine-tuning steps on a tiny Llama).
+labels; the estimated denominator is timed for real (full fine-tuning steps through Ray Train + DeepSpeed on a tiny
+Llama).
 """
 
 from __future__ import annotations
@@ -234,6 +235,11 @@ def test_report_estimated(labelled, tiny_llama):
     # the recorded subset run made 1 step of 2 per epoch at batch 2: half an epoch of 20 full steps
     assert changed["aer"]["full_train_steps"] == 10
     assert changed["aer"]["full_step_seconds"] != a["full_step_seconds"]
+    # Each timing run starts fresh (one Ray Train run in its storage; Ray would otherwise reload the last
+    # one's checkpoint list), on (2 timed + 1 warm-up) global batches of 2 rows drawn from the corpus.
+    timing = labelled / "run" / "full_baseline_timing"
+    assert len([p for p in (timing / "train").iterdir() if p.is_dir()]) == 1
+    assert pq.read_table(timing / "rows").num_rows == 6
 
 
 def test_report_needs_the_stages(labelled, tiny_llama):

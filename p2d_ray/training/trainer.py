@@ -414,7 +414,7 @@ def time_train_steps(cfg: P2DConfig, adaptation: str, n_steps: int, data_path: s
     fine-tuning would train on), with torch AdamW and no Ray/DeepSpeed: the per-step compute, without
     start-up or the trainer's own per-step costs. The first step is a warm-up and not counted. For
     ``benchmarks/training.py``'s side by side; the AER's estimate times its steps through the trainer
-    itself (``p2d_ray.baseline.time_full_steps``), since on this CPU a full step there costs ~2.5x this.
+    itself (``p2d_ray.baseline.time_full_steps``): on SmolLM2 on this CPU a full step there cost 1.8-2.8x this.
 
     Returns:
         ``step_seconds`` (median of timed steps), ``step_times``, ``rows_per_step`` (one process),

@@ -157,6 +157,7 @@ def setup(config: dict) -> Session:
     model = prepare_model(load_model(cfg.model, device), cfg.train, heads)
     model.train()
     params = trainable_parameters(model)
+    n_trainable = count_trainable(model)  # before ZeRO-3 partitions the parameters (numel 0 on each rank)
     # Only the trained parameters reach the optimizer: its state is proportional to them, and weight
     # decay can never touch a frozen weight.
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -173,7 +174,7 @@ def setup(config: dict) -> Session:
         engine=engine,
         model=model,
         params=params,
-        n_trainable=count_trainable(model),
+        n_trainable=n_trainable,
         heads=heads,
         tokenizer=load_tokenizer(cfg.model),
         device=device,
