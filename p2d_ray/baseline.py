@@ -7,11 +7,11 @@ clipping, and as many epochs as the subset run made (``train_summary.json``: its
 differ. ``<run_dir>/full_baseline.json`` states that recipe, and whether the time was
 
 - **estimated** (default): seconds per full fine-tuning step x the steps. The step is timed through the
-  trainer itself: a short Ray Train + DeepSpeed run of ``adaptation=full`` on the corpus with the same
-  workers (``report.timing_steps`` steps after one warm-up step; no checkpoint, no export; in
-  ``<run_dir>/full_baseline_timing``), so the denominator pays the same per-step costs (DeepSpeed's ZeRO
-  buffers, the Ray Data feed, the ranks' all-reduce) as the P2D training it is divided into. The estimate
-  leaves out the trainer's start-up, which the P2D training time includes, so it errs against P2D;
+  trainer itself: a short Ray Train + DeepSpeed run of ``adaptation=full`` with the same workers, on rows
+  drawn from the corpus (``report.timing_steps`` steps after one warm-up step; no weights saved; in
+  ``<run_dir>/full_baseline_timing``), so the denominator pays whatever the trainer adds per step, as the
+  P2D training it is divided into does. The fastest timed step is used, and the trainer's start-up (which
+  the P2D training time includes) is left out: the estimate errs against P2D;
 - **measured** (``report.full_baseline: true``): that full fine-tuning run itself, in
   ``<run_dir>/full_baseline/``, evaluated like the subset run.
 
@@ -113,6 +113,14 @@ _NOT_STEP_TIME = {
 }
 
 
+# What full_baseline.json keeps of a timing run, reused while its timing_key holds.
+_TIMING_FIELDS = (
+    *("timed_by", "full_step_seconds", "full_step_median_seconds", "full_step_times", "timing_steps"),
+    "timing_fit_seconds",
+    *("full_trainable_params", "full_peak_memory_bytes"),
+)
+
+
 def _timing_key(cfg: P2DConfig) -> str:
     """The estimate's timed step depends on the model, the data and the trainer's shape, not on the step
     count: a new selection fraction (another subset, so other epochs and steps) reuses it."""
@@ -198,7 +206,7 @@ def time_full_steps(cfg: P2DConfig, n_full_rows: int) -> dict:
     # Every worker needs timed + 1 steps of micro-batches: (timed + 1) global batches of rows.
     n_rows = _timing_rows(cfg, timing_dir / "rows", (timed + 1) * global_batch(cfg.train))
     timing_cfg = baseline_config(cfg, timed + 1, n_rows, TIMING_DIR)
-    # A timing run: no tracking sinks, no checkpoints (the worker saves none with timing_only).
+    # A timing run: no tracking sinks; with timing_only the worker saves no weights (report_timing).
     timing_cfg = timing_cfg.model_copy(
         update={
             "train": timing_cfg.train.model_copy(
@@ -289,13 +297,6 @@ def full_baseline(cfg: P2DConfig, n_full_rows: int, n_subset_rows: int, subset_s
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(out, indent=1))
     return out
-
-
-_TIMING_FIELDS = (
-    *("timed_by", "full_step_seconds", "full_step_median_seconds", "full_step_times", "timing_steps"),
-    "timing_fit_seconds",
-    *("full_trainable_params", "full_peak_memory_bytes"),
-)
 
 
 def run_baseline(cfg: P2DConfig) -> dict:

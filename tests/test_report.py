@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from p2d_ray.baseline import (
+    _timing_key,
     baseline_config,
     epochs_trained,
     estimate_full_seconds,
@@ -189,6 +190,10 @@ def test_report_estimated(labelled, tiny_llama):
             }
         )
     )
+    # A timing run left behind by an earlier version: Ray Train would reload its checkpoint list.
+    timing = labelled / "run" / "full_baseline_timing"
+    (timing / "train" / "full-stale").mkdir(parents=True)
+    (timing / "train" / "full-stale" / "checkpoint_manager_snapshot.json").write_text("{}")
     run_baseline(cfg)  # the AER denominator is a stage of its own; the report only reads its output
     report = run_report(cfg)
 
@@ -220,7 +225,13 @@ def test_report_estimated(labelled, tiny_llama):
     )
     assert (labelled / "run" / "aer.png").read_bytes()[:4] == b"\x89PNG"
 
-    # Rebuilding the baseline reuses the timed steps (same inputs); a changed trainer shape re-times them.
+    # Each timing run starts fresh (the stale run is gone, one Ray Train run in its storage), on (2 timed +
+    # 1 warm-up) global batches of 4 rows drawn from the corpus.
+    assert not (timing / "train" / "full-stale").exists()
+    assert len([p for p in (timing / "train").iterdir() if p.is_dir()]) == 1
+    assert pq.read_table(timing / "rows").num_rows == 12
+
+    # Rebuilding the baseline reuses the timed steps (same inputs).
     run_baseline(cfg)
     again = run_report(cfg)
     assert again["aer"]["full_step_seconds"] == a["full_step_seconds"]
@@ -228,18 +239,17 @@ def test_report_estimated(labelled, tiny_llama):
     (labelled / "run" / "train_summary.json").write_text(json.dumps({"steps": 2, "rows": 4}))
     other = run_baseline(cfg)
     assert other["full_train_steps"] == 20 and other["full_step_seconds"] == a["full_step_seconds"]
-    (labelled / "run" / "train_summary.json").write_text(json.dumps({"steps": 1, "rows": 4}))
-    changed_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"batch_size": 2})})
-    run_baseline(changed_cfg)
-    changed = run_report(changed_cfg)
-    # the recorded subset run made 1 step of 2 per epoch at batch 2: half an epoch of 20 full steps
-    assert changed["aer"]["full_train_steps"] == 10
-    assert changed["aer"]["full_step_seconds"] != a["full_step_seconds"]
-    # Each timing run starts fresh (one Ray Train run in its storage; Ray would otherwise reload the last
-    # one's checkpoint list), on (2 timed + 1 warm-up) global batches of 2 rows drawn from the corpus.
-    timing = labelled / "run" / "full_baseline_timing"
-    assert len([p for p in (timing / "train").iterdir() if p.is_dir()]) == 1
-    assert pq.read_table(timing / "rows").num_rows == 6
+
+    # What the timed step depends on: the trainer's shape re-times it; the step budget, checkpointing and
+    # tracking do not (the timing run itself is the one above).
+    def train_with(**update):
+        return cfg.model_copy(update={"train": cfg.train.model_copy(update=update)})
+
+    assert _timing_key(train_with(batch_size=2)) != _timing_key(cfg)
+    assert _timing_key(train_with(num_workers=2)) != _timing_key(cfg)
+    assert _timing_key(train_with(max_steps=7, epochs=3, checkpoint_every=2, tensorboard=False)) == (
+        _timing_key(cfg)
+    )
 
 
 def test_report_needs_the_stages(labelled, tiny_llama):

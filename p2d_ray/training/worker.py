@@ -17,7 +17,7 @@
    one directory and reports it (Ray merges the ranks' shards in storage). The last checkpoint also
    carries ``export/``: the trained update in its portable form (head deltas, PEFT adapter or full model),
    written by rank 0, which the driver turns into ``<run_dir>/adapter``. A timing run (``timing_only``,
-   the AER's full-step estimate) saves nothing and reports its step times (:func:`report_timing`).
+   the AER's full-step estimate) saves no weights and reports its step times (:func:`report_timing`).
 
 Data order after a resume is not replayed exactly (Ray Data does not preserve order); the step count,
 optimizer state and weights are.
