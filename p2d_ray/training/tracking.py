@@ -101,7 +101,15 @@ def tracker_failure(name: str, where: str):
 class Tracker:
     """Rank 0's metric sinks. Other ranks get a tracker that does nothing (``enabled=False``)."""
 
-    def __init__(self, cfg: P2DConfig, tb_dir: str | None, total_steps: int, start_step: int, enabled: bool):
+    def __init__(
+        self,
+        cfg: P2DConfig,
+        tb_dir: str | None,
+        total_steps: int,
+        start_step: int,
+        enabled: bool,
+        label: str = "train",  # the progress line's stage ("baseline" for the AER's timing run)
+    ):
         self.enabled = enabled
         self.writer = None
         self.sinks = []  # (name, log(metrics, step)) of MLflow / W&B
@@ -113,7 +121,7 @@ class Tracker:
         # driver's stdout is the command's JSON result. (sys.__stderr__, not sys.stderr: Ray Train wraps the
         # latter in its workers and re-routes what is written to it.)
         self.progress = Progress(
-            "train",
+            label,
             total_steps,
             unit="steps",
             every_s=15.0,

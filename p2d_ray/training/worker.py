@@ -352,14 +352,15 @@ def report_timing(s: Session) -> None:
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name="timing")
 
 
-def final_stats(s: Session, loop_seconds: float) -> dict:
-    """Identity of the ranks' weights, peak memory and sizes (collectives: every rank calls it)."""
+def final_stats(s: Session, loop_seconds: float, with_digest: bool = True) -> dict:
+    """Identity of the ranks' weights (``with_digest``), peak memory and sizes (collectives: every rank
+    calls it)."""
     import torch.distributed as dist
 
     from p2d_ray.training.loop import params_digest, peak_memory_bytes, steady_step_stats
 
     # Every rank must end with the same weights (ZeRO <= 2 keeps a full copy of each parameter).
-    digest = params_digest(s.params) if s.cfg.train.zero_stage < 3 else None
+    digest = params_digest(s.params) if with_digest and s.cfg.train.zero_stage < 3 else None
     digests = [None] * s.world
     dist.all_gather_object(digests, digest)
     peak = torch.tensor([peak_memory_bytes(s.device)], dtype=torch.float64, device=s.device)
@@ -398,7 +399,14 @@ def train_func(config: dict) -> None:
     timing_only = bool(config.get("timing_only"))
     if not timing_only:
         restore(s)
-    tracker = Tracker(s.cfg, config.get("tb_dir"), s.n_steps, s.state["step"], enabled=s.rank == 0)
+    tracker = Tracker(
+        s.cfg,
+        config.get("tb_dir"),
+        s.n_steps,
+        s.state["step"],
+        enabled=s.rank == 0,
+        label="baseline" if timing_only else "train",
+    )
     skipped = Counter(s.state["skipped"])
     stream = micro_batches(s)
     t_first = time.perf_counter()
@@ -418,7 +426,8 @@ def train_func(config: dict) -> None:
                 save(s, final=False)
     finally:
         tracker.close()
-    s.state["final"] = final_stats(s, time.perf_counter() - t_first)
+    # A timing run's weights are thrown away: no digest of them (a pass over every weight on every rank).
+    s.state["final"] = final_stats(s, time.perf_counter() - t_first, with_digest=not timing_only)
     if timing_only:  # the AER's full-step timing (p2d_ray.baseline): step times, no weights saved
         report_timing(s)
     elif s.resumed_from == s.state["step"] and s.has_export:
