@@ -181,7 +181,7 @@ def _clear_storage(uri: str) -> None:
     fs.delete_dir_contents(path, missing_dir_ok=True)
 
 
-def time_full_steps(cfg: P2DConfig, n_full_rows: int) -> dict:
+def time_full_steps(cfg: P2DConfig) -> dict:
     """Seconds per full fine-tuning step through the trainer (Ray Train + DeepSpeed, the P2D run's workers
     and recipe, ``adaptation=full``, rows drawn from the corpus): ``report.timing_steps`` steps after one
     warm-up step, which pays for the data pipeline's start and is left out. No weights are saved; the run
@@ -278,7 +278,7 @@ def full_baseline(cfg: P2DConfig, n_full_rows: int, n_subset_rows: int, subset_s
         if cached.get("timing_key") != timing_key or len(timing) != len(_TIMING_FIELDS):
             # Full fine-tuning steps of the whole model on the trainer's own workers (their GPUs with
             # train.use_gpu), never in the driver (a cluster's small head).
-            timed = time_full_steps(cfg, n_full_rows)
+            timed = time_full_steps(cfg)
             timing = {
                 "timed_by": TIMED_BY,
                 "full_step_seconds": timed["step_seconds"],

@@ -179,8 +179,9 @@ def fit(
         data_path: Parquet to train on (default ``<run_dir>/subset``; the AER's full baseline passes the corpus).
         fail_at_step: tests only: every worker raises once at this step, to exercise FailureConfig + resume;
             ``fail_kill``: the last rank's process is killed there instead (a lost worker).
-        timing_only: time the steps and nothing else (no checkpoint, no export): the AER's full fine-tuning
-            step, timed through this trainer (``p2d_ray.baseline``); ``result.metrics`` holds the step times.
+        timing_only: time the steps and nothing else (no restore, no weights saved, no export): the AER's full
+            fine-tuning step, timed through this trainer (``p2d_ray.baseline``); ``result.metrics`` holds the
+            step times (reported with a checkpoint of the state file only, ``worker.report_timing``).
     Raises:
         ValueError / FileNotFoundError: bad inputs, found before Ray starts.
         RuntimeError: the workers failed more often than ``train.max_failures`` allows; one line that names
