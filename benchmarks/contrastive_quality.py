@@ -38,27 +38,10 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.probe_typicality import _cfg, _probe_rows  # the same run config and probe rows
+
 FRACTION = 0.10
 CHECK_ROWS = 8
-
-
-def _cfg(run_dir: str):
-    from p2d_ray.config import load_config
-
-    return load_config(Path(run_dir, "config.yaml"))
-
-
-def _probe_rows(cfg) -> list[dict]:
-    from p2d_ray.assets.paths import probe_path
-    from p2d_ray.data.io import read_rows
-
-    return read_rows(
-        probe_path(cfg),
-        cfg.score.alignment_probe_rows,
-        "data.probe_path",
-        cfg.data,
-        cfg.data.probe_column_map,
-    )
 
 
 def mismatched(rows: list[dict], data) -> list[dict]:
