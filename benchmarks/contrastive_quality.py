@@ -38,7 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.probe_typicality import _cfg, _probe_rows  # the same run config and probe rows
+from benchmarks.probe_typicality import _auc, _cfg, _probe_rows  # run config, probe rows, AUC (ties half)
+from p2d_ray.scoring.select import total_k  # the selection's k: fraction x n, rounded half up
 
 FRACTION = 0.10
 CHECK_ROWS = 8
@@ -73,10 +74,6 @@ def _label(run: str) -> str:
     if parts[-1][:1] == "s" and parts[-1][1:].isdigit():
         return f"{parts[-2]}/{parts[-1]}"
     return f"{parts[-1]}/s0"
-
-
-def _k(n: int) -> int:
-    return max(1, int(np.floor(FRACTION * n + 0.5)))
 
 
 def _gradient(rows: list[dict], cfg, tok, model, heads, pad: int):
@@ -148,7 +145,7 @@ def cmd_compute(runs: list[str], cache: str, factor: float, threads: int) -> Non
         scores = pads.dataset(str(Path(run, "scores")), format="parquet", ignore_prefixes=["_", "."])
         st = scores.to_table(columns=["id", "score", "loss_full"])
         ids, rel = st.column("id").to_numpy(), st.column("score").to_numpy()
-        k = _k(len(ids))
+        k = total_k(len(ids), FRACTION, None)
         band_idx = np.lexsort((ids, -rel))[: int(np.ceil(factor * k))]
         band_ids = ids[band_idx].tolist()
         corpus = pads.dataset(corpus_path(cfg), format="parquet")
@@ -270,16 +267,6 @@ def select(run: dict, k: int, rule: dict) -> np.ndarray:
     return select_ids(run, k, rule["rule"], **params)[0]
 
 
-def _auc(pos: np.ndarray, neg: np.ndarray) -> float | None:
-    """P(a random ``pos`` value > a random ``neg`` value), ties half."""
-    if len(pos) == 0 or len(neg) == 0:
-        return None
-    return float(
-        ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum())
-        / (len(pos) * len(neg))
-    )
-
-
 def describe(run: dict) -> dict:
     """AUC (higher term = cleaner) among the on-task rows of the 2x band: clean vs each corruption."""
     m = np.isfinite(run["q1"]) & run["on_task"]
@@ -299,11 +286,9 @@ def describe(run: dict) -> dict:
             out[f"auc_{name}_clean_vs_{kind}"] = _auc(v[cl], v[bad])
     from p2d_ray.scoring.quality import _pct
 
-    def spearmanr(a, b):
-        return (np.corrcoef(_pct(a), _pct(b))[0, 1],)
-
     for a, b in (("q1", "score"), ("q1", "-loss_full"), ("q2", "score"), ("q2", "-loss_full")):
-        out[f"spearman_{a}_{b}"] = float(spearmanr(terms[a][m], terms[b][m])[0])
+        # Spearman: the Pearson correlation of the percentile ranks
+        out[f"spearman_{a}_{b}"] = float(np.corrcoef(_pct(terms[a][m]), _pct(terms[b][m]))[0, 1])
     for name, v in terms.items():
         out[f"auc_{name}_clean_vs_corrupt"] = _auc(v[cl], v[m & ~run["clean"]])
     return out
@@ -312,7 +297,7 @@ def describe(run: dict) -> dict:
 def evaluate(run: dict, rules_: dict) -> dict:
     from p2d_ray.scoring.quality import pick_in_band
 
-    k = _k(len(run["id"]))
+    k = total_k(len(run["id"]), FRACTION, None)
     # the three-term rule with w_q = 0 is the shipped rule: a check of three_term against the product
     pick, _ = pick_in_band(run["score"], run["loss_full"], run["id"], k, 1.5, 0.5, quality_weight=1.0)
     assert set(run["id"][pick]) == set(three_term(run, k, 1.0, 0.0, "q1"))
